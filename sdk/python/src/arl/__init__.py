@@ -1,0 +1,102 @@
+"""ARL Python SDK: isolated sandboxes with near-zero latency, straight from the node daemons.
+
+Sync::
+
+    import arl
+    client = arl.Client()                       # ARL_ENDPOINTS / ARL_TOKEN
+    with client.sandbox("default") as sb:
+        r = sb.exec(["python3", "-c", "print(6*7)"])
+        print(r.stdout, r.exit_code)
+
+Async::
+
+    async with arl.AsyncClient() as client:
+        async with client.sandbox("default") as sb:
+            r = await sb.exec("echo hi")
+"""
+
+from .aio import AsyncClient, AsyncSandbox, AsyncSandboxList
+from .client import Client, Sandbox, SandboxList
+from .compat import (
+    AsyncSandboxSession,
+    Command,
+    ExecuteResponse,
+    FilePatch,
+    ResourceRequirements,
+    SandboxSession,
+    SessionInfo,
+    SessionNotInitializedError,
+    StepOutput,
+    StepRequest,
+    StepResult,
+    UnsupportedOperation,
+    UploadFileResponse,
+    WarmPoolInfo,
+    WarmPoolManager,
+)
+from .errors import (
+    ArlError,
+    AuthError,
+    BadRequest,
+    ChecksumMismatch,
+    ExecTimeout,
+    GatewayError,
+    InfraError,
+    NotFound,
+    PathRefused,
+    PayloadTooLarge,
+    PoolExhausted,
+    PoolNotFound,
+    PoolNotReadyError,
+    RemoteFileNotFound,
+    SandboxNotFound,
+)
+from .types import ExecResult, FileInfo, OutputChunk, PoolInfo, PoolSpec, PoolStatus, SandboxInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Sandbox",
+    "SandboxList",
+    "AsyncClient",
+    "AsyncSandbox",
+    "AsyncSandboxList",
+    "ExecResult",
+    "OutputChunk",
+    "SandboxInfo",
+    "PoolInfo",
+    "PoolSpec",
+    "PoolStatus",
+    "FileInfo",
+    "ArlError",
+    "AuthError",
+    "BadRequest",
+    "PathRefused",
+    "ChecksumMismatch",
+    "PayloadTooLarge",
+    "NotFound",
+    "SandboxNotFound",
+    "PoolNotFound",
+    "RemoteFileNotFound",
+    "PoolExhausted",
+    "InfraError",
+    "ExecTimeout",
+    "GatewayError",
+    "PoolNotReadyError",
+    "SandboxSession",
+    "AsyncSandboxSession",
+    "WarmPoolManager",
+    "WarmPoolInfo",
+    "Command",
+    "FilePatch",
+    "StepRequest",
+    "StepOutput",
+    "StepResult",
+    "ExecuteResponse",
+    "SessionInfo",
+    "UploadFileResponse",
+    "ResourceRequirements",
+    "SessionNotInitializedError",
+    "UnsupportedOperation",
+]

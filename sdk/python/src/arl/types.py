@@ -1,0 +1,188 @@
+"""Plain data types returned by the SDK (dataclasses; no third-party dependencies)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "ExecResult",
+    "OutputChunk",
+    "SandboxInfo",
+    "PoolSpec",
+    "PoolStatus",
+    "PoolInfo",
+    "FileInfo",
+]
+
+
+@dataclass(slots=True)
+class ExecResult:
+    """Outcome of one command. A non-zero ``exit_code`` is data, not an error.
+
+    ``duration`` is in seconds (``duration_ms`` in milliseconds). ``exit_code`` is
+    ``128 + signal`` when the process was killed by a signal (``signal`` is then set).
+    ``truncated`` is ``True`` when stdout or stderr hit the output cap.
+    """
+
+    stdout: str
+    stderr: str
+    exit_code: int
+    duration: float
+    timed_out: bool = False
+    truncated: bool = False
+    signal: int | None = None
+
+    @property
+    def duration_ms(self) -> float:
+        return self.duration * 1000.0
+
+    @property
+    def ok(self) -> bool:
+        """``True`` when the command exited 0 and did not time out."""
+        return self.exit_code == 0 and not self.timed_out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ExecResult:
+        return cls(
+            d.get("stdout") or "",
+            d.get("stderr") or "",
+            int(d.get("exit_code", -1)),
+            float(d.get("duration_ms") or 0.0) / 1000.0,
+            bool(d.get("timed_out", False)),
+            bool(d.get("truncated", False)),
+            d.get("signal"),
+        )
+
+
+@dataclass(slots=True)
+class OutputChunk:
+    """A piece of output produced by :meth:`Sandbox.stream`, in arrival order."""
+
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+@dataclass(slots=True)
+class SandboxInfo:
+    id: str
+    pool: str
+    state: str = "allocated"
+    created_at_ms: int | None = None
+    acquired_at_ms: int | None = None
+    expires_at_ms: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    workspace: str = "/workspace"
+    endpoint: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], endpoint: str | None = None) -> SandboxInfo:
+        return cls(
+            id=d["id"],
+            pool=d.get("pool", ""),
+            state=d.get("state", "allocated"),
+            created_at_ms=d.get("created_at_ms"),
+            acquired_at_ms=d.get("acquired_at_ms"),
+            expires_at_ms=d.get("expires_at_ms"),
+            labels=dict(d.get("labels") or {}),
+            workspace=d.get("workspace") or "/workspace",
+            endpoint=endpoint,
+        )
+
+
+@dataclass(slots=True)
+class PoolSpec:
+    """A pool's specification (``PUT /v1/pools/{name}``). ``None`` fields are left to the
+    daemon's defaults."""
+
+    runtime: str | None = None
+    min_idle: int | None = None
+    max: int | None = None
+    reuse: str | None = None
+    memory_mb: int | None = None
+    pids: int | None = None
+    cpu_millis: int | None = None
+    disk_mb: int | None = None
+    network: str | None = None
+    rootfs: str | None = None
+    env: dict[str, str] | None = None
+    idle_timeout_seconds: int | None = None
+    max_lifetime_seconds: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _FIELDS = (
+        "runtime",
+        "min_idle",
+        "max",
+        "reuse",
+        "memory_mb",
+        "pids",
+        "cpu_millis",
+        "disk_mb",
+        "network",
+        "rootfs",
+        "env",
+        "idle_timeout_seconds",
+        "max_lifetime_seconds",
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self._FIELDS if getattr(self, k) is not None}
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> PoolSpec:
+        d = dict(d or {})
+        kw = {k: d.pop(k) for k in cls._FIELDS if k in d}
+        return cls(**kw, extra=d)
+
+
+@dataclass(slots=True)
+class PoolStatus:
+    idle: int = 0
+    allocated: int = 0
+    starting: int = 0
+    total: int = 0
+    ready: bool = False
+    last_error: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> PoolStatus:
+        d = d or {}
+        return cls(
+            idle=int(d.get("idle", 0)),
+            allocated=int(d.get("allocated", 0)),
+            starting=int(d.get("starting", 0)),
+            total=int(d.get("total", 0)),
+            ready=bool(d.get("ready", False)),
+            last_error=d.get("last_error"),
+        )
+
+
+@dataclass(slots=True)
+class PoolInfo:
+    name: str
+    spec: PoolSpec
+    status: PoolStatus
+    endpoint: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], endpoint: str | None = None) -> PoolInfo:
+        return cls(
+            name=d["name"],
+            spec=PoolSpec.from_json(d.get("spec")),
+            status=PoolStatus.from_json(d.get("status")),
+            endpoint=endpoint,
+        )
+
+
+@dataclass(slots=True)
+class FileInfo:
+    path: str
+    size: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FileInfo:
+        return cls(d.get("path", ""), int(d.get("size", 0)), d.get("sha256", ""))
