@@ -218,15 +218,23 @@ class Client:
     ) -> list[Sandbox]:
         body = dumps(acquire_body(pool, count, env, ttl, idle_timeout, labels, new_request_id()))
         eps = self._cfg.endpoints
-        if len(eps) == 1:  # hot path: nothing to choose
-            d = self._t.request_json(eps[0], "POST", "/v1/sandboxes", body, timeout=self.timeout, context="pool")
-            return [Sandbox(self, eps[0], SandboxInfo.from_json(s, eps[0].url)) for s in d["sandboxes"]]
         tried: set[Endpoint] = set()
         pending: deque[Endpoint] = deque()
-        if self._cfg.local is not None:
-            pending.append(self._cfg.local)
-        ranked = False
         errors: list[ArlError] = []
+        ranked = False
+        if len(eps) == 1:  # hot path: nothing to choose
+            try:
+                d = self._t.request_json(eps[0], "POST", "/v1/sandboxes", body, timeout=self.timeout, context="pool")
+                return [Sandbox(self, eps[0], SandboxInfo.from_json(s, eps[0].url)) for s in d["sandboxes"]]
+            except PoolExhausted as e:
+                if not e.alternatives:
+                    raise
+                errors.append(e)
+                tried.add(eps[0])
+                pending.extend(Endpoint.parse(a) for a in e.alternatives)
+                ranked = True  # only the daemon's alternatives are left to try
+        elif self._cfg.local is not None:
+            pending.append(self._cfg.local)
         while True:
             if not pending and not ranked:
                 self._refresh_view([e for e in eps if e not in tried])
