@@ -1,0 +1,382 @@
+//! Running commands: spawn, capture or stream output with a cap, time out, kill the tree.
+//!
+//! The agent is PID 1 of its sandbox, so it reaps every process (orphans included) itself:
+//! a single SIGCHLD loop calls `waitpid(-1)` and hands each status to whoever spawned the pid.
+//! Commands are spawned with `posix_spawn` (no pre-exec hooks: the sandbox's restrictions are
+//! already on the agent and are inherited), which keeps a spawn well under a millisecond.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::api::{ApiError, ExecEvent, ExecRequest, ExecResult, WORKSPACE};
+use crate::http::{BoxError, ndjson_line};
+
+/// Where a command's output goes.
+pub enum Sink {
+    /// Collected into the result.
+    Capture,
+    /// Sent as NDJSON lines as it comes.
+    Stream(mpsc::Sender<Result<Bytes, BoxError>>),
+}
+
+#[derive(Default)]
+pub struct Children {
+    waiting: Mutex<HashMap<i32, oneshot::Sender<i32>>>,
+}
+
+impl Children {
+    /// Reaps every exited child, handing statuses to their waiters.
+    pub fn reap(&self) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let mut status = 0;
+            // SAFETY: non-blocking waitpid for any child.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            if let Some(tx) = waiting.remove(&pid) {
+                let _ = tx.send(status);
+            }
+        }
+    }
+
+    /// Spawns under the reaper's lock, so the exit cannot be reaped before it is awaited.
+    fn spawn(&self, cmd: &mut std::process::Command) -> std::io::Result<(std::process::Child, oneshot::Receiver<i32>)> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let child = cmd.spawn()?;
+        let (tx, rx) = oneshot::channel();
+        waiting.insert(child.id() as i32, tx);
+        Ok((child, rx))
+    }
+}
+
+/// Runs one exec to completion.
+pub async fn run(
+    children: &Children,
+    base_env: &[(String, String)],
+    req: ExecRequest,
+    sink: Sink,
+) -> Result<ExecResult, ApiError> {
+    let argv = req.argv().map_err(ApiError::bad_request)?;
+    let cwd = match &req.cwd {
+        Some(c) if c.starts_with('/') => c.clone(),
+        Some(c) => format!("{WORKSPACE}/{c}"),
+        None => WORKSPACE.to_string(),
+    };
+    if !Path::new(&cwd).is_dir() {
+        return Err(ApiError::bad_request(format!("cwd {cwd:?} is not a directory")));
+    }
+    let stdin = match (&req.stdin, &req.stdin_b64) {
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("give either `stdin` or `stdin_b64`")),
+        (Some(s), None) => Some(Bytes::from(s.clone().into_bytes())),
+        (None, Some(b)) => Some(Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|e| ApiError::bad_request(format!("invalid stdin_b64: {e}")))?,
+        )),
+        (None, None) => None,
+    };
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(ApiError::bad_request(format!("invalid environment variable {k:?}")));
+        }
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::bad_request("arguments may not contain NUL bytes"));
+    }
+
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .envs(base_env.iter().map(|(k, v)| (k, v)))
+        .envs(&req.env)
+        .current_dir(&cwd)
+        .process_group(0)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+
+    let started = Instant::now();
+    let (mut child, exit_rx) = match children.spawn(&mut cmd) {
+        Ok(spawned) => spawned,
+        Err(e) => return Ok(spawn_failure(&argv[0], &e, started)),
+    };
+    let pid = child.id() as i32;
+    let io = (
+        child.stdin.take().map(OwnedFd::from),
+        child.stdout.take().map(OwnedFd::from),
+        child.stderr.take().map(OwnedFd::from),
+    );
+    drop(child);
+
+    let (stdin_fd, Some(stdout_fd), Some(stderr_fd)) = io else {
+        kill_tree(pid);
+        return Err(ApiError::internal("spawned process has no output pipes"));
+    };
+    let pipes = (|| -> std::io::Result<_> {
+        Ok((
+            stdin_fd.map(pipe::Sender::from_owned_fd).transpose()?,
+            pipe::Receiver::from_owned_fd(stdout_fd)?,
+            pipe::Receiver::from_owned_fd(stderr_fd)?,
+        ))
+    })();
+    let (stdin_pipe, stdout, stderr) = match pipes {
+        Ok(p) => p,
+        Err(e) => {
+            kill_tree(pid);
+            return Err(ApiError::internal(format!("output pipes: {e}")));
+        }
+    };
+    if let (Some(mut tx), Some(data)) = (stdin_pipe, stdin) {
+        tokio::spawn(async move {
+            // A command that never reads its stdin just makes this write fail: fine.
+            let _ = tx.write_all(&data).await;
+        });
+    }
+
+    let cap = req.max_output();
+    let (exited_tx, exited_rx) = watch::channel(false);
+    let stream_tx = match &sink {
+        Sink::Stream(tx) => Some(tx.clone()),
+        Sink::Capture => None,
+    };
+    let out = tokio::spawn(pump(pid, stdout, Stream::Stdout, cap, stream_tx.clone(), exited_rx.clone()));
+    let err = tokio::spawn(pump(pid, stderr, Stream::Stderr, cap, stream_tx, exited_rx));
+
+    let timeout = Duration::from_millis(req.timeout_ms());
+    let mut timed_out = false;
+    tokio::pin!(exit_rx);
+    let status = tokio::select! {
+        status = &mut exit_rx => status.ok(),
+        _ = tokio::time::sleep(timeout) => {
+            timed_out = true;
+            kill_tree(pid);
+            (&mut exit_rx).await.ok()
+        }
+    };
+    let _ = exited_tx.send(true);
+    let (stdout, out_truncated) = out.await.unwrap_or_default();
+    let (stderr, err_truncated) = err.await.unwrap_or_default();
+    let status = status.unwrap_or(libc::SIGKILL);
+    let (exit_code, signal) = decode_status(status);
+    Ok(ExecResult {
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        exit_code,
+        signal,
+        timed_out,
+        truncated: out_truncated || err_truncated,
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
+/// A program that cannot be started is a result (as a shell reports it), not an API error.
+fn spawn_failure(program: &str, e: &std::io::Error, started: Instant) -> ExecResult {
+    let (code, what) = match e.kind() {
+        std::io::ErrorKind::NotFound => (127, "command not found"),
+        std::io::ErrorKind::PermissionDenied => (126, "permission denied"),
+        _ => (126, "cannot execute"),
+    };
+    ExecResult {
+        stderr: format!("arl: {program}: {what} ({e})\n"),
+        exit_code: code,
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        ..ExecResult::default()
+    }
+}
+
+fn decode_status(status: i32) -> (i32, Option<i32>) {
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        (128 + sig, Some(sig))
+    } else {
+        (libc::WEXITSTATUS(status), None)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Reads one output pipe until EOF, or until the command has exited and the pipe is empty
+/// (a background process may keep it open). Returns (captured, truncated). When a streaming
+/// client goes away nobody will see the rest, so the command is killed.
+async fn pump(
+    pid: i32,
+    mut pipe: pipe::Receiver,
+    which: Stream,
+    cap: usize,
+    stream: Option<mpsc::Sender<Result<Bytes, BoxError>>>,
+    mut exited: watch::Receiver<bool>,
+) -> (Vec<u8>, bool) {
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut out = Output {
+        captured: Vec::new(),
+        seen: 0,
+        cap,
+        truncated: false,
+        pending_utf8: Vec::new(),
+        which,
+        stream,
+    };
+    loop {
+        tokio::select! {
+            biased;
+            read = pipe.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => if !out.push(&buf[..n]).await { kill_tree(pid); return out.finish(true).await },
+            },
+            changed = exited.changed() => {
+                if changed.is_err() || *exited.borrow() {
+                    loop {
+                        match pipe.try_read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => if !out.push(&buf[..n]).await { kill_tree(pid); return out.finish(true).await },
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                // Keep draining (and discarding) for background writers, so
+                                // they do not die of SIGPIPE; the task ends at their EOF.
+                                tokio::spawn(async move {
+                                    let mut sink = vec![0u8; 16 * 1024];
+                                    while matches!(pipe.read(&mut sink).await, Ok(n) if n > 0) {}
+                                });
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    out.finish(false).await
+}
+
+struct Output {
+    captured: Vec<u8>,
+    seen: usize,
+    cap: usize,
+    truncated: bool,
+    pending_utf8: Vec<u8>,
+    which: Stream,
+    stream: Option<mpsc::Sender<Result<Bytes, BoxError>>>,
+}
+
+impl Output {
+    /// Takes a chunk; false when the streaming client is gone.
+    async fn push(&mut self, chunk: &[u8]) -> bool {
+        let room = self.cap.saturating_sub(self.seen);
+        let kept = &chunk[..chunk.len().min(room)];
+        if kept.len() < chunk.len() {
+            self.truncated = true;
+        }
+        self.seen += kept.len();
+        if kept.is_empty() {
+            return true;
+        }
+        match &self.stream {
+            None => {
+                self.captured.extend_from_slice(kept);
+                true
+            }
+            Some(_) => {
+                self.pending_utf8.extend_from_slice(kept);
+                let text = take_utf8(&mut self.pending_utf8);
+                self.send(text).await
+            }
+        }
+    }
+
+    async fn send(&self, text: String) -> bool {
+        let Some(tx) = &self.stream else { return true };
+        if text.is_empty() {
+            return true;
+        }
+        let event = match self.which {
+            Stream::Stdout => ExecEvent::Stdout { data: text },
+            Stream::Stderr => ExecEvent::Stderr { data: text },
+        };
+        tx.send(Ok(ndjson_line(&event))).await.is_ok()
+    }
+
+    async fn finish(mut self, gone: bool) -> (Vec<u8>, bool) {
+        if !gone && !self.pending_utf8.is_empty() {
+            let rest = String::from_utf8_lossy(&std::mem::take(&mut self.pending_utf8)).into_owned();
+            let _ = self.send(rest).await;
+        }
+        (self.captured, self.truncated)
+    }
+}
+
+/// Removes the longest valid UTF-8 prefix of `buf`, keeping an incomplete trailing character
+/// for the next chunk; invalid bytes become U+FFFD.
+fn take_utf8(buf: &mut Vec<u8>) -> String {
+    let keep_from = match std::str::from_utf8(buf) {
+        Ok(_) => buf.len(),
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => buf.len(),
+    };
+    let rest = buf.split_off(keep_from);
+    let text = String::from_utf8_lossy(buf).into_owned();
+    *buf = rest;
+    text
+}
+
+/// Stops then kills a process and all its descendants (and its process group).
+pub fn kill_tree(root: i32) {
+    for signal in [libc::SIGSTOP, libc::SIGKILL] {
+        for pid in tree(root) {
+            // SAFETY: kill(2) on pids of our own sandbox.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+}
+
+/// `root`, its descendants and its process group, from one scan of /proc.
+fn tree(root: i32) -> HashSet<i32> {
+    let procs: Vec<(i32, i32, i32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ');
+            let ppid = fields.nth(1)?.parse().ok()?;
+            let pgrp = fields.next()?.parse().ok()?;
+            Some((pid, ppid, pgrp))
+        })
+        .collect();
+    let mut set = HashSet::from([root]);
+    loop {
+        let before = set.len();
+        for &(pid, ppid, pgrp) in &procs {
+            if pid != 1 && (set.contains(&ppid) || pgrp == root) {
+                set.insert(pid);
+            }
+        }
+        if set.len() == before {
+            return set;
+        }
+    }
+}
+
+/// Kills every process of the sandbox but the agent (`kill(-1)` from PID 1 spares itself).
+pub fn kill_all_but_self() {
+    // SAFETY: kill(2) with pid -1 from the namespace's init.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+}

@@ -1,0 +1,206 @@
+//! `arl agent`: the in-sandbox agent. It listens only on a Unix socket (inherited from the
+//! runtime, or bound at a path) and serves a small HTTP/1.1 API to the node daemon:
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /ping` | liveness |
+//! | `POST /exec` | run a command (JSON result, or NDJSON with `Accept: application/x-ndjson`) |
+//! | `PUT /files?path=&mode=&sha256=` | streamed, atomic file write |
+//! | `POST /files` | several files in one call |
+//! | `GET /files?path=` | streamed file read |
+//! | `DELETE /files?path=` | remove a file |
+//! | `POST /reset` | kill every process but the agent, empty the scratch directories |
+
+pub mod exec;
+pub mod files;
+
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixListener;
+
+use crate::api::files::MAX_BATCH_BYTES;
+use crate::api::{ApiError, ExecEvent, ExecRequest, NDJSON, OUTCOME_HEADER, WriteFilesRequest, WriteFilesResponse};
+use crate::http::{self, Body, ChannelBody, MAX_JSON_BODY, ndjson_line};
+
+/// Directories `reset` empties.
+const SCRATCH_DIRS: &[&str] = &["/workspace", "/tmp", "/var/tmp", "/dev/shm", "/root"];
+
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// An already-listening Unix socket inherited from the runtime.
+    #[arg(long, conflicts_with = "socket")]
+    pub listen_fd: Option<i32>,
+    /// A Unix socket path to bind.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+struct Agent {
+    children: exec::Children,
+    base_env: Vec<(String, String)>,
+}
+
+pub fn main(args: AgentArgs) -> i32 {
+    // One thread is plenty for one sandbox and keeps an idle agent small.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("arl agent: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("arl agent: {e}");
+            1
+        }
+    }
+}
+
+async fn serve(args: AgentArgs) -> std::io::Result<()> {
+    // Not dumpable: processes of the sandbox may not ptrace or read the agent's memory.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    let listener = match (args.listen_fd, &args.socket) {
+        (Some(fd), _) => {
+            // SAFETY: the runtime handed us this listening socket's descriptor.
+            let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+            std_listener.set_nonblocking(true)?;
+            UnixListener::from_std(std_listener)?
+        }
+        (None, Some(path)) => {
+            let _ = std::fs::remove_file(path);
+            UnixListener::bind(path)?
+        }
+        (None, None) => {
+            return Err(std::io::Error::other("give --listen-fd or --socket"));
+        }
+    };
+    let agent = Arc::new(Agent {
+        children: exec::Children::default(),
+        base_env: std::env::vars().collect(),
+    });
+    // Subscribe to SIGCHLD before the first spawn so no exit is missed.
+    let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
+    let reaper = agent.clone();
+    tokio::spawn(async move {
+        while sigchld.recv().await.is_some() {
+            reaper.children.reap();
+        }
+    });
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                eprintln!("arl agent: accept: {e}");
+                continue;
+            }
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let agent = agent.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(&agent, req).await) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn route(agent: &Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
+    let result = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ping") => Ok(http::json(StatusCode::OK, &serde_json::json!({"ok": true}))),
+        (&Method::POST, "/exec") => exec_route(agent, req).await,
+        (&Method::PUT, "/files") => write_file(req).await,
+        (&Method::POST, "/files") => write_files(req).await,
+        (&Method::GET, "/files") => read_file(req).await,
+        (&Method::DELETE, "/files") => {
+            required_path(&req).and_then(|p| files::remove(&p)).map(|()| http::no_content())
+        }
+        (&Method::POST, "/reset") => Ok(reset(agent)),
+        _ => Err(ApiError::not_found(format!(
+            "no agent route {} {}",
+            req.method(),
+            req.uri().path()
+        ))),
+    };
+    result.unwrap_or_else(http::error)
+}
+
+fn required_path<B>(req: &Request<B>) -> Result<String, ApiError> {
+    http::query_param(req.uri(), "path").ok_or_else(|| ApiError::bad_request("query parameter `path` is required"))
+}
+
+async fn exec_route(agent: &Arc<Agent>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let streaming = http::wants_ndjson(&req);
+    let exec_req: ExecRequest = http::read_json(req, MAX_JSON_BODY * 64).await?;
+    exec_req.argv().map_err(ApiError::bad_request)?;
+    if !streaming {
+        let result = exec::run(&agent.children, &agent.base_env, exec_req, exec::Sink::Capture).await?;
+        let mut response = http::json(StatusCode::OK, &result);
+        response.headers_mut().insert(
+            OUTCOME_HEADER,
+            hyper::header::HeaderValue::from_static(result.outcome().as_str()),
+        );
+        return Ok(response);
+    }
+    let (tx, body) = ChannelBody::new(16);
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        let event = match exec::run(&agent.children, &agent.base_env, exec_req, exec::Sink::Stream(tx.clone())).await {
+            Ok(result) => ExecEvent::Result(result),
+            Err(error) => ExecEvent::Error { error },
+        };
+        let _ = tx.send(Ok(ndjson_line(&event))).await;
+    });
+    Ok(Response::builder()
+        .header(CONTENT_TYPE, NDJSON)
+        .body(body)
+        .unwrap_or_else(|_| http::error(ApiError::internal("response"))))
+}
+
+async fn write_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = required_path(&req)?;
+    let mode = files::parse_mode(http::query_param(req.uri(), "mode").as_deref())?;
+    let sha = http::query_param(req.uri(), "sha256");
+    let info = files::write_stream(&path, mode, sha, req.into_body()).await?;
+    Ok(http::json(StatusCode::OK, &info))
+}
+
+async fn write_files(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let batch: WriteFilesRequest = http::read_json(req, MAX_BATCH_BYTES).await?;
+    let files = files::write_many(batch.files.into_iter().collect()).await?;
+    Ok(http::json(StatusCode::OK, &WriteFilesResponse { files }))
+}
+
+async fn read_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = required_path(&req)?;
+    let (file, size) = files::open_read(&path).await?;
+    let (tx, body) = ChannelBody::new(4);
+    tokio::spawn(files::pump_file(file, tx));
+    Ok(Response::builder()
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .header(CONTENT_LENGTH, size)
+        .body(body)
+        .unwrap_or_else(|_| http::error(ApiError::internal("response"))))
+}
+
+fn reset(agent: &Arc<Agent>) -> Response<Body> {
+    exec::kill_all_but_self();
+    agent.children.reap();
+    for dir in SCRATCH_DIRS {
+        files::wipe_dir(dir);
+    }
+    http::json(StatusCode::OK, &serde_json::json!({"ok": true}))
+}

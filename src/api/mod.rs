@@ -1,0 +1,27 @@
+//! Wire types shared by the node daemon, the in-sandbox agent and the CLI.
+//!
+//! Everything here is plain data with serde derives; behaviour lives with its owner.
+
+pub mod error;
+pub mod exec;
+pub mod files;
+pub mod pools;
+pub mod sandboxes;
+
+pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use exec::{ExecEvent, ExecOutcome, ExecRequest, ExecResult};
+pub use files::{FileContent, FileInfo, WriteFilesRequest, WriteFilesResponse};
+pub use pools::{NetworkMode, PoolList, PoolSpec, PoolStatus, PoolView, ReusePolicy};
+pub use sandboxes::{AcquireRequest, SandboxInfo, SandboxList, SandboxState};
+
+/// Media type of streamed exec output: one JSON [`ExecEvent`] per line.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// Header the agent sets on exec responses so the daemon can count outcomes without parsing.
+pub const OUTCOME_HEADER: &str = "x-arl-exec-outcome";
+
+/// Default TCP port of the node API.
+pub const DEFAULT_PORT: u16 = 8420;
+
+/// Where sandboxes see their working directory.
+pub const WORKSPACE: &str = "/workspace";

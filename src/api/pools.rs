@@ -1,0 +1,152 @@
+//! Pool specifications and status.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    #[default]
+    Process,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReusePolicy {
+    /// Destroy a released sandbox and warm a fresh one.
+    #[default]
+    Destroy,
+    /// Kill its processes, wipe its workspace and put it back in the pool.
+    Reset,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// A private network namespace with loopback only.
+    #[default]
+    None,
+    /// The host's network namespace.
+    Host,
+}
+
+/// What a pool's sandboxes look like and how many to keep warm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolSpec {
+    pub runtime: RuntimeKind,
+    pub min_idle: usize,
+    pub max: usize,
+    pub reuse: ReusePolicy,
+    pub memory_mb: u64,
+    pub pids: u64,
+    /// CPU quota in thousandths of a core.
+    pub cpu_millis: u64,
+    /// Size of the private writable layer (tmpfs).
+    pub disk_mb: u64,
+    pub network: NetworkMode,
+    /// A root filesystem directory to overlay instead of the host's system directories.
+    pub rootfs: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub idle_timeout_seconds: Option<u64>,
+    pub max_lifetime_seconds: Option<u64>,
+}
+
+impl Default for PoolSpec {
+    fn default() -> Self {
+        Self {
+            runtime: RuntimeKind::Process,
+            min_idle: 2,
+            max: 64,
+            reuse: ReusePolicy::Destroy,
+            memory_mb: 512,
+            pids: 256,
+            cpu_millis: 1000,
+            disk_mb: 1024,
+            network: NetworkMode::None,
+            rootfs: None,
+            env: BTreeMap::new(),
+            idle_timeout_seconds: None,
+            max_lifetime_seconds: None,
+        }
+    }
+}
+
+impl PoolSpec {
+    /// Checks bounds; the message says what to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max == 0 {
+            return Err("`max` must be at least 1".into());
+        }
+        if self.min_idle > self.max {
+            return Err(format!(
+                "`min_idle` ({}) exceeds `max` ({})",
+                self.min_idle, self.max
+            ));
+        }
+        if self.max > 16_384 {
+            return Err("`max` is at most 16384 sandboxes per node".into());
+        }
+        if self.memory_mb < 16 {
+            return Err("`memory_mb` must be at least 16".into());
+        }
+        if !(8..=1_000_000).contains(&self.pids) {
+            return Err("`pids` must be between 8 and 1000000".into());
+        }
+        if self.cpu_millis < 10 {
+            return Err("`cpu_millis` must be at least 10".into());
+        }
+        if self.disk_mb < 1 {
+            return Err("`disk_mb` must be at least 1".into());
+        }
+        if let Some(root) = &self.rootfs
+            && !root.starts_with('/')
+        {
+            return Err("`rootfs` must be an absolute path".into());
+        }
+        for key in self.env.keys() {
+            super::sandboxes::validate_env_name(key)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub idle: usize,
+    pub allocated: usize,
+    pub starting: usize,
+    pub total: usize,
+    pub ready: bool,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolView {
+    pub name: String,
+    pub spec: PoolSpec,
+    pub status: PoolStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolList {
+    pub pools: Vec<PoolView>,
+}
+
+/// Pool names become metric labels and paths: keep them short and plain.
+pub fn validate_pool_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "pool name {name:?} must be 1-63 characters of a-z, 0-9 and '-'"
+        ))
+    }
+}

@@ -1,0 +1,95 @@
+//! `arl`: one binary for the node daemon, the in-sandbox agent and the command-line client.
+
+mod agent;
+mod api;
+mod cli;
+mod http;
+mod logging;
+mod node;
+mod runtime;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "arl", version, about = "Warm sandboxes with near-zero latency for AI agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The per-node daemon: warm pools, HTTP API, metrics.
+    Node(node::NodeArgs),
+    /// The in-sandbox agent (started by runtimes, not by hand).
+    Agent(agent::AgentArgs),
+    /// Run a command in a sandbox you hold.
+    Exec {
+        /// Sandbox id.
+        sandbox: String,
+        #[command(flatten)]
+        opts: cli::ExecOpts,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Acquire a sandbox, run one command in it, release it.
+    Run {
+        #[arg(long, default_value = "default")]
+        pool: String,
+        #[command(flatten)]
+        opts: cli::ExecOpts,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Acquire a sandbox and print its id.
+    Acquire {
+        #[arg(long, default_value = "default")]
+        pool: String,
+        /// Environment applied to every exec, KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e', value_parser = cli_kv)]
+        env: Vec<(String, String)>,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Release a sandbox.
+    Release {
+        sandbox: String,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// List the node's pools.
+    Pools {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// List your sandboxes.
+    Sandboxes {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Internal: builds one process-runtime sandbox (run by the daemon).
+    #[command(hide = true)]
+    SandboxInit { config: String },
+}
+
+fn cli_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn main() {
+    let code = match Cli::parse().command {
+        Command::Node(args) => node::main(args),
+        Command::Agent(args) => agent::main(args),
+        Command::SandboxInit { config } => runtime::process::init::main(&config),
+        Command::Exec { sandbox, opts, client } => cli::main(cli::exec(&client, &sandbox, &opts)),
+        Command::Run { pool, opts, client } => cli::main(cli::run(&client, &pool, &opts)),
+        Command::Acquire { pool, env, client } => cli::main(cli::acquire(&client, &pool, env)),
+        Command::Release { sandbox, client } => cli::main(cli::release(&client, &sandbox)),
+        Command::Pools { client } => cli::main(cli::pools(&client)),
+        Command::Sandboxes { client } => cli::main(cli::sandboxes(&client)),
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,103 @@
+//! Daemon settings: command-line flags (each also an environment variable) over an optional
+//! config file (TOML, or JSON by extension) over defaults.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::NodeError;
+use crate::api::PoolSpec;
+
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// Address of the HTTP API [default: 127.0.0.1:8420]
+    #[arg(long, env = "ARL_LISTEN")]
+    pub listen: Option<String>,
+    /// Config file (TOML, or JSON when it ends in .json) with settings and pools.
+    #[arg(long, env = "ARL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where sandboxes' sockets and bookkeeping live [default: /run/arl]
+    #[arg(long, env = "ARL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// File of bearer tokens, one per line; re-read when it changes. Without it the API is open.
+    #[arg(long, env = "ARL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Sandboxes created at once at most [default: 16]
+    #[arg(long, env = "ARL_CREATE_CONCURRENCY")]
+    pub create_concurrency: Option<usize>,
+    /// Name of ARL's cgroup in each hierarchy [default: arl]
+    #[arg(long, env = "ARL_CGROUP_PARENT")]
+    pub cgroup_parent: Option<String>,
+    /// First host uid mapped into sandboxes (each gets 65536 ids) [default: 16777216]
+    #[arg(long, env = "ARL_UID_BASE")]
+    pub uid_base: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    state_dir: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    create_concurrency: Option<usize>,
+    cgroup_parent: Option<String>,
+    uid_base: Option<u32>,
+    #[serde(default)]
+    pools: BTreeMap<String, PoolSpec>,
+}
+
+/// The settings the daemon runs with.
+#[derive(Debug)]
+pub struct Settings {
+    pub listen: String,
+    pub state_dir: PathBuf,
+    pub token_file: Option<PathBuf>,
+    pub create_concurrency: usize,
+    pub cgroup_parent: String,
+    pub uid_base: u32,
+    pub pools: BTreeMap<String, PoolSpec>,
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, NodeError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| NodeError::Config(format!("reading {}: {e}", path.display())))?;
+    if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
+    } else {
+        toml::from_str(&text).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
+    }
+}
+
+impl NodeArgs {
+    pub fn resolve(self) -> Result<Settings, NodeError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let mut pools = file.pools;
+        if pools.is_empty() {
+            pools.insert("default".to_string(), PoolSpec::default());
+        }
+        for (name, spec) in &pools {
+            crate::api::pools::validate_pool_name(name).map_err(NodeError::Config)?;
+            spec.validate().map_err(|e| NodeError::Config(format!("pool {name}: {e}")))?;
+        }
+        let cgroup_parent = self.cgroup_parent.or(file.cgroup_parent).unwrap_or_else(|| "arl".into());
+        if cgroup_parent.is_empty() || cgroup_parent.contains("..") {
+            return Err(NodeError::Config("cgroup parent must be a plain name".into()));
+        }
+        Ok(Settings {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| format!("127.0.0.1:{}", crate::api::DEFAULT_PORT)),
+            state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(super::default_state_dir),
+            token_file: self.token_file.or(file.token_file),
+            create_concurrency: self.create_concurrency.or(file.create_concurrency).unwrap_or(16).max(1),
+            cgroup_parent,
+            uid_base: self.uid_base.or(file.uid_base).unwrap_or(1 << 24),
+            pools,
+        })
+    }
+}

@@ -1,0 +1,116 @@
+//! `arl node`: the per-node daemon. It keeps warm sandboxes in local pools and serves the HTTP
+//! API that hands them out and runs commands in them; the hot path never leaves this process
+//! and the sandboxes' agents.
+
+mod agent_client;
+mod auth;
+mod config;
+mod manager;
+mod metrics;
+mod pool;
+mod sandbox;
+mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::runtime::Runtime;
+use crate::runtime::process::{ProcessConfig, ProcessRuntime};
+
+pub use config::NodeArgs;
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    #[error("token file: {0}")]
+    Auth(std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub fn main(args: NodeArgs) -> i32 {
+    crate::logging::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("arl node: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("arl node: {e}");
+            1
+        }
+    }
+}
+
+async fn run(args: NodeArgs) -> Result<(), NodeError> {
+    let settings = args.resolve()?;
+    // Sandboxes' agents re-parent to us when their launcher exits, so we can reap them.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+
+    let runtime = ProcessRuntime::new(ProcessConfig {
+        state_dir: settings.state_dir.clone(),
+        cgroup_parent: settings.cgroup_parent.clone(),
+        uid_base: settings.uid_base,
+    })?;
+    let reclaimed = runtime.reclaim().await?;
+    if reclaimed > 0 {
+        tracing::warn!(sandboxes = reclaimed, "removed sandboxes left by an earlier daemon");
+    }
+    let auth = auth::Auth::new(settings.token_file.clone()).map_err(NodeError::Auth)?;
+    if !auth.enabled() {
+        tracing::warn!(
+            "NO AUTHENTICATION: no --token-file given, so anyone who can reach {} can run code in sandboxes",
+            settings.listen
+        );
+    }
+    let mgr = manager::Manager::new(Arc::new(runtime), auth, settings.create_concurrency);
+    for (name, spec) in &settings.pools {
+        mgr.put_pool(name, spec.clone())
+            .map_err(|e| NodeError::Config(format!("pool {name}: {}", e.message)))?;
+    }
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|source| NodeError::Bind { addr: settings.listen.clone(), source })?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        state_dir = %settings.state_dir.display(),
+        pools = settings.pools.len(),
+        runtime = mgr.runtime_kind(),
+        "arl node ready"
+    );
+    tokio::spawn(mgr.clone().housekeeping());
+    server::serve(listener, mgr.clone(), shutdown_signal()).await;
+    tracing::info!("shutting down: destroying sandboxes");
+    mgr.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; SIGTERM will not drain gracefully");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// Default state directory.
+pub fn default_state_dir() -> PathBuf {
+    PathBuf::from("/run/arl")
+}

@@ -1,0 +1,153 @@
+//! A live sandbox as the daemon sees it: its agent, its lease while allocated, and the
+//! results of recent execs by request id.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use hyper::StatusCode;
+use tokio::sync::watch;
+
+use super::agent_client::AgentClient;
+use super::auth::Owner;
+use crate::api::{SandboxInfo, SandboxState, WORKSPACE};
+use crate::util::now_ms;
+
+/// Exec results remembered per sandbox for request-id retries.
+const IDEMPOTENCY_ENTRIES: usize = 256;
+
+pub struct Sandbox {
+    pub id: String,
+    pub pool: String,
+    pub created_at_ms: u64,
+    pub agent: AgentClient,
+    lease: Mutex<Option<Lease>>,
+    /// Last time a request touched it (ms since the epoch).
+    last_used_ms: AtomicU64,
+    pub paused: AtomicBool,
+    execs: Mutex<Execs>,
+}
+
+#[derive(Clone)]
+pub struct Lease {
+    pub owner: Owner,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub acquired_at_ms: u64,
+    pub expires_at_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+}
+
+/// A finished exec's reply, as the agent sent it.
+#[derive(Clone)]
+pub struct CachedReply {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+pub enum ExecSlot {
+    /// Run it; publish the reply through the sender.
+    Run(watch::Sender<Option<CachedReply>>),
+    /// Someone is running it: wait for the reply.
+    Wait(watch::Receiver<Option<CachedReply>>),
+    /// Already done.
+    Done(CachedReply),
+}
+
+#[derive(Default)]
+struct Execs {
+    by_id: HashMap<String, watch::Receiver<Option<CachedReply>>>,
+    order: VecDeque<String>,
+}
+
+impl Sandbox {
+    pub fn new(id: String, pool: String, agent: AgentClient) -> Self {
+        let now = now_ms();
+        Self {
+            id,
+            pool,
+            created_at_ms: now,
+            agent,
+            lease: Mutex::new(None),
+            last_used_ms: AtomicU64::new(now),
+            paused: AtomicBool::new(false),
+            execs: Mutex::new(Execs::default()),
+        }
+    }
+
+    pub fn lease(&self) -> Option<Lease> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_lease(&self, lease: Option<Lease>) {
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+        self.touch();
+    }
+
+    pub fn touch(&self) {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether the lease has run out (lifetime or idleness) at `now`.
+    pub fn expired(&self, now: u64) -> bool {
+        let Some(lease) = self.lease() else { return false };
+        lease.expires_at_ms.is_some_and(|t| now >= t)
+            || lease
+                .idle_timeout_ms
+                .is_some_and(|t| now.saturating_sub(self.last_used_ms()) >= t)
+    }
+
+    pub fn info(&self) -> SandboxInfo {
+        let lease = self.lease();
+        SandboxInfo {
+            id: self.id.clone(),
+            pool: self.pool.clone(),
+            state: if lease.is_some() {
+                SandboxState::Allocated
+            } else {
+                SandboxState::Idle
+            },
+            created_at_ms: self.created_at_ms,
+            acquired_at_ms: lease.as_ref().map(|l| l.acquired_at_ms),
+            expires_at_ms: lease.as_ref().and_then(|l| l.expires_at_ms),
+            labels: lease.map(|l| l.labels).unwrap_or_default(),
+            workspace: WORKSPACE.to_string(),
+        }
+    }
+
+    /// Claims an exec slot for `request_id`.
+    pub fn exec_slot(&self, request_id: &str) -> ExecSlot {
+        let mut execs = self.execs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = execs.by_id.get(request_id) {
+            return match rx.borrow().clone() {
+                Some(reply) => ExecSlot::Done(reply),
+                None => ExecSlot::Wait(rx.clone()),
+            };
+        }
+        let (tx, rx) = watch::channel(None);
+        execs.by_id.insert(request_id.to_string(), rx);
+        execs.order.push_back(request_id.to_string());
+        while execs.order.len() > IDEMPOTENCY_ENTRIES {
+            if let Some(old) = execs.order.pop_front() {
+                execs.by_id.remove(&old);
+            }
+        }
+        ExecSlot::Run(tx)
+    }
+
+    /// Forgets a request id whose exec failed before reaching the command (so a retry runs).
+    pub fn forget_exec(&self, request_id: &str) {
+        let mut execs = self.execs.lock().unwrap_or_else(|p| p.into_inner());
+        execs.by_id.remove(request_id);
+        execs.order.retain(|id| id != request_id);
+    }
+
+    pub fn clear_execs(&self) {
+        *self.execs.lock().unwrap_or_else(|p| p.into_inner()) = Execs::default();
+    }
+}

@@ -1,0 +1,357 @@
+//! The embedded `process` runtime: a sandbox is `arl agent` as PID 1 of fresh Linux
+//! namespaces, with an overlay root, cgroup limits, no_new_privs and a seccomp filter.
+//! It needs nothing installed on the host. See `init.rs` for how one is built.
+
+pub mod cgroup;
+pub mod init;
+pub mod seccomp;
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+
+use self::cgroup::{Cgroups, Limits};
+use self::init::InitConfig;
+use super::{BoxFuture, Created, Runtime, RuntimeError};
+use crate::api::PoolSpec;
+
+/// Host uids/gids each sandbox's user namespace maps (root inside is `uid_base` outside).
+const IDS_PER_SANDBOX: u32 = 65_536;
+const MAX_SLOTS: u32 = 16_384;
+
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// Directory holding one sub-directory per sandbox.
+    pub state_dir: PathBuf,
+    /// Name of ARL's cgroup under each hierarchy root.
+    pub cgroup_parent: String,
+    /// First host uid of the sandboxes' id ranges.
+    pub uid_base: u32,
+}
+
+/// What survives a daemon crash, so the next daemon can clean up.
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    pid: i32,
+    start_time: u64,
+}
+
+struct Live {
+    pid: i32,
+    pidfd: Arc<AsyncFd<OwnedFd>>,
+    slot: u32,
+}
+
+pub struct ProcessRuntime {
+    config: ProcessConfig,
+    sandboxes_dir: PathBuf,
+    cgroups: Cgroups,
+    exe: PathBuf,
+    live: Mutex<HashMap<String, Live>>,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl Slots {
+    fn take(&mut self) -> Option<u32> {
+        if let Some(slot) = self.free.pop() {
+            return Some(slot);
+        }
+        (self.next < MAX_SLOTS).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+}
+
+impl ProcessRuntime {
+    /// Checks the host can run sandboxes and prepares the state directory.
+    pub fn new(config: ProcessConfig) -> Result<Self, RuntimeError> {
+        let unsupported = |reason: String| RuntimeError::Unsupported {
+            runtime: "process",
+            reason,
+        };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(unsupported(
+                "the process runtime must run as root (it maps each sandbox's root to an unprivileged host uid range)".into(),
+            ));
+        }
+        let max_userns = fs::read_to_string("/proc/sys/user/max_user_namespaces")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        if max_userns == Some(0) {
+            return Err(unsupported(
+                "user namespaces are disabled (/proc/sys/user/max_user_namespaces is 0)".into(),
+            ));
+        }
+        let cgroups = Cgroups::detect(&config.cgroup_parent).map_err(|e| unsupported(e.to_string()))?;
+        tracing::info!(layout = %cgroups.describe(), "cgroup controllers");
+        let exe = std::env::current_exe()?;
+        let sandboxes_dir = config.state_dir.join("sandboxes");
+        // Sandboxes' mapped root must traverse (never list) these to mount their root.
+        for dir in [&config.state_dir, &sandboxes_dir] {
+            fs::DirBuilder::new().recursive(true).mode(0o711).create(dir)?;
+            set_mode(dir, 0o711)?;
+        }
+        Ok(Self {
+            config,
+            sandboxes_dir,
+            cgroups,
+            exe,
+            live: Mutex::new(HashMap::new()),
+            slots: Mutex::new(Slots::default()),
+        })
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.sandboxes_dir.join(id)
+    }
+
+    async fn create_inner(&self, id: &str, spec: &PoolSpec, slot: u32) -> Result<Created, RuntimeError> {
+        let dir = self.dir(id);
+        fs::DirBuilder::new().mode(0o711).create(&dir)?;
+        set_mode(&dir, 0o711)?;
+        fs::DirBuilder::new().mode(0o755).create(dir.join("root"))?;
+        let procs = self.cgroups.create(
+            id,
+            Limits {
+                memory_bytes: spec.memory_mb << 20,
+                pids: spec.pids,
+                cpu_millis: spec.cpu_millis,
+            },
+        )?;
+        let socket = dir.join("agent.sock");
+        let config = InitConfig {
+            id: id.to_string(),
+            dir: dir.clone(),
+            socket: socket.clone(),
+            cgroup_procs: procs,
+            uid_base: self.config.uid_base + slot * IDS_PER_SANDBOX,
+            id_count: IDS_PER_SANDBOX,
+            disk_mb: spec.disk_mb,
+            network: spec.network,
+            rootfs: spec.rootfs.as_ref().map(PathBuf::from),
+        };
+        let json = serde_json::to_string(&config).map_err(|e| RuntimeError::Create(e.to_string()))?;
+        let output = tokio::process::Command::new(&self.exe)
+            .arg("sandbox-init")
+            .arg(json)
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await?;
+        if !output.status.success() {
+            let err = String::from_utf8_lossy(&output.stderr).trim().to_string();
+            return Err(RuntimeError::Create(if err.is_empty() {
+                format!("sandbox-init exited with {}", output.status)
+            } else {
+                err
+            }));
+        }
+        let pid: i32 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| RuntimeError::Create("sandbox-init printed no pid".into()))?;
+        let pidfd = pidfd_open(pid)?;
+        let meta = Meta {
+            pid,
+            start_time: start_time(pid).unwrap_or(0),
+        };
+        fs::write(
+            dir.join("meta.json"),
+            serde_json::to_vec(&meta).map_err(|e| RuntimeError::Create(e.to_string()))?,
+        )?;
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id.to_string(),
+            Live {
+                pid,
+                // SAFETY: the pidfd is owned by the AsyncFd from here on and never closed elsewhere.
+                pidfd: Arc::new(unsafe { AsyncFd::register(pidfd) }.map_err(|e| std::io::Error::other(e.to_string()))?),
+                slot,
+            },
+        );
+        Ok(Created { socket })
+    }
+
+    async fn destroy_inner(&self, id: &str) -> Result<(), RuntimeError> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        if let Some(live) = &live {
+            // Killing PID 1 of a pid namespace kills every process in it.
+            pidfd_kill(live.pidfd.get_ref());
+            let _ = tokio::time::timeout(Duration::from_secs(5), live.pidfd.readable()).await;
+            reap(live.pidfd.get_ref());
+        }
+        self.cgroups.remove(id).await?;
+        let dir = self.dir(id);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|e| RuntimeError::Destroy {
+                id: id.to_string(),
+                reason: format!("remove {}: {e}", dir.display()),
+            })?;
+        }
+        if let Some(live) = live {
+            let _ = live.pid;
+            self.slots.lock().unwrap_or_else(|p| p.into_inner()).free.push(live.slot);
+        }
+        Ok(())
+    }
+
+    async fn reclaim_inner(&self) -> Result<usize, RuntimeError> {
+        let mut ids: Vec<String> = Vec::new();
+        if let Ok(entries) = fs::read_dir(&self.sandboxes_dir) {
+            for entry in entries.flatten() {
+                ids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        for id in self.cgroups.existing() {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        for id in &ids {
+            let dir = self.dir(id);
+            if let Ok(bytes) = fs::read(dir.join("meta.json"))
+                && let Ok(meta) = serde_json::from_slice::<Meta>(&bytes)
+                && start_time(meta.pid) == Some(meta.start_time)
+            {
+                // SAFETY: kill(2) of a pid whose start time proves it is still our agent.
+                unsafe { libc::kill(meta.pid, libc::SIGKILL) };
+            }
+            self.cgroups.remove(id).await?;
+            if dir.exists() {
+                fs::remove_dir_all(&dir)?;
+            }
+        }
+        reap_children();
+        Ok(ids.len())
+    }
+}
+
+impl Runtime for ProcessRuntime {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn create<'a>(&'a self, id: &'a str, spec: &'a PoolSpec) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+        Box::pin(async move {
+            let slot = self
+                .slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .ok_or_else(|| RuntimeError::Create(format!("more than {MAX_SLOTS} sandboxes on this node")))?;
+            let result = self.create_inner(id, spec, slot).await;
+            if result.is_err() {
+                let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
+                if live {
+                    let _ = self.destroy_inner(id).await;
+                } else {
+                    let _ = self.cgroups.remove(id).await;
+                    let _ = fs::remove_dir_all(self.dir(id));
+                    self.slots.lock().unwrap_or_else(|p| p.into_inner()).free.push(slot);
+                }
+            }
+            result
+        })
+    }
+
+    fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(self.destroy_inner(id))
+    }
+
+    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
+        let pidfd = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|l| l.pidfd.clone());
+        Box::pin(async move {
+            if let Some(pidfd) = pidfd {
+                let _ = pidfd.readable().await;
+            }
+        })
+    }
+
+    fn set_paused(&self, id: &str, paused: bool) -> Result<(), RuntimeError> {
+        Ok(self.cgroups.freeze(id, paused)?)
+    }
+
+    fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>> {
+        Box::pin(self.reclaim_inner())
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn pidfd_kill(pidfd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal(2) on a pidfd we own; a pidfd never refers to a reused pid.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+}
+
+/// Collects the exit status of a dead agent (the daemon is their subreaper).
+fn reap(pidfd: &OwnedFd) {
+    // SAFETY: waitid on a pidfd with a zeroed siginfo; ECHILD when it is not our child.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        );
+    }
+}
+
+/// Reaps any exited agents re-parented to us (after a reclaim).
+fn reap_children() {
+    loop {
+        // SAFETY: non-blocking waitpid for any child.
+        let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        if pid <= 0 {
+            break;
+        }
+    }
+}
+
+/// The process start time (clock ticks since boot), to tell a pid from its reuse.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}

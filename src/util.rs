@@ -1,0 +1,29 @@
+//! Tiny helpers with no better home.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Fills `buf` from the kernel's CSPRNG.
+pub fn random_bytes(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: getrandom(2) writes at most the given length into our buffer.
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        }
+    }
+}
+
+/// A fresh random identifier: `prefix` followed by 16 hex digits.
+pub fn random_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 8];
+    random_bytes(&mut bytes);
+    format!("{prefix}{}", hex::encode(bytes))
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
