@@ -1,4 +1,4 @@
-"""Latency floor for `sb.exec(["true"])`: a minimal single-threaded HTTP/1.1 keep-alive server
+"""Latency floor for `sb.exec(["true"])`: a minimal HTTP/1.1 (a thread per connection) keep-alive server
 that spawns /bin/true per request (posix_spawn + waitpid) and answers with an ExecResult-sized
 JSON body. Usage: floor_server.py PORT"""
 
@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 
 
@@ -17,6 +18,11 @@ def serve(port: int) -> None:
     print("ready", flush=True)
     while True:
         c, _ = ls.accept()
+        threading.Thread(target=handle, args=(c,), daemon=True).start()
+
+
+def handle(c: socket.socket) -> None:
+    if True:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = b""
         while True:
