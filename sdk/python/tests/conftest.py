@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import threading
+import tempfile
 import time
 import http.client
 from pathlib import Path
@@ -46,6 +48,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_instances = 0
+
+
 def write_config(path: Path, pools: dict[str, dict[str, Any]]) -> None:
     path.write_text(json.dumps({"pools": pools}))
 
@@ -66,16 +71,25 @@ class Daemon:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.state_dir = workdir / "state"
-        self.state_dir.mkdir(exist_ok=True)
+        # The state dir must be traversable by the sandboxes' unprivileged host uids, and
+        # pytest's tmp root (/tmp/pytest-of-USER) is mode 0700: keep it directly under /tmp.
+        self.state_dir = Path(tempfile.mkdtemp(prefix="arl-test-state-"))
+        self.state_dir.chmod(0o755)
         self.config = workdir / "config.json"
         write_config(self.config, DEFAULT_POOLS if pools is None else pools)
+        self.tokens = list(tokens or [])
         self.token_file: Path | None = None
         if tokens:
             self.token_file = workdir / "tokens"
             self.token_file.write_text("\n".join(tokens) + "\n")
         self.extra_args = list(extra_args or [])
         self.log_path = workdir / "daemon.log"
+        # Daemons that run side by side need their own cgroup parent: a starting daemon reclaims
+        # every sandbox it finds under its parent. Distinct uid ranges keep them apart too.
+        global _instances
+        _instances += 1
+        self.cgroup_parent = f"arl-test-{os.getpid()}-{_instances}"
+        self.uid_base = 16777216 + (_instances % 28) * (1 << 27)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -85,6 +99,8 @@ class Daemon:
             "--listen", f"127.0.0.1:{self.port}",
             "--state-dir", str(self.state_dir),
             "--config", str(self.config),
+            "--cgroup-parent", self.cgroup_parent,
+            "--uid-base", str(self.uid_base),
         ]
         if self.token_file is not None:
             a += ["--token-file", str(self.token_file)]
@@ -111,12 +127,26 @@ class Daemon:
                 c.request("GET", "/readyz")
                 st = c.getresponse().status
                 c.close()
-                if st == 200:
+                if st == 200 and self.pools_warm():
                     return
             except OSError:
                 pass
             time.sleep(0.02)
         raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log_tail()}")
+
+    def pools_warm(self) -> bool:
+        """Every configured pool has reached its min_idle (keeps tests from measuring cold
+        starts). /readyz alone answers 200 before the first sandboxes exist."""
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+        try:
+            c.request("GET", "/v1/pools", headers={"Authorization": f"Bearer {self.tokens[0]}"} if self.tokens else {})
+            r = c.getresponse()
+            if r.status != 200:
+                return False
+            pools = json.loads(r.read())["pools"]
+        finally:
+            c.close()
+        return all(p["status"]["idle"] >= p["spec"]["min_idle"] for p in pools)
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
         p = self.proc
@@ -128,6 +158,17 @@ class Daemon:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(5)
+
+    def cleanup(self) -> None:
+        """Stop the daemon and remove its (now empty) cgroup directories."""
+        self.stop()
+        root = Path("/sys/fs/cgroup")
+        for d in [root / self.cgroup_parent, *root.glob(f"*/{self.cgroup_parent}")]:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL, grace=5)
@@ -147,7 +188,7 @@ class Daemon:
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = Daemon(tmp_path_factory.mktemp("node")).start()
     yield d
-    d.stop()
+    d.cleanup()
 
 
 @pytest.fixture()

@@ -16,7 +16,8 @@ import arl
 
 def run(fn: Callable[[arl.AsyncClient], Awaitable[Any]], url: str, **kw: Any) -> Any:
     async def main() -> Any:
-        async with arl.AsyncClient(url, retry_timeout=5.0, **kw) as c:
+        kw.setdefault("retry_timeout", 5.0)
+        async with arl.AsyncClient(url, **kw) as c:
             return await fn(c)
 
     return asyncio.run(main())

@@ -17,7 +17,7 @@ TOKENS = ["token-alice", "token-bob"]
 def auth_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = Daemon(tmp_path_factory.mktemp("auth"), pools={"default": {"min_idle": 1, "max": 8}}, tokens=TOKENS).start()
     yield d
-    d.stop()
+    d.cleanup()
 
 
 def test_missing_or_wrong_token(auth_daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:

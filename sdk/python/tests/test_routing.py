@@ -19,8 +19,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon
     a = Daemon(tmp_path_factory.mktemp("a"), pools={"default": {"min_idle": 1, "max": 8}, "solo": {"min_idle": 1, "max": 1}}).start()
     b = Daemon(tmp_path_factory.mktemp("b"), pools={"default": {"min_idle": 4, "max": 8}, "solo": {"min_idle": 1, "max": 1}}).start()
     yield a, b
-    a.stop()
-    b.stop()
+    a.cleanup()
+    b.cleanup()
 
 
 def wait_idle(url: str, pool: str, n: int, timeout: float = 20) -> None:

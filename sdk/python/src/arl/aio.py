@@ -155,7 +155,7 @@ class AsyncClient:
 
     acquire = sandbox
 
-    async def acquire_many(
+    def acquire_many(
         self,
         pool: str,
         n: int,
@@ -164,10 +164,12 @@ class AsyncClient:
         ttl: float | None = None,
         idle_timeout: float | None = None,
         labels: Mapping[str, str] | None = None,
-    ) -> AsyncSandboxList:
+    ) -> _AcquireMany:
+        """Acquire ``n`` sandboxes: ``sbs = await client.acquire_many(pool, n)``, or
+        ``async with client.acquire_many(pool, n) as sbs:`` to release them all on exit."""
         if n < 1:
             raise ValueError("n must be >= 1")
-        return AsyncSandboxList(await self._acquire(pool, n, env, ttl, idle_timeout, labels))
+        return _AcquireMany(self, pool, n, env, ttl, idle_timeout, labels)
 
     async def _acquire(
         self,
@@ -281,6 +283,31 @@ class _Acquire:
     async def __aexit__(self, et: Any, ev: Any, tb: Any) -> None:
         if self._sb is not None:
             await self._sb.__aexit__(et, ev, tb)
+
+
+class _AcquireMany:
+    """Awaitable and async context manager returned by :meth:`AsyncClient.acquire_many`."""
+
+    __slots__ = ("_c", "_args", "_sbs")
+
+    def __init__(self, client: AsyncClient, *args: Any) -> None:
+        self._c = client
+        self._args = args
+        self._sbs: AsyncSandboxList | None = None
+
+    async def _get(self) -> AsyncSandboxList:
+        return AsyncSandboxList(await self._c._acquire(*self._args))
+
+    def __await__(self) -> Generator[Any, None, AsyncSandboxList]:
+        return self._get().__await__()
+
+    async def __aenter__(self) -> AsyncSandboxList:
+        self._sbs = await self._get()
+        return self._sbs
+
+    async def __aexit__(self, et: Any, ev: Any, tb: Any) -> None:
+        if self._sbs is not None:
+            await self._sbs.__aexit__(et, ev, tb)
 
 
 class AsyncSandbox:
