@@ -1,0 +1,336 @@
+//! Test harness: a real `arl node` (process runtime, as root) on a free port with its own
+//! state directory and cgroup parent, and a small HTTP client.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_arl");
+
+pub struct Daemon {
+    pub port: u16,
+    pub dir: tempdir::TempDir,
+    pub cgroup_parent: String,
+    pub token: Option<String>,
+    child: Option<Child>,
+    config: Option<String>,
+}
+
+/// A directory removed on drop.
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new(tag: &str) -> Self {
+            let mut bytes = [0u8; 6];
+            getrandom(&mut bytes);
+            let path = std::env::temp_dir().join(format!("arl-test-{tag}-{}", hex(&bytes)));
+            std::fs::create_dir_all(&path).expect("create temp dir");
+            Self(path)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    pub fn getrandom(buf: &mut [u8]) {
+        // SAFETY: getrandom(2) into our buffer.
+        unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    }
+
+    pub fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[derive(Default)]
+pub struct Options {
+    /// TOML config (pools, ...).
+    pub config: Option<String>,
+    /// Tokens for the token file; the first is the client's default.
+    pub tokens: Vec<String>,
+}
+
+impl Daemon {
+    pub async fn start(opts: Options) -> Self {
+        let dir = tempdir::TempDir::new("node");
+        let mut bytes = [0u8; 4];
+        tempdir::getrandom(&mut bytes);
+        let mut daemon = Self {
+            port: free_port(),
+            cgroup_parent: format!("arl-test-{}", tempdir::hex(&bytes)),
+            token: opts.tokens.first().cloned(),
+            dir,
+            child: None,
+            config: opts.config,
+        };
+        if !opts.tokens.is_empty() {
+            std::fs::write(daemon.dir.path().join("tokens"), opts.tokens.join("\n")).expect("token file");
+        }
+        if let Some(config) = &daemon.config {
+            std::fs::write(daemon.dir.path().join("config.toml"), config).expect("config file");
+        }
+        daemon.spawn().await;
+        daemon
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// (Re)starts the daemon process and waits until it is ready.
+    pub async fn spawn(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("node")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            .env("ARL_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("node.log")).map(Stdio::from).unwrap_or(Stdio::null()));
+        if self.config.is_some() {
+            cmd.arg("--config").arg(self.dir.path().join("config.toml"));
+        }
+        if self.token.is_some() {
+            cmd.arg("--token-file").arg(self.dir.path().join("tokens"));
+        }
+        self.child = Some(cmd.spawn().expect("start arl node"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((StatusCode::OK, _)) = self.request_raw(Method::GET, "/readyz", None, None).await {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("arl node exited with {status}: {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "arl node not ready: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub async fn request_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        token: Option<&str>,
+    ) -> Result<(StatusCode, Bytes), String> {
+        self.request_with(method, path, body, token, &[]).await
+    }
+
+    pub async fn request_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, Bytes), String> {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let mut builder = Request::builder().method(method).uri(path).header("host", "localhost");
+        if let Some(t) = token {
+            builder = builder.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let req = builder.body(Full::new(body.unwrap_or_default())).map_err(|e| e.to_string())?;
+        let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// JSON request with the default token; returns the status and parsed body (Null if empty).
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let token = self.token.clone();
+        self.call_as(token.as_deref(), method, path, body).await
+    }
+
+    pub async fn call_as(&self, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).expect("json")));
+        let (status, bytes) = self.request_raw(method, path, body, token).await.expect("request");
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        (status, value)
+    }
+
+    pub async fn acquire(&self, pool: &str) -> String {
+        let (status, body) = self.call(Method::POST, "/v1/sandboxes", Some(json!({"pool": pool}))).await;
+        assert_eq!(status, StatusCode::CREATED, "acquire: {body}");
+        body["sandboxes"][0]["id"].as_str().expect("id").to_string()
+    }
+
+    pub async fn exec(&self, id: &str, req: Value) -> Value {
+        let (status, body) = self.call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(req)).await;
+        assert_eq!(status, StatusCode::OK, "exec: {body}");
+        body
+    }
+
+    pub async fn sh(&self, id: &str, script: &str) -> Value {
+        self.exec(id, json!({"shell": script})).await
+    }
+
+    pub async fn pool_status(&self, pool: &str) -> Value {
+        let (status, body) = self.call(Method::GET, &format!("/v1/pools/{pool}"), None).await;
+        assert_eq!(status, StatusCode::OK, "pool: {body}");
+        body["status"].clone()
+    }
+
+    /// Polls until `pred` holds for the pool's status, up to `secs`.
+    pub async fn wait_pool(&self, pool: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let status = self.pool_status(pool).await;
+            if pred(&status) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "pool {pool} never reached the state; last {status}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        let (_, bytes) = self.request_raw(Method::GET, "/metrics", None, None).await.expect("metrics");
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The host pid of a sandbox's agent.
+    pub fn agent_pid(&self, id: &str) -> i32 {
+        let meta = std::fs::read(self.state_dir().join("sandboxes").join(id).join("meta.json")).expect("meta.json");
+        let meta: Value = serde_json::from_slice(&meta).expect("meta");
+        meta["pid"].as_i64().expect("pid") as i32
+    }
+
+    /// Sandbox directories and cgroups that exist for this daemon.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.state_dir().join("sandboxes")) {
+            for e in entries.flatten() {
+                found.push(format!("dir {}", e.path().display()));
+            }
+        }
+        for hierarchy in cgroup_roots() {
+            if let Ok(entries) = std::fs::read_dir(hierarchy.join(&self.cgroup_parent)) {
+                for e in entries.flatten() {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        found.push(format!("cgroup {}", e.path().display()));
+                    }
+                }
+            }
+        }
+        found
+    }
+}
+
+/// Every cgroup hierarchy mount point.
+pub fn cgroup_roots() -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            let point = left.split(' ').nth(4)?;
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(point))
+        })
+        .collect()
+}
+
+pub fn alive(pid: i32) -> bool {
+    // A zombie still has /proc/PID; check its state.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .map(|zombie| !zombie)
+        .unwrap_or(false)
+}
+
+pub fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+        for hierarchy in cgroup_roots() {
+            let _ = std::fs::remove_dir(hierarchy.join(&self.cgroup_parent));
+        }
+    }
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
