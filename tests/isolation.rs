@@ -1,0 +1,179 @@
+//! Sandboxes keep code in and host data out: files confined, host secrets unreadable, no
+//! privilege from setuid, and resource hogs contained while everything else goes on.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Daemon, Options};
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_round_trip_with_sha256() {
+    let d = Daemon::start(Options::default()).await;
+    let id = d.acquire("default").await;
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let sum = sha256_hex(&data);
+    let url = format!("/v1/sandboxes/{id}/files?path=deep/dir/blob.bin&mode=600&sha256={sum}");
+    let (status, body) = d.request_raw(Method::PUT, &url, Some(Bytes::from(data.clone())), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let info: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(info["path"], "/workspace/deep/dir/blob.bin");
+    assert_eq!(info["size"], data.len());
+    assert_eq!(info["sha256"], sum);
+
+    let (status, back) = d
+        .request_raw(Method::GET, &format!("/v1/sandboxes/{id}/files?path=/workspace/deep/dir/blob.bin"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sha256_hex(&back), sum);
+    let r = d.sh(&id, "stat -c %a deep/dir/blob.bin; sha256sum deep/dir/blob.bin | cut -d' ' -f1").await;
+    assert_eq!(r["stdout"], format!("600\n{sum}\n"));
+
+    // A wrong checksum is refused and leaves the old file alone.
+    let (status, body) = d
+        .request_raw(Method::PUT, &format!("/v1/sandboxes/{id}/files?path=deep/dir/blob.bin&sha256={}", "0".repeat(64)), Some(Bytes::from_static(b"other")), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("checksum_mismatch"));
+    let r = d.sh(&id, "sha256sum deep/dir/blob.bin | cut -d' ' -f1; ls -A deep/dir").await;
+    assert_eq!(r["stdout"], format!("{sum}\nblob.bin\n"), "no temp file left behind");
+
+    // Several files in one call (hot code reload), text and base64, with a mode.
+    let (status, body) = d
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/files"),
+            Some(json!({"files": {
+                "app/main.py": "print('hi from main')\n",
+                "app/run.sh": {"content": "IyEvYmluL3NoCmVjaG8gcnVuCg==", "encoding": "base64", "mode": 493},
+            }})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["files"].as_array().unwrap().len(), 2);
+    let r = d.sh(&id, "python3 app/main.py && ./app/run.sh").await;
+    assert_eq!(r["stdout"], "hi from main\nrun\n", "{r}");
+
+    let (status, _) = d.request_raw(Method::DELETE, &format!("/v1/sandboxes/{id}/files?path=app/main.py"), None, None).await.unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = d.request_raw(Method::GET, &format!("/v1/sandboxes/{id}/files?path=app/main.py"), None, None).await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&body));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_that_leave_the_sandbox_are_refused() {
+    let d = Daemon::start(Options::default()).await;
+    let id = d.acquire("default").await;
+    d.sh(&id, "ln -s / /workspace/rootlink; ln -s /etc/shadow /workspace/shadow; ln -s ../etc /workspace/up").await;
+    for path in ["../etc/passwd", "a/../../etc/passwd", "rootlink/etc/hostname", "up/passwd", "/workspace/../etc/passwd", "/proc/1/root/etc/hostname", "/proc/self/cwd/x"] {
+        let (status, body) = d
+            .request_raw(Method::PUT, &format!("/v1/sandboxes/{id}/files?path={path}"), Some(Bytes::from_static(b"x")), None)
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(status == StatusCode::BAD_REQUEST && v["error"]["code"] == "path_refused", "write {path}: {status} {v}");
+        let (status, body) = d.request_raw(Method::GET, &format!("/v1/sandboxes/{id}/files?path={path}"), None, None).await.unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(status == StatusCode::BAD_REQUEST && v["error"]["code"] == "path_refused", "read {path}: {status} {v}");
+    }
+    // The sandbox's own /etc/shadow (the host's, through the overlay) is not readable either.
+    let (status, body) = d.request_raw(Method::GET, &format!("/v1/sandboxes/{id}/files?path=/etc/shadow"), None, None).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN, "{}", String::from_utf8_lossy(&body));
+    let (status, _) = d.request_raw(Method::GET, &format!("/v1/sandboxes/{id}/files?path=/etc/hostname"), None, None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "absolute paths inside the sandbox work");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_data_is_out_of_sight() {
+    let d = Daemon::start(Options::default()).await;
+    let secret = d.state_dir().join("secret.txt");
+    std::fs::write(&secret, "host secret").unwrap();
+    let id = d.acquire("default").await;
+    let script = format!(
+        "cat /etc/shadow 2>&1; ls -A /root /home; cat {} 2>&1; ls {} 2>&1; cat /proc/1/environ 2>&1 | head -c 0; ls /run; id -u",
+        secret.display(),
+        d.state_dir().display()
+    );
+    let r = d.sh(&id, &script).await;
+    let out = format!("{}{}", r["stdout"].as_str().unwrap(), r["stderr"].as_str().unwrap());
+    assert!(!out.contains("host secret"), "{out}");
+    assert!(out.contains("/etc/shadow: Permission denied"), "{out}");
+    assert!(out.contains("No such file or directory"), "state dir must not exist inside: {out}");
+    assert!(out.contains("/home:\n\n/root:\n"), "/root and /home are the sandbox's own, empty: {out}");
+
+    // Root inside is an unprivileged uid outside.
+    let pid = d.agent_pid(&id);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    let host_uid: u32 = uid_line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(host_uid >= 65536, "sandbox root maps to host uid {host_uid}");
+    assert!(status.contains("NoNewPrivs:\t1"));
+    assert!(status.contains("Seccomp:\t2"));
+
+    // Only loopback, and namespaces cannot be nested to undo the limits.
+    let r = d.sh(&id, "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; unshare -U true 2>&1 || echo refused").await;
+    assert_eq!(r["stdout"].as_str().unwrap().lines().next(), Some("lo"), "{r}");
+    assert!(r["stdout"].as_str().unwrap().contains("refused"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setuid_binaries_give_no_privilege() {
+    let d = Daemon::start(Options::default()).await;
+    let id = d.acquire("default").await;
+    let r = d
+        .sh(&id, "cp /usr/bin/id /workspace/suid-id && chmod u+s /workspace/suid-id && ls -l /workspace/suid-id | cut -c1-10; setpriv --reuid 1000 --regid 1000 --clear-groups /workspace/suid-id -u; setpriv --reuid 1000 --regid 1000 --clear-groups su -c id root </dev/null 2>&1 | head -1 | grep -c uid=0")
+        .await;
+    let lines: Vec<&str> = r["stdout"].as_str().unwrap().lines().collect();
+    assert_eq!(lines.first(), Some(&"-rwsr-xr-x"), "{r}");
+    assert_eq!(lines.get(1), Some(&"1000"), "setuid must not raise the uid: {r}");
+    assert_eq!(lines.get(2), Some(&"0"), "su must not become root: {r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_bomb_is_held_by_the_pids_limit() {
+    let d = Daemon::start(Options {
+        config: Some("[pools.default]\nmin_idle = 2\npids = 64\n".into()),
+        ..Options::default()
+    })
+    .await;
+    let bomb = d.acquire("default").await;
+    let other = d.acquire("default").await;
+    let started = Instant::now();
+    let r = d.exec(&bomb, json!({"shell": "bomb() { bomb | bomb & }; bomb; sleep 2", "timeout_ms": 4000})).await;
+    assert!(started.elapsed() < Duration::from_secs(20), "{r}");
+    assert_eq!(d.sh(&other, "echo other fine").await["stdout"], "other fine\n");
+    let (status, _) = d.call(Method::POST, &format!("/v1/sandboxes/{bomb}/reset"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let r = d.sh(&bomb, "echo recovered; ls /proc | grep -c '^[0-9]'").await;
+    assert_eq!(r["stdout"].as_str().unwrap().lines().next(), Some("recovered"), "{r}");
+    let procs: u32 = r["stdout"].as_str().unwrap().lines().nth(1).unwrap().parse().unwrap();
+    assert!(procs <= 4, "reset left {procs} processes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_hog_dies_alone() {
+    let d = Daemon::start(Options {
+        config: Some("[pools.default]\nmin_idle = 2\nmemory_mb = 96\n".into()),
+        ..Options::default()
+    })
+    .await;
+    let hog = d.acquire("default").await;
+    let other = d.acquire("default").await;
+    let r = d.exec(&hog, json!({"cmd": ["python3", "-c", "b = bytearray(400 << 20); print('survived')"], "timeout_ms": 30000})).await;
+    assert_eq!(r["signal"], 9, "the hog is OOM-killed: {r}");
+    assert_ne!(r["stdout"], "survived\n");
+    assert_eq!(d.sh(&hog, "echo agent alive").await["stdout"], "agent alive\n");
+    assert_eq!(d.sh(&other, "echo other fine").await["stdout"], "other fine\n");
+    let (status, _) = d.request_raw(Method::GET, "/healthz", None, None).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
