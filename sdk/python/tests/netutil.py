@@ -141,3 +141,47 @@ class FullNode:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class ScriptedNode:
+    """A fake node answering POST/PUT/DELETE requests with a script of (status, json) replies
+    (the last one repeats); GET /v1/pools reports one idle sandbox. Records request bodies."""
+
+    def __init__(self, script: list[tuple[int, Any]]) -> None:
+        self.script = list(script)
+        self.bodies: list[bytes] = []
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def _send(self, status: int, obj: Any) -> None:
+                data = b"" if obj is None else json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._send(200, {"pools": [{"name": "default", "spec": {}, "status": {"idle": 1, "allocated": 0, "starting": 0, "total": 1, "ready": True, "last_error": None}}]})
+
+            def _scripted(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                outer.bodies.append(self.rfile.read(n))
+                status, body = outer.script.pop(0) if len(outer.script) > 1 else outer.script[0]
+                self._send(status, body)
+
+            do_POST = do_PUT = do_DELETE = _scripted
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

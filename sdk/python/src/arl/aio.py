@@ -545,6 +545,9 @@ class AsyncSandbox:
             await self._t.request(self._ep, "DELETE", self._base, timeout=self._c.timeout, context="sandbox")
         except SandboxNotFound:
             pass
+        except InfraError as e:
+            if e.code != "sandbox_unavailable":  # a dead sandbox has nothing left to release
+                raise
         self._released = True
 
 

@@ -585,13 +585,16 @@ class Sandbox:
         return self.info
 
     def release(self) -> None:
-        """Give the sandbox back (idempotent; a sandbox already gone counts as released)."""
+        """Give the sandbox back (idempotent; a sandbox already gone or dead counts as released)."""
         if self._released:
             return
         try:
             self._t.request(self._ep, "DELETE", self._base, timeout=self._c.timeout, context="sandbox")
         except SandboxNotFound:
             pass
+        except InfraError as e:
+            if e.code != "sandbox_unavailable":  # a dead sandbox has nothing left to release
+                raise
         self._released = True
 
 
