@@ -98,14 +98,19 @@ def machine() -> str:
     )
 
 
-def raw_client(port: int, path: str, body: bytes, headers: dict[str, str]) -> Callable[[], bytes]:
+def raw_client(port: int, path: str, body: bytes, headers: dict[str, str], with_rid: bool = False) -> Callable[[], bytes]:
+    """One keep-alive `http.client` connection POSTing `body`; with `with_rid`, each call's
+    body carries a fresh request_id, exactly like the SDK's (the daemon records it)."""
     conn = http.client.HTTPConnection("127.0.0.1", port)
     conn.connect()
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     h = {"Content-Type": "application/json", **headers}
+    head = body[:-1]
+    counter = iter(range(1 << 62))
 
     def call() -> bytes:
-        conn.request("POST", path, body, h)
+        b = head + b',"request_id":"raw-%d"}' % next(counter) if with_rid else body
+        conn.request("POST", path, b, h)
         r = conn.getresponse()
         data = r.read()
         assert r.status == 200, data
@@ -124,6 +129,7 @@ def main() -> None:
 
     procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp(prefix="arl-bench-"))
+    tmp.chmod(0o755)  # sandboxes' unprivileged uids must traverse the state dir
     try:
         # -- floor server ------------------------------------------------------------------
         fport = free_port()
@@ -142,14 +148,15 @@ def main() -> None:
             (tmp / "state").mkdir()
             log = open(tmp / "daemon.log", "wb")
             procs.append(subprocess.Popen(
-                [binary, "node", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp / "state"), "--config", str(cfg)],
+                [binary, "node", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp / "state"), "--config", str(cfg),
+                 "--cgroup-parent", f"arl-bench-{os.getpid()}"],
                 stdout=log, stderr=subprocess.STDOUT,
             ))
             wait_http(port, "/readyz")
             url = f"http://127.0.0.1:{port}"
             print(f"daemon {binary} (process runtime) on {url}")
         dport = int(url.rsplit(":", 1)[1])
-        results: dict[str, Any] = {"machine": machine(), "n": n}
+        results: dict[str, Any] = {"machine": machine(), "n": n, "load_before": os.getloadavg()[0]}
         print("machine:", results["machine"])
 
         client = arl.Client(url)
@@ -158,7 +165,7 @@ def main() -> None:
         # -- 1. floor, raw keep-alive request to the daemon, SDK exec (interleaved blocks) ----
         floor = raw_client(fport, "/exec", b'{"cmd":["true"]}', {})
         body = json.dumps({"cmd": ["true"]}).encode()
-        raw = raw_client(dport, f"/v1/sandboxes/{sb.id}/exec", body, {})
+        raw = raw_client(dport, f"/v1/sandboxes/{sb.id}/exec", body, {}, with_rid=True)
         sdk = lambda: sb.exec(["true"])  # noqa: E731
         f_s: list[float] = []
         r_s: list[float] = []
@@ -242,6 +249,7 @@ def main() -> None:
                 p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
+    results["load_after"] = os.getloadavg()[0]
     report = render(results)
     print(report)
     print(json.dumps(results, indent=1))
@@ -260,12 +268,13 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"Machine: {r['machine']}.",
         "Daemon: debug build (`target/debug/arl`, the repository's dev profile), process runtime, on the same machine over loopback.",
-        "Produced by `python benches/sdk/bench.py --write` (all numbers from one run; latencies in ms).",
+        "Produced by `python benches/sdk/bench.py --write` (all numbers from one run; latencies in ms;"
+        f" 1-minute load average {r['load_before']:.2f} before, {r['load_after']:.2f} after).",
         "",
         "| measurement | p50 | p90 | p99 | calls | target |",
         "|---|---|---|---|---|---|",
         row("floor: `http.client` keep-alive → minimal server spawning `/bin/true`", r["floor"], "—"),
-        row("raw keep-alive `POST /exec` (`http.client`) to the daemon", r["raw_daemon"], "—"),
+        row("raw keep-alive `POST /exec` (`http.client`, same body incl. a request_id) to the daemon", r["raw_daemon"], "—"),
         row("`sb.exec([\"true\"])` end to end (sync SDK)", r["sdk_exec"], "p50 ≤ 1.0, p99 ≤ 3"),
         row("acquire + release (`client.sandbox(pool).release()`, pool `reuse: reset`)", r["acquire_release"], "—"),
         row("acquire alone", r["acquire"], "p50 ≤ 0.5"),
