@@ -24,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import arl
 
@@ -184,7 +185,7 @@ def main() -> None:
         results["sdk_vs_floor"] = results["sdk_exec"]["p50_ms"] / results["floor"]["p50_ms"]
 
         # In-process SDK cost without a network: build request + parse result.
-        from arl._common import dumps, exec_body, new_request_id, loads
+        from arl._common import dumps, exec_body, loads, new_request_id
         sample = raw()
         pc = time.perf_counter
         t0 = pc()

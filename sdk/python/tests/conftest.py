@@ -7,18 +7,19 @@ it is stopped with SIGTERM (then SIGKILL after a grace period) at the end.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import threading
 import tempfile
+import threading
 import time
-import http.client
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 

@@ -6,8 +6,9 @@ import asyncio
 import hashlib
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -65,7 +66,7 @@ def test_async_stream(daemon) -> None:  # type: ignore[no-untyped-def]
             # Chunks arrive while the command still runs.
             t0 = time.monotonic()
             first_at = None
-            async for i in sb.stream("echo early; sleep 0.5; echo late"):
+            async for _item in sb.stream("echo early; sleep 0.5; echo late"):
                 if first_at is None:
                     first_at = time.monotonic() - t0
             assert first_at is not None and first_at < 0.45

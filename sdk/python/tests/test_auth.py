@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
+from conftest import Daemon
 
 import arl
-from conftest import Daemon
 
 TOKENS = ["token-alice", "token-bob"]
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import Daemon
 
 import arl
 from arl import (
@@ -17,7 +18,6 @@ from arl import (
     SandboxSession,
     WarmPoolManager,
 )
-from conftest import Daemon
 
 
 def test_basic_example(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,10 +10,10 @@ import signal
 import time
 
 import pytest
-
-import arl
 from conftest import Daemon
 from netutil import ScriptedNode
+
+import arl
 
 SANDBOX = {"id": "sb-fake", "pool": "default", "state": "allocated", "created_at_ms": 1, "acquired_at_ms": 1,
            "expires_at_ms": None, "labels": {}, "workspace": "/workspace"}

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-import arl
 from conftest import Daemon
 from netutil import DropProxy
+
+import arl
 
 COUNT = "echo x >> /workspace/runs; wc -l < /workspace/runs"
 

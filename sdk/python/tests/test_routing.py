@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
+from conftest import Daemon, free_port
+from netutil import FullNode
 
 import arl
 from arl._common import Endpoint, resolve_config
-from conftest import Daemon, free_port
-from netutil import FullNode
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import asyncio
 import socket
 import ssl
 import sys
-from typing import Any, AsyncIterator, BinaryIO, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any, BinaryIO
 
 from ._common import Endpoint, RetryPolicy, connection_error, is_retryable_status, loads
 from .errors import ArlError, InfraError, error_from_response

@@ -8,8 +8,9 @@ import json
 import os
 import random
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from .errors import ArlError, ExecTimeout, InfraError

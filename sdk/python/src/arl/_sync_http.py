@@ -8,7 +8,8 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, BinaryIO, Callable, Iterator
+from collections.abc import Callable, Generator
+from typing import Any, BinaryIO
 
 from ._common import Endpoint, RetryPolicy, connection_error, is_retryable_status, loads
 from .errors import ArlError, InfraError, error_from_response
@@ -266,7 +267,7 @@ class SyncTransport:
 
     def iter_lines(
         self, ep: Endpoint, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse
-    ) -> Iterator[bytes]:
+    ) -> Generator[bytes, None, None]:
         """Yield complete lines of a streamed (chunked) body as they arrive."""
         buf = b""
         ok = False

@@ -8,7 +8,8 @@ import hashlib
 import os
 import tempfile
 from collections import deque
-from typing import Any, AsyncIterator, BinaryIO, Generator, Iterable, Mapping
+from collections.abc import AsyncIterator, Generator, Iterable, Mapping
+from typing import Any, BinaryIO
 
 from ._async_http import AsyncTransport
 from ._common import (

@@ -7,7 +7,8 @@ import http.client
 import os
 import tempfile
 from collections import deque
-from typing import Any, BinaryIO, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, BinaryIO
 
 from ._common import (
     Config,

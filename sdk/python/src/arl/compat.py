@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
-import hashlib
 import inspect
 import json
 import os
@@ -33,8 +32,9 @@ import re
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator, BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, cast
 
 from .aio import AsyncClient, AsyncSandbox
 from .client import Client, Sandbox
@@ -361,6 +361,13 @@ def _pick_pool(names: set[str], pool_ref: str | None, image: str | None, profile
     return profile or "default"
 
 
+def _chunks(content: Iterable[bytes] | BinaryIO) -> Iterable[bytes]:
+    if hasattr(content, "read"):
+        f = cast(BinaryIO, content)
+        return iter(lambda: f.read(262144), b"")
+    return content
+
+
 def _chunk_iter(content: Iterable[bytes]) -> BinaryIO:
     spool = tempfile.SpooledTemporaryFile(max_size=8 << 20)
     for chunk in content:
@@ -569,10 +576,10 @@ class SandboxSession:
         cmd = st["command"]
         kw: dict[str, Any] = dict(env=st.get("env") or None, cwd=st.get("work_dir"),
                                   timeout=st.get("timeout_seconds"), request_id=rid)
+        r: ExecResult | None = None
         if on_output is None:
             r = sb.exec(cmd, **kw)
         else:
-            r = None
             for item in sb.stream(cmd, **kw):
                 if isinstance(item, OutputChunk):
                     if item.stream == "stdout":
@@ -581,7 +588,8 @@ class SandboxSession:
                         on_output("", item.data)
                 else:
                     r = item
-            assert r is not None
+        if r is None:
+            raise ArlError("stream ended without a result", code="incomplete_stream")
         return _step_from_exec(idx, name, r, {"type": "Command", "command": cmd})
 
     # files ----------------------------------------------------------------------------------
@@ -592,13 +600,10 @@ class SandboxSession:
         sb = self._require()
         if isinstance(content, (str, bytes, bytearray)):
             info = sb.write_file(path, content)
-        elif hasattr(content, "read"):
-            f = content  # type: ignore[assignment]
-            if not f.seekable():  # type: ignore[union-attr]
-                f = _chunk_iter(iter(lambda: f.read(262144), b""))  # type: ignore[union-attr]
-            info = sb.write_file(path, f)  # type: ignore[arg-type]
+        elif hasattr(content, "read") and cast(BinaryIO, content).seekable():
+            info = sb.write_file(path, cast(BinaryIO, content))
         else:
-            with _chunk_iter(content) as f:  # type: ignore[arg-type]
+            with _chunk_iter(_chunks(content)) as f:
                 info = sb.write_file(path, f)
         if sha256 and sha256.lower() != info.sha256:
             raise ChecksumMismatch(f"checksum mismatch for {path}", code="checksum_mismatch", status=400)
@@ -836,10 +841,10 @@ class AsyncSandboxSession:
                 cmd = st["command"]
                 kw: dict[str, Any] = dict(env=st.get("env") or None, cwd=st.get("work_dir"),
                                           timeout=st.get("timeout_seconds"), request_id=f"{op}-{i}")
+                r: ExecResult | None = None
                 if on_output is None:
                     r = await sb.exec(cmd, **kw)
                 else:
-                    r = None
                     async for item in sb.stream(cmd, **kw):
                         if isinstance(item, OutputChunk):
                             ret = on_output(item.data, "") if item.stream == "stdout" else on_output("", item.data)
@@ -847,7 +852,8 @@ class AsyncSandboxSession:
                                 await ret
                         else:
                             r = item
-                    assert r is not None
+                if r is None:
+                    raise ArlError("stream ended without a result", code="incomplete_stream")
                 res = _step_from_exec(idx, name, r, {"type": "Command", "command": cmd})
             results.append(res)
             self._history.append(res)
@@ -861,11 +867,10 @@ class AsyncSandboxSession:
         sb = await self._require()
         if isinstance(content, (str, bytes, bytearray)):
             info = await sb.write_file(path, content)
-        elif hasattr(content, "read") and content.seekable():  # type: ignore[union-attr]
-            info = await sb.write_file(path, content)  # type: ignore[arg-type]
+        elif hasattr(content, "read") and cast(BinaryIO, content).seekable():
+            info = await sb.write_file(path, cast(BinaryIO, content))
         else:
-            src = iter(lambda: content.read(262144), b"") if hasattr(content, "read") else content  # type: ignore[union-attr]
-            with _chunk_iter(src) as f:  # type: ignore[arg-type]
+            with _chunk_iter(_chunks(content)) as f:
                 info = await sb.write_file(path, f)
         if sha256 and sha256.lower() != info.sha256:
             raise ChecksumMismatch(f"checksum mismatch for {path}", code="checksum_mismatch", status=400)
