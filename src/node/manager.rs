@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::agent_client::AgentClient;
@@ -33,6 +34,8 @@ pub struct Manager {
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
     graveyard: Mutex<VecDeque<(String, String)>>,
     create_permits: Arc<Semaphore>,
+    /// Creations and destructions in flight, awaited on shutdown.
+    background: TaskTracker,
     pub metrics: Metrics,
     pub auth: Auth,
     pub draining: AtomicBool,
@@ -46,6 +49,7 @@ impl Manager {
             sandboxes: RwLock::new(HashMap::new()),
             graveyard: Mutex::new(VecDeque::new()),
             create_permits: Arc::new(Semaphore::new(create_concurrency.max(1))),
+            background: TaskTracker::new(),
             metrics: Metrics::new(),
             auth,
             draining: AtomicBool::new(false),
@@ -150,17 +154,22 @@ impl Manager {
             for _ in 0..wanted {
                 let this = self.clone();
                 let pool = pool.clone();
-                tokio::spawn(async move {
+                self.background.spawn(async move {
                     match this.create(&pool).await {
                         Ok(sb) => {
-                            let mut st = pool.state();
-                            st.starting -= 1;
-                            if st.deleted {
-                                drop(st);
+                            let unwanted = {
+                                let mut st = pool.state();
+                                st.starting -= 1;
+                                if st.deleted {
+                                    Some(sb)
+                                } else {
+                                    st.idle.push_back(sb);
+                                    None
+                                }
+                            };
+                            if let Some(sb) = unwanted {
                                 this.forget(&sb.id);
-                                this.spawn_destroy(sb.id.clone());
-                            } else {
-                                st.idle.push_back(sb);
+                                let _ = this.runtime.destroy(&sb.id).await;
                             }
                         }
                         Err(_) => pool.state().starting -= 1,
@@ -279,7 +288,7 @@ impl Manager {
 
     fn spawn_destroy(self: &Arc<Self>, id: String) {
         let this = self.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             if let Err(e) = this.runtime.destroy(&id).await {
                 tracing::error!(sandbox = %id, error = %e, "destroy failed");
             }
@@ -445,7 +454,7 @@ impl Manager {
             return;
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let Some(pool) = pool else { return };
             let reset = this.reset_agent(&sb).await;
             let mut st = pool.state();
@@ -543,6 +552,11 @@ impl Manager {
         for pool in &pools {
             pool.state().deleted = true;
             pool.refill.notify_one();
+        }
+        // Let creations and destructions under way finish, so none outlives us.
+        self.background.close();
+        if tokio::time::timeout(Duration::from_secs(60), self.background.wait()).await.is_err() {
+            tracing::warn!("background sandbox work still running after 60 s");
         }
         let ids: Vec<String> = self.sandboxes.write().unwrap_or_else(|p| p.into_inner()).drain().map(|(id, _)| id).collect();
         let n = ids.len();
