@@ -12,13 +12,20 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::api::{AcquireRequest, ErrorBody, ExecEvent, ExecRequest, NDJSON, PoolList, SandboxList};
+use crate::api::{
+    AcquireRequest, ErrorBody, ExecEvent, ExecRequest, NDJSON, PoolList, SandboxList,
+};
 use crate::http::{self, Body};
 
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
     /// Node endpoints, comma-separated; the first is used.
-    #[arg(long, env = "ARL_ENDPOINTS", default_value = "http://127.0.0.1:8420", global = true)]
+    #[arg(
+        long,
+        env = "ARL_ENDPOINTS",
+        default_value = "http://127.0.0.1:8420",
+        global = true
+    )]
     pub endpoints: String,
     /// Bearer token.
     #[arg(long, env = "ARL_TOKEN", hide_env_values = true, global = true)]
@@ -55,7 +62,10 @@ pub enum CliError {
     #[error("bad endpoint {0:?}: expected http://HOST:PORT")]
     Endpoint(String),
     #[error("cannot reach {endpoint}: {source}")]
-    Connect { endpoint: String, source: std::io::Error },
+    Connect {
+        endpoint: String,
+        source: std::io::Error,
+    },
     #[error("HTTP: {0}")]
     Http(String),
     #[error("{status}: {message}")]
@@ -72,7 +82,13 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(args: &ClientArgs) -> Result<Self, CliError> {
-        let endpoint = args.endpoints.split(',').next().unwrap_or_default().trim().to_string();
+        let endpoint = args
+            .endpoints
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         let authority = endpoint
             .strip_prefix("http://")
             .map(|rest| rest.trim_end_matches('/'))
@@ -81,7 +97,10 @@ impl Client {
             .to_string();
         let stream = tokio::net::TcpStream::connect(&authority)
             .await
-            .map_err(|source| CliError::Connect { endpoint: endpoint.clone(), source })?;
+            .map_err(|source| CliError::Connect {
+                endpoint: endpoint.clone(),
+                source,
+            })?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
@@ -89,11 +108,24 @@ impl Client {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(Self { endpoint, token: args.token.clone(), sender })
+        Ok(Self {
+            endpoint,
+            token: args.token.clone(),
+            sender,
+        })
     }
 
-    async fn send(&mut self, method: Method, path: &str, body: Option<Vec<u8>>, ndjson: bool) -> Result<hyper::Response<hyper::body::Incoming>, CliError> {
-        let mut builder = Request::builder().method(method).uri(path).header("host", self.endpoint.trim_start_matches("http://"));
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        ndjson: bool,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, CliError> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.endpoint.trim_start_matches("http://"));
         if let Some(token) = &self.token {
             builder = builder.header(AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -107,34 +139,70 @@ impl Client {
             }
             None => http::empty(),
         };
-        let req = builder.body(body).map_err(|e| CliError::Http(e.to_string()))?;
-        let response = self.sender.send_request(req).await.map_err(|e| CliError::Http(e.to_string()))?;
+        let req = builder
+            .body(body)
+            .map_err(|e| CliError::Http(e.to_string()))?;
+        let response = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| CliError::Http(e.to_string()))?;
         if response.status().is_success() {
             return Ok(response);
         }
         let status = response.status();
-        let bytes = response.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         let message = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|e| e.error.message)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
         Err(CliError::Api { status, message })
     }
 
-    async fn call<T: DeserializeOwned>(&mut self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T, CliError> {
+    async fn call<T: DeserializeOwned>(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, CliError> {
         let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
         let response = self.send(method, path, body, false).await?;
-        let bytes = response.into_body().collect().await.map_err(|e| CliError::Http(e.to_string()))?.to_bytes();
-        serde_json::from_slice(if bytes.is_empty() { b"null" } else { &bytes }).map_err(|e| CliError::Http(format!("bad reply: {e}")))
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| CliError::Http(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(if bytes.is_empty() { b"null" } else { &bytes })
+            .map_err(|e| CliError::Http(format!("bad reply: {e}")))
     }
 
-    pub async fn acquire(&mut self, pool: &str, env: BTreeMap<String, String>) -> Result<String, CliError> {
-        let req = AcquireRequest { pool: pool.to_string(), env, ..AcquireRequest::default() };
+    pub async fn acquire(
+        &mut self,
+        pool: &str,
+        env: BTreeMap<String, String>,
+    ) -> Result<String, CliError> {
+        let req = AcquireRequest {
+            pool: pool.to_string(),
+            env,
+            ..AcquireRequest::default()
+        };
         let list: SandboxList = self.call(Method::POST, "/v1/sandboxes", Some(&req)).await?;
-        list.sandboxes.into_iter().next().map(|s| s.id).ok_or_else(|| CliError::Http("no sandbox in reply".into()))
+        list.sandboxes
+            .into_iter()
+            .next()
+            .map(|s| s.id)
+            .ok_or_else(|| CliError::Http("no sandbox in reply".into()))
     }
 
     pub async fn release(&mut self, id: &str) -> Result<(), CliError> {
-        self.send(Method::DELETE, &format!("/v1/sandboxes/{id}"), None, false).await.map(|_| ())
+        self.send(Method::DELETE, &format!("/v1/sandboxes/{id}"), None, false)
+            .await
+            .map(|_| ())
     }
 
     /// Streams a command's output to our stdout/stderr; returns its exit code.
@@ -148,16 +216,27 @@ impl Client {
             ..ExecRequest::default()
         };
         if req.cmd.is_none() && req.shell.is_none() {
-            return Err(CliError::Usage("give a command after `--`, or --shell".into()));
+            return Err(CliError::Usage(
+                "give a command after `--`, or --shell".into(),
+            ));
         }
         let body = serde_json::to_vec(&req).unwrap_or_default();
-        let response = self.send(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(body), true).await?;
+        let response = self
+            .send(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(body),
+                true,
+            )
+            .await?;
         let mut body = response.into_body();
         let mut line = Vec::new();
         let mut code = None;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| CliError::Http(e.to_string()))?;
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             line.extend_from_slice(&data);
             while let Some(pos) = line.iter().position(|&b| b == b'\n') {
                 let rest = line.split_off(pos + 1);
@@ -172,7 +251,8 @@ impl Client {
 }
 
 fn print_event(line: &[u8]) -> Result<Option<i32>, CliError> {
-    let event: ExecEvent = serde_json::from_slice(line).map_err(|e| CliError::Http(format!("bad stream line: {e}")))?;
+    let event: ExecEvent = serde_json::from_slice(line)
+        .map_err(|e| CliError::Http(format!("bad stream line: {e}")))?;
     match event {
         ExecEvent::Stdout { data } => {
             let mut out = std::io::stdout().lock();
@@ -199,11 +279,19 @@ fn print_event(line: &[u8]) -> Result<Option<i32>, CliError> {
 pub async fn pools(args: &ClientArgs) -> Result<i32, CliError> {
     let mut client = Client::connect(args).await?;
     let list: PoolList = client.call(Method::GET, "/v1/pools", None::<&()>).await?;
-    println!("{:<20} {:>6} {:>9} {:>8} {:>8} {:>6}", "POOL", "IDLE", "ALLOCATED", "STARTING", "MIN_IDLE", "MAX");
+    println!(
+        "{:<20} {:>6} {:>9} {:>8} {:>8} {:>6}",
+        "POOL", "IDLE", "ALLOCATED", "STARTING", "MIN_IDLE", "MAX"
+    );
     for p in list.pools {
         println!(
             "{:<20} {:>6} {:>9} {:>8} {:>8} {:>6}",
-            p.name, p.status.idle, p.status.allocated, p.status.starting, p.spec.min_idle, p.spec.max
+            p.name,
+            p.status.idle,
+            p.status.allocated,
+            p.status.starting,
+            p.spec.min_idle,
+            p.spec.max
         );
     }
     Ok(0)
@@ -211,7 +299,9 @@ pub async fn pools(args: &ClientArgs) -> Result<i32, CliError> {
 
 pub async fn sandboxes(args: &ClientArgs) -> Result<i32, CliError> {
     let mut client = Client::connect(args).await?;
-    let list: SandboxList = client.call(Method::GET, "/v1/sandboxes", None::<&()>).await?;
+    let list: SandboxList = client
+        .call(Method::GET, "/v1/sandboxes", None::<&()>)
+        .await?;
     println!("{:<22} {:<16} {:<10}", "SANDBOX", "POOL", "STATE");
     for s in list.sandboxes {
         println!("{:<22} {:<16} {:<10?}", s.id, s.pool, s.state);
@@ -219,7 +309,11 @@ pub async fn sandboxes(args: &ClientArgs) -> Result<i32, CliError> {
     Ok(0)
 }
 
-pub async fn acquire(args: &ClientArgs, pool: &str, env: Vec<(String, String)>) -> Result<i32, CliError> {
+pub async fn acquire(
+    args: &ClientArgs,
+    pool: &str,
+    env: Vec<(String, String)>,
+) -> Result<i32, CliError> {
     let mut client = Client::connect(args).await?;
     println!("{}", client.acquire(pool, env.into_iter().collect()).await?);
     Ok(0)
@@ -247,7 +341,10 @@ pub async fn run(args: &ClientArgs, pool: &str, opts: &ExecOpts) -> Result<i32, 
 
 /// Runs one client command on a small runtime; maps errors to exit code 1 (or 2 for usage).
 pub fn main(fut: impl std::future::Future<Output = Result<i32, CliError>>) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("arl: {e}");

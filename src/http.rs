@@ -22,7 +22,9 @@ pub type Body = BoxBody<Bytes, BoxError>;
 pub const MAX_JSON_BODY: usize = 1 << 20;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub fn empty() -> Body {
@@ -82,7 +84,8 @@ where
     B::Error: Into<BoxError>,
 {
     let bytes = read_body(req.into_body(), limit).await?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 /// The decoded value of one query parameter.
@@ -106,7 +109,7 @@ pub struct ChannelBody {
 }
 
 impl ChannelBody {
-    pub fn new(capacity: usize) -> (mpsc::Sender<Result<Bytes, BoxError>>, Body) {
+    pub fn channel(capacity: usize) -> (mpsc::Sender<Result<Bytes, BoxError>>, Body) {
         let (tx, rx) = mpsc::channel(capacity);
         (tx, ChannelBody { rx }.boxed())
     }
@@ -120,7 +123,9 @@ impl HttpBody for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx.poll_recv(cx).map(|item| item.map(|r| r.map(Frame::data)))
+        self.rx
+            .poll_recv(cx)
+            .map(|item| item.map(|r| r.map(Frame::data)))
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -12,7 +12,11 @@ mod util;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "arl", version, about = "Warm sandboxes with near-zero latency for AI agents")]
+#[command(
+    name = "arl",
+    version,
+    about = "Warm sandboxes with near-zero latency for AI agents"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -84,7 +88,11 @@ fn main() {
         Command::Node(args) => node::main(args),
         Command::Agent(args) => agent::main(args),
         Command::SandboxInit { config } => runtime::process::init::main(&config),
-        Command::Exec { sandbox, opts, client } => cli::main(cli::exec(&client, &sandbox, &opts)),
+        Command::Exec {
+            sandbox,
+            opts,
+            client,
+        } => cli::main(cli::exec(&client, &sandbox, &opts)),
         Command::Run { pool, opts, client } => cli::main(cli::run(&client, &pool, &opts)),
         Command::Acquire { pool, env, client } => cli::main(cli::acquire(&client, &pool, env)),
         Command::Release { sandbox, client } => cli::main(cli::release(&client, &sandbox)),

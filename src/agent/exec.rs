@@ -53,7 +53,10 @@ impl Children {
     }
 
     /// Spawns under the reaper's lock, so the exit cannot be reaped before it is awaited.
-    fn spawn(&self, cmd: &mut std::process::Command) -> std::io::Result<(std::process::Child, oneshot::Receiver<i32>)> {
+    fn spawn(
+        &self,
+        cmd: &mut std::process::Command,
+    ) -> std::io::Result<(std::process::Child, oneshot::Receiver<i32>)> {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         let child = cmd.spawn()?;
         let (tx, rx) = oneshot::channel();
@@ -76,10 +79,14 @@ pub async fn run(
         None => WORKSPACE.to_string(),
     };
     if !Path::new(&cwd).is_dir() {
-        return Err(ApiError::bad_request(format!("cwd {cwd:?} is not a directory")));
+        return Err(ApiError::bad_request(format!(
+            "cwd {cwd:?} is not a directory"
+        )));
     }
     let stdin = match (&req.stdin, &req.stdin_b64) {
-        (Some(_), Some(_)) => return Err(ApiError::bad_request("give either `stdin` or `stdin_b64`")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("give either `stdin` or `stdin_b64`"));
+        }
         (Some(s), None) => Some(Bytes::from(s.clone().into_bytes())),
         (None, Some(b)) => Some(Bytes::from(
             base64::engine::general_purpose::STANDARD
@@ -90,7 +97,9 @@ pub async fn run(
     };
     for (k, v) in &req.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(ApiError::bad_request(format!("invalid environment variable {k:?}")));
+            return Err(ApiError::bad_request(format!(
+                "invalid environment variable {k:?}"
+            )));
         }
     }
     if argv.iter().any(|a| a.contains('\0')) {
@@ -104,7 +113,11 @@ pub async fn run(
         .envs(&req.env)
         .current_dir(&cwd)
         .process_group(0)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
 
@@ -152,7 +165,14 @@ pub async fn run(
         Sink::Stream(tx) => Some(tx.clone()),
         Sink::Capture => None,
     };
-    let out = tokio::spawn(pump(pid, stdout, Stream::Stdout, cap, stream_tx.clone(), exited_rx.clone()));
+    let out = tokio::spawn(pump(
+        pid,
+        stdout,
+        Stream::Stdout,
+        cap,
+        stream_tx.clone(),
+        exited_rx.clone(),
+    ));
     let err = tokio::spawn(pump(pid, stderr, Stream::Stderr, cap, stream_tx, exited_rx));
 
     let timeout = Duration::from_millis(req.timeout_ms());
@@ -315,7 +335,8 @@ impl Output {
 
     async fn finish(mut self, gone: bool) -> (Vec<u8>, bool) {
         if !gone && !self.pending_utf8.is_empty() {
-            let rest = String::from_utf8_lossy(&std::mem::take(&mut self.pending_utf8)).into_owned();
+            let rest =
+                String::from_utf8_lossy(&std::mem::take(&mut self.pending_utf8)).into_owned();
             let _ = self.send(rest).await;
         }
         (self.captured, self.truncated)

@@ -69,7 +69,9 @@ struct Root {
 
 fn root_for(path: &str) -> Result<Root, ApiError> {
     if path.is_empty() || path.len() > 4096 || path.contains('\0') {
-        return Err(ApiError::bad_request("`path` must be 1-4096 bytes without NUL"));
+        return Err(ApiError::bad_request(
+            "`path` must be 1-4096 bytes without NUL",
+        ));
     }
     if path.split('/').any(|c| c == "..") {
         return Err(ApiError::new(
@@ -100,7 +102,13 @@ fn root_for(path: &str) -> Result<Root, ApiError> {
     })
 }
 
-fn open_in<Fd: AsFd>(dir: Fd, rel: &str, flags: OFlag, mode: u32, resolve: ResolveFlag) -> Result<OwnedFd, Errno> {
+fn open_in<Fd: AsFd>(
+    dir: Fd,
+    rel: &str,
+    flags: OFlag,
+    mode: u32,
+    resolve: ResolveFlag,
+) -> Result<OwnedFd, Errno> {
     let how = OpenHow::new()
         .flags(flags | OFlag::O_CLOEXEC)
         .mode(Mode::from_bits_truncate(mode))
@@ -116,7 +124,9 @@ fn target(path: &str, create_parents: bool) -> Result<Target, ApiError> {
         None => (String::new(), root.rel.clone()),
     };
     if name.is_empty() || name == "." {
-        return Err(ApiError::bad_request(format!("{path}: names a directory, not a file")));
+        return Err(ApiError::bad_request(format!(
+            "{path}: names a directory, not a file"
+        )));
     }
     let dir_flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY;
     let dir = match open_in(&root.fd, &parent, dir_flags, 0, root.resolve) {
@@ -129,8 +139,14 @@ fn target(path: &str, create_parents: bool) -> Result<Target, ApiError> {
                     Ok(()) | Err(Errno::EEXIST) => {}
                     Err(e) => return Err(errno_error(e, path)),
                 }
-                cur = open_in(&cur, comp, dir_flags, 0, ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS)
-                    .map_err(|e| errno_error(e, path))?;
+                cur = open_in(
+                    &cur,
+                    comp,
+                    dir_flags,
+                    0,
+                    ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+                )
+                .map_err(|e| errno_error(e, path))?;
             }
             cur
         }
@@ -146,7 +162,11 @@ fn target(path: &str, create_parents: bool) -> Result<Target, ApiError> {
 fn temp_name(name: &str) -> String {
     let mut bytes = [0u8; 6];
     crate::util::random_bytes(&mut bytes);
-    format!(".{}.arl-{}", name.chars().take(64).collect::<String>(), hex::encode(bytes))
+    format!(
+        ".{}.arl-{}",
+        name.chars().take(64).collect::<String>(),
+        hex::encode(bytes)
+    )
 }
 
 /// A file written to its temporary name, ready to be renamed into place.
@@ -158,16 +178,25 @@ struct Staged {
 
 impl Staged {
     fn commit(self) -> Result<FileInfo, ApiError> {
-        nix::fcntl::renameat(&self.target.dir, self.temp.as_str(), &self.target.dir, self.target.name.as_str())
-            .map_err(|e| {
-                self.discard_ref();
-                errno_error(e, &self.info.path)
-            })?;
+        nix::fcntl::renameat(
+            &self.target.dir,
+            self.temp.as_str(),
+            &self.target.dir,
+            self.target.name.as_str(),
+        )
+        .map_err(|e| {
+            self.discard_ref();
+            errno_error(e, &self.info.path)
+        })?;
         Ok(self.info)
     }
 
     fn discard_ref(&self) {
-        let _ = nix::unistd::unlinkat(&self.target.dir, self.temp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        let _ = nix::unistd::unlinkat(
+            &self.target.dir,
+            self.temp.as_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
     }
 }
 
@@ -182,7 +211,8 @@ async fn create_temp(target: &Target, mode: u32) -> Result<(String, tokio::fs::F
     )
     .map_err(|e| errno_error(e, &target.display))?;
     // The umask must not change the requested mode.
-    nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode)).map_err(|e| errno_error(e, &target.display))?;
+    nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode))
+        .map_err(|e| errno_error(e, &target.display))?;
     Ok((temp, tokio::fs::File::from_std(std::fs::File::from(fd))))
 }
 
@@ -192,7 +222,9 @@ pub fn parse_mode(mode: Option<&str>) -> Result<u32, ApiError> {
         Some(m) => u32::from_str_radix(m, 8)
             .ok()
             .filter(|m| *m <= 0o7777)
-            .ok_or_else(|| ApiError::bad_request(format!("`mode` {m:?} is not an octal file mode"))),
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("`mode` {m:?} is not an octal file mode"))
+            }),
     }
 }
 
@@ -223,10 +255,15 @@ pub async fn write_stream(
             if let Ok(data) = frame.into_data() {
                 size += data.len() as u64;
                 if size > MAX_FILE_BYTES {
-                    return Err(ApiError::new(ErrorCode::PayloadTooLarge, format!("files are at most {MAX_FILE_BYTES} bytes")));
+                    return Err(ApiError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!("files are at most {MAX_FILE_BYTES} bytes"),
+                    ));
                 }
                 hasher.update(&data);
-                file.write_all(&data).await.map_err(|e| io_error(e, &display))?;
+                file.write_all(&data)
+                    .await
+                    .map_err(|e| io_error(e, &display))?;
             }
         }
         file.flush().await.map_err(|e| io_error(e, &display))
@@ -253,7 +290,10 @@ fn finish(
         staged.discard_ref();
         return Err(ApiError::new(
             ErrorCode::ChecksumMismatch,
-            format!("{}: sha256 is {sha256}, expected {expected}", staged.info.path),
+            format!(
+                "{}: sha256 is {sha256}, expected {expected}",
+                staged.info.path
+            ),
         ));
     }
     staged.info.size = size;
@@ -268,13 +308,19 @@ pub async fn write_many(files: Vec<(String, FileContent)>) -> Result<Vec<FileInf
         for (path, content) in files {
             let (bytes, mode) = match content {
                 FileContent::Text(text) => (Bytes::from(text.into_bytes()), DEFAULT_MODE),
-                FileContent::Detailed { content, encoding, mode } => {
+                FileContent::Detailed {
+                    content,
+                    encoding,
+                    mode,
+                } => {
                     let bytes = match encoding {
                         Encoding::Utf8 => Bytes::from(content.into_bytes()),
                         Encoding::Base64 => Bytes::from(
                             base64::engine::general_purpose::STANDARD
                                 .decode(content)
-                                .map_err(|e| ApiError::bad_request(format!("{path}: invalid base64: {e}")))?,
+                                .map_err(|e| {
+                                    ApiError::bad_request(format!("{path}: invalid base64: {e}"))
+                                })?,
                         ),
                     };
                     (bytes, mode.unwrap_or(DEFAULT_MODE) & 0o7777)
@@ -283,7 +329,15 @@ pub async fn write_many(files: Vec<(String, FileContent)>) -> Result<Vec<FileInf
             let target = target(&path, true)?;
             let (temp, mut file) = create_temp(&target, mode).await?;
             let display = target.display.clone();
-            let mut one = Staged { target, temp, info: FileInfo { path: display.clone(), size: 0, sha256: String::new() } };
+            let mut one = Staged {
+                target,
+                temp,
+                info: FileInfo {
+                    path: display.clone(),
+                    size: 0,
+                    sha256: String::new(),
+                },
+            };
             if let Err(e) = file.write_all(&bytes).await {
                 one.discard_ref();
                 return Err(io_error(e, &display));
@@ -312,19 +366,29 @@ pub async fn open_read(path: &str) -> Result<(tokio::fs::File, u64), ApiError> {
     let file = std::fs::File::from(fd);
     let meta = file.metadata().map_err(|e| io_error(e, &root.display))?;
     if !meta.is_file() {
-        return Err(ApiError::bad_request(format!("{}: not a regular file", root.display)));
+        return Err(ApiError::bad_request(format!(
+            "{}: not a regular file",
+            root.display
+        )));
     }
     Ok((tokio::fs::File::from_std(file), meta.len()))
 }
 
 /// Streams a file into a channel body in chunks.
-pub async fn pump_file(mut file: tokio::fs::File, tx: tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>) {
+pub async fn pump_file(
+    mut file: tokio::fs::File,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match file.read(&mut buf).await {
             Ok(0) => return,
             Ok(n) => {
-                if tx.send(Ok(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                if tx
+                    .send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -338,8 +402,12 @@ pub async fn pump_file(mut file: tokio::fs::File, tx: tokio::sync::mpsc::Sender<
 
 pub fn remove(path: &str) -> Result<(), ApiError> {
     let target = target(path, false)?;
-    nix::unistd::unlinkat(&target.dir, target.name.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir)
-        .map_err(|e| errno_error(e, &target.display))
+    nix::unistd::unlinkat(
+        &target.dir,
+        target.name.as_str(),
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    )
+    .map_err(|e| errno_error(e, &target.display))
 }
 
 /// Empties a directory, keeping the directory itself.

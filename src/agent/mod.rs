@@ -27,7 +27,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 
 use crate::api::files::MAX_BATCH_BYTES;
-use crate::api::{ApiError, ExecEvent, ExecRequest, NDJSON, OUTCOME_HEADER, WriteFilesRequest, WriteFilesResponse};
+use crate::api::{
+    ApiError, ExecEvent, ExecRequest, NDJSON, OUTCOME_HEADER, WriteFilesRequest, WriteFilesResponse,
+};
 use crate::http::{self, Body, ChannelBody, MAX_JSON_BODY, ndjson_line};
 
 /// Directories `reset` empties.
@@ -50,7 +52,10 @@ struct Agent {
 
 pub fn main(args: AgentArgs) -> i32 {
     // One thread is plenty for one sandbox and keeps an idle agent small.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("arl agent: {e}");
@@ -125,9 +130,9 @@ async fn route(agent: &Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
         (&Method::PUT, "/files") => write_file(req).await,
         (&Method::POST, "/files") => write_files(req).await,
         (&Method::GET, "/files") => read_file(req).await,
-        (&Method::DELETE, "/files") => {
-            required_path(&req).and_then(|p| files::remove(&p)).map(|()| http::no_content())
-        }
+        (&Method::DELETE, "/files") => required_path(&req)
+            .and_then(|p| files::remove(&p))
+            .map(|()| http::no_content()),
         (&Method::POST, "/reset") => Ok(reset(agent)),
         _ => Err(ApiError::not_found(format!(
             "no agent route {} {}",
@@ -139,15 +144,25 @@ async fn route(agent: &Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
 }
 
 fn required_path<B>(req: &Request<B>) -> Result<String, ApiError> {
-    http::query_param(req.uri(), "path").ok_or_else(|| ApiError::bad_request("query parameter `path` is required"))
+    http::query_param(req.uri(), "path")
+        .ok_or_else(|| ApiError::bad_request("query parameter `path` is required"))
 }
 
-async fn exec_route(agent: &Arc<Agent>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn exec_route(
+    agent: &Arc<Agent>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let streaming = http::wants_ndjson(&req);
     let exec_req: ExecRequest = http::read_json(req, MAX_JSON_BODY * 64).await?;
     exec_req.argv().map_err(ApiError::bad_request)?;
     if !streaming {
-        let result = exec::run(&agent.children, &agent.base_env, exec_req, exec::Sink::Capture).await?;
+        let result = exec::run(
+            &agent.children,
+            &agent.base_env,
+            exec_req,
+            exec::Sink::Capture,
+        )
+        .await?;
         let mut response = http::json(StatusCode::OK, &result);
         response.headers_mut().insert(
             OUTCOME_HEADER,
@@ -155,10 +170,17 @@ async fn exec_route(agent: &Arc<Agent>, req: Request<Incoming>) -> Result<Respon
         );
         return Ok(response);
     }
-    let (tx, body) = ChannelBody::new(16);
+    let (tx, body) = ChannelBody::channel(16);
     let agent = agent.clone();
     tokio::spawn(async move {
-        let event = match exec::run(&agent.children, &agent.base_env, exec_req, exec::Sink::Stream(tx.clone())).await {
+        let event = match exec::run(
+            &agent.children,
+            &agent.base_env,
+            exec_req,
+            exec::Sink::Stream(tx.clone()),
+        )
+        .await
+        {
             Ok(result) => ExecEvent::Result(result),
             Err(error) => ExecEvent::Error { error },
         };
@@ -187,7 +209,7 @@ async fn write_files(req: Request<Incoming>) -> Result<Response<Body>, ApiError>
 async fn read_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = required_path(&req)?;
     let (file, size) = files::open_read(&path).await?;
-    let (tx, body) = ChannelBody::new(4);
+    let (tx, body) = ChannelBody::channel(4);
     tokio::spawn(files::pump_file(file, tx));
     Ok(Response::builder()
         .header(CONTENT_TYPE, "application/octet-stream")

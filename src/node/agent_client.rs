@@ -41,8 +41,12 @@ impl AgentClient {
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, ApiError> {
-        let stream = UnixStream::connect(&self.socket).await.map_err(unreachable)?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(unreachable)?;
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(unreachable)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(unreachable)?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -74,9 +78,9 @@ impl AgentClient {
         };
         let response = sender.send_request(req).await.map_err(unreachable)?;
         let (parts, body) = response.into_parts();
-        let body = http::read_body(body, limit)
-            .await
-            .map_err(|e| ApiError::unavailable(format!("reading the agent's reply: {}", e.message)))?;
+        let body = http::read_body(body, limit).await.map_err(|e| {
+            ApiError::unavailable(format!("reading the agent's reply: {}", e.message))
+        })?;
         self.put_idle(sender);
         Ok(AgentReply {
             status: parts.status,
@@ -100,7 +104,10 @@ impl AgentClient {
         if reply.status.is_success() {
             Ok(())
         } else {
-            Err(ApiError::unavailable(format!("agent ping answered {}", reply.status)))
+            Err(ApiError::unavailable(format!(
+                "agent ping answered {}",
+                reply.status
+            )))
         }
     }
 }

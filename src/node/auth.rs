@@ -86,7 +86,9 @@ impl Auth {
                     state.modified = modified;
                 }
                 Ok(_) => tracing::warn!("token file is empty; keeping the previous tokens"),
-                Err(e) => tracing::warn!(error = %e, "token file unreadable; keeping the previous tokens"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "token file unreadable; keeping the previous tokens")
+                }
             }
         }
     }
@@ -107,7 +109,10 @@ impl Auth {
         if state.digests.contains(&d) {
             Ok(Some(d))
         } else {
-            Err(ApiError::new(ErrorCode::Unauthorized, "invalid bearer token"))
+            Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "invalid bearer token",
+            ))
         }
     }
 }

@@ -63,7 +63,8 @@ fn read_file(path: &Path) -> Result<FileConfig, NodeError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| NodeError::Config(format!("reading {}: {e}", path.display())))?;
     if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(&text).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
+        serde_json::from_str(&text)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
     } else {
         toml::from_str(&text).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
     }
@@ -81,20 +82,33 @@ impl NodeArgs {
         }
         for (name, spec) in &pools {
             crate::api::pools::validate_pool_name(name).map_err(NodeError::Config)?;
-            spec.validate().map_err(|e| NodeError::Config(format!("pool {name}: {e}")))?;
+            spec.validate()
+                .map_err(|e| NodeError::Config(format!("pool {name}: {e}")))?;
         }
-        let cgroup_parent = self.cgroup_parent.or(file.cgroup_parent).unwrap_or_else(|| "arl".into());
+        let cgroup_parent = self
+            .cgroup_parent
+            .or(file.cgroup_parent)
+            .unwrap_or_else(|| "arl".into());
         if cgroup_parent.is_empty() || cgroup_parent.contains("..") {
-            return Err(NodeError::Config("cgroup parent must be a plain name".into()));
+            return Err(NodeError::Config(
+                "cgroup parent must be a plain name".into(),
+            ));
         }
         Ok(Settings {
             listen: self
                 .listen
                 .or(file.listen)
                 .unwrap_or_else(|| format!("127.0.0.1:{}", crate::api::DEFAULT_PORT)),
-            state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(super::default_state_dir),
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(super::default_state_dir),
             token_file: self.token_file.or(file.token_file),
-            create_concurrency: self.create_concurrency.or(file.create_concurrency).unwrap_or(16).max(1),
+            create_concurrency: self
+                .create_concurrency
+                .or(file.create_concurrency)
+                .unwrap_or(16)
+                .max(1),
             cgroup_parent,
             uid_base: self.uid_base.or(file.uid_base).unwrap_or(1 << 24),
             pools,

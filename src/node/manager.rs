@@ -70,7 +70,13 @@ impl Manager {
     }
 
     pub fn pool_views(&self) -> Vec<PoolView> {
-        let pools: Vec<Arc<Pool>> = self.pools.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         let mut views: Vec<PoolView> = pools
             .iter()
             .map(|p| PoolView {
@@ -196,8 +202,16 @@ impl Manager {
         let started = Instant::now();
         let id = random_id("sb-");
         let result = async {
-            let created = self.runtime.create(&id, &spec).await.map_err(|e| e.to_string())?;
-            let sb = Arc::new(Sandbox::new(id.clone(), pool.name.clone(), AgentClient::new(created.socket)));
+            let created = self
+                .runtime
+                .create(&id, &spec)
+                .await
+                .map_err(|e| e.to_string())?;
+            let sb = Arc::new(Sandbox::new(
+                id.clone(),
+                pool.name.clone(),
+                AgentClient::new(created.socket),
+            ));
             match tokio::time::timeout(READY_TIMEOUT, sb.agent.ping()).await {
                 Ok(Ok(())) => Ok(sb),
                 Ok(Err(e)) => Err(format!("agent did not start: {}", e.message)),
@@ -236,7 +250,9 @@ impl Manager {
                     st.last_error = Some(message.clone());
                 }
                 let _ = self.runtime.destroy(&id).await;
-                Err(ApiError::unavailable(format!("creating a sandbox failed: {message}")))
+                Err(ApiError::unavailable(format!(
+                    "creating a sandbox failed: {message}"
+                )))
             }
         }
     }
@@ -261,7 +277,10 @@ impl Manager {
 
     /// Removes a sandbox from the live map; whoever gets `Some` owns its teardown.
     fn forget(&self, id: &str) -> Option<Arc<Sandbox>> {
-        self.sandboxes.write().unwrap_or_else(|p| p.into_inner()).remove(id)
+        self.sandboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
     }
 
     fn bury(&self, id: &str, reason: &str) {
@@ -274,7 +293,9 @@ impl Manager {
 
     /// Drops a forgotten sandbox from its pool's counts and wakes the refill.
     fn unaccount(&self, sb: &Sandbox) {
-        let Ok(pool) = self.pool(&sb.pool) else { return };
+        let Ok(pool) = self.pool(&sb.pool) else {
+            return;
+        };
         {
             let mut st = pool.state();
             if sb.lease().is_some() {
@@ -296,10 +317,17 @@ impl Manager {
     }
 
     /// Hands out `count` sandboxes of a pool: warm ones first, then new ones up to `max`.
-    pub async fn acquire(self: &Arc<Self>, owner: Owner, req: AcquireRequest) -> Result<Vec<SandboxInfo>, ApiError> {
+    pub async fn acquire(
+        self: &Arc<Self>,
+        owner: Owner,
+        req: AcquireRequest,
+    ) -> Result<Vec<SandboxInfo>, ApiError> {
         let count = req.validate().map_err(ApiError::bad_request)?;
         if self.draining.load(Ordering::Relaxed) {
-            return Err(ApiError::new(ErrorCode::Draining, "the node is shutting down"));
+            return Err(ApiError::new(
+                ErrorCode::Draining,
+                "the node is shutting down",
+            ));
         }
         let started = Instant::now();
         let pool = self.pool(&req.pool)?;
@@ -314,7 +342,10 @@ impl Manager {
                 .ttl_seconds
                 .or(spec.max_lifetime_seconds)
                 .map(|s| now + s * 1000),
-            idle_timeout_ms: req.idle_timeout_seconds.or(spec.idle_timeout_seconds).map(|s| s * 1000),
+            idle_timeout_ms: req
+                .idle_timeout_seconds
+                .or(spec.idle_timeout_seconds)
+                .map(|s| s * 1000),
         };
         let (mut taken, missing) = {
             let mut st = pool.state();
@@ -330,7 +361,9 @@ impl Manager {
                     ErrorCode::PoolExhausted,
                     format!(
                         "pool {:?} has {} idle and is at its limit of {} sandboxes",
-                        pool.name, st.idle.len(), spec.max
+                        pool.name,
+                        st.idle.len(),
+                        spec.max
                     ),
                 );
                 err.alternatives = Vec::new();
@@ -383,7 +416,12 @@ impl Manager {
 
     /// Looks up an allocated sandbox on behalf of `owner`.
     pub fn sandbox(&self, id: &str, owner: &Owner) -> Result<Arc<Sandbox>, ApiError> {
-        let found = self.sandboxes.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        let found = self
+            .sandboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
         let Some(sb) = found else {
             let graveyard = self.graveyard.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((_, reason)) = graveyard.iter().rev().find(|(dead, _)| dead == id) {
@@ -415,7 +453,10 @@ impl Manager {
     }
 
     pub fn env_for(&self, sb: &Sandbox) -> std::collections::BTreeMap<String, String> {
-        let mut env = self.pool(&sb.pool).map(|p| p.spec().env).unwrap_or_default();
+        let mut env = self
+            .pool(&sb.pool)
+            .map(|p| p.spec().env)
+            .unwrap_or_default();
         if let Some(lease) = sb.lease() {
             env.extend(lease.env);
         }
@@ -425,7 +466,10 @@ impl Manager {
     /// Releases an allocated sandbox: reset and reuse, or destroy and refill.
     pub fn release(self: &Arc<Self>, id: &str, owner: &Owner) -> Result<(), ApiError> {
         let sb = self.sandbox(id, owner)?;
-        let reuse = self.pool(&sb.pool).map(|p| p.spec().reuse).unwrap_or(ReusePolicy::Destroy);
+        let reuse = self
+            .pool(&sb.pool)
+            .map(|p| p.spec().reuse)
+            .unwrap_or(ReusePolicy::Destroy);
         self.release_sandbox(sb, reuse);
         Ok(())
     }
@@ -483,7 +527,10 @@ impl Manager {
         if reply.status.is_success() {
             Ok(())
         } else {
-            Err(ApiError::unavailable(format!("reset answered {}", reply.status)))
+            Err(ApiError::unavailable(format!(
+                "reset answered {}",
+                reply.status
+            )))
         }
     }
 
@@ -504,7 +551,13 @@ impl Manager {
             tick.tick().await;
             round += 1;
             let now = now_ms();
-            let all: Vec<Arc<Sandbox>> = self.sandboxes.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+            let all: Vec<Arc<Sandbox>> = self
+                .sandboxes
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
             for sb in &all {
                 if sb.expired(now) {
                     tracing::info!(sandbox = %sb.id, "lease expired");
@@ -512,14 +565,20 @@ impl Manager {
                     self.release_sandbox(sb.clone(), ReusePolicy::Destroy);
                 }
             }
-            if round % 10 == 0 {
+            if round.is_multiple_of(10) {
                 for sb in all.into_iter().filter(|sb| sb.lease().is_none()) {
                     let this = self.clone();
                     tokio::spawn(async move {
-                        let ok = matches!(tokio::time::timeout(Duration::from_secs(5), sb.agent.ping()).await, Ok(Ok(())));
+                        let ok = matches!(
+                            tokio::time::timeout(Duration::from_secs(5), sb.agent.ping()).await,
+                            Ok(Ok(()))
+                        );
                         if !ok && this.forget(&sb.id).is_some() {
                             tracing::warn!(sandbox = %sb.id, "idle sandbox failed its health check");
-                            this.metrics.sandbox_failures_total.with_label_values(&[sb.pool.as_str(), "unhealthy"]).inc();
+                            this.metrics
+                                .sandbox_failures_total
+                                .with_label_values(&[sb.pool.as_str(), "unhealthy"])
+                                .inc();
                             this.unaccount(&sb);
                             this.spawn_destroy(sb.id.clone());
                         }
@@ -548,17 +607,32 @@ impl Manager {
     /// Stops refills and destroys every sandbox (graceful shutdown).
     pub async fn shutdown(self: &Arc<Self>) {
         self.draining.store(true, Ordering::Relaxed);
-        let pools: Vec<Arc<Pool>> = self.pools.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for pool in &pools {
             pool.state().deleted = true;
             pool.refill.notify_one();
         }
         // Let creations and destructions under way finish, so none outlives us.
         self.background.close();
-        if tokio::time::timeout(Duration::from_secs(60), self.background.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(60), self.background.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("background sandbox work still running after 60 s");
         }
-        let ids: Vec<String> = self.sandboxes.write().unwrap_or_else(|p| p.into_inner()).drain().map(|(id, _)| id).collect();
+        let ids: Vec<String> = self
+            .sandboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(id, _)| id)
+            .collect();
         let n = ids.len();
         join_all(ids.iter().map(|id| self.runtime.destroy(id))).await;
         tracing::info!(sandboxes = n, "all sandboxes destroyed");

@@ -6,8 +6,8 @@ use prometheus::{
 };
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 pub struct Metrics {
@@ -38,7 +38,11 @@ impl Metrics {
                 "Time to hand out a sandbox; result is hit (warm) or miss (created on demand).",
                 &["pool", "result"],
             ),
-            exec_seconds: histogram("arl_exec_seconds", "Exec latency through the daemon.", &["pool"]),
+            exec_seconds: histogram(
+                "arl_exec_seconds",
+                "Exec latency through the daemon.",
+                &["pool"],
+            ),
             create_seconds: histogram(
                 "arl_sandbox_create_seconds",
                 "Time from create to a sandbox answering its first ping.",
@@ -50,7 +54,10 @@ impl Metrics {
                 &["route", "code"],
             ),
             execs_total: CounterVec::new(
-                Opts::new("arl_execs_total", "Execs by outcome (ok, nonzero, timeout, error)."),
+                Opts::new(
+                    "arl_execs_total",
+                    "Execs by outcome (ok, nonzero, timeout, error).",
+                ),
                 &["pool", "outcome"],
             )
             .expect("static counter definition"),

@@ -30,14 +30,20 @@ pub enum NodeError {
     #[error("token file: {0}")]
     Auth(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
 pub fn main(args: NodeArgs) -> i32 {
     crate::logging::init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("arl node: {e}");
@@ -67,7 +73,10 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
     })?;
     let reclaimed = runtime.reclaim().await?;
     if reclaimed > 0 {
-        tracing::warn!(sandboxes = reclaimed, "removed sandboxes left by an earlier daemon");
+        tracing::warn!(
+            sandboxes = reclaimed,
+            "removed sandboxes left by an earlier daemon"
+        );
     }
     let auth = auth::Auth::new(settings.token_file.clone()).map_err(NodeError::Auth)?;
     if !auth.enabled() {
@@ -83,7 +92,10 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
     }
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
-        .map_err(|source| NodeError::Bind { addr: settings.listen.clone(), source })?;
+        .map_err(|source| NodeError::Bind {
+            addr: settings.listen.clone(),
+            source,
+        })?;
     tracing::info!(
         listen = %listener.local_addr()?,
         state_dir = %settings.state_dir.display(),
@@ -100,7 +112,10 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; SIGTERM will not drain gracefully");
         return std::future::pending().await;
     };

@@ -95,7 +95,9 @@ impl Sandbox {
 
     /// Whether the lease has run out (lifetime or idleness) at `now`.
     pub fn expired(&self, now: u64) -> bool {
-        let Some(lease) = self.lease() else { return false };
+        let Some(lease) = self.lease() else {
+            return false;
+        };
         lease.expires_at_ms.is_some_and(|t| now >= t)
             || lease
                 .idle_timeout_ms

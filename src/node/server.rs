@@ -30,7 +30,11 @@ const MAX_EXEC_BODY: usize = 16 << 20;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Accepts connections until `shutdown` resolves, then lets in-flight requests finish.
-pub async fn serve(listener: TcpListener, mgr: Arc<Manager>, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    mgr: Arc<Manager>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -79,7 +83,13 @@ async fn handle(mgr: Arc<Manager>, req: Request<Incoming>) -> Response<Body> {
         .http_seconds
         .with_label_values(&[route, status.as_str()])
         .observe(started.elapsed().as_secs_f64());
-    span.in_scope(|| tracing::debug!(status = status.as_u16(), micros = started.elapsed().as_micros() as u64, "done"));
+    span.in_scope(|| {
+        tracing::debug!(
+            status = status.as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "done"
+        )
+    });
     response
 }
 
@@ -90,30 +100,68 @@ async fn route(mgr: &Arc<Manager>, req: Request<Incoming>) -> Routed {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
     match (method.clone(), segments.as_slice()) {
-        (Method::GET, ["healthz"]) => ("/healthz", Ok(http::json(StatusCode::OK, &serde_json::json!({"status": "ok"})))),
+        (Method::GET, ["healthz"]) => (
+            "/healthz",
+            Ok(http::json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ok"}),
+            )),
+        ),
         (Method::GET, ["readyz"]) => ("/readyz", Ok(readyz(mgr))),
         (Method::GET, ["metrics"]) => ("/metrics", Ok(metrics(mgr))),
         (_, ["v1", rest @ ..]) => {
-            let owner = match mgr.auth.check(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok())) {
+            let owner = match mgr.auth.check(
+                req.headers()
+                    .get(AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok()),
+            ) {
                 Ok(owner) => owner,
                 Err(e) => return ("/v1/*", Err(e)),
             };
             v1(mgr, owner, method, rest, req).await
         }
-        _ => ("other", Err(ApiError::not_found(format!("no route {method} {path}")))),
+        _ => (
+            "other",
+            Err(ApiError::not_found(format!("no route {method} {path}"))),
+        ),
     }
 }
 
-async fn v1(mgr: &Arc<Manager>, owner: Owner, method: Method, rest: &[&str], req: Request<Incoming>) -> Routed {
+async fn v1(
+    mgr: &Arc<Manager>,
+    owner: Owner,
+    method: Method,
+    rest: &[&str],
+    req: Request<Incoming>,
+) -> Routed {
     match (method, rest) {
-        (Method::GET, ["pools"]) => ("/v1/pools", Ok(http::json(StatusCode::OK, &PoolList { pools: mgr.pool_views() }))),
-        (Method::GET, ["pools", name]) => ("/v1/pools/{name}", mgr.pool_view(name).map(|v| http::json(StatusCode::OK, &v))),
+        (Method::GET, ["pools"]) => (
+            "/v1/pools",
+            Ok(http::json(
+                StatusCode::OK,
+                &PoolList {
+                    pools: mgr.pool_views(),
+                },
+            )),
+        ),
+        (Method::GET, ["pools", name]) => (
+            "/v1/pools/{name}",
+            mgr.pool_view(name).map(|v| http::json(StatusCode::OK, &v)),
+        ),
         (Method::PUT, ["pools", name]) => ("/v1/pools/{name}", put_pool(mgr, name, req).await),
-        (Method::DELETE, ["pools", name]) => ("/v1/pools/{name}", mgr.delete_pool(name).map(|()| http::no_content())),
+        (Method::DELETE, ["pools", name]) => (
+            "/v1/pools/{name}",
+            mgr.delete_pool(name).map(|()| http::no_content()),
+        ),
         (Method::POST, ["sandboxes"]) => ("/v1/sandboxes", acquire(mgr, owner, req).await),
         (Method::GET, ["sandboxes"]) => (
             "/v1/sandboxes",
-            Ok(http::json(StatusCode::OK, &SandboxList { sandboxes: mgr.list(&owner) })),
+            Ok(http::json(
+                StatusCode::OK,
+                &SandboxList {
+                    sandboxes: mgr.list(&owner),
+                },
+            )),
         ),
         (method, ["sandboxes", id, tail @ ..]) => {
             let sb = match mgr.sandbox(id, &owner) {
@@ -122,7 +170,13 @@ async fn v1(mgr: &Arc<Manager>, owner: Owner, method: Method, rest: &[&str], req
             };
             sandbox_route(mgr, &owner, sb, method, tail, req).await
         }
-        (method, _) => ("other", Err(ApiError::not_found(format!("no route {method} /v1/{}", rest.join("/"))))),
+        (method, _) => (
+            "other",
+            Err(ApiError::not_found(format!(
+                "no route {method} /v1/{}",
+                rest.join("/")
+            ))),
+        ),
     }
 }
 
@@ -135,8 +189,14 @@ async fn sandbox_route(
     req: Request<Incoming>,
 ) -> Routed {
     match (method, tail) {
-        (Method::GET, []) => ("/v1/sandboxes/{id}", Ok(http::json(StatusCode::OK, &sb.info()))),
-        (Method::DELETE, []) => ("/v1/sandboxes/{id}", mgr.release(&sb.id, owner).map(|()| http::no_content())),
+        (Method::GET, []) => (
+            "/v1/sandboxes/{id}",
+            Ok(http::json(StatusCode::OK, &sb.info())),
+        ),
+        (Method::DELETE, []) => (
+            "/v1/sandboxes/{id}",
+            mgr.release(&sb.id, owner).map(|()| http::no_content()),
+        ),
         (Method::POST, ["exec"]) => ("/v1/sandboxes/{id}/exec", exec(mgr, sb, req).await),
         (Method::PUT | Method::GET | Method::DELETE | Method::POST, ["files"]) => {
             ("/v1/sandboxes/{id}/files", files(sb, req).await)
@@ -144,22 +204,30 @@ async fn sandbox_route(
         (Method::POST, ["reset"]) => ("/v1/sandboxes/{id}/reset", reset(mgr, sb).await),
         (Method::POST, ["pause"]) => (
             "/v1/sandboxes/{id}/pause",
-            mgr.set_paused(&sb, true).map(|()| http::json(StatusCode::OK, &sb.info())),
+            mgr.set_paused(&sb, true)
+                .map(|()| http::json(StatusCode::OK, &sb.info())),
         ),
         (Method::POST, ["resume"]) => (
             "/v1/sandboxes/{id}/resume",
-            mgr.set_paused(&sb, false).map(|()| http::json(StatusCode::OK, &sb.info())),
+            mgr.set_paused(&sb, false)
+                .map(|()| http::json(StatusCode::OK, &sb.info())),
         ),
         (method, _) => (
             "other",
-            Err(ApiError::not_found(format!("no route {method} /v1/sandboxes/{{id}}/{}", tail.join("/")))),
+            Err(ApiError::not_found(format!(
+                "no route {method} /v1/sandboxes/{{id}}/{}",
+                tail.join("/")
+            ))),
         ),
     }
 }
 
 fn readyz(mgr: &Manager) -> Response<Body> {
     if mgr.draining.load(Ordering::Relaxed) {
-        http::error(ApiError::new(ErrorCode::Draining, "the node is shutting down"))
+        http::error(ApiError::new(
+            ErrorCode::Draining,
+            "the node is shutting down",
+        ))
     } else {
         http::json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
     }
@@ -173,13 +241,21 @@ fn metrics(mgr: &Manager) -> Response<Body> {
         .unwrap_or_else(|_| http::error(ApiError::internal("metrics")))
 }
 
-async fn put_pool(mgr: &Arc<Manager>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn put_pool(
+    mgr: &Arc<Manager>,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let spec: PoolSpec = http::read_json(req, MAX_JSON_BODY).await?;
     mgr.put_pool(name, spec)?;
     Ok(http::json(StatusCode::OK, &mgr.pool_view(name)?))
 }
 
-async fn acquire(mgr: &Arc<Manager>, owner: Owner, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn acquire(
+    mgr: &Arc<Manager>,
+    owner: Owner,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let acquire: AcquireRequest = http::read_json(req, MAX_JSON_BODY).await?;
     let sandboxes = mgr.acquire(owner, acquire).await?;
     Ok(http::json(StatusCode::CREATED, &SandboxList { sandboxes }))
@@ -205,15 +281,25 @@ fn reply(reply: CachedReply) -> Response<Body> {
 /// Hands an agent's streaming response to the client as it comes.
 fn passthrough(response: Response<Incoming>) -> Response<Body> {
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, body.map_err(|e| Box::new(e) as http::BoxError).boxed())
+    Response::from_parts(
+        parts,
+        body.map_err(|e| Box::new(e) as http::BoxError).boxed(),
+    )
 }
 
-async fn exec(mgr: &Arc<Manager>, sb: Arc<Sandbox>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn exec(
+    mgr: &Arc<Manager>,
+    sb: Arc<Sandbox>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let streaming = http::wants_ndjson(&req);
     let mut exec_req: ExecRequest = http::read_json(req, MAX_EXEC_BODY).await?;
     exec_req.argv().map_err(ApiError::bad_request)?;
     if sb.paused.load(Ordering::Relaxed) {
-        return Err(ApiError::new(ErrorCode::Conflict, "the sandbox is paused; resume it first"));
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "the sandbox is paused; resume it first",
+        ));
     }
     // Late binding: the pool's and the lease's env apply under the request's own.
     let mut env = mgr.env_for(&sb);
@@ -226,7 +312,9 @@ async fn exec(mgr: &Arc<Manager>, sb: Arc<Sandbox>, req: Request<Incoming>) -> R
 
     if streaming {
         let mut agent_req = agent_request(Method::POST, "/exec", http::full(body))?;
-        agent_req.headers_mut().insert(ACCEPT, hyper::header::HeaderValue::from_static(NDJSON));
+        agent_req
+            .headers_mut()
+            .insert(ACCEPT, hyper::header::HeaderValue::from_static(NDJSON));
         return Ok(passthrough(sb.agent.stream(agent_req).await?));
     }
 
@@ -238,7 +326,11 @@ async fn exec(mgr: &Arc<Manager>, sb: Arc<Sandbox>, req: Request<Incoming>) -> R
         let sb = sb.clone();
         tokio::spawn(async move {
             let outcome_of = |headers: &hyper::HeaderMap| {
-                headers.get(OUTCOME_HEADER).and_then(|v| v.to_str().ok()).map(ExecOutcome::parse).unwrap_or(ExecOutcome::Error)
+                headers
+                    .get(OUTCOME_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(ExecOutcome::parse)
+                    .unwrap_or(ExecOutcome::Error)
             };
             let result = match agent_request(Method::POST, "/exec", http::full(body)) {
                 Ok(r) => sb.agent.call(r, limit).await,
@@ -248,10 +340,19 @@ async fn exec(mgr: &Arc<Manager>, sb: Arc<Sandbox>, req: Request<Incoming>) -> R
                 Ok(r) => outcome_of(&r.headers),
                 Err(_) => ExecOutcome::Error,
             };
-            mgr.metrics.execs_total.with_label_values(&[sb.pool.as_str(), outcome.as_str()]).inc();
-            mgr.metrics.exec_seconds.with_label_values(&[sb.pool.as_str()]).observe(started.elapsed().as_secs_f64());
+            mgr.metrics
+                .execs_total
+                .with_label_values(&[sb.pool.as_str(), outcome.as_str()])
+                .inc();
+            mgr.metrics
+                .exec_seconds
+                .with_label_values(&[sb.pool.as_str()])
+                .observe(started.elapsed().as_secs_f64());
             sb.touch();
-            result.map(|r| CachedReply { status: r.status, body: r.body })
+            result.map(|r| CachedReply {
+                status: r.status,
+                body: r.body,
+            })
         })
     };
     let Some(request_id) = request_id else {
@@ -269,7 +370,9 @@ async fn exec(mgr: &Arc<Manager>, sb: Arc<Sandbox>, req: Request<Incoming>) -> R
                     return Ok(reply(cached));
                 }
                 if rx.changed().await.is_err() {
-                    return Err(ApiError::unavailable("the first attempt of this request failed; retry"));
+                    return Err(ApiError::unavailable(
+                        "the first attempt of this request failed; retry",
+                    ));
                 }
             }
         }
@@ -287,7 +390,8 @@ async fn exec(mgr: &Arc<Manager>, sb: Arc<Sandbox>, req: Request<Incoming>) -> R
 }
 
 async fn join<T>(task: tokio::task::JoinHandle<Result<T, ApiError>>) -> Result<T, ApiError> {
-    task.await.map_err(|e| ApiError::internal(format!("exec task failed: {e}")))?
+    task.await
+        .map_err(|e| ApiError::internal(format!("exec task failed: {e}")))?
 }
 
 async fn files(sb: Arc<Sandbox>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -300,19 +404,35 @@ async fn files(sb: Arc<Sandbox>, req: Request<Incoming>) -> Result<Response<Body
     match method {
         Method::POST => {
             let body = http::read_body(req.into_body(), MAX_BATCH_BYTES).await?;
-            let r = sb.agent.call(agent_request(Method::POST, &uri, http::full(body))?, 1 << 20).await?;
-            Ok(reply(CachedReply { status: r.status, body: r.body }))
+            let r = sb
+                .agent
+                .call(
+                    agent_request(Method::POST, &uri, http::full(body))?,
+                    1 << 20,
+                )
+                .await?;
+            Ok(reply(CachedReply {
+                status: r.status,
+                body: r.body,
+            }))
         }
         Method::PUT => {
             let length = req.headers().get(CONTENT_LENGTH).cloned();
-            let body = req.into_body().map_err(|e| Box::new(e) as http::BoxError).boxed();
+            let body = req
+                .into_body()
+                .map_err(|e| Box::new(e) as http::BoxError)
+                .boxed();
             let mut agent_req = agent_request(Method::PUT, &uri, body)?;
             if let Some(length) = length {
                 agent_req.headers_mut().insert(CONTENT_LENGTH, length);
             }
             Ok(passthrough(sb.agent.stream(agent_req).await?))
         }
-        _ => Ok(passthrough(sb.agent.stream(agent_request(method, &uri, http::empty())?).await?)),
+        _ => Ok(passthrough(
+            sb.agent
+                .stream(agent_request(method, &uri, http::empty())?)
+                .await?,
+        )),
     }
 }
 

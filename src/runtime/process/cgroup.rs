@@ -239,7 +239,11 @@ impl Cgroups {
                     // Swap, where accounted, may not extend the limit.
                     let memsw = dir.join("memory.memsw.limit_in_bytes");
                     if memsw.exists() {
-                        write(dir, "memory.memsw.limit_in_bytes", limits.memory_bytes.to_string())?;
+                        write(
+                            dir,
+                            "memory.memsw.limit_in_bytes",
+                            limits.memory_bytes.to_string(),
+                        )?;
                     }
                 }
                 Placement::V2 => {

@@ -129,7 +129,8 @@ fn launch(cfg: &InitConfig) -> Result<i32, String> {
     fs::write(pid_dir.join("uid_map"), &map).map_err(|e| format!("write uid_map: {e}"))?;
     fs::write(pid_dir.join("gid_map"), &map).map_err(|e| format!("write gid_map: {e}"))?;
     let mut go = fs::File::from(go_write);
-    go.write_all(b"g").map_err(|e| format!("release child: {e}"))?;
+    go.write_all(b"g")
+        .map_err(|e| format!("release child: {e}"))?;
     drop(go);
 
     // The status pipe closes on the child's successful exec; anything written is an error.
@@ -191,7 +192,10 @@ fn setup(cfg: &InitConfig, fds: ChildFds) -> Result<Never, String> {
     // The listener must survive exec; everything else of ours is close-on-exec.
     // SAFETY: fcntl on an fd we own.
     if unsafe { libc::fcntl(fds.listener, libc::F_SETFD, 0) } < 0 {
-        return Err(format!("keep listener: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "keep listener: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     limit_core_dumps();
     drop_privileges()?;
@@ -241,7 +245,10 @@ fn overlay(lower: &Path, layers: &Path, target: &Path) -> Result<(), String> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some(data.as_str()),
     )
-    .map_err(mount_err(&format!("overlay of {}", lower.display()), target))
+    .map_err(mount_err(
+        &format!("overlay of {}", lower.display()),
+        target,
+    ))
 }
 
 /// Builds the sandbox root and pivots into it.
@@ -278,8 +285,8 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
                 let inside = root.join(name);
                 match fs::symlink_metadata(host) {
                     Ok(meta) if meta.file_type().is_symlink() => {
-                        let target = fs::read_link(host)
-                            .map_err(|e| format!("readlink {dir}: {e}"))?;
+                        let target =
+                            fs::read_link(host).map_err(|e| format!("readlink {dir}: {e}"))?;
                         symlink(&target, &inside)
                             .map_err(|e| format!("symlink {}: {e}", inside.display()))?;
                     }

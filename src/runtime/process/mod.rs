@@ -97,13 +97,17 @@ impl ProcessRuntime {
                 "user namespaces are disabled (/proc/sys/user/max_user_namespaces is 0)".into(),
             ));
         }
-        let cgroups = Cgroups::detect(&config.cgroup_parent).map_err(|e| unsupported(e.to_string()))?;
+        let cgroups =
+            Cgroups::detect(&config.cgroup_parent).map_err(|e| unsupported(e.to_string()))?;
         tracing::info!(layout = %cgroups.describe(), "cgroup controllers");
         let exe = std::env::current_exe()?;
         let sandboxes_dir = config.state_dir.join("sandboxes");
         // Sandboxes' mapped root must traverse (never list) these to mount their root.
         for dir in [&config.state_dir, &sandboxes_dir] {
-            fs::DirBuilder::new().recursive(true).mode(0o711).create(dir)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(dir)?;
             set_mode(dir, 0o711)?;
         }
         Ok(Self {
@@ -120,7 +124,12 @@ impl ProcessRuntime {
         self.sandboxes_dir.join(id)
     }
 
-    async fn create_inner(&self, id: &str, spec: &PoolSpec, slot: u32) -> Result<Created, RuntimeError> {
+    async fn create_inner(
+        &self,
+        id: &str,
+        spec: &PoolSpec,
+        slot: u32,
+    ) -> Result<Created, RuntimeError> {
         let dir = self.dir(id);
         fs::DirBuilder::new().mode(0o711).create(&dir)?;
         set_mode(&dir, 0o711)?;
@@ -145,7 +154,8 @@ impl ProcessRuntime {
             network: spec.network,
             rootfs: spec.rootfs.as_ref().map(PathBuf::from),
         };
-        let json = serde_json::to_string(&config).map_err(|e| RuntimeError::Create(e.to_string()))?;
+        let json =
+            serde_json::to_string(&config).map_err(|e| RuntimeError::Create(e.to_string()))?;
         let output = tokio::process::Command::new(&self.exe)
             .arg("sandbox-init")
             .arg(json)
@@ -179,7 +189,10 @@ impl ProcessRuntime {
             Live {
                 pid,
                 // SAFETY: the pidfd is owned by the AsyncFd from here on and never closed elsewhere.
-                pidfd: Arc::new(unsafe { AsyncFd::register(pidfd) }.map_err(|e| std::io::Error::other(e.to_string()))?),
+                pidfd: Arc::new(
+                    unsafe { AsyncFd::register(pidfd) }
+                        .map_err(|e| std::io::Error::other(e.to_string()))?,
+                ),
                 slot,
             },
         );
@@ -187,7 +200,11 @@ impl ProcessRuntime {
     }
 
     async fn destroy_inner(&self, id: &str) -> Result<(), RuntimeError> {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let live = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         if let Some(live) = &live {
             // Killing PID 1 of a pid namespace kills every process in it.
             pidfd_kill(live.pidfd.get_ref());
@@ -204,7 +221,11 @@ impl ProcessRuntime {
         }
         if let Some(live) = live {
             let _ = live.pid;
-            self.slots.lock().unwrap_or_else(|p| p.into_inner()).free.push(live.slot);
+            self.slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .free
+                .push(live.slot);
         }
         Ok(())
     }
@@ -245,23 +266,37 @@ impl Runtime for ProcessRuntime {
         "process"
     }
 
-    fn create<'a>(&'a self, id: &'a str, spec: &'a PoolSpec) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+    fn create<'a>(
+        &'a self,
+        id: &'a str,
+        spec: &'a PoolSpec,
+    ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
         Box::pin(async move {
             let slot = self
                 .slots
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .take()
-                .ok_or_else(|| RuntimeError::Create(format!("more than {MAX_SLOTS} sandboxes on this node")))?;
+                .ok_or_else(|| {
+                    RuntimeError::Create(format!("more than {MAX_SLOTS} sandboxes on this node"))
+                })?;
             let result = self.create_inner(id, spec, slot).await;
             if result.is_err() {
-                let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
+                let live = self
+                    .live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(id);
                 if live {
                     let _ = self.destroy_inner(id).await;
                 } else {
                     let _ = self.cgroups.remove(id).await;
                     let _ = fs::remove_dir_all(self.dir(id));
-                    self.slots.lock().unwrap_or_else(|p| p.into_inner()).free.push(slot);
+                    self.slots
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .free
+                        .push(slot);
                 }
             }
             result
