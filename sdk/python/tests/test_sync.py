@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,21 @@ def test_pool_exhausted(client: arl.Client) -> None:
         assert e.retryable and e.status == 503 and e.code == "pool_exhausted"
         assert isinstance(e.alternatives, list)
         assert first.exec(["true"]).ok
+
+
+@pytest.mark.xfail(
+    reason="daemon deviation: POST /v1/sandboxes with count > idle checks `max` after taking the idle "
+    "sandboxes out of the count, so a max=1 pool hands out 2",
+    strict=False,
+)
+def test_pool_max_respected_with_count(client: arl.Client) -> None:
+    deadline = time.monotonic() + 20
+    while client.pool("tiny").status.idle < 1:  # its one sandbox is warm
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(arl.PoolExhausted):
+        sbs = client.acquire_many("tiny", 2)
+        sbs.release_all()
 
 
 def test_unknown_pool(client: arl.Client) -> None:

@@ -297,7 +297,22 @@ class _AcquireMany:
         self._sbs: AsyncSandboxList | None = None
 
     async def _get(self) -> AsyncSandboxList:
-        return AsyncSandboxList(await self._c._acquire(*self._args))
+        c = self._c
+        pool, n, *rest = self._args
+        try:
+            return AsyncSandboxList(await c._acquire(pool, n, *rest))
+        except PoolExhausted:
+            if len(c._cfg.endpoints) == 1 or n == 1:
+                raise
+        # No single node has n idle: gather them one by one across the nodes (all or nothing).
+        got = AsyncSandboxList()
+        try:
+            for _ in range(n):
+                got.append((await c._acquire(pool, 1, *rest))[0])
+        except BaseException:
+            await got.release_all(raise_errors=False)
+            raise
+        return got
 
     def __await__(self) -> Generator[Any, None, AsyncSandboxList]:
         return self._get().__await__()

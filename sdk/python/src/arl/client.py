@@ -202,11 +202,25 @@ class Client:
         idle_timeout: float | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> SandboxList:
-        """Acquire ``n`` sandboxes in one request per node. Returns a list that is also a
-        context manager releasing them all."""
+        """Acquire ``n`` sandboxes with one request to the best node; when no single node can
+        provide them all, they are gathered one by one across the nodes (all or nothing).
+        Returns a list that is also a context manager releasing them all."""
         if n < 1:
             raise ValueError("n must be >= 1")
-        return SandboxList(self._acquire(pool, n, env, ttl, idle_timeout, labels))
+        try:
+            return SandboxList(self._acquire(pool, n, env, ttl, idle_timeout, labels))
+        except PoolExhausted:
+            if len(self._cfg.endpoints) == 1 or n == 1:
+                raise
+        # No single node has n idle: gather them one by one across the nodes (all or nothing).
+        got = SandboxList()
+        try:
+            for _ in range(n):
+                got.append(self._acquire(pool, 1, env, ttl, idle_timeout, labels)[0])
+        except BaseException:
+            got.release_all(raise_errors=False)
+            raise
+        return got
 
     def _acquire(
         self,
