@@ -94,6 +94,11 @@ def test_async_files(daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped
             assert await sb.read_text("b.bin", "latin-1") == "\xff"
             info = await sb.upload(src, "up/in.bin")
             assert info.sha256 == digest
+            with open(src, "rb") as f:
+                info = await sb.write_file("up/again.bin", f)
+            assert info.sha256 == digest
+            chunks = [c async for c in sb.iter_file("up/again.bin", chunk_size=1 << 20)]
+            assert len(chunks) > 1 and hashlib.sha256(b"".join(chunks)).hexdigest() == digest
             n = await sb.download("up/in.bin", tmp_path / "out.bin")
             assert n == src.stat().st_size
             assert hashlib.sha256((tmp_path / "out.bin").read_bytes()).hexdigest() == digest

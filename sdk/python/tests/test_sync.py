@@ -118,6 +118,8 @@ def test_write_file_read_delete(sb: arl.Sandbox) -> None:
         sb.read_file("w/one.txt")
     with pytest.raises(FileNotFoundError):
         sb.read_file("w/one.txt")
+    with pytest.raises(arl.RemoteFileNotFound):
+        sb.read_file("sandbox-notes.txt")  # a file name mentioning "sandbox" is still a file
     sb.delete_file("w/one.txt", missing_ok=True)
     with pytest.raises(arl.NotFound):
         sb.delete_file("w/one.txt")

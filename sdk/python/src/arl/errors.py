@@ -222,7 +222,7 @@ def error_from_response(
         cls = AuthError
     elif status == 404:
         low = message.lower()
-        if context == "file" and "sandbox" not in low:
+        if context == "file" and ("no such file" in low or "sandbox" not in low):
             cls = RemoteFileNotFound
         elif context in ("sandbox", "file"):
             cls = SandboxNotFound
