@@ -127,3 +127,20 @@ def test_exec_across_restart_never_runs_twice(tmp_path: Path) -> None:
         c.close()
     finally:
         d.cleanup()
+
+
+@pytest.mark.xfail(
+    reason="daemon deviation: POST /v1/sandboxes ignores request_id, so an acquisition retried after a "
+    "lost response hands out a second sandbox (the first one leaks until its ttl)",
+    strict=False,
+)
+def test_acquire_request_id_is_idempotent(client: arl.Client) -> None:
+    from arl._common import dumps
+
+    body = dumps({"pool": "default", "request_id": "acquire-once"})
+    ep = client._cfg.endpoints[0]
+    first = client._t.request_json(ep, "POST", "/v1/sandboxes", body)["sandboxes"][0]["id"]
+    second = client._t.request_json(ep, "POST", "/v1/sandboxes", body)["sandboxes"][0]["id"]
+    for sid in {first, second}:
+        client.attach(sid).release()
+    assert first == second
