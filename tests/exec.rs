@@ -22,7 +22,9 @@ async fn exec_reports_output_exit_code_and_duration() {
     assert_eq!(r["truncated"], false);
     assert!(r["duration_ms"].as_f64().unwrap() > 0.0);
 
-    let r = d.exec(&id, json!({"cmd": ["printf", "%s|", "a b", "c"]})).await;
+    let r = d
+        .exec(&id, json!({"cmd": ["printf", "%s|", "a b", "c"]}))
+        .await;
     assert_eq!(r["stdout"], "a b|c|", "argv is passed without a shell");
 
     let r = d.exec(&id, json!({"cmd": ["/no/such/program"]})).await;
@@ -36,12 +38,19 @@ async fn exec_reports_output_exit_code_and_duration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_cwd_and_stdin() {
     let d = Daemon::start(Options {
-        config: Some("[pools.default]\nmin_idle = 1\nenv = { POOL_VAR = \"pool\", SHARED = \"pool\" }\n".into()),
+        config: Some(
+            "[pools.default]\nmin_idle = 1\nenv = { POOL_VAR = \"pool\", SHARED = \"pool\" }\n"
+                .into(),
+        ),
         ..Options::default()
     })
     .await;
     let (status, body) = d
-        .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "default", "env": {"LEASE_VAR": "lease", "SHARED": "lease"}})))
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"pool": "default", "env": {"LEASE_VAR": "lease", "SHARED": "lease"}})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let id = body["sandboxes"][0]["id"].as_str().unwrap().to_string();
@@ -49,8 +58,16 @@ async fn env_cwd_and_stdin() {
     let r = d
         .exec(&id, json!({"shell": "echo $POOL_VAR $LEASE_VAR $SHARED $REQ_VAR", "env": {"REQ_VAR": "req"}}))
         .await;
-    assert_eq!(r["stdout"], "pool lease lease req\n", "late-bound env layers: {r}");
-    let r = d.exec(&id, json!({"shell": "echo $SHARED", "env": {"SHARED": "req"}})).await;
+    assert_eq!(
+        r["stdout"], "pool lease lease req\n",
+        "late-bound env layers: {r}"
+    );
+    let r = d
+        .exec(
+            &id,
+            json!({"shell": "echo $SHARED", "env": {"SHARED": "req"}}),
+        )
+        .await;
     assert_eq!(r["stdout"], "req\n");
 
     let r = d.sh(&id, "pwd").await;
@@ -61,13 +78,24 @@ async fn env_cwd_and_stdin() {
     let r = d.exec(&id, json!({"cmd": ["pwd"], "cwd": "/tmp"})).await;
     assert_eq!(r["stdout"], "/tmp\n");
     let (status, body) = d
-        .call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(json!({"cmd": ["pwd"], "cwd": "/nope"})))
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"cmd": ["pwd"], "cwd": "/nope"})),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 
-    let r = d.exec(&id, json!({"cmd": ["wc", "-c"], "stdin": "hello"})).await;
+    let r = d
+        .exec(&id, json!({"cmd": ["wc", "-c"], "stdin": "hello"}))
+        .await;
     assert_eq!(r["stdout"], "5\n");
-    let r = d.exec(&id, json!({"cmd": ["od", "-An", "-tx1"], "stdin_b64": "AAH/"})).await;
+    let r = d
+        .exec(
+            &id,
+            json!({"cmd": ["od", "-An", "-tx1"], "stdin_b64": "AAH/"}),
+        )
+        .await;
     assert_eq!(r["stdout"].as_str().unwrap().trim(), "00 01 ff");
     // A large stdin that the command ignores does not hang the exec.
     let big = "x".repeat(1 << 20);
@@ -81,8 +109,13 @@ async fn streaming_delivers_chunks_as_they_come() {
     let id = d.acquire("default").await;
     let body = json!({"shell": "echo one; sleep 0.6; echo two >&2; exit 4"});
     let started = Instant::now();
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", d.port)).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", d.port))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let req = hyper::Request::post(format!("/v1/sandboxes/{id}/exec"))
         .header("host", "localhost")
@@ -105,13 +138,19 @@ async fn streaming_delivers_chunks_as_they_come() {
             }
         }
     }
-    let kinds: Vec<&str> = events.iter().map(|(_, e)| e["type"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|(_, e)| e["type"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["stdout", "stderr", "result"], "{events:?}");
     assert_eq!(events[0].1["data"], "one\n");
     assert_eq!(events[1].1["data"], "two\n");
     assert_eq!(events[2].1["exit_code"], 4);
     // The first chunk arrived well before the command finished.
-    assert!(events[2].0 - events[0].0 >= Duration::from_millis(400), "{events:?}");
+    assert!(
+        events[2].0 - events[0].0 >= Duration::from_millis(400),
+        "{events:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +167,10 @@ async fn timeout_kills_the_whole_tree() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(r["timed_out"], true, "{r}");
     assert_eq!(r["signal"], 9);
-    assert_eq!(r["stdout"], "started\n", "output before the timeout is kept");
+    assert_eq!(
+        r["stdout"], "started\n",
+        "output before the timeout is kept"
+    );
     let r = d.sh(&id, "kill -0 $(cat /tmp/bg) 2>/dev/null && echo alive; kill -0 $(cat /tmp/bg2) 2>/dev/null && echo alive2; echo checked").await;
     assert_eq!(r["stdout"], "checked\n", "grandchildren must be dead: {r}");
 }
@@ -140,7 +182,10 @@ async fn background_process_does_not_hold_the_exec() {
     let started = Instant::now();
     let r = d.sh(&id, "sleep 60 & echo done").await;
     assert_eq!(r["stdout"], "done\n");
-    assert!(started.elapsed() < Duration::from_secs(5), "the exec waited for its background child");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the exec waited for its background child"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +199,10 @@ async fn huge_output_is_capped_and_daemon_memory_stays_bounded() {
     assert_eq!(r["stdout"].as_str().unwrap().len(), 1 << 20);
     assert_eq!(r["stderr"], "tail\n");
     let r = d
-        .exec(&id, json!({"shell": "head -c 5000 /dev/zero | tr '\\0' y", "max_output_bytes": 100}))
+        .exec(
+            &id,
+            json!({"shell": "head -c 5000 /dev/zero | tr '\\0' y", "max_output_bytes": 100}),
+        )
         .await;
     assert_eq!(r["stdout"].as_str().unwrap().len(), 100);
     assert_eq!(r["truncated"], true);
@@ -164,7 +212,9 @@ async fn huge_output_is_capped_and_daemon_memory_stays_bounded() {
         .request_with(
             Method::POST,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(Bytes::from(json!({"shell": "head -c 200000000 /dev/zero | tr '\\0' z"}).to_string())),
+            Some(Bytes::from(
+                json!({"shell": "head -c 200000000 /dev/zero | tr '\\0' z"}).to_string(),
+            )),
             None,
             &[("accept", "application/x-ndjson")],
         )
@@ -183,7 +233,10 @@ async fn huge_output_is_capped_and_daemon_memory_stays_bounded() {
         .sum();
     assert_eq!(streamed, 1 << 20);
     let after = common::rss_kib(d.pid());
-    assert!(after < before + 64 * 1024, "daemon RSS grew from {before} KiB to {after} KiB");
+    assert!(
+        after < before + 64 * 1024,
+        "daemon RSS grew from {before} KiB to {after} KiB"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,10 +268,14 @@ async fn sixty_four_concurrent_clients() {
         tasks.push(tokio::spawn(async move {
             let id = d.acquire("default").await;
             for step in 0..10 {
-                let r = d.exec(&id, json!({"cmd": ["echo", format!("{client}-{step}")]})).await;
+                let r = d
+                    .exec(&id, json!({"cmd": ["echo", format!("{client}-{step}")]}))
+                    .await;
                 assert_eq!(r["stdout"], format!("{client}-{step}\n"));
             }
-            let (status, _) = d.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None).await;
+            let (status, _) = d
+                .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+                .await;
             assert_eq!(status, StatusCode::NO_CONTENT);
         }));
     }
@@ -241,15 +298,27 @@ async fn malformed_exec_requests_get_clear_errors() {
         (r#"{"cmd": ["true"], "bogus": 1}"#, "unknown field"),
         (r#"{"cmd": ["true"], "stdin_b64": "%%%"}"#, "stdin_b64"),
     ] {
-        let (status, bytes) = d.request_raw(Method::POST, &path, Some(Bytes::from(body)), None).await.unwrap();
+        let (status, bytes) = d
+            .request_raw(Method::POST, &path, Some(Bytes::from(body)), None)
+            .await
+            .unwrap();
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
         assert_eq!(v["error"]["code"], "bad_request");
-        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{body}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{body}: {v}"
+        );
     }
     // Over the body limit: 413, and the sandbox still works.
-    let huge = format!(r#"{{"cmd": ["true"], "stdin": "{}"}}"#, "a".repeat(17 << 20));
-    let (status, _) = d.request_raw(Method::POST, &path, Some(Bytes::from(huge)), None).await.unwrap();
+    let huge = format!(
+        r#"{{"cmd": ["true"], "stdin": "{}"}}"#,
+        "a".repeat(17 << 20)
+    );
+    let (status, _) = d
+        .request_raw(Method::POST, &path, Some(Bytes::from(huge)), None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(d.sh(&id, "echo fine").await["stdout"], "fine\n");
 }

@@ -22,7 +22,10 @@ async fn files_round_trip_with_sha256() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let sum = sha256_hex(&data);
     let url = format!("/v1/sandboxes/{id}/files?path=deep/dir/blob.bin&mode=600&sha256={sum}");
-    let (status, body) = d.request_raw(Method::PUT, &url, Some(Bytes::from(data.clone())), None).await.unwrap();
+    let (status, body) = d
+        .request_raw(Method::PUT, &url, Some(Bytes::from(data.clone())), None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     let info: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(info["path"], "/workspace/deep/dir/blob.bin");
@@ -30,23 +33,50 @@ async fn files_round_trip_with_sha256() {
     assert_eq!(info["sha256"], sum);
 
     let (status, back) = d
-        .request_raw(Method::GET, &format!("/v1/sandboxes/{id}/files?path=/workspace/deep/dir/blob.bin"), None, None)
+        .request_raw(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/files?path=/workspace/deep/dir/blob.bin"),
+            None,
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(sha256_hex(&back), sum);
-    let r = d.sh(&id, "stat -c %a deep/dir/blob.bin; sha256sum deep/dir/blob.bin | cut -d' ' -f1").await;
+    let r = d
+        .sh(
+            &id,
+            "stat -c %a deep/dir/blob.bin; sha256sum deep/dir/blob.bin | cut -d' ' -f1",
+        )
+        .await;
     assert_eq!(r["stdout"], format!("600\n{sum}\n"));
 
     // A wrong checksum is refused and leaves the old file alone.
     let (status, body) = d
-        .request_raw(Method::PUT, &format!("/v1/sandboxes/{id}/files?path=deep/dir/blob.bin&sha256={}", "0".repeat(64)), Some(Bytes::from_static(b"other")), None)
+        .request_raw(
+            Method::PUT,
+            &format!(
+                "/v1/sandboxes/{id}/files?path=deep/dir/blob.bin&sha256={}",
+                "0".repeat(64)
+            ),
+            Some(Bytes::from_static(b"other")),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(String::from_utf8_lossy(&body).contains("checksum_mismatch"));
-    let r = d.sh(&id, "sha256sum deep/dir/blob.bin | cut -d' ' -f1; ls -A deep/dir").await;
-    assert_eq!(r["stdout"], format!("{sum}\nblob.bin\n"), "no temp file left behind");
+    let r = d
+        .sh(
+            &id,
+            "sha256sum deep/dir/blob.bin | cut -d' ' -f1; ls -A deep/dir",
+        )
+        .await;
+    assert_eq!(
+        r["stdout"],
+        format!("{sum}\nblob.bin\n"),
+        "no temp file left behind"
+    );
 
     // Several files in one call (hot code reload), text and base64, with a mode.
     let (status, body) = d
@@ -64,10 +94,31 @@ async fn files_round_trip_with_sha256() {
     let r = d.sh(&id, "python3 app/main.py && ./app/run.sh").await;
     assert_eq!(r["stdout"], "hi from main\nrun\n", "{r}");
 
-    let (status, _) = d.request_raw(Method::DELETE, &format!("/v1/sandboxes/{id}/files?path=app/main.py"), None, None).await.unwrap();
+    let (status, _) = d
+        .request_raw(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{id}/files?path=app/main.py"),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, body) = d.request_raw(Method::GET, &format!("/v1/sandboxes/{id}/files?path=app/main.py"), None, None).await.unwrap();
-    assert_eq!(status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&body));
+    let (status, body) = d
+        .request_raw(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/files?path=app/main.py"),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,22 +126,74 @@ async fn paths_that_leave_the_sandbox_are_refused() {
     let d = Daemon::start(Options::default()).await;
     let id = d.acquire("default").await;
     d.sh(&id, "ln -s / /workspace/rootlink; ln -s /etc/shadow /workspace/shadow; ln -s ../etc /workspace/up").await;
-    for path in ["../etc/passwd", "a/../../etc/passwd", "rootlink/etc/hostname", "up/passwd", "/workspace/../etc/passwd", "/proc/1/root/etc/hostname", "/proc/self/cwd/x"] {
+    for path in [
+        "../etc/passwd",
+        "a/../../etc/passwd",
+        "rootlink/etc/hostname",
+        "up/passwd",
+        "/workspace/../etc/passwd",
+        "/proc/1/root/etc/hostname",
+        "/proc/self/cwd/x",
+    ] {
         let (status, body) = d
-            .request_raw(Method::PUT, &format!("/v1/sandboxes/{id}/files?path={path}"), Some(Bytes::from_static(b"x")), None)
+            .request_raw(
+                Method::PUT,
+                &format!("/v1/sandboxes/{id}/files?path={path}"),
+                Some(Bytes::from_static(b"x")),
+                None,
+            )
             .await
             .unwrap();
         let v: Value = serde_json::from_slice(&body).unwrap();
-        assert!(status == StatusCode::BAD_REQUEST && v["error"]["code"] == "path_refused", "write {path}: {status} {v}");
-        let (status, body) = d.request_raw(Method::GET, &format!("/v1/sandboxes/{id}/files?path={path}"), None, None).await.unwrap();
+        assert!(
+            status == StatusCode::BAD_REQUEST && v["error"]["code"] == "path_refused",
+            "write {path}: {status} {v}"
+        );
+        let (status, body) = d
+            .request_raw(
+                Method::GET,
+                &format!("/v1/sandboxes/{id}/files?path={path}"),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
         let v: Value = serde_json::from_slice(&body).unwrap();
-        assert!(status == StatusCode::BAD_REQUEST && v["error"]["code"] == "path_refused", "read {path}: {status} {v}");
+        assert!(
+            status == StatusCode::BAD_REQUEST && v["error"]["code"] == "path_refused",
+            "read {path}: {status} {v}"
+        );
     }
     // The sandbox's own /etc/shadow (the host's, through the overlay) is not readable either.
-    let (status, body) = d.request_raw(Method::GET, &format!("/v1/sandboxes/{id}/files?path=/etc/shadow"), None, None).await.unwrap();
-    assert_eq!(status, StatusCode::FORBIDDEN, "{}", String::from_utf8_lossy(&body));
-    let (status, _) = d.request_raw(Method::GET, &format!("/v1/sandboxes/{id}/files?path=/etc/hostname"), None, None).await.unwrap();
-    assert_eq!(status, StatusCode::OK, "absolute paths inside the sandbox work");
+    let (status, body) = d
+        .request_raw(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/files?path=/etc/shadow"),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let (status, _) = d
+        .request_raw(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/files?path=/etc/hostname"),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "absolute paths inside the sandbox work"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,24 +208,41 @@ async fn host_data_is_out_of_sight() {
         d.state_dir().display()
     );
     let r = d.sh(&id, &script).await;
-    let out = format!("{}{}", r["stdout"].as_str().unwrap(), r["stderr"].as_str().unwrap());
+    let out = format!(
+        "{}{}",
+        r["stdout"].as_str().unwrap(),
+        r["stderr"].as_str().unwrap()
+    );
     assert!(!out.contains("host secret"), "{out}");
     assert!(out.contains("/etc/shadow: Permission denied"), "{out}");
-    assert!(out.contains("No such file or directory"), "state dir must not exist inside: {out}");
-    assert!(out.contains("/home:\n\n/root:\n"), "/root and /home are the sandbox's own, empty: {out}");
+    assert!(
+        out.contains("No such file or directory"),
+        "state dir must not exist inside: {out}"
+    );
+    assert!(
+        out.contains("/home:\n\n/root:\n"),
+        "/root and /home are the sandbox's own, empty: {out}"
+    );
 
     // Root inside is an unprivileged uid outside.
     let pid = d.agent_pid(&id);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     let host_uid: u32 = uid_line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    assert!(host_uid >= 65536, "sandbox root maps to host uid {host_uid}");
+    assert!(
+        host_uid >= 65536,
+        "sandbox root maps to host uid {host_uid}"
+    );
     assert!(status.contains("NoNewPrivs:\t1"));
     assert!(status.contains("Seccomp:\t2"));
 
     // Only loopback, and namespaces cannot be nested to undo the limits.
     let r = d.sh(&id, "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; unshare -U true 2>&1 || echo refused").await;
-    assert_eq!(r["stdout"].as_str().unwrap().lines().next(), Some("lo"), "{r}");
+    assert_eq!(
+        r["stdout"].as_str().unwrap().lines().next(),
+        Some("lo"),
+        "{r}"
+    );
     assert!(r["stdout"].as_str().unwrap().contains("refused"), "{r}");
 }
 
@@ -135,7 +255,11 @@ async fn setuid_binaries_give_no_privilege() {
         .await;
     let lines: Vec<&str> = r["stdout"].as_str().unwrap().lines().collect();
     assert_eq!(lines.first(), Some(&"-rwsr-xr-x"), "{r}");
-    assert_eq!(lines.get(1), Some(&"1000"), "setuid must not raise the uid: {r}");
+    assert_eq!(
+        lines.get(1),
+        Some(&"1000"),
+        "setuid must not raise the uid: {r}"
+    );
     assert_eq!(lines.get(2), Some(&"0"), "su must not become root: {r}");
 }
 
@@ -149,14 +273,37 @@ async fn fork_bomb_is_held_by_the_pids_limit() {
     let bomb = d.acquire("default").await;
     let other = d.acquire("default").await;
     let started = Instant::now();
-    let r = d.exec(&bomb, json!({"shell": "bomb() { bomb | bomb & }; bomb; sleep 2", "timeout_ms": 4000})).await;
+    let r = d
+        .exec(
+            &bomb,
+            json!({"shell": "bomb() { bomb | bomb & }; bomb; sleep 2", "timeout_ms": 4000}),
+        )
+        .await;
     assert!(started.elapsed() < Duration::from_secs(20), "{r}");
-    assert_eq!(d.sh(&other, "echo other fine").await["stdout"], "other fine\n");
-    let (status, _) = d.call(Method::POST, &format!("/v1/sandboxes/{bomb}/reset"), None).await;
+    assert_eq!(
+        d.sh(&other, "echo other fine").await["stdout"],
+        "other fine\n"
+    );
+    let (status, _) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{bomb}/reset"), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
-    let r = d.sh(&bomb, "echo recovered; ls /proc | grep -c '^[0-9]'").await;
-    assert_eq!(r["stdout"].as_str().unwrap().lines().next(), Some("recovered"), "{r}");
-    let procs: u32 = r["stdout"].as_str().unwrap().lines().nth(1).unwrap().parse().unwrap();
+    let r = d
+        .sh(&bomb, "echo recovered; ls /proc | grep -c '^[0-9]'")
+        .await;
+    assert_eq!(
+        r["stdout"].as_str().unwrap().lines().next(),
+        Some("recovered"),
+        "{r}"
+    );
+    let procs: u32 = r["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(procs <= 4, "reset left {procs} processes");
 }
 
@@ -172,8 +319,17 @@ async fn memory_hog_dies_alone() {
     let r = d.exec(&hog, json!({"cmd": ["python3", "-c", "b = bytearray(400 << 20); print('survived')"], "timeout_ms": 30000})).await;
     assert_eq!(r["signal"], 9, "the hog is OOM-killed: {r}");
     assert_ne!(r["stdout"], "survived\n");
-    assert_eq!(d.sh(&hog, "echo agent alive").await["stdout"], "agent alive\n");
-    assert_eq!(d.sh(&other, "echo other fine").await["stdout"], "other fine\n");
-    let (status, _) = d.request_raw(Method::GET, "/healthz", None, None).await.unwrap();
+    assert_eq!(
+        d.sh(&hog, "echo agent alive").await["stdout"],
+        "agent alive\n"
+    );
+    assert_eq!(
+        d.sh(&other, "echo other fine").await["stdout"],
+        "other fine\n"
+    );
+    let (status, _) = d
+        .request_raw(Method::GET, "/healthz", None, None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
 }

@@ -18,14 +18,31 @@ async fn pools_acquire_many_release_and_exhaustion() {
     })
     .await;
     d.wait_pool("small", 20, |s| s["idle"] == 2).await;
-    let (status, body) = d.call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "small", "count": 3, "labels": {"episode": "7"}}))).await;
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"pool": "small", "count": 3, "labels": {"episode": "7"}})),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let ids: Vec<String> = body["sandboxes"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = body["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), 3);
     assert_eq!(body["sandboxes"][0]["labels"]["episode"], "7");
     assert_eq!(body["sandboxes"][0]["state"], "allocated");
 
-    let (status, body) = d.call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "small"}))).await;
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"pool": "small"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"]["code"], "pool_exhausted");
     assert_eq!(body["error"]["retryable"], true);
@@ -33,27 +50,53 @@ async fn pools_acquire_many_release_and_exhaustion() {
     let (_, list) = d.call(Method::GET, "/v1/sandboxes", None).await;
     assert_eq!(list["sandboxes"].as_array().unwrap().len(), 3);
     for id in &ids {
-        let (status, _) = d.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None).await;
+        let (status, _) = d
+            .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            .await;
         assert_eq!(status, StatusCode::NO_CONTENT);
-        let (status, body) = d.call(Method::GET, &format!("/v1/sandboxes/{id}"), None).await;
+        let (status, body) = d
+            .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+            .await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     }
-    d.wait_pool("small", 20, |s| s["idle"] == 2 && s["allocated"] == 0).await;
+    d.wait_pool("small", 20, |s| s["idle"] == 2 && s["allocated"] == 0)
+        .await;
 
     // Pools over the API: create, validate, delete.
-    let (status, body) = d.call(Method::PUT, "/v1/pools/extra", Some(json!({"min_idle": 1, "max": 2, "memory_mb": 128}))).await;
+    let (status, body) = d
+        .call(
+            Method::PUT,
+            "/v1/pools/extra",
+            Some(json!({"min_idle": 1, "max": 2, "memory_mb": 128})),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["spec"]["memory_mb"], 128);
     d.wait_pool("extra", 20, |s| s["idle"] == 1).await;
-    for bad in [json!({"min_idle": 5, "max": 2}), json!({"max": 0}), json!({"memory_mb": 1}), json!({"nonsense": true})] {
-        let (status, body) = d.call(Method::PUT, "/v1/pools/extra", Some(bad.clone())).await;
+    for bad in [
+        json!({"min_idle": 5, "max": 2}),
+        json!({"max": 0}),
+        json!({"memory_mb": 1}),
+        json!({"nonsense": true}),
+    ] {
+        let (status, body) = d
+            .call(Method::PUT, "/v1/pools/extra", Some(bad.clone()))
+            .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
-    let (status, _) = d.call(Method::PUT, "/v1/pools/Bad_Name", Some(json!({}))).await;
+    let (status, _) = d
+        .call(Method::PUT, "/v1/pools/Bad_Name", Some(json!({})))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = d.call(Method::DELETE, "/v1/pools/extra", None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, body) = d.call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "extra"}))).await;
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"pool": "extra"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
 }
 
@@ -68,31 +111,80 @@ async fn unknown_ids_bad_bodies_and_routes() {
         (Method::GET, "/v1/pools/nope"),
         (Method::GET, "/v2/whatever"),
     ] {
-        let (status, body) = d.call(method.clone(), path, Some(json!({"cmd": ["true"]}))).await;
+        let (status, body) = d
+            .call(method.clone(), path, Some(json!({"cmd": ["true"]})))
+            .await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {body}");
         assert_eq!(body["error"]["code"], "not_found");
     }
-    let (status, body) = d.request_raw(Method::POST, "/v1/sandboxes", Some(Bytes::from("[1,2")), None).await.unwrap();
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
-    let huge = Bytes::from(format!(r#"{{"pool": "default", "labels": {{"x": "{}"}}}}"#, "y".repeat(2 << 20)));
-    let (status, _) = d.request_raw(Method::POST, "/v1/sandboxes", Some(huge), None).await.unwrap();
+    let (status, body) = d
+        .request_raw(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(Bytes::from("[1,2")),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let huge = Bytes::from(format!(
+        r#"{{"pool": "default", "labels": {{"x": "{}"}}}}"#,
+        "y".repeat(2 << 20)
+    ));
+    let (status, _) = d
+        .request_raw(Method::POST, "/v1/sandboxes", Some(huge), None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    let (status, body) = d.call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "default", "count": 0}))).await;
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"pool": "default", "count": 0})),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let id = d.acquire("default").await;
-    let (status, body) = d.request_raw(Method::PUT, &format!("/v1/sandboxes/{id}/files"), Some(Bytes::from("x")), None).await.unwrap();
-    assert_eq!(status, StatusCode::BAD_REQUEST, "path is required: {}", String::from_utf8_lossy(&body));
+    let (status, body) = d
+        .request_raw(
+            Method::PUT,
+            &format!("/v1/sandboxes/{id}/files"),
+            Some(Bytes::from("x")),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "path is required: {}",
+        String::from_utf8_lossy(&body)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_refuses_missing_wrong_and_foreign_tokens() {
-    let d = Daemon::start(Options { tokens: vec!["alice-token".into(), "bob-token".into()], ..Options::default() }).await;
+    let d = Daemon::start(Options {
+        tokens: vec!["alice-token".into(), "bob-token".into()],
+        ..Options::default()
+    })
+    .await;
     let (status, body) = d.call_as(None, Method::GET, "/v1/pools", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(body["error"]["code"], "unauthorized");
-    let (status, _) = d.call_as(Some("mallory"), Method::GET, "/v1/pools", None).await;
+    let (status, _) = d
+        .call_as(Some("mallory"), Method::GET, "/v1/pools", None)
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = d.request_raw(Method::GET, "/healthz", None, None).await.unwrap();
+    let (status, _) = d
+        .request_raw(Method::GET, "/healthz", None, None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK, "health stays open");
 
     let id = d.acquire("default").await;
@@ -101,25 +193,42 @@ async fn auth_refuses_missing_wrong_and_foreign_tokens() {
         (Method::POST, format!("/v1/sandboxes/{id}/exec")),
         (Method::DELETE, format!("/v1/sandboxes/{id}")),
     ] {
-        let (status, body) = d.call_as(Some("bob-token"), method, &path, Some(json!({"cmd": ["true"]}))).await;
+        let (status, body) = d
+            .call_as(
+                Some("bob-token"),
+                method,
+                &path,
+                Some(json!({"cmd": ["true"]})),
+            )
+            .await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
     }
-    let (_, list) = d.call_as(Some("bob-token"), Method::GET, "/v1/sandboxes", None).await;
-    assert_eq!(list["sandboxes"].as_array().unwrap().len(), 0, "bob sees none of alice's sandboxes");
+    let (_, list) = d
+        .call_as(Some("bob-token"), Method::GET, "/v1/sandboxes", None)
+        .await;
+    assert_eq!(
+        list["sandboxes"].as_array().unwrap().len(),
+        0,
+        "bob sees none of alice's sandboxes"
+    );
     assert_eq!(d.sh(&id, "echo mine").await["stdout"], "mine\n");
 
     // Tokens are re-read when the file changes.
     std::fs::write(d.dir.path().join("tokens"), "carol-token\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, _) = d.call_as(Some("carol-token"), Method::GET, "/v1/pools", None).await;
+        let (status, _) = d
+            .call_as(Some("carol-token"), Method::GET, "/v1/pools", None)
+            .await;
         if status == StatusCode::OK {
             break;
         }
         assert!(Instant::now() < deadline, "new token never accepted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, _) = d.call_as(Some("bob-token"), Method::GET, "/v1/pools", None).await;
+    let (status, _) = d
+        .call_as(Some("bob-token"), Method::GET, "/v1/pools", None)
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
@@ -133,24 +242,41 @@ async fn killed_agent_is_replaced() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(10);
     let body = loop {
-        let (status, body) = d.call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(json!({"cmd": ["true"]}))).await;
+        let (status, body) = d
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(json!({"cmd": ["true"]})),
+            )
+            .await;
         if status == StatusCode::SERVICE_UNAVAILABLE {
             break body;
         }
-        assert!(Instant::now() < deadline, "dead sandbox still answers {status}: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "dead sandbox still answers {status}: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(body["error"]["code"], "sandbox_unavailable");
     assert_eq!(body["error"]["retryable"], true);
-    d.wait_pool("default", 20, |s| s["idle"] == 2 && s["allocated"] == 0).await;
+    d.wait_pool("default", 20, |s| s["idle"] == 2 && s["allocated"] == 0)
+        .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while d.leftovers().iter().any(|l| l.contains(&id)) {
-        assert!(Instant::now() < deadline, "dead sandbox not cleaned: {:?}", d.leftovers());
+        assert!(
+            Instant::now() < deadline,
+            "dead sandbox not cleaned: {:?}",
+            d.leftovers()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!alive(pid));
     let metrics = d.metrics_text().await;
-    assert!(metrics.contains(r#"arl_sandbox_failures_total{pool="default",reason="died"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"arl_sandbox_failures_total{pool="default",reason="died"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,12 +289,20 @@ async fn daemon_kill9_then_restart_leaks_nothing() {
     d.wait_pool("default", 20, |s| s["idle"] == 3).await;
     let held = d.acquire("default").await;
     d.sh(&held, "sleep 300 &").await;
-    d.wait_pool("default", 20, |s| s["idle"] == 3 && s["starting"] == 0).await;
-    let old: Vec<String> = std::fs::read_dir(d.state_dir().join("sandboxes")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    d.wait_pool("default", 20, |s| s["idle"] == 3 && s["starting"] == 0)
+        .await;
+    let old: Vec<String> = std::fs::read_dir(d.state_dir().join("sandboxes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     let pids: Vec<i32> = old.iter().map(|id| d.agent_pid(id)).collect();
     assert!(old.len() >= 3);
     d.kill9();
-    assert!(pids.iter().all(|&p| alive(p)), "sandboxes outlive a killed daemon until it restarts");
+    assert!(
+        pids.iter().all(|&p| alive(p)),
+        "sandboxes outlive a killed daemon until it restarts"
+    );
 
     d.spawn().await;
     for &pid in &pids {
@@ -177,9 +311,14 @@ async fn daemon_kill9_then_restart_leaks_nothing() {
     d.wait_pool("default", 20, |s| s["idle"] == 3).await;
     let leftovers = d.leftovers();
     for id in &old {
-        assert!(!leftovers.iter().any(|l| l.contains(id.as_str())), "{id} leaked: {leftovers:?}");
+        assert!(
+            !leftovers.iter().any(|l| l.contains(id.as_str())),
+            "{id} leaked: {leftovers:?}"
+        );
     }
-    let (status, body) = d.call(Method::GET, &format!("/v1/sandboxes/{held}"), None).await;
+    let (status, body) = d
+        .call(Method::GET, &format!("/v1/sandboxes/{held}"), None)
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     let id = d.acquire("default").await;
     assert_eq!(d.sh(&id, "echo new").await["stdout"], "new\n");
@@ -206,15 +345,25 @@ async fn reset_and_reuse_policy() {
     .await;
     d.wait_pool("default", 20, |s| s["idle"] == 1).await;
     let id = d.acquire("default").await;
-    d.sh(&id, "echo data > /workspace/f; echo t > /tmp/t; sleep 300 &").await;
-    let (status, body) = d.call(Method::POST, &format!("/v1/sandboxes/{id}/reset"), None).await;
+    d.sh(
+        &id,
+        "echo data > /workspace/f; echo t > /tmp/t; sleep 300 &",
+    )
+    .await;
+    let (status, body) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{id}/reset"), None)
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let r = d.sh(&id, "ls -A /workspace /tmp; pgrep -c sleep || true").await;
+    let r = d
+        .sh(&id, "ls -A /workspace /tmp; pgrep -c sleep || true")
+        .await;
     assert_eq!(r["stdout"], "/tmp:\n\n/workspace:\n0\n", "{r}");
 
     // Released with reuse = reset: the same sandbox comes back, clean, with a fresh lease.
     d.sh(&id, "echo more > /workspace/g").await;
-    let (status, _) = d.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None).await;
+    let (status, _) = d
+        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     d.wait_pool("default", 20, |s| s["idle"] == 1).await;
     let again = d.acquire("default").await;
@@ -225,18 +374,38 @@ async fn reset_and_reuse_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_and_idle_timeout_expire_leases() {
     let d = Daemon::start(Options::default()).await;
-    let (_, body) = d.call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "default", "ttl_seconds": 1}))).await;
+    let (_, body) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"pool": "default", "ttl_seconds": 1})),
+        )
+        .await;
     let ttl = body["sandboxes"][0]["id"].as_str().unwrap().to_string();
     assert!(body["sandboxes"][0]["expires_at_ms"].as_u64().is_some());
-    let (_, body) = d.call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "default", "idle_timeout_seconds": 1}))).await;
+    let (_, body) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"pool": "default", "idle_timeout_seconds": 1})),
+        )
+        .await;
     let idle = body["sandboxes"][0]["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     for id in [ttl, idle] {
         loop {
-            let (status, body) = d.call(Method::GET, &format!("/v1/sandboxes/{id}"), None).await;
+            let (status, body) = d
+                .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+                .await;
             if status != StatusCode::OK {
                 assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-                assert!(body["error"]["message"].as_str().unwrap().contains("expired"), "{body}");
+                assert!(
+                    body["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("expired"),
+                    "{body}"
+                );
                 break;
             }
             assert!(Instant::now() < deadline, "lease of {id} never expired");

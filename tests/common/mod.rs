@@ -89,7 +89,8 @@ impl Daemon {
             config: opts.config,
         };
         if !opts.tokens.is_empty() {
-            std::fs::write(daemon.dir.path().join("tokens"), opts.tokens.join("\n")).expect("token file");
+            std::fs::write(daemon.dir.path().join("tokens"), opts.tokens.join("\n"))
+                .expect("token file");
         }
         if let Some(config) = &daemon.config {
             std::fs::write(daemon.dir.path().join("config.toml"), config).expect("config file");
@@ -119,7 +120,11 @@ impl Daemon {
             .env("ARL_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join("node.log")).map(Stdio::from).unwrap_or(Stdio::null()));
+            .stderr(
+                std::fs::File::create(self.dir.path().join("node.log"))
+                    .map(Stdio::from)
+                    .unwrap_or(Stdio::null()),
+            );
         if self.config.is_some() {
             cmd.arg("--config").arg(self.dir.path().join("config.toml"));
         }
@@ -129,13 +134,19 @@ impl Daemon {
         self.child = Some(cmd.spawn().expect("start arl node"));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((StatusCode::OK, _)) = self.request_raw(Method::GET, "/readyz", None, None).await {
+            if let Ok((StatusCode::OK, _)) =
+                self.request_raw(Method::GET, "/readyz", None, None).await
+            {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("arl node exited with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "arl node not ready: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "arl node not ready: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -189,48 +200,81 @@ impl Daemon {
         token: Option<&str>,
         headers: &[(&str, &str)],
     ) -> Result<(StatusCode, Bytes), String> {
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.map_err(|e| e.to_string())?;
-        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let mut builder = Request::builder().method(method).uri(path).header("host", "localhost");
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
         if let Some(t) = token {
             builder = builder.header("authorization", format!("Bearer {t}"));
         }
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
-        let req = builder.body(Full::new(body.unwrap_or_default())).map_err(|e| e.to_string())?;
+        let req = builder
+            .body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| e.to_string())?;
         let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
         let status = response.status();
-        let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         Ok((status, bytes))
     }
 
     /// JSON request with the default token; returns the status and parsed body (Null if empty).
-    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let token = self.token.clone();
         self.call_as(token.as_deref(), method, path, body).await
     }
 
-    pub async fn call_as(&self, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call_as(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).expect("json")));
-        let (status, bytes) = self.request_raw(method, path, body, token).await.expect("request");
+        let (status, bytes) = self
+            .request_raw(method, path, body, token)
+            .await
+            .expect("request");
         let value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
         (status, value)
     }
 
     pub async fn acquire(&self, pool: &str) -> String {
-        let (status, body) = self.call(Method::POST, "/v1/sandboxes", Some(json!({"pool": pool}))).await;
+        let (status, body) = self
+            .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": pool})))
+            .await;
         assert_eq!(status, StatusCode::CREATED, "acquire: {body}");
         body["sandboxes"][0]["id"].as_str().expect("id").to_string()
     }
 
     pub async fn exec(&self, id: &str, req: Value) -> Value {
-        let (status, body) = self.call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(req)).await;
+        let (status, body) = self
+            .call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(req))
+            .await;
         assert_eq!(status, StatusCode::OK, "exec: {body}");
         body
     }
@@ -240,7 +284,9 @@ impl Daemon {
     }
 
     pub async fn pool_status(&self, pool: &str) -> Value {
-        let (status, body) = self.call(Method::GET, &format!("/v1/pools/{pool}"), None).await;
+        let (status, body) = self
+            .call(Method::GET, &format!("/v1/pools/{pool}"), None)
+            .await;
         assert_eq!(status, StatusCode::OK, "pool: {body}");
         body["status"].clone()
     }
@@ -253,19 +299,31 @@ impl Daemon {
             if pred(&status) {
                 return status;
             }
-            assert!(Instant::now() < deadline, "pool {pool} never reached the state; last {status}");
+            assert!(
+                Instant::now() < deadline,
+                "pool {pool} never reached the state; last {status}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     pub async fn metrics_text(&self) -> String {
-        let (_, bytes) = self.request_raw(Method::GET, "/metrics", None, None).await.expect("metrics");
+        let (_, bytes) = self
+            .request_raw(Method::GET, "/metrics", None, None)
+            .await
+            .expect("metrics");
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// The host pid of a sandbox's agent.
     pub fn agent_pid(&self, id: &str) -> i32 {
-        let meta = std::fs::read(self.state_dir().join("sandboxes").join(id).join("meta.json")).expect("meta.json");
+        let meta = std::fs::read(
+            self.state_dir()
+                .join("sandboxes")
+                .join(id)
+                .join("meta.json"),
+        )
+        .expect("meta.json");
         let meta: Value = serde_json::from_slice(&meta).expect("meta");
         meta["pid"].as_i64().expect("pid") as i32
     }
@@ -308,7 +366,10 @@ pub fn alive(pid: i32) -> bool {
     // A zombie still has /proc/PID; check its state.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .map(|zombie| !zombie)
         .unwrap_or(false)
 }

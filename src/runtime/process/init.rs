@@ -31,7 +31,7 @@ use super::seccomp;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InitConfig {
     pub id: String,
-    /// The sandbox's host directory (mount point of its root tmpfs lives below it).
+    /// The sandbox's host directory (its socket and log).
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub cgroup_procs: Vec<PathBuf>,
@@ -257,8 +257,17 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(mount_err("private propagation", Path::new("/")))?;
 
+    // The pool's rootfs is opened before anything is mounted over the host's tree.
+    let rootfs = match &cfg.rootfs {
+        Some(path) => Some(
+            fs::File::open(path).map_err(|e| format!("open rootfs {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     // One tmpfs holds the writable layers and the new root; it is sized by the pool's disk_mb.
-    let base = cfg.dir.join("root");
+    // It goes over /tmp of this private mount namespace (the host never sees it), so no host
+    // directory has to be reachable by the sandbox's unprivileged uids.
+    let base = PathBuf::from("/tmp");
     let size = format!("size={}m,mode=0755", cfg.disk_mb);
     mount(
         Some("tmpfs"),
@@ -272,8 +281,11 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
     let root = base.join("rootfs");
     mkdir(&layers, 0o700)?;
 
-    match &cfg.rootfs {
-        Some(rootfs) => overlay(rootfs, &layers.join("root"), &root)?,
+    match &rootfs {
+        Some(dir) => {
+            let lower = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+            overlay(&lower, &layers.join("root"), &root)?
+        }
         None => {
             mkdir(&root, 0o755)?;
             // pivot_root needs the new root to be a mount point.

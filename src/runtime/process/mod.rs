@@ -102,13 +102,13 @@ impl ProcessRuntime {
         tracing::info!(layout = %cgroups.describe(), "cgroup controllers");
         let exe = std::env::current_exe()?;
         let sandboxes_dir = config.state_dir.join("sandboxes");
-        // Sandboxes' mapped root must traverse (never list) these to mount their root.
+        // Only the daemon looks in here: sandboxes get their socket as a descriptor.
         for dir in [&config.state_dir, &sandboxes_dir] {
             fs::DirBuilder::new()
                 .recursive(true)
-                .mode(0o711)
+                .mode(0o700)
                 .create(dir)?;
-            set_mode(dir, 0o711)?;
+            set_mode(dir, 0o700)?;
         }
         Ok(Self {
             config,
@@ -131,9 +131,7 @@ impl ProcessRuntime {
         slot: u32,
     ) -> Result<Created, RuntimeError> {
         let dir = self.dir(id);
-        fs::DirBuilder::new().mode(0o711).create(&dir)?;
-        set_mode(&dir, 0o711)?;
-        fs::DirBuilder::new().mode(0o755).create(dir.join("root"))?;
+        fs::DirBuilder::new().mode(0o700).create(&dir)?;
         let procs = self.cgroups.create(
             id,
             Limits {
