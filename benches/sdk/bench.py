@@ -171,13 +171,15 @@ def main() -> None:
         f_s: list[float] = []
         r_s: list[float] = []
         s_s: list[float] = []
-        blocks = 10
         for fn in (floor, raw, sdk):
             timed(fn, 0, warmup=200)
-        for _ in range(blocks):
-            f_s += timed(floor, n // blocks, warmup=0)
-            r_s += timed(raw, n // blocks, warmup=0)
-            s_s += timed(sdk, n // blocks, warmup=0)
+        # Round-robin, call by call, so that machine noise hits all three alike.
+        pc = time.perf_counter
+        for _ in range(n):
+            for fn, out in ((floor, f_s), (raw, r_s), (sdk, s_s)):
+                t0 = pc()
+                fn()
+                out.append(pc() - t0)
         results["floor"] = stats(f_s)
         results["raw_daemon"] = stats(r_s)
         results["sdk_exec"] = stats(s_s)
@@ -187,7 +189,6 @@ def main() -> None:
         # In-process SDK cost without a network: build request + parse result.
         from arl._common import dumps, exec_body, loads, new_request_id
         sample = raw()
-        pc = time.perf_counter
         t0 = pc()
         for _ in range(20000):
             dumps(exec_body(["true"], None, None, None, None, None, new_request_id()))
@@ -269,7 +270,8 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"Machine: {r['machine']}.",
         "Daemon: debug build (`target/debug/arl`, the repository's dev profile), process runtime, on the same machine over loopback.",
-        "Produced by `python benches/sdk/bench.py --write` (all numbers from one run; latencies in ms;"
+        "Produced by `python benches/sdk/bench.py --write` (all numbers from one run; latencies in ms; floor, raw and"
+        " SDK calls alternate call by call;"
         f" 1-minute load average {r['load_before']:.2f} before, {r['load_after']:.2f} after).",
         "",
         "| measurement | p50 | p90 | p99 | calls | target |",

@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-from conftest import Daemon
 
 import arl
+
+from conftest import Daemon
 
 TOKENS = ["token-alice", "token-bob"]
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
 
 import arl
 from arl import (
@@ -18,6 +17,8 @@ from arl import (
     SandboxSession,
     WarmPoolManager,
 )
+
+from conftest import Daemon
 
 
 def test_basic_example(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,10 +10,11 @@ import signal
 import time
 
 import pytest
-from conftest import Daemon
-from netutil import ScriptedNode
 
 import arl
+
+from conftest import Daemon
+from netutil import ScriptedNode
 
 SANDBOX = {"id": "sb-fake", "pool": "default", "state": "allocated", "created_at_ms": 1, "acquired_at_ms": 1,
            "expires_at_ms": None, "labels": {}, "workspace": "/workspace"}

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
-from netutil import DropProxy
 
 import arl
+
+from conftest import Daemon
+from netutil import DropProxy
 
 COUNT = "echo x >> /workspace/runs; wc -l < /workspace/runs"
 

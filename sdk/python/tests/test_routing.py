@@ -7,11 +7,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import Daemon, free_port
-from netutil import FullNode
 
 import arl
 from arl._common import Endpoint, resolve_config
+
+from conftest import Daemon, free_port
+from netutil import FullNode
 
 
 @pytest.fixture(scope="module")
