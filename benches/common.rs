@@ -27,13 +27,18 @@ pub fn machine() -> String {
         .and_then(|l| l.split_once(':'))
         .map(|(_, v)| v.trim().to_string())
         .unwrap_or_else(|| "unknown".into());
-    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mem_gib = meminfo_kib("MemTotal") as f64 / (1024.0 * 1024.0);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
     format!(
-        "machine: nproc={nproc}, cpu=\"{model}\", kernel={}, memory={mem_gib:.1} GiB, date={}",
+        "machine: nproc={nproc}, cpu=\"{model}\", kernel={}, memory={mem_gib:.1} GiB, date={}, loadavg={}",
         kernel.trim(),
-        utc_now()
+        utc_now(),
+        load.join(" ")
     )
 }
 
@@ -59,7 +64,12 @@ pub fn utc_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// A field of /proc/meminfo in KiB.
@@ -67,7 +77,11 @@ pub fn meminfo_kib(field: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
-            return rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            return rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
         }
     }
     0
@@ -78,7 +92,11 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
-            return rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            return rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
         }
     }
     0
@@ -98,12 +116,24 @@ pub fn smaps_rollup_kib(pid: u32, field: &str) -> Option<u64> {
 /// Pids whose parent is `ppid` (from /proc/*/stat).
 pub fn children_of(ppid: u32) -> Vec<u32> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // The command name may contain spaces: fields start after the last ')'.
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
         let mut fields = after.split_whitespace();
         let _state = fields.next();
         if fields.next().and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
@@ -111,6 +141,51 @@ pub fn children_of(ppid: u32) -> Vec<u32> {
         }
     }
     out
+}
+
+/// Mounted cgroup hierarchies (v1 controllers and the unified one).
+pub fn cgroup_roots() -> Vec<PathBuf> {
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false)
+                && e.path().join("cgroup.procs").exists()
+            {
+                roots.push(e.path());
+            }
+        }
+    }
+    roots
+}
+
+/// CPU time of a process in seconds: (own user+system, reaped children's user+system).
+pub fn cpu_seconds(pid: u32) -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return (0.0, 0.0);
+    };
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return (0.0, 0.0);
+    };
+    // After the name: state(3) ppid(4) ... utime(14) stime(15) cutime(16) cstime(17).
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ((tick(14) + tick(15)) / hz, (tick(16) + tick(17)) / hz)
+}
+
+/// Total CPU seconds (own + reaped children) of a set of processes.
+pub fn cpu_total(pids: &[u32]) -> f64 {
+    pids.iter()
+        .map(|&p| {
+            let (own, kids) = cpu_seconds(p);
+            own + kids
+        })
+        .sum()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -177,6 +252,7 @@ pub struct Daemon {
     pub addr: SocketAddr,
     pub pid: u32,
     pub dir: PathBuf,
+    pub cgroup_parent: String,
 }
 
 /// The release binary: `$ARL_BIN`, or `target/release/arl` next to Cargo.toml (or under
@@ -222,7 +298,10 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 impl Daemon {
@@ -230,7 +309,9 @@ impl Daemon {
     pub fn start(config_toml: &str, extra: &[&str]) -> Daemon {
         // SAFETY: geteuid(2) has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("error: the benches start `arl node`, which needs root (sandboxes use namespaces and cgroups)");
+            eprintln!(
+                "error: the benches start `arl node`, which needs root (sandboxes use namespaces and cgroups)"
+            );
             std::process::exit(2);
         }
         let bin = arl_binary();
@@ -240,6 +321,18 @@ impl Daemon {
         std::fs::write(&config, config_toml).expect("write config");
         let log = std::fs::File::create(dir.join("node.log")).expect("log file");
         let port = free_port();
+        // Our own cgroup parent: a daemon reclaims (kills) sandboxes it finds under its
+        // parent at start, so sharing "arl" with another daemon on this machine would hurt.
+        let cgroup_parent = format!("arl-bench-{}", std::process::id());
+        let user_args: Vec<String> = std::env::var("ARL_BENCH_NODE_ARGS")
+            .map(|s| s.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default();
+        if !user_args.is_empty() {
+            println!(
+                "extra daemon flags from ARL_BENCH_NODE_ARGS: {}",
+                user_args.join(" ")
+            );
+        }
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = Command::new(&bin)
             .arg("node")
@@ -249,18 +342,34 @@ impl Daemon {
             .arg(&state)
             .arg("--config")
             .arg(&config)
+            .arg("--cgroup-parent")
+            .arg(&cgroup_parent)
             .args(extra)
-            .env("RUST_LOG", std::env::var("ARL_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+            .args(&user_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("ARL_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let pid = child.id();
-        let mut daemon = Daemon { child: Some(child), addr, pid, dir };
+        let mut daemon = Daemon {
+            child: Some(child),
+            addr,
+            pid,
+            dir,
+            cgroup_parent,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = daemon
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 let log = std::fs::read_to_string(daemon.dir.join("node.log")).unwrap_or_default();
                 panic!("arl node exited early ({status}):\n{log}");
             }
@@ -270,7 +379,10 @@ impl Daemon {
             {
                 break;
             }
-            assert!(Instant::now() < deadline, "arl node did not answer /healthz within 20 s");
+            assert!(
+                Instant::now() < deadline,
+                "arl node did not answer /healthz within 20 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         daemon
@@ -282,7 +394,28 @@ impl Daemon {
 
     /// The Unix socket of a sandbox's agent (process runtime layout).
     pub fn agent_socket(&self, id: &str) -> PathBuf {
-        self.dir.join("state").join("sandboxes").join(id).join("agent.sock")
+        self.dir
+            .join("state")
+            .join("sandboxes")
+            .join(id)
+            .join("agent.sock")
+    }
+
+    /// The daemon's direct children: the sandboxes' agents (and any helper running now).
+    pub fn children(&self) -> Vec<u32> {
+        children_of(self.pid)
+    }
+
+    /// Waits until the daemon has exactly `n` children (e.g. destroys have finished).
+    pub fn wait_children(&self, n: usize, timeout: Duration) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if self.children().len() == n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     pub fn rss_kib(&self) -> u64 {
@@ -299,7 +432,9 @@ impl Daemon {
         loop {
             match child.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
                 _ => {
                     eprintln!("arl node did not exit within 120 s of SIGTERM; killing it");
                     let _ = child.kill();
@@ -309,6 +444,10 @@ impl Daemon {
             }
         }
         let took = started.elapsed();
+        // The daemon leaves its (now empty) cgroup parents behind: remove ours.
+        for root in cgroup_roots() {
+            let _ = std::fs::remove_dir(root.join(&self.cgroup_parent));
+        }
         if std::env::var_os("ARL_BENCH_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
@@ -324,7 +463,6 @@ impl Drop for Daemon {
     }
 }
 
-
 // ------------------------------------------------------------------------------------------
 // Raw keep-alive HTTP/1.1 client
 
@@ -338,7 +476,8 @@ impl Response {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("bad JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", self.text()))
     }
 }
 
@@ -375,7 +514,11 @@ impl Client {
         self.out.clear();
         write!(self.out, "{method} {path} HTTP/1.1\r\nHost: bench\r\n")?;
         if let Some(body) = body {
-            write!(self.out, "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len())?;
+            write!(
+                self.out,
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )?;
             self.out.extend_from_slice(body);
         } else {
             self.out.extend_from_slice(b"\r\n");
@@ -387,7 +530,12 @@ impl Client {
         read_response(&mut self.reader)
     }
 
-    pub fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> std::io::Result<Response> {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> std::io::Result<Response> {
         self.send(method, path, body)?;
         self.recv()
     }
@@ -401,19 +549,28 @@ impl Client {
     /// `POST /v1/sandboxes` for one sandbox of `pool`; its id.
     pub fn acquire(&mut self, pool: &str) -> String {
         let body = format!(r#"{{"pool":"{pool}","count":1}}"#);
-        let r = self.request("POST", "/v1/sandboxes", Some(body.as_bytes())).expect("acquire");
+        let r = self
+            .request("POST", "/v1/sandboxes", Some(body.as_bytes()))
+            .expect("acquire");
         assert_eq!(r.status, 201, "acquire: {}", r.text());
-        r.json()["sandboxes"][0]["id"].as_str().expect("id").to_string()
+        r.json()["sandboxes"][0]["id"]
+            .as_str()
+            .expect("id")
+            .to_string()
     }
 
     pub fn release(&mut self, id: &str) {
-        let r = self.request("DELETE", &format!("/v1/sandboxes/{id}"), None).expect("release");
+        let r = self
+            .request("DELETE", &format!("/v1/sandboxes/{id}"), None)
+            .expect("release");
         assert_eq!(r.status, 204, "release {id}: {}", r.text());
     }
 
     pub fn put_pool(&mut self, name: &str, spec: &serde_json::Value) {
         let body = serde_json::to_vec(spec).unwrap();
-        let r = self.request("PUT", &format!("/v1/pools/{name}"), Some(&body)).expect("put pool");
+        let r = self
+            .request("PUT", &format!("/v1/pools/{name}"), Some(&body))
+            .expect("put pool");
         assert_eq!(r.status, 200, "PUT pool {name}: {}", r.text());
     }
 
@@ -451,7 +608,10 @@ impl Client {
 fn read_response(reader: &mut impl BufRead) -> std::io::Result<Response> {
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
     }
     let status: u16 = line
         .split_whitespace()
@@ -463,7 +623,10 @@ fn read_response(reader: &mut impl BufRead) -> std::io::Result<Response> {
     loop {
         line.clear();
         if reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "eof in headers"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "eof in headers",
+            ));
         }
         let l = line.trim_end();
         if l.is_empty() {
@@ -472,7 +635,9 @@ fn read_response(reader: &mut impl BufRead) -> std::io::Result<Response> {
         if let Some((k, v)) = l.split_once(':') {
             if k.eq_ignore_ascii_case("content-length") {
                 length = v.trim().parse().ok();
-            } else if k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked") {
+            } else if k.eq_ignore_ascii_case("transfer-encoding")
+                && v.to_ascii_lowercase().contains("chunked")
+            {
                 chunked = true;
             }
         }
@@ -538,7 +703,10 @@ impl Metrics {
             .iter()
             .filter(|(k, _)| {
                 let (n, rest) = k.split_once('{').unwrap_or((k.as_str(), ""));
-                n == name && labels.iter().all(|(lk, lv)| rest.contains(&format!("{lk}=\"{lv}\"")))
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(lk, lv)| rest.contains(&format!("{lk}=\"{lv}\"")))
             })
             .map(|(_, v)| v)
             .sum()
@@ -549,12 +717,24 @@ impl Metrics {
         let bucket = format!("{name}_bucket");
         let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
         for (k, v) in &self.0 {
-            let Some((n, rest)) = k.split_once('{') else { continue };
-            if n != bucket || !labels.iter().all(|(lk, lv)| rest.contains(&format!("{lk}=\"{lv}\""))) {
+            let Some((n, rest)) = k.split_once('{') else {
+                continue;
+            };
+            if n != bucket
+                || !labels
+                    .iter()
+                    .all(|(lk, lv)| rest.contains(&format!("{lk}=\"{lv}\"")))
+            {
                 continue;
             }
-            let Some(le) = rest.split("le=\"").nth(1).and_then(|s| s.split('"').next()) else { continue };
-            let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+            let Some(le) = rest.split("le=\"").nth(1).and_then(|s| s.split('"').next()) else {
+                continue;
+            };
+            let le: f64 = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::NAN)
+            };
             let e = by_le.entry(le.to_bits()).or_insert((le, 0.0));
             e.1 += v;
         }
@@ -569,7 +749,11 @@ pub fn bucket_delta(after: &[(f64, f64)], before: &[(f64, f64)]) -> Vec<(f64, f6
     after
         .iter()
         .map(|(le, c)| {
-            let b = before.iter().find(|(l, _)| l == le).map(|x| x.1).unwrap_or(0.0);
+            let b = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map(|x| x.1)
+                .unwrap_or(0.0);
             (*le, c - b)
         })
         .collect()
@@ -690,7 +874,12 @@ pub const EXEC_TRUE: &[u8] = br#"{"cmd":["/bin/true"]}"#;
 
 /// Times `n` calls of `POST path` with `body` on one client; milliseconds each. Panics on a
 /// non-200 answer or a nonzero exit code.
-pub fn time_execs(client: &mut Client, path: &str, n: usize, agent_ms: Option<&mut Vec<f64>>) -> Vec<f64> {
+pub fn time_execs(
+    client: &mut Client,
+    path: &str,
+    n: usize,
+    agent_ms: Option<&mut Vec<f64>>,
+) -> Vec<f64> {
     let mut out = Vec::with_capacity(n);
     let mut agent = agent_ms;
     for _ in 0..n {
@@ -714,5 +903,8 @@ fn main() {
     let mut c = floor.client();
     time_execs(&mut c, "/exec", 100, None);
     let s = stats(&time_execs(&mut c, "/exec", 1000, None));
-    println!("floor: exec /bin/true via a minimal keep-alive HTTP server: {}", s.line_ms());
+    println!(
+        "floor: exec /bin/true via a minimal keep-alive HTTP server: {}",
+        s.line_ms()
+    );
 }

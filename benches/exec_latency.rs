@@ -32,11 +32,17 @@ fn main() {
     let before = c.metrics();
 
     // Interleaved rounds, so drift (page cache, CPU frequency, neighbours) hits all alike.
-    let (mut arl, mut arl_agent, mut flo, mut dir, mut dir_agent) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut arl, mut arl_agent, mut flo, mut dir, mut dir_agent) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
         arl.extend(time_execs(&mut c, &path, PER_ROUND, Some(&mut arl_agent)));
         flo.extend(time_execs(&mut f, "/exec", PER_ROUND, None));
-        dir.extend(time_execs(&mut direct, "/exec", PER_ROUND, Some(&mut dir_agent)));
+        dir.extend(time_execs(
+            &mut direct,
+            "/exec",
+            PER_ROUND,
+            Some(&mut dir_agent),
+        ));
     }
     let after = c.metrics();
 
@@ -49,13 +55,19 @@ fn main() {
     let o = stats(&overhead);
 
     println!();
-    println!("exec /bin/true, {} timed calls each after {WARMUP} warm-up, one keep-alive connection:", a.n);
+    println!(
+        "exec /bin/true, {} timed calls each after {WARMUP} warm-up, one keep-alive connection:",
+        a.n
+    );
     println!("  arl daemon (HTTP API)      {}", a.line_ms());
     println!("  floor (spawn per request)  {}", fl.line_ms());
     println!("  agent direct (Unix socket) {}", d.line_ms());
     println!("  agent-reported duration_ms via daemon: {}", aa.line_ms());
     println!("  agent-reported duration_ms direct:     {}", da.line_ms());
-    println!("  end-to-end minus agent duration (daemon path): {}", o.line_ms());
+    println!(
+        "  end-to-end minus agent duration (daemon path): {}",
+        o.line_ms()
+    );
     println!(
         "  => daemon hop costs {:.3} ms at p50 (daemon p50 - direct p50); agent beyond its spawn+wait {:.3} ms (direct p50 - agent p50)",
         a.p50 - d.p50,
@@ -67,8 +79,14 @@ fn main() {
         &before.buckets("arl_exec_seconds", &[("pool", "default")]),
     );
     let http_hist = bucket_delta(
-        &after.buckets("arl_http_request_seconds", &[("route", "/v1/sandboxes/{id}/exec")]),
-        &before.buckets("arl_http_request_seconds", &[("route", "/v1/sandboxes/{id}/exec")]),
+        &after.buckets(
+            "arl_http_request_seconds",
+            &[("route", "/v1/sandboxes/{id}/exec")],
+        ),
+        &before.buckets(
+            "arl_http_request_seconds",
+            &[("route", "/v1/sandboxes/{id}/exec")],
+        ),
     );
     let (eb, ei) = histogram_quantile(&exec_hist, 50.0);
     let (hb, hi) = histogram_quantile(&http_hist, 50.0);
@@ -82,10 +100,24 @@ fn main() {
 
     let ratio = a.p50 / fl.p50;
     println!();
-    println!("RESULT exec p50   = {:.3} ms (target <= 0.8 ms)  {}", a.p50, verdict(a.p50 <= 0.8));
-    println!("RESULT exec p99   = {:.3} ms (target <= 2.5 ms)  {}", a.p99, verdict(a.p99 <= 2.5));
-    println!("RESULT floor p50  = {:.3} ms, p99 = {:.3} ms", fl.p50, fl.p99);
-    println!("RESULT p50 ratio  = {ratio:.2}x floor (target <= 1.5x)  {}", verdict(ratio <= 1.5));
+    println!(
+        "RESULT exec p50   = {:.3} ms (target <= 0.8 ms)  {}",
+        a.p50,
+        verdict(a.p50 <= 0.8)
+    );
+    println!(
+        "RESULT exec p99   = {:.3} ms (target <= 2.5 ms)  {}",
+        a.p99,
+        verdict(a.p99 <= 2.5)
+    );
+    println!(
+        "RESULT floor p50  = {:.3} ms, p99 = {:.3} ms",
+        fl.p50, fl.p99
+    );
+    println!(
+        "RESULT p50 ratio  = {ratio:.2}x floor (target <= 1.5x)  {}",
+        verdict(ratio <= 1.5)
+    );
     println!("RESULT p99 ratio  = {:.2}x floor", a.p99 / fl.p99);
     drop(direct);
     drop(c);

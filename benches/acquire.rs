@@ -1,0 +1,272 @@
+//! Target 2: acquire from a warm pool.
+//!
+//! * Sequential: p50 <= 0.3 ms for `POST /v1/sandboxes {"pool":..,"count":1}` alone (the
+//!   release happens outside the timed region), every acquire a hit
+//!   (`arl_acquire_seconds_count{result="miss"}` must stay 0). Measured twice:
+//!   - "quiet": the pool's `min_idle` is dropped to 0 while timing, so no replacement is being
+//!     created in the background (the acquire path alone);
+//!   - "refilling": `min_idle` stays at 300, so every acquire also starts a replacement
+//!     sandbox in the background (what a busy node sees).
+//! * Burst: 300 simultaneous acquires on 300 connections against a pool warm with 300
+//!   (`min_idle` 300, `max` 400): p99 <= 30 ms. Repeated 4 times (1200 samples).
+
+#[path = "common.rs"]
+mod common;
+
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const POOL: &str = "acq";
+const WARM: u64 = 300;
+const BATCH: usize = 150;
+const BATCHES: usize = 7;
+const BURST: usize = 300;
+const BURSTS: usize = 4;
+
+fn spec(min_idle: u64) -> serde_json::Value {
+    json!({"min_idle": min_idle, "max": 400})
+}
+
+/// Waits until the pool holds `WARM` idle sandboxes and nothing is starting, then a little
+/// longer so background destroys finish too.
+fn settle(c: &mut Client) -> Duration {
+    let started = Instant::now();
+    c.wait_idle(POOL, WARM, Duration::from_secs(120));
+    loop {
+        let st = c.pool_status(POOL);
+        if st["starting"].as_u64() == Some(0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    took
+}
+
+fn misses(c: &mut Client) -> f64 {
+    c.metrics().sum(
+        "arl_acquire_seconds_count",
+        &[("pool", POOL), ("result", "miss")],
+    )
+}
+
+fn sequential(c: &mut Client, quiet: bool) -> Vec<f64> {
+    let mut samples = Vec::with_capacity(BATCH * BATCHES);
+    let body = format!(r#"{{"pool":"{POOL}","count":1}}"#);
+    for _ in 0..BATCHES {
+        c.put_pool(POOL, &spec(WARM));
+        settle(c);
+        if quiet {
+            c.put_pool(POOL, &spec(0));
+        }
+        let mut ids = Vec::with_capacity(BATCH);
+        for _ in 0..BATCH {
+            let t = Instant::now();
+            let r = c
+                .request("POST", "/v1/sandboxes", Some(body.as_bytes()))
+                .expect("acquire");
+            samples.push(ms(t.elapsed()));
+            assert_eq!(r.status, 201, "acquire: {}", r.text());
+            ids.push(r.json()["sandboxes"][0]["id"].as_str().unwrap().to_string());
+        }
+        for id in ids {
+            c.release(&id);
+        }
+    }
+    c.put_pool(POOL, &spec(WARM));
+    samples
+}
+
+/// One burst: `BURST` threads, each with its own connection, send `POST /v1/sandboxes` (or,
+/// with `healthz`, `GET /healthz`) at once.
+/// Returns per-request latencies (ms), the makespan (ms) and the acquired ids.
+fn burst(daemon: &Daemon, healthz: bool) -> (Vec<f64>, f64, Vec<String>) {
+    let barrier = Arc::new(Barrier::new(BURST + 1));
+    let results = Arc::new(Mutex::new(Vec::with_capacity(BURST)));
+    let start_at = Arc::new(Mutex::new(None::<Instant>));
+    let mut threads = Vec::new();
+    for _ in 0..BURST {
+        let mut c = daemon.client();
+        let barrier = barrier.clone();
+        let results = results.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let body = format!(r#"{{"pool":"{POOL}","count":1}}"#);
+                    barrier.wait();
+                    let t = Instant::now();
+                    let r = if healthz {
+                        c.request("GET", "/healthz", None).expect("healthz")
+                    } else {
+                        c.request("POST", "/v1/sandboxes", Some(body.as_bytes()))
+                            .expect("acquire")
+                    };
+                    let done = Instant::now();
+                    let id = if healthz {
+                        assert_eq!(r.status, 200, "healthz: {}", r.text());
+                        String::new()
+                    } else {
+                        assert_eq!(r.status, 201, "acquire: {}", r.text());
+                        r.json()["sandboxes"][0]["id"].as_str().unwrap().to_string()
+                    };
+                    results.lock().unwrap().push((ms(done - t), done, id));
+                })
+                .expect("thread"),
+        );
+    }
+    // Give every thread time to park on the barrier.
+    std::thread::sleep(Duration::from_millis(200));
+    *start_at.lock().unwrap() = Some(Instant::now());
+    barrier.wait();
+    for t in threads {
+        t.join().expect("burst thread");
+    }
+    let t0 = start_at.lock().unwrap().unwrap();
+    let results = std::mem::take(&mut *results.lock().unwrap());
+    let makespan = results.iter().map(|r| ms(r.1 - t0)).fold(0.0, f64::max);
+    let lat = results.iter().map(|r| r.0).collect();
+    let ids = results.into_iter().map(|r| r.2).collect();
+    (lat, makespan, ids)
+}
+
+/// `BURSTS` bursts of acquires; with `quiet`, `min_idle` is 0 during each burst so no
+/// replacement is created while the burst is served.
+fn bursts(daemon: &Daemon, c: &mut Client, label: &str, quiet: bool) -> (Stats, f64, f64) {
+    let mut lat = Vec::new();
+    let mut worst_span: f64 = 0.0;
+    let m0 = misses(c);
+    println!(
+        "burst ({label}): {BURST} simultaneous acquires on {BURST} connections, pool warm with >= {WARM}:"
+    );
+    for i in 0..BURSTS {
+        c.put_pool(POOL, &spec(WARM));
+        settle(c);
+        if quiet {
+            c.put_pool(POOL, &spec(0));
+        }
+        let idle = c.idle(POOL);
+        let (l, span, ids) = burst(daemon, false);
+        println!(
+            "  burst {}: idle before = {idle}, {} ; last answer {span:.1} ms after the start",
+            i + 1,
+            stats(&l).line_ms()
+        );
+        lat.extend(l);
+        worst_span = worst_span.max(span);
+        for id in ids {
+            c.release(&id);
+        }
+    }
+    c.put_pool(POOL, &spec(WARM));
+    let s = stats(&lat);
+    println!("  all {label} bursts: {}", s.line_ms());
+    (s, worst_span, misses(c) - m0)
+}
+
+fn main() {
+    print_header("acquire (target 2)");
+    let daemon = Daemon::start("[pools.default]\nmin_idle = 0\nmax = 4\n", &[]);
+    let mut c = daemon.client();
+    c.put_pool(POOL, &spec(WARM));
+    let warm = settle(&mut c);
+    println!(
+        "pool {POOL:?} warmed to {WARM} idle in {:.2} s",
+        warm.as_secs_f64()
+    );
+
+    // A few untimed acquires to warm the code paths.
+    for _ in 0..20 {
+        let id = c.acquire(POOL);
+        c.release(&id);
+    }
+    let misses0 = misses(&mut c);
+
+    let quiet = stats(&sequential(&mut c, true));
+    let misses1 = misses(&mut c);
+    let m_before = c.metrics();
+    let busy = stats(&sequential(&mut c, false));
+    let m_after = c.metrics();
+    let misses2 = misses(&mut c);
+    let hist = bucket_delta(
+        &m_after.buckets("arl_acquire_seconds", &[("pool", POOL), ("result", "hit")]),
+        &m_before.buckets("arl_acquire_seconds", &[("pool", POOL), ("result", "hit")]),
+    );
+    let (hb, hi) = histogram_quantile(&hist, 50.0);
+
+    println!();
+    println!(
+        "sequential acquire (one keep-alive connection, release untimed, batches of {BATCH} from a pool of {WARM}):"
+    );
+    println!("  quiet (no refill running)        {}", quiet.line_ms());
+    println!("  refilling (replacement created)  {}", busy.line_ms());
+    println!(
+        "  daemon-side arl_acquire_seconds{{result=\"hit\"}} p50 (refilling run): <= {:.3} ms (~{:.3} ms interpolated)",
+        hb * 1e3,
+        hi * 1e3
+    );
+    println!(
+        "  misses during the quiet run: {}, during the refilling run: {}",
+        misses1 - misses0,
+        misses2 - misses1
+    );
+
+    // Bursts: first the HTTP floor (GET /healthz, same 300-connection pattern), then
+    // acquires with no refill running, then the real thing (refill running).
+    println!();
+    let mut hz = Vec::new();
+    let mut hz_span: f64 = 0.0;
+    for _ in 0..2 {
+        let (l, span, _) = burst(&daemon, true);
+        hz.extend(l);
+        hz_span = hz_span.max(span);
+    }
+    let hz = stats(&hz);
+    println!(
+        "burst floor: {BURST} simultaneous GET /healthz on {BURST} connections: {} ; worst makespan {hz_span:.1} ms",
+        hz.line_ms()
+    );
+    let (qb, q_span, q_miss) = bursts(&daemon, &mut c, "quiet: min_idle 0 during the burst", true);
+    let (b, span, b_miss) = bursts(&daemon, &mut c, "refilling: min_idle 300", false);
+    println!("  misses during the bursts: {}", q_miss + b_miss);
+    println!();
+    println!(
+        "RESULT acquire p50 (quiet)     = {:.3} ms, p99 = {:.3} ms (target p50 <= 0.3 ms)  {}",
+        quiet.p50,
+        quiet.p99,
+        verdict(quiet.p50 <= 0.3)
+    );
+    println!(
+        "RESULT acquire p50 (refilling) = {:.3} ms, p99 = {:.3} ms (target p50 <= 0.3 ms)  {}",
+        busy.p50,
+        busy.p99,
+        verdict(busy.p50 <= 0.3)
+    );
+    println!(
+        "RESULT acquire misses          = {} (must be 0)",
+        misses2 - misses0 + q_miss + b_miss
+    );
+    println!(
+        "RESULT burst of {BURST} p50 = {:.2} ms, p99 = {:.2} ms (target p99 <= 30 ms)  {}; worst makespan {span:.1} ms",
+        b.p50,
+        b.p99,
+        verdict(b.p99 <= 30.0),
+    );
+    println!(
+        "RESULT burst of {BURST}, no refill running: p50 = {:.2} ms, p99 = {:.2} ms; worst makespan {q_span:.1} ms",
+        qb.p50, qb.p99
+    );
+    println!(
+        "RESULT burst floor (GET /healthz): p50 = {:.2} ms, p99 = {:.2} ms",
+        hz.p50, hz.p99
+    );
+    drop(c);
+    let mut daemon = daemon;
+    if let Some(t) = daemon.stop() {
+        println!("daemon stopped (SIGTERM) in {:.0} ms", ms(t));
+    }
+}
