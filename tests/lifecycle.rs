@@ -435,3 +435,38 @@ async fn metrics_expose_latency_histograms_and_gauges() {
     }
     assert!(!text.contains(&id), "sandbox ids must never be labels");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_cannot_disturb_the_first() {
+    let d = Daemon::start(Options::default()).await;
+    let id = d.acquire("default").await;
+    let run = |listen: String| {
+        std::process::Command::new(common::BIN)
+            .args([
+                "node",
+                "--listen",
+                &listen,
+                "--cgroup-parent",
+                &d.cgroup_parent,
+            ])
+            .arg("--state-dir")
+            .arg(d.state_dir())
+            .output()
+            .expect("run arl node")
+    };
+    // Same port: refused before it touches any sandbox.
+    let out = run(format!("127.0.0.1:{}", d.port));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot listen"),
+        "{out:?}"
+    );
+    // Same state directory: refused by its lock.
+    let out = run("127.0.0.1:0".into());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another arl node"),
+        "{out:?}"
+    );
+    assert_eq!(d.sh(&id, "echo still here").await["stdout"], "still here\n");
+}

@@ -66,6 +66,13 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
+    // Bind first: a daemon that cannot serve must not touch any sandbox.
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|source| NodeError::Bind {
+            addr: settings.listen.clone(),
+            source,
+        })?;
     let runtime = ProcessRuntime::new(ProcessConfig {
         state_dir: settings.state_dir.clone(),
         cgroup_parent: settings.cgroup_parent.clone(),
@@ -90,12 +97,6 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
         mgr.put_pool(name, spec.clone())
             .map_err(|e| NodeError::Config(format!("pool {name}: {}", e.message)))?;
     }
-    let listener = tokio::net::TcpListener::bind(&settings.listen)
-        .await
-        .map_err(|source| NodeError::Bind {
-            addr: settings.listen.clone(),
-            source,
-        })?;
     tracing::info!(
         listen = %listener.local_addr()?,
         state_dir = %settings.state_dir.display(),

@@ -341,22 +341,4 @@ impl Cgroups {
         }
         Err(CgroupError::MissingController("freezer"))
     }
-
-    /// Sandbox ids that have cgroups under the parent (left by an earlier daemon, say).
-    pub fn existing(&self) -> Vec<String> {
-        let mut ids = Vec::new();
-        for root in self.hierarchy_roots() {
-            if let Ok(entries) = fs::read_dir(root.join(&self.parent)) {
-                for entry in entries.flatten() {
-                    if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                        let name = entry.file_name().to_string_lossy().into_owned();
-                        if !ids.contains(&name) {
-                            ids.push(name);
-                        }
-                    }
-                }
-            }
-        }
-        ids
-    }
 }

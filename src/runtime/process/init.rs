@@ -259,9 +259,9 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
 
     // The pool's rootfs is opened before anything is mounted over the host's tree.
     let rootfs = match &cfg.rootfs {
-        Some(path) => Some(
-            fs::File::open(path).map_err(|e| format!("open rootfs {}: {e}", path.display()))?,
-        ),
+        Some(path) => {
+            Some(fs::File::open(path).map_err(|e| format!("open rootfs {}: {e}", path.display()))?)
+        }
         None => None,
     };
     // One tmpfs holds the writable layers and the new root; it is sized by the pool's disk_mb.

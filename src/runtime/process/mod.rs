@@ -50,6 +50,8 @@ struct Live {
 }
 
 pub struct ProcessRuntime {
+    /// Held for our lifetime: one daemon per state directory.
+    _lock: fs::File,
     config: ProcessConfig,
     sandboxes_dir: PathBuf,
     cgroups: Cgroups,
@@ -110,7 +112,9 @@ impl ProcessRuntime {
                 .create(dir)?;
             set_mode(dir, 0o700)?;
         }
+        let lock = lock_state_dir(&config.state_dir)?;
         Ok(Self {
+            _lock: lock,
             config,
             sandboxes_dir,
             cgroups,
@@ -235,11 +239,8 @@ impl ProcessRuntime {
                 ids.push(entry.file_name().to_string_lossy().into_owned());
             }
         }
-        for id in self.cgroups.existing() {
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
+        // Only sandboxes recorded in our own state directory: a cgroup without a record there
+        // belongs to another daemon sharing the cgroup parent, and is not ours to kill.
         for id in &ids {
             let dir = self.dir(id);
             if let Ok(bytes) = fs::read(dir.join("meta.json"))
@@ -326,6 +327,28 @@ impl Runtime for ProcessRuntime {
     fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>> {
         Box::pin(self.reclaim_inner())
     }
+}
+
+/// Takes an exclusive lock on the state directory, or says who holds it.
+fn lock_state_dir(dir: &Path) -> Result<fs::File, RuntimeError> {
+    let path = dir.join("lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    // SAFETY: flock(2) on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(RuntimeError::Unsupported {
+            runtime: "process",
+            reason: format!(
+                "another arl node is using the state directory {} (give each daemon its own --state-dir)",
+                dir.display()
+            ),
+        });
+    }
+    Ok(file)
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
