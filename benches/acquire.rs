@@ -218,6 +218,7 @@ fn main() {
     // Bursts: first the HTTP floor (GET /healthz, same 300-connection pattern), then
     // acquires with no refill running, then the real thing (refill running).
     println!();
+    settle(&mut c);
     let mut hz = Vec::new();
     let mut hz_span: f64 = 0.0;
     for _ in 0..2 {

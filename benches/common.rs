@@ -444,6 +444,38 @@ impl Daemon {
             }
         }
         let took = started.elapsed();
+        // Every sandbox should be gone with the daemon: report (and kill) any agent left.
+        let mut leaked = Vec::new();
+        for root in cgroup_roots() {
+            let Ok(entries) = std::fs::read_dir(root.join(&self.cgroup_parent)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if let Ok(procs) = std::fs::read_to_string(e.path().join("cgroup.procs")) {
+                    leaked.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+                }
+            }
+        }
+        leaked.sort_unstable();
+        leaked.dedup();
+        if !leaked.is_empty() {
+            println!(
+                "WARNING: {} processes of this daemon's sandboxes outlived it (SIGTERM); killing them",
+                leaked.len()
+            );
+            for pid in &leaked {
+                // SAFETY: kill(2) of a process in our daemon's own sandbox cgroups.
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for root in cgroup_roots() {
+            if let Ok(entries) = std::fs::read_dir(root.join(&self.cgroup_parent)) {
+                for e in entries.flatten() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
         // The daemon leaves its (now empty) cgroup parents behind: remove ours.
         for root in cgroup_roots() {
             let _ = std::fs::remove_dir(root.join(&self.cgroup_parent));

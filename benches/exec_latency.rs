@@ -15,6 +15,17 @@ const WARMUP: usize = 200;
 const ROUNDS: usize = 5;
 const PER_ROUND: usize = 400;
 
+fn time_get(c: &mut Client, path: &str, n: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let r = c.request("GET", path, None).expect("GET");
+        out.push(ms(t.elapsed()));
+        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+    }
+    out
+}
+
 fn main() {
     print_header("exec_latency (target 1)");
     let daemon = Daemon::start("[pools.default]\nmin_idle = 2\nmax = 8\n", &[]);
@@ -32,11 +43,12 @@ fn main() {
     let before = c.metrics();
 
     // Interleaved rounds, so drift (page cache, CPU frequency, neighbours) hits all alike.
+    let mut flo_spawn = Vec::new();
     let (mut arl, mut arl_agent, mut flo, mut dir, mut dir_agent) =
         (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
         arl.extend(time_execs(&mut c, &path, PER_ROUND, Some(&mut arl_agent)));
-        flo.extend(time_execs(&mut f, "/exec", PER_ROUND, None));
+        flo.extend(time_execs(&mut f, "/exec", PER_ROUND, Some(&mut flo_spawn)));
         dir.extend(time_execs(
             &mut direct,
             "/exec",
@@ -64,6 +76,10 @@ fn main() {
     println!("  agent direct (Unix socket) {}", d.line_ms());
     println!("  agent-reported duration_ms via daemon: {}", aa.line_ms());
     println!("  agent-reported duration_ms direct:     {}", da.line_ms());
+    println!(
+        "  floor's own spawn+wait of /bin/true:   {}",
+        stats(&flo_spawn).line_ms()
+    );
     println!(
         "  end-to-end minus agent duration (daemon path): {}",
         o.line_ms()
@@ -96,6 +112,21 @@ fn main() {
         ei * 1e3,
         hb * 1e3,
         hi * 1e3
+    );
+
+    // Request costs without any spawn: the daemon's HTTP path and the agent's.
+    let healthz = stats(&time_get(&mut c, "/healthz", 2000));
+    let info = stats(&time_get(&mut c, &format!("/v1/sandboxes/{id}"), 2000));
+    let ping = stats(&time_get(&mut direct, "/ping", 2000));
+    println!("no-spawn round trips (2000 each):");
+    println!("  daemon GET /healthz              {}", healthz.line_ms());
+    println!("  daemon GET /v1/sandboxes/{{id}}    {}", info.line_ms());
+    println!("  agent direct GET /ping           {}", ping.line_ms());
+    println!(
+        "  => proxying an exec costs the daemon ~{:.3} ms beyond its own HTTP round trip (hop {:.3} - GET sandbox {:.3})",
+        (a.p50 - d.p50) - info.p50,
+        a.p50 - d.p50,
+        info.p50
     );
 
     let ratio = a.p50 / fl.p50;

@@ -18,6 +18,14 @@ use serde_json::json;
 const SAMPLES: usize = 1000;
 const BULK: u64 = 200;
 
+/// ARL_BENCH_SAMPLES overrides the sample count (for a quick look only; the targets want 1000).
+fn samples() -> usize {
+    std::env::var("ARL_BENCH_SAMPLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SAMPLES)
+}
+
 fn create_hist(m: &Metrics, pool: &str) -> Vec<(f64, f64)> {
     m.buckets("arl_sandbox_create_seconds", &[("pool", pool)])
 }
@@ -32,6 +40,173 @@ fn print_hist(label: &str, h: &[(f64, f64)]) {
         i50 * 1e3,
         b99 * 1e3,
         i99 * 1e3
+    );
+}
+
+/// First-seen times of one sandbox creation's processes, from sampling /proc every ~100 µs:
+/// the `sandbox-init` helper (a child of the daemon) and the agent (`arl agent`, first a
+/// child of the helper, then re-parented to the daemon).
+#[derive(Default, Clone, Copy)]
+struct Seen {
+    /// The helper's last-read /proc/PID/schedstat: (ns on CPU, ns waiting for a CPU).
+    helper_sched: (f64, f64),
+    helper: Option<Instant>,
+    helper_gone: Option<Instant>,
+    agent: Option<Instant>,
+}
+
+fn threads_children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// (ns on CPU, ns runnable but waiting for a CPU) of a process, from /proc/PID/schedstat.
+fn schedstat(pid: u32) -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    let mut f = text
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(0.0));
+    Some((f.next()?, f.next()?))
+}
+
+/// argv[1] of a process (`sandbox-init`, `agent`, ...).
+fn subcommand(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .nth(1)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
+}
+
+/// Times the phases of `n` single creations: acquire sent -> helper running -> agent exec'd
+/// -> pool idle again (the daemon's ping answered).
+fn phases(daemon: &Daemon, c: &mut Client, n: usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let body = br#"{"pool":"one","count":1}"#;
+    let (mut a, mut b, mut cc, mut h) = (vec![], vec![], vec![], vec![]);
+    let (mut h_cpu, mut h_wait, mut a_cpu, mut a_wait) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..n {
+        // The pool's idle sandbox (the one about to be acquired) is already running.
+        let known: Vec<u32> = daemon.children();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (seen, stop, dpid, known) = (seen.clone(), stop.clone(), daemon.pid, known.clone());
+            std::thread::spawn(move || {
+                let mut helper_pid = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    let kids = threads_children(dpid);
+                    let mut s = seen.lock().unwrap();
+                    for &k in kids.iter().filter(|k| !known.contains(k)) {
+                        let cmd = subcommand(k);
+                        if cmd == "sandbox-init" && s.helper.is_none() {
+                            s.helper = Some(now);
+                            helper_pid = Some(k);
+                        } else if cmd == "agent" && s.agent.is_none() {
+                            s.agent = Some(now);
+                        }
+                    }
+                    if let Some(hp) = helper_pid
+                        && let Some(st) = schedstat(hp)
+                        && s.helper_gone.is_none()
+                    {
+                        s.helper_sched = st;
+                    }
+                    if let Some(hp) = helper_pid {
+                        if s.agent.is_none()
+                            && threads_children(hp)
+                                .iter()
+                                .any(|&k| subcommand(k) == "agent")
+                        {
+                            s.agent = Some(now);
+                        }
+                        if s.helper_gone.is_none() && !kids.contains(&hp) {
+                            s.helper_gone = Some(now);
+                        }
+                    }
+                    drop(s);
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(2));
+        let t0 = Instant::now();
+        let r = c
+            .request("POST", "/v1/sandboxes", Some(body))
+            .expect("acquire");
+        let id = r.json()["sandboxes"][0]["id"].as_str().unwrap().to_string();
+        c.wait_idle("one", 1, Duration::from_secs(30));
+        let t_idle = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        sampler.join().unwrap();
+        let s = *seen.lock().unwrap();
+        let new_agent = daemon.children().into_iter().find(|k| !known.contains(k));
+        if let Some((cpu, wait)) = new_agent.and_then(schedstat) {
+            a_cpu.push(cpu / 1e6);
+            a_wait.push(wait / 1e6);
+        }
+        if s.helper.is_some() {
+            h_cpu.push(s.helper_sched.0 / 1e6);
+            h_wait.push(s.helper_sched.1 / 1e6);
+        }
+        if let (Some(hs), Some(ag)) = (s.helper, s.agent) {
+            a.push(ms(hs - t0));
+            b.push(ms(ag.saturating_duration_since(hs)));
+            cc.push(ms(t_idle.saturating_duration_since(ag)));
+            if let Some(g) = s.helper_gone {
+                h.push(ms(g.saturating_duration_since(hs)));
+            }
+        }
+        c.release(&id);
+        daemon.wait_children(known.len(), Duration::from_secs(5));
+    }
+    println!(
+        "phases of a single create ({} of {n} caught by sampling /proc every ~100 us; medians are what matter):",
+        a.len()
+    );
+    println!(
+        "  acquire -> sandbox-init helper running     {}",
+        stats(&a).line_ms()
+    );
+    println!(
+        "  helper running -> agent exec'd             {}",
+        stats(&b).line_ms()
+    );
+    println!(
+        "  agent exec'd -> pool idle (ping answered)  {}",
+        stats(&cc).line_ms()
+    );
+    println!(
+        "  helper lifetime (as sampled)               {}",
+        stats(&h).line_ms()
+    );
+    println!(
+        "  helper on CPU (schedstat, last sample)     {}",
+        stats(&h_cpu).line_ms()
+    );
+    println!(
+        "  helper waiting for a CPU (run queue)       {}",
+        stats(&h_wait).line_ms()
+    );
+    println!(
+        "  agent on CPU until ready                   {}",
+        stats(&a_cpu).line_ms()
+    );
+    println!(
+        "  agent waiting for a CPU until ready        {}",
+        stats(&a_wait).line_ms()
     );
 }
 
@@ -52,9 +227,9 @@ fn main() {
     daemon.wait_children(1, Duration::from_secs(10));
     let before = c.metrics();
     let body = br#"{"pool":"one","count":1}"#;
-    let mut lat = Vec::with_capacity(SAMPLES);
+    let mut lat = Vec::with_capacity(samples());
     let mut sum_s = (0.0, 0.0);
-    for _ in 0..SAMPLES {
+    for _ in 0..samples() {
         let t0 = Instant::now();
         let r = c
             .request("POST", "/v1/sandboxes", Some(body))
@@ -96,6 +271,8 @@ fn main() {
     println!("  end-to-end {}", l.line_ms());
     print_hist("daemon arl_sandbox_create_seconds (same sandboxes)", &h);
     println!("  daemon arl_sandbox_create_seconds mean = {mean_daemon:.2} ms");
+    println!();
+    phases(&daemon, &mut c, 100);
     c.put_pool("one", &json!({"min_idle": 0, "max": 2}));
 
     // --- Throughput.
