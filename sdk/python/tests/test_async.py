@@ -174,3 +174,14 @@ def test_64_concurrent_sandboxes(daemon) -> None:  # type: ignore[no-untyped-def
         assert len(live) == 0
 
     run(body, daemon.url)
+
+
+def test_client_survives_a_new_event_loop(daemon) -> None:  # type: ignore[no-untyped-def]
+    c = arl.AsyncClient(daemon.url)
+
+    async def once() -> str:
+        async with c.sandbox("default") as sb:
+            return (await sb.exec(["echo", "ok"])).stdout
+
+    assert asyncio.run(once()) == "ok\n"
+    assert asyncio.run(once()) == "ok\n"  # pooled connections of the first loop are not reused

@@ -168,8 +168,13 @@ class AsyncTransport:
         self._idle: dict[Endpoint, list[_Conn]] = {}
         self._hosts: dict[Endpoint, str] = {}
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _get(self, ep: Endpoint) -> tuple[_Conn, bool]:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # connections belong to the loop that opened them
+            self._idle.clear()
+            self._loop = loop
         lst = self._idle.get(ep)
         while lst:
             c = lst.pop()

@@ -4,6 +4,7 @@ endpoint, TCP_NODELAY, connection-level retries (same request body, so the same 
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import ssl
 import threading
@@ -55,11 +56,15 @@ class SyncTransport:
         self._idle: dict[Endpoint, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
 
     # -- connection pool -------------------------------------------------------------------
 
     def _get(self, ep: Endpoint) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
+                self._idle.clear()
+                self._pid = os.getpid()
             lst = self._idle.get(ep)
             if lst:
                 return lst.pop(), True
