@@ -470,3 +470,86 @@ async fn a_second_daemon_cannot_disturb_the_first() {
     );
     assert_eq!(d.sh(&id, "echo still here").await["stdout"], "still here\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_freezes_and_resume_thaws() {
+    let d = Daemon::start(Options::default()).await;
+    let id = d.acquire("default").await;
+    d.sh(
+        &id,
+        "(while :; do echo x >> /tmp/ticks; sleep 0.05; done) >/dev/null 2>&1 &",
+    )
+    .await;
+    let (status, body) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = d
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"cmd": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, _) = d
+        .request_raw(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/files?path=/tmp/ticks"),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "a frozen agent is not called");
+    let pid = d.agent_pid(&id);
+    let events: Vec<String> = common::cgroup_roots()
+        .iter()
+        .filter_map(|root| {
+            std::fs::read_to_string(root.join(&d.cgroup_parent).join(&id).join("cgroup.events"))
+                .ok()
+        })
+        .collect();
+    if !events.is_empty() {
+        assert!(events.iter().any(|e| e.contains("frozen 1")), "{events:?}");
+    }
+    let (status, _) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{id}/resume"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let a = d.sh(&id, "wc -l < /tmp/ticks").await["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .parse::<u32>()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let b = d.sh(&id, "wc -l < /tmp/ticks").await["stdout"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .parse::<u32>()
+            .unwrap();
+        if b > a {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ticker never resumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A paused sandbox can still be released (and is destroyed, not reused).
+    d.call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None)
+        .await;
+    let (status, _) = d
+        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "paused sandbox survived its release"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -534,9 +534,10 @@ impl Manager {
         }
     }
 
-    pub fn set_paused(&self, sb: &Sandbox, paused: bool) -> Result<(), ApiError> {
+    pub async fn set_paused(&self, sb: &Sandbox, paused: bool) -> Result<(), ApiError> {
         self.runtime
             .set_paused(&sb.id, paused)
+            .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
         sb.paused.store(paused, Ordering::Relaxed);
         Ok(())

@@ -188,6 +188,19 @@ async fn sandbox_route(
     tail: &[&str],
     req: Request<Incoming>,
 ) -> Routed {
+    let touches_agent = !matches!(
+        (&method, tail),
+        (&Method::GET | &Method::DELETE, []) | (&Method::POST, ["pause" | "resume"])
+    );
+    if touches_agent && sb.paused.load(Ordering::Relaxed) {
+        return (
+            "/v1/sandboxes/{id}",
+            Err(ApiError::new(
+                ErrorCode::Conflict,
+                "the sandbox is paused; resume it first",
+            )),
+        );
+    }
     match (method, tail) {
         (Method::GET, []) => (
             "/v1/sandboxes/{id}",
@@ -205,11 +218,13 @@ async fn sandbox_route(
         (Method::POST, ["pause"]) => (
             "/v1/sandboxes/{id}/pause",
             mgr.set_paused(&sb, true)
+                .await
                 .map(|()| http::json(StatusCode::OK, &sb.info())),
         ),
         (Method::POST, ["resume"]) => (
             "/v1/sandboxes/{id}/resume",
             mgr.set_paused(&sb, false)
+                .await
                 .map(|()| http::json(StatusCode::OK, &sb.info())),
         ),
         (method, _) => (
@@ -295,12 +310,6 @@ async fn exec(
     let streaming = http::wants_ndjson(&req);
     let mut exec_req: ExecRequest = http::read_json(req, MAX_EXEC_BODY).await?;
     exec_req.argv().map_err(ApiError::bad_request)?;
-    if sb.paused.load(Ordering::Relaxed) {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            "the sandbox is paused; resume it first",
-        ));
-    }
     // Late binding: the pool's and the lease's env apply under the request's own.
     let mut env = mgr.env_for(&sb);
     env.extend(std::mem::take(&mut exec_req.env));

@@ -56,7 +56,11 @@ pub trait Runtime: Send + Sync + 'static {
     fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()>;
 
     /// Freezes or thaws every process of the sandbox.
-    fn set_paused(&self, id: &str, paused: bool) -> Result<(), RuntimeError>;
+    fn set_paused<'a>(
+        &'a self,
+        id: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>>;
 
     /// Removes what an earlier daemon on this host left behind; returns how many sandboxes.
     fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>>;

@@ -326,19 +326,42 @@ impl Cgroups {
         }
     }
 
-    /// Freezes (`true`) or thaws the sandbox's processes.
-    pub fn freeze(&self, id: &str, frozen: bool) -> Result<(), CgroupError> {
-        if let Some(u) = &self.unified {
-            let file = u.join(&self.parent).join(id).join("cgroup.freeze");
-            if file.exists() {
-                return fs::write(&file, if frozen { "1" } else { "0" }).map_err(io_err(&file));
+    /// Freezes (`true`) or thaws the sandbox's processes, and waits until that took effect.
+    pub async fn freeze(&self, id: &str, frozen: bool) -> Result<(), CgroupError> {
+        let (file, value, state_file, done): (PathBuf, &str, PathBuf, &str) =
+            match (&self.unified, &self.freezer_v1) {
+                (Some(u), _) if u.join(&self.parent).join(id).join("cgroup.freeze").exists() => {
+                    let dir = u.join(&self.parent).join(id);
+                    (
+                        dir.join("cgroup.freeze"),
+                        if frozen { "1" } else { "0" },
+                        dir.join("cgroup.events"),
+                        if frozen { "frozen 1" } else { "frozen 0" },
+                    )
+                }
+                (_, Some(f)) => {
+                    let dir = f.join(&self.parent).join(id);
+                    let value = if frozen { "FROZEN" } else { "THAWED" };
+                    (
+                        dir.join("freezer.state"),
+                        value,
+                        dir.join("freezer.state"),
+                        value,
+                    )
+                }
+                _ => return Err(CgroupError::MissingController("freezer")),
+            };
+        fs::write(&file, value).map_err(io_err(&file))?;
+        // Freezing is asynchronous: wait (briefly, bounded) until every task has stopped.
+        let mut delay = Duration::from_micros(100);
+        for _ in 0..30 {
+            let state = fs::read_to_string(&state_file).map_err(io_err(&state_file))?;
+            if state.lines().any(|l| l.trim() == done) {
+                return Ok(());
             }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(100));
         }
-        if let Some(f) = &self.freezer_v1 {
-            let file = f.join(&self.parent).join(id).join("freezer.state");
-            return fs::write(&file, if frozen { "FROZEN" } else { "THAWED" })
-                .map_err(io_err(&file));
-        }
-        Err(CgroupError::MissingController("freezer"))
+        Err(CgroupError::Busy(state_file))
     }
 }

@@ -208,7 +208,9 @@ impl ProcessRuntime {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         if let Some(live) = &live {
-            // Killing PID 1 of a pid namespace kills every process in it.
+            // A frozen sandbox must be thawed to die; then killing PID 1 of a pid namespace
+            // kills every process in it.
+            let _ = self.cgroups.freeze(id, false).await;
             pidfd_kill(live.pidfd.get_ref());
             let _ = tokio::time::timeout(Duration::from_secs(5), live.pidfd.readable()).await;
             reap(live.pidfd.get_ref());
@@ -320,8 +322,12 @@ impl Runtime for ProcessRuntime {
         })
     }
 
-    fn set_paused(&self, id: &str, paused: bool) -> Result<(), RuntimeError> {
-        Ok(self.cgroups.freeze(id, paused)?)
+    fn set_paused<'a>(
+        &'a self,
+        id: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move { Ok(self.cgroups.freeze(id, paused).await?) })
     }
 
     fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>> {
