@@ -145,3 +145,25 @@ def test_acquire_request_id_is_idempotent(client: arl.Client) -> None:
     for sid in {first, second}:
         client.attach(sid).release()
     assert first == second
+
+
+def test_keep_alive_is_reused(proxy: DropProxy) -> None:
+    """Sequential calls share one keep-alive connection (sync and async)."""
+    with arl.Client(proxy.url) as c:
+        for _ in range(10):
+            with c.sandbox("default") as sb:
+                sb.exec(["true"])
+                sb.write_files({"a": "b"})
+                sb.read_file("a")
+    assert proxy.connections == 1
+
+    async def main() -> None:
+        async with arl.AsyncClient(proxy.url) as ac:
+            for _ in range(10):
+                async with ac.sandbox("default") as sb:
+                    await sb.exec(["true"])
+                    await sb.write_files({"a": "b"})
+                    await sb.read_file("a")
+
+    asyncio.run(main())
+    assert proxy.connections == 2

@@ -80,10 +80,13 @@ class Response:
         cl = headers.get("content-length")
         self._length: int | None = int(cl) if cl is not None and not self._chunked else None
         self._chunk_left = 0
+        no_body = status in (204, 304) or 100 <= status < 200
+        if no_body:
+            self._length = 0
         self.keep_alive = headers.get("connection", "").lower() != "close" and (
             self._chunked or self._length is not None
         )
-        self.done = status in (204, 304) or self._length == 0
+        self.done = self._length == 0
 
     async def read(self) -> bytes:
         if self.done:
