@@ -250,6 +250,11 @@ async fn request_id_makes_exec_idempotent() {
     assert_eq!(second, first, "the retry returns the first result");
     let r = d.sh(&id, "wc -l < /workspace/count").await;
     assert_eq!(r["stdout"], "1\n", "the command ran once");
+    // Two attempts in flight at once: one runs, both get its result.
+    let req = json!({"shell": "sleep 0.3; echo y >> /workspace/count2; wc -l < /workspace/count2", "request_id": "step-concurrent"});
+    let (a, b) = tokio::join!(d.exec(&id, req.clone()), d.exec(&id, req));
+    assert_eq!(a, b);
+    assert_eq!(a["stdout"], "1\n");
     let third = d.exec(&id, json!({"shell": "echo x >> /workspace/count; wc -l < /workspace/count", "request_id": "step-2"})).await;
     assert_eq!(third["stdout"], "2\n");
 }

@@ -1,14 +1,16 @@
 //! HTTP/1.1 to one sandbox's agent over its Unix socket, with a few kept-alive connections.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::api::ApiError;
 use crate::http::{self, Body};
@@ -26,6 +28,10 @@ pub struct AgentReply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+fn busy() -> ApiError {
+    ApiError::unavailable("the node is buffering too much command output right now; retry")
 }
 
 fn unreachable(e: impl std::fmt::Display) -> ApiError {
@@ -87,6 +93,60 @@ impl AgentClient {
             headers: parts.headers,
             body,
         })
+    }
+
+    /// Like [`call`](Self::call), but every byte buffered is first taken from the node-wide
+    /// `budget` (in KiB): when many large replies are in flight at once, the next one is
+    /// refused with a retryable error instead of growing the daemon without bound.
+    pub async fn call_budgeted(
+        &self,
+        req: Request<Body>,
+        limit: usize,
+        budget: &Arc<Semaphore>,
+    ) -> Result<(AgentReply, OwnedSemaphorePermit), ApiError> {
+        let mut sender = match self.take_idle() {
+            Some(s) => s,
+            None => self.connect().await?,
+        };
+        let response = sender.send_request(req).await.map_err(unreachable)?;
+        let (parts, mut body) = response.into_parts();
+        let mut buf = BytesMut::new();
+        let mut held = budget
+            .clone()
+            .try_acquire_many_owned(1)
+            .map_err(|_| busy())?;
+        let mut held_kib = 1u32;
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| ApiError::unavailable(format!("reading the agent's reply: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let size = buf.len() + data.len();
+            if size > limit {
+                return Err(ApiError::unavailable("the agent's reply exceeds its bound"));
+            }
+            let kib = u32::try_from(size.div_ceil(1024)).map_err(|_| busy())?;
+            if kib > held_kib {
+                held.merge(
+                    budget
+                        .clone()
+                        .try_acquire_many_owned(kib - held_kib)
+                        .map_err(|_| busy())?,
+                );
+                held_kib = kib;
+            }
+            buf.extend_from_slice(&data);
+        }
+        self.put_idle(sender);
+        Ok((
+            AgentReply {
+                status: parts.status,
+                headers: parts.headers,
+                body: buf.freeze(),
+            },
+            held,
+        ))
     }
 
     /// Sends a request on a connection of its own and hands back the streaming response.

@@ -25,6 +25,8 @@ use crate::util::{now_ms, random_id};
 
 /// Ids of recently dead sandboxes remembered, so callers get "died" rather than "unknown".
 const GRAVEYARD: usize = 4096;
+/// Agent replies buffered at once, node-wide: 1 GiB.
+const REPLY_BUDGET_KIB: usize = 1 << 20;
 /// How long a new sandbox may take to answer its first ping.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -34,6 +36,8 @@ pub struct Manager {
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
     graveyard: Mutex<VecDeque<(String, String)>>,
     create_permits: Arc<Semaphore>,
+    /// KiB of agent replies the daemon may buffer at once (exec results in flight).
+    pub reply_budget: Arc<Semaphore>,
     /// Creations and destructions in flight, awaited on shutdown.
     background: TaskTracker,
     pub metrics: Metrics,
@@ -49,6 +53,7 @@ impl Manager {
             sandboxes: RwLock::new(HashMap::new()),
             graveyard: Mutex::new(VecDeque::new()),
             create_permits: Arc::new(Semaphore::new(create_concurrency.max(1))),
+            reply_budget: Arc::new(Semaphore::new(REPLY_BUDGET_KIB)),
             background: TaskTracker::new(),
             metrics: Metrics::new(),
             auth,

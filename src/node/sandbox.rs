@@ -14,8 +14,8 @@ use super::auth::Owner;
 use crate::api::{SandboxInfo, SandboxState, WORKSPACE};
 use crate::util::now_ms;
 
-/// Exec results remembered per sandbox for request-id retries.
-const IDEMPOTENCY_ENTRIES: usize = 256;
+/// Exec results remembered per sandbox for request-id retries (each at most 256 KiB).
+const IDEMPOTENCY_ENTRIES: usize = 32;
 
 pub struct Sandbox {
     pub id: String,

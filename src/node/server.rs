@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
@@ -24,6 +25,8 @@ use crate::api::{
 };
 use crate::http::{self, Body, MAX_JSON_BODY};
 
+/// Largest exec result kept for replay to a retry with the same request id.
+const MAX_REPLAY_BYTES: usize = 256 << 10;
 /// Largest exec request (it may carry stdin).
 const MAX_EXEC_BODY: usize = 16 << 20;
 /// How long in-flight requests may run on after a shutdown signal.
@@ -327,74 +330,99 @@ async fn exec(
         return Ok(passthrough(sb.agent.stream(agent_req).await?));
     }
 
+    // A retry of a request id already seen gets the first result and runs nothing.
+    let publish = match request_id.as_deref().map(|id| sb.exec_slot(id)) {
+        Some(ExecSlot::Done(cached)) => return Ok(reply(cached)),
+        Some(ExecSlot::Wait(rx)) => return wait_for_first(rx).await,
+        Some(ExecSlot::Run(tx)) => Some(tx),
+        None => None,
+    };
     let started = Instant::now();
-    // The agent call runs in its own task: a client that disconnects does not cancel the
-    // command half-way, and a retry with the same request id gets its result.
+    // The agent call runs in a task of its own: a client that disconnects does not cancel the
+    // command half-way, and its result still reaches a retry with the same request id.
     let run = {
         let mgr = mgr.clone();
         let sb = sb.clone();
         tokio::spawn(async move {
-            let outcome_of = |headers: &hyper::HeaderMap| {
-                headers
-                    .get(OUTCOME_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(ExecOutcome::parse)
-                    .unwrap_or(ExecOutcome::Error)
-            };
             let result = match agent_request(Method::POST, "/exec", http::full(body)) {
-                Ok(r) => sb.agent.call(r, limit).await,
+                Ok(r) => sb.agent.call_budgeted(r, limit, &mgr.reply_budget).await,
                 Err(e) => Err(e),
             };
             let outcome = match &result {
-                Ok(r) => outcome_of(&r.headers),
+                Ok((r, _)) => r
+                    .headers
+                    .get(OUTCOME_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(ExecOutcome::parse)
+                    .unwrap_or(ExecOutcome::Error),
                 Err(_) => ExecOutcome::Error,
             };
+            let pool = sb.pool.as_str();
             mgr.metrics
                 .execs_total
-                .with_label_values(&[sb.pool.as_str(), outcome.as_str()])
+                .with_label_values(&[pool, outcome.as_str()])
                 .inc();
             mgr.metrics
                 .exec_seconds
-                .with_label_values(&[sb.pool.as_str()])
+                .with_label_values(&[pool])
                 .observe(started.elapsed().as_secs_f64());
             sb.touch();
-            result.map(|r| CachedReply {
-                status: r.status,
-                body: r.body,
-            })
+            match (result, publish, request_id) {
+                (Ok((r, permit)), Some(tx), _) => {
+                    let cached = CachedReply {
+                        status: r.status,
+                        body: r.body,
+                    };
+                    let _ = tx.send(Some(replayable(&cached)));
+                    Ok((cached, permit))
+                }
+                (Ok((r, permit)), None, _) => Ok((
+                    CachedReply {
+                        status: r.status,
+                        body: r.body,
+                    },
+                    permit,
+                )),
+                (Err(e), _, Some(id)) => {
+                    // The agent never answered: let a retry run it.
+                    sb.forget_exec(&id);
+                    Err(e)
+                }
+                (Err(e), _, None) => Err(e),
+            }
         })
     };
-    let Some(request_id) = request_id else {
-        return join(run).await.map(reply);
-    };
-    match sb.exec_slot(&request_id) {
-        ExecSlot::Done(cached) => {
-            run.abort();
-            Ok(reply(cached))
+    let (cached, _permit) = join(run).await?;
+    Ok(reply(cached))
+}
+
+/// What a retry gets: the reply itself, or a note that it was too large to keep.
+fn replayable(cached: &CachedReply) -> CachedReply {
+    if cached.body.len() <= MAX_REPLAY_BYTES {
+        return cached.clone();
+    }
+    let err = ApiError::new(
+        ErrorCode::Conflict,
+        "this request id already ran; its result was too large to keep for a replay",
+    );
+    CachedReply {
+        status: StatusCode::CONFLICT,
+        body: Bytes::from(serde_json::to_vec(&err.into_body()).unwrap_or_default()),
+    }
+}
+
+async fn wait_for_first(
+    mut rx: tokio::sync::watch::Receiver<Option<CachedReply>>,
+) -> Result<Response<Body>, ApiError> {
+    loop {
+        if let Some(cached) = rx.borrow().clone() {
+            return Ok(reply(cached));
         }
-        ExecSlot::Wait(mut rx) => {
-            run.abort();
-            loop {
-                if let Some(cached) = rx.borrow().clone() {
-                    return Ok(reply(cached));
-                }
-                if rx.changed().await.is_err() {
-                    return Err(ApiError::unavailable(
-                        "the first attempt of this request failed; retry",
-                    ));
-                }
-            }
+        if rx.changed().await.is_err() {
+            return Err(ApiError::unavailable(
+                "the first attempt of this request failed; retry",
+            ));
         }
-        ExecSlot::Run(tx) => match join(run).await {
-            Ok(cached) => {
-                let _ = tx.send(Some(cached.clone()));
-                Ok(reply(cached))
-            }
-            Err(e) => {
-                sb.forget_exec(&request_id);
-                Err(e)
-            }
-        },
     }
 }
 
