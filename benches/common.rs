@@ -477,8 +477,19 @@ impl Daemon {
             }
         }
         // The daemon leaves its (now empty) cgroup parents behind: remove ours.
-        for root in cgroup_roots() {
-            let _ = std::fs::remove_dir(root.join(&self.cgroup_parent));
+        // (A just-emptied cgroup can refuse rmdir for a moment: retry briefly.)
+        for _ in 0..50 {
+            let mut left = false;
+            for root in cgroup_roots() {
+                let dir = root.join(&self.cgroup_parent);
+                if dir.exists() && std::fs::remove_dir(&dir).is_err() {
+                    left = true;
+                }
+            }
+            if !left {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         if std::env::var_os("ARL_BENCH_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
