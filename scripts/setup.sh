@@ -28,4 +28,4 @@ fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e './sdk/python[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e './sdk/python[test]' pyyaml jsonschema openapi-spec-validator

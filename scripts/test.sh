@@ -10,3 +10,4 @@ cargo clippy --locked --all-targets -- -D warnings
 cargo build --locked
 cargo test --locked
 ARL_BIN="$PWD/target/debug/arl" .venv/bin/python -m pytest sdk/python/tests -q
+ARL_BIN="$PWD/target/debug/arl" .venv/bin/python -m pytest tests/api -q

@@ -715,6 +715,10 @@ def test_exec_request_id_idempotency(api: Api, sandbox: str) -> None:
     assert api.sh(sandbox, "wc -l < /tmp/runs")["stdout"].strip() == "1"
     # A new id runs.
     assert api.exec(sandbox, {**req, "request_id": "twice"})["stdout"].strip() == "2"
+    # A reply too large to keep (over 256 KiB) is not replayed: the retry is a conflict.
+    big = {"shell": "head -c 300000 /dev/zero | tr '\\0' a", "request_id": "big"}
+    assert len(api.exec(sandbox, big)["stdout"]) == 300000
+    api.exec(sandbox, big, expect=409, code="conflict")
 
 
 def test_exec_ndjson_stream(api: Api, sandbox: str) -> None:
@@ -750,8 +754,14 @@ def test_pause_resume(api: Api, sandbox: str) -> None:
     for _ in range(2):  # idempotent
         info = api.call("POST", "/v1/sandboxes/{id}/pause", id=sandbox, expect=200)
         assert info["id"] == sandbox
-    api.exec(sandbox, {"cmd": ["true"]}, expect=409, code="conflict")
+    # Every route that needs the sandbox's agent refuses; the others work.
+    for method, template in sandbox_operations(api.contract):
+        if template == "/v1/sandboxes/{id}" or template.endswith(("/pause", "/resume")):
+            continue
+        api.call(method.upper(), template, id=sandbox, expect=409, code="conflict",
+                 **SAMPLE.get((method, template), {}))
     api.exec(sandbox, {"cmd": ["true"]}, headers={"Accept": NDJSON}, expect=409, code="conflict")
+    assert api.call("GET", "/v1/sandboxes/{id}", id=sandbox, expect=200)["id"] == sandbox
     for _ in range(2):
         info = api.call("POST", "/v1/sandboxes/{id}/resume", id=sandbox, expect=200)
         assert info["id"] == sandbox
