@@ -327,3 +327,24 @@ async fn malformed_exec_requests_get_clear_errors() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(d.sh(&id, "echo fine").await["stdout"], "fine\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_execs_in_one_sandbox_keep_their_output() {
+    let d = std::sync::Arc::new(Daemon::start(Options::default()).await);
+    let id = d.acquire("default").await;
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let d = d.clone();
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let word = format!("{worker}-{i}");
+                let r = d.exec(&id, json!({"cmd": ["echo", word]})).await;
+                assert_eq!(r["stdout"], format!("{word}\n"), "{r}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("worker");
+    }
+}

@@ -49,6 +49,35 @@ async fn pools_acquire_many_release_and_exhaustion() {
 
     let (_, list) = d.call(Method::GET, "/v1/sandboxes", None).await;
     assert_eq!(list["sandboxes"].as_array().unwrap().len(), 3);
+    let (status, _) = d
+        .call(Method::DELETE, &format!("/v1/sandboxes/{}", ids[2]), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    d.wait_pool("small", 20, |s| s["idle"] == 1 && s["total"] == 3)
+        .await;
+    // Two more would exceed max = 3 even though one is warm: refused, the warm one untouched.
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"pool": "small", "count": 2})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(d.pool_status("small").await["idle"], 1);
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"pool": "small"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let ids = vec![
+        ids[0].clone(),
+        ids[1].clone(),
+        body["sandboxes"][0]["id"].as_str().unwrap().to_string(),
+    ];
     for id in &ids {
         let (status, _) = d
             .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)

@@ -263,7 +263,9 @@ async fn pump(
             changed = exited.changed() => {
                 if changed.is_err() || *exited.borrow() {
                     loop {
-                        match pipe.try_read(&mut buf) {
+                        // Ask the kernel, not the reactor's readiness cache: output written
+                        // just before the exit may not have been seen by the reactor yet.
+                        match read_now(&pipe, &mut buf) {
                             Ok(0) => break,
                             Ok(n) => if !out.push(&buf[..n]).await { kill_tree(pid); return out.finish(true).await },
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -284,6 +286,18 @@ async fn pump(
         }
     }
     out.finish(false).await
+}
+
+/// One non-blocking read(2) on the pipe, bypassing the reactor.
+fn read_now(pipe: &pipe::Receiver, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: read(2) into our buffer from a descriptor the receiver owns (non-blocking).
+    let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 struct Output {

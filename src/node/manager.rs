@@ -355,13 +355,9 @@ impl Manager {
         let (mut taken, missing) = {
             let mut st = pool.state();
             let warm = count.min(st.idle.len());
-            let taken: Vec<Arc<Sandbox>> = st.idle.drain(..warm).collect();
             let missing = count - warm;
+            // Warm ones only change state; each missing one adds to the pool's total.
             if spec.max.saturating_sub(st.total()) < missing {
-                // Not enough room: put the warm ones back untouched.
-                for sb in taken.into_iter().rev() {
-                    st.idle.push_front(sb);
-                }
                 let mut err = ApiError::new(
                     ErrorCode::PoolExhausted,
                     format!(
@@ -374,6 +370,7 @@ impl Manager {
                 err.alternatives = Vec::new();
                 return Err(err);
             }
+            let taken: Vec<Arc<Sandbox>> = st.idle.drain(..warm).collect();
             st.allocated += taken.len();
             st.starting += missing;
             (taken, missing)

@@ -841,7 +841,9 @@ def test_files_batch(api: Api, sandbox: str) -> None:
         {"path": "/workspace/b/text.txt", "size": 6, "sha256": hashlib.sha256("héllo".encode()).hexdigest()},
         {"path": "/workspace/plain.txt", "size": 5, "sha256": hashlib.sha256(b"plain").hexdigest()},
     ]
-    assert api.call("GET", "/v1/sandboxes/{id}/files", id=sandbox, query={"path": "/tmp/bin.dat"}) == b"\x00\x01\xff"
+    # Batch writes are not flushed before the reply: the data may land a moment later.
+    wait_content(api, sandbox, "/tmp/bin.dat", b"\x00\x01\xff")
+    wait_content(api, sandbox, "b/text.txt", "héllo".encode())
     assert api.sh(sandbox, "stat -c %a /tmp/bin.dat plain.txt")["stdout"] == "700\n644\n"
 
     # All or nothing: one bad entry writes none.
@@ -882,6 +884,16 @@ def test_files_disk_full(api: Api, full_sandbox: str) -> None:
     api.call("PUT", "/v1/sandboxes/{id}/files", id=full_sandbox, query={"path": "more"}, raw=b"y" * 65536,
              expect=413, code="payload_too_large")
     api.call("GET", "/v1/sandboxes/{id}/files", id=full_sandbox, query={"path": "more"}, expect=404)
+
+
+def wait_content(api: Api, sid: str, path: str, expected: bytes, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = api.call("GET", "/v1/sandboxes/{id}/files", id=sid, query={"path": path}, expect=200)
+        if got == expected:
+            return
+        assert time.monotonic() < deadline, f"{path}: {got[:100]!r} != {expected[:100]!r}"
+        time.sleep(0.01)
 
 
 @pytest.mark.xfail(reason="batch writes do not flush their files: on a full disk the daemon answers 200 with the "
