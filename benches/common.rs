@@ -478,7 +478,7 @@ impl Daemon {
         }
         // The daemon leaves its (now empty) cgroup parents behind: remove ours.
         // (A just-emptied cgroup can refuse rmdir for a moment: retry briefly.)
-        for _ in 0..50 {
+        for _ in 0..150 {
             let mut left = false;
             for root in cgroup_roots() {
                 let dir = root.join(&self.cgroup_parent);
