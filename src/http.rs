@@ -52,7 +52,14 @@ fn internal_error() -> Response<Body> {
 
 pub fn error(err: ApiError) -> Response<Body> {
     let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    json(status, &err.into_body())
+    let mut response = json(status, &err.into_body());
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
 }
 
 pub fn no_content() -> Response<Body> {

@@ -250,6 +250,22 @@ async fn request_id_makes_exec_idempotent() {
     assert_eq!(second, first, "the retry returns the first result");
     let r = d.sh(&id, "wc -l < /workspace/count").await;
     assert_eq!(r["stdout"], "1\n", "the command ran once");
+    // A request refused before anything ran is not replayed: the corrected retry runs.
+    let (status, _) = d
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"cmd": ["pwd"], "cwd": "/nope", "request_id": "step-fix"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let fixed = d
+        .exec(
+            &id,
+            json!({"cmd": ["pwd"], "cwd": "/tmp", "request_id": "step-fix"}),
+        )
+        .await;
+    assert_eq!(fixed["stdout"], "/tmp\n");
     // Two attempts in flight at once: one runs, both get its result.
     let req = json!({"shell": "sleep 0.3; echo y >> /workspace/count2; wc -l < /workspace/count2", "request_id": "step-concurrent"});
     let (a, b) = tokio::join!(d.exec(&id, req.clone()), d.exec(&id, req));

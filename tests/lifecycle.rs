@@ -91,6 +91,20 @@ async fn pools_acquire_many_release_and_exhaustion() {
     d.wait_pool("small", 20, |s| s["idle"] == 2 && s["allocated"] == 0)
         .await;
 
+    // A retried acquire with the same request id gets the same sandbox, not a second one.
+    let req = json!({"pool": "small", "request_id": "episode-42"});
+    let (status, first) = d
+        .call(Method::POST, "/v1/sandboxes", Some(req.clone()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (status, again) = d.call(Method::POST, "/v1/sandboxes", Some(req)).await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+    assert_eq!(first["sandboxes"][0]["id"], again["sandboxes"][0]["id"]);
+    assert_eq!(d.pool_status("small").await["allocated"], 1);
+    let rid = first["sandboxes"][0]["id"].as_str().unwrap().to_string();
+    d.call(Method::DELETE, &format!("/v1/sandboxes/{rid}"), None)
+        .await;
+
     // Pools over the API: create, validate, delete.
     let (status, body) = d
         .call(

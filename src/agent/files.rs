@@ -42,6 +42,7 @@ fn errno_error(e: Errno, path: &str) -> ApiError {
             format!("{path}: the sandbox's disk is full"),
         ),
         Errno::ENAMETOOLONG => ApiError::bad_request(format!("{path}: name too long")),
+        Errno::EBUSY => ApiError::bad_request(format!("{path}: busy (a mount point?)")),
         other => ApiError::internal(format!("{path}: {other}")),
     }
 }
@@ -338,7 +339,12 @@ pub async fn write_many(files: Vec<(String, FileContent)>) -> Result<Vec<FileInf
                     sha256: String::new(),
                 },
             };
-            if let Err(e) = file.write_all(&bytes).await {
+            // tokio's File writes in the background: flush to see the write's real outcome.
+            let written = match file.write_all(&bytes).await {
+                Ok(()) => file.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
                 one.discard_ref();
                 return Err(io_error(e, &display));
             }

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use super::agent_client::AgentClient;
 use super::auth::{Auth, Owner};
 use super::metrics::Metrics;
+use super::once::{self, Claim, OnceMap};
 use super::pool::Pool;
 use super::sandbox::{Lease, Sandbox};
 use crate::api::{
@@ -25,6 +26,8 @@ use crate::util::{now_ms, random_id};
 
 /// Ids of recently dead sandboxes remembered, so callers get "died" rather than "unknown".
 const GRAVEYARD: usize = 4096;
+/// Acquire request ids remembered for retries.
+const ACQUISITIONS_REMEMBERED: usize = 4096;
 /// Agent replies buffered at once, node-wide: 1 GiB.
 const REPLY_BUDGET_KIB: usize = 1 << 20;
 /// How long a new sandbox may take to answer its first ping.
@@ -36,6 +39,8 @@ pub struct Manager {
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
     graveyard: Mutex<VecDeque<(String, String)>>,
     create_permits: Arc<Semaphore>,
+    /// Sandbox ids handed out by request id, for retried acquires.
+    acquisitions: OnceMap<(Owner, String), Vec<String>>,
     /// KiB of agent replies the daemon may buffer at once (exec results in flight).
     pub reply_budget: Arc<Semaphore>,
     /// Creations and destructions in flight, awaited on shutdown.
@@ -54,6 +59,7 @@ impl Manager {
             graveyard: Mutex::new(VecDeque::new()),
             create_permits: Arc::new(Semaphore::new(create_concurrency.max(1))),
             reply_budget: Arc::new(Semaphore::new(REPLY_BUDGET_KIB)),
+            acquisitions: OnceMap::new(ACQUISITIONS_REMEMBERED),
             background: TaskTracker::new(),
             metrics: Metrics::new(),
             auth,
@@ -322,7 +328,43 @@ impl Manager {
     }
 
     /// Hands out `count` sandboxes of a pool: warm ones first, then new ones up to `max`.
+    /// With a `request_id`, a retry gets the sandboxes of the first attempt.
     pub async fn acquire(
+        self: &Arc<Self>,
+        owner: Owner,
+        req: AcquireRequest,
+    ) -> Result<Vec<SandboxInfo>, ApiError> {
+        let Some(request_id) = req.request_id.clone() else {
+            return self.acquire_now(owner, req).await;
+        };
+        let key = (owner, request_id);
+        let ids = match self.acquisitions.claim(&key) {
+            Claim::Done(ids) => ids,
+            Claim::Wait(rx) => once::wait(rx).await?,
+            Claim::Run(tx) => {
+                // In a task of its own, so a client that disconnects cannot strand sandboxes.
+                let this = self.clone();
+                let run = tokio::spawn(async move {
+                    let result = this.acquire_now(owner, req).await;
+                    match &result {
+                        Ok(infos) => {
+                            let _ = tx.send(Some(infos.iter().map(|i| i.id.clone()).collect()));
+                        }
+                        Err(_) => this.acquisitions.forget(&key),
+                    }
+                    result
+                });
+                return run
+                    .await
+                    .map_err(|e| ApiError::internal(format!("acquire task failed: {e}")))?;
+            }
+        };
+        ids.iter()
+            .map(|id| self.sandbox(id, &owner).map(|sb| sb.info()))
+            .collect()
+    }
+
+    async fn acquire_now(
         self: &Arc<Self>,
         owner: Owner,
         req: AcquireRequest,
@@ -507,7 +549,7 @@ impl Manager {
             st.starting -= 1;
             if reset.is_ok() && !st.deleted {
                 sb.set_lease(None);
-                sb.clear_execs();
+                sb.execs.clear();
                 this.sandboxes
                     .write()
                     .unwrap_or_else(|p| p.into_inner())

@@ -7,6 +7,7 @@ mod auth;
 mod config;
 mod manager;
 mod metrics;
+mod once;
 mod pool;
 mod sandbox;
 mod server;

@@ -1,16 +1,16 @@
 //! A live sandbox as the daemon sees it: its agent, its lease while allocated, and the
 //! results of recent execs by request id.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use hyper::StatusCode;
-use tokio::sync::watch;
 
 use super::agent_client::AgentClient;
 use super::auth::Owner;
+use super::once::OnceMap;
 use crate::api::{SandboxInfo, SandboxState, WORKSPACE};
 use crate::util::now_ms;
 
@@ -26,7 +26,8 @@ pub struct Sandbox {
     /// Last time a request touched it (ms since the epoch).
     last_used_ms: AtomicU64,
     pub paused: AtomicBool,
-    execs: Mutex<Execs>,
+    /// Exec results by request id, for retries.
+    pub execs: OnceMap<String, CachedReply>,
 }
 
 #[derive(Clone)]
@@ -46,21 +47,6 @@ pub struct CachedReply {
     pub body: Bytes,
 }
 
-pub enum ExecSlot {
-    /// Run it; publish the reply through the sender.
-    Run(watch::Sender<Option<CachedReply>>),
-    /// Someone is running it: wait for the reply.
-    Wait(watch::Receiver<Option<CachedReply>>),
-    /// Already done.
-    Done(CachedReply),
-}
-
-#[derive(Default)]
-struct Execs {
-    by_id: HashMap<String, watch::Receiver<Option<CachedReply>>>,
-    order: VecDeque<String>,
-}
-
 impl Sandbox {
     pub fn new(id: String, pool: String, agent: AgentClient) -> Self {
         let now = now_ms();
@@ -72,7 +58,7 @@ impl Sandbox {
             lease: Mutex::new(None),
             last_used_ms: AtomicU64::new(now),
             paused: AtomicBool::new(false),
-            execs: Mutex::new(Execs::default()),
+            execs: OnceMap::new(IDEMPOTENCY_ENTRIES),
         }
     }
 
@@ -120,36 +106,5 @@ impl Sandbox {
             labels: lease.map(|l| l.labels).unwrap_or_default(),
             workspace: WORKSPACE.to_string(),
         }
-    }
-
-    /// Claims an exec slot for `request_id`.
-    pub fn exec_slot(&self, request_id: &str) -> ExecSlot {
-        let mut execs = self.execs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = execs.by_id.get(request_id) {
-            return match rx.borrow().clone() {
-                Some(reply) => ExecSlot::Done(reply),
-                None => ExecSlot::Wait(rx.clone()),
-            };
-        }
-        let (tx, rx) = watch::channel(None);
-        execs.by_id.insert(request_id.to_string(), rx);
-        execs.order.push_back(request_id.to_string());
-        while execs.order.len() > IDEMPOTENCY_ENTRIES {
-            if let Some(old) = execs.order.pop_front() {
-                execs.by_id.remove(&old);
-            }
-        }
-        ExecSlot::Run(tx)
-    }
-
-    /// Forgets a request id whose exec failed before reaching the command (so a retry runs).
-    pub fn forget_exec(&self, request_id: &str) {
-        let mut execs = self.execs.lock().unwrap_or_else(|p| p.into_inner());
-        execs.by_id.remove(request_id);
-        execs.order.retain(|id| id != request_id);
-    }
-
-    pub fn clear_execs(&self) {
-        *self.execs.lock().unwrap_or_else(|p| p.into_inner()) = Execs::default();
     }
 }

@@ -17,7 +17,8 @@ use tracing::Instrument;
 
 use super::auth::Owner;
 use super::manager::Manager;
-use super::sandbox::{CachedReply, ExecSlot, Sandbox};
+use super::once::{self, Claim};
+use super::sandbox::{CachedReply, Sandbox};
 use crate::api::files::MAX_BATCH_BYTES;
 use crate::api::{
     AcquireRequest, ApiError, ErrorCode, ExecOutcome, ExecRequest, NDJSON, OUTCOME_HEADER,
@@ -331,10 +332,10 @@ async fn exec(
     }
 
     // A retry of a request id already seen gets the first result and runs nothing.
-    let publish = match request_id.as_deref().map(|id| sb.exec_slot(id)) {
-        Some(ExecSlot::Done(cached)) => return Ok(reply(cached)),
-        Some(ExecSlot::Wait(rx)) => return wait_for_first(rx).await,
-        Some(ExecSlot::Run(tx)) => Some(tx),
+    let publish = match request_id.as_ref().map(|id| sb.execs.claim(id)) {
+        Some(Claim::Done(cached)) => return Ok(reply(cached)),
+        Some(Claim::Wait(rx)) => return once::wait(rx).await.map(reply),
+        Some(Claim::Run(tx)) => Some(tx),
         None => None,
     };
     let started = Instant::now();
@@ -368,7 +369,7 @@ async fn exec(
                 .observe(started.elapsed().as_secs_f64());
             sb.touch();
             match (result, publish, request_id) {
-                (Ok((r, permit)), Some(tx), _) => {
+                (Ok((r, permit)), Some(tx), _) if r.status.is_success() => {
                     let cached = CachedReply {
                         status: r.status,
                         body: r.body,
@@ -376,16 +377,22 @@ async fn exec(
                     let _ = tx.send(Some(replayable(&cached)));
                     Ok((cached, permit))
                 }
-                (Ok((r, permit)), None, _) => Ok((
-                    CachedReply {
-                        status: r.status,
-                        body: r.body,
-                    },
-                    permit,
-                )),
+                (Ok((r, permit)), _, id) => {
+                    // Refused before anything ran (a bad cwd, say): a corrected retry runs.
+                    if let Some(id) = id {
+                        sb.execs.forget(&id);
+                    }
+                    Ok((
+                        CachedReply {
+                            status: r.status,
+                            body: r.body,
+                        },
+                        permit,
+                    ))
+                }
                 (Err(e), _, Some(id)) => {
                     // The agent never answered: let a retry run it.
-                    sb.forget_exec(&id);
+                    sb.execs.forget(&id);
                     Err(e)
                 }
                 (Err(e), _, None) => Err(e),
@@ -408,21 +415,6 @@ fn replayable(cached: &CachedReply) -> CachedReply {
     CachedReply {
         status: StatusCode::CONFLICT,
         body: Bytes::from(serde_json::to_vec(&err.into_body()).unwrap_or_default()),
-    }
-}
-
-async fn wait_for_first(
-    mut rx: tokio::sync::watch::Receiver<Option<CachedReply>>,
-) -> Result<Response<Body>, ApiError> {
-    loop {
-        if let Some(cached) = rx.borrow().clone() {
-            return Ok(reply(cached));
-        }
-        if rx.changed().await.is_err() {
-            return Err(ApiError::unavailable(
-                "the first attempt of this request failed; retry",
-            ));
-        }
     }
 }
 
@@ -475,7 +467,7 @@ async fn files(sb: Arc<Sandbox>, req: Request<Incoming>) -> Result<Response<Body
 
 async fn reset(mgr: &Arc<Manager>, sb: Arc<Sandbox>) -> Result<Response<Body>, ApiError> {
     mgr.reset_agent(&sb).await?;
-    sb.clear_execs();
+    sb.execs.clear();
     sb.touch();
     Ok(http::json(StatusCode::OK, &sb.info()))
 }
