@@ -130,11 +130,6 @@ def test_exec_across_restart_never_runs_twice(tmp_path: Path) -> None:
         d.cleanup()
 
 
-@pytest.mark.xfail(
-    reason="daemon deviation: POST /v1/sandboxes ignores request_id, so an acquisition retried after a "
-    "lost response hands out a second sandbox (the first one leaks until its ttl)",
-    strict=False,
-)
 def test_acquire_request_id_is_idempotent(client: arl.Client) -> None:
     from arl._common import dumps
 

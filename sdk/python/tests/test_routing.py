@@ -140,11 +140,6 @@ def test_async_routing(two_nodes: tuple[Daemon, Daemon]) -> None:
 
 
 
-@pytest.mark.xfail(
-    reason="daemon deviation: POST /v1/sandboxes with count > idle checks `max` after taking the idle "
-    "sandboxes out of the count, so a max=1 pool hands out 2",
-    strict=False,
-)
 def test_acquire_many_spans_nodes(two_nodes: tuple[Daemon, Daemon]) -> None:
     a, b = two_nodes
     wait_idle(a.url, "solo", 1)

@@ -275,11 +275,6 @@ def test_pool_exhausted(client: arl.Client) -> None:
         assert first.exec(["true"]).ok
 
 
-@pytest.mark.xfail(
-    reason="daemon deviation: POST /v1/sandboxes with count > idle checks `max` after taking the idle "
-    "sandboxes out of the count, so a max=1 pool hands out 2",
-    strict=False,
-)
 def test_pool_max_respected_with_count(client: arl.Client) -> None:
     deadline = time.monotonic() + 20
     while client.pool("tiny").status.idle < 1:  # its one sandbox is warm
@@ -355,11 +350,6 @@ def test_fork_safe(client: arl.Client) -> None:
         assert sb.exec(["echo", "parent"]).stdout == "parent\n"  # the parent's connection is intact
 
 
-@pytest.mark.xfail(
-    reason="daemon deviation: concurrent execs in one sandbox lose output (about a quarter of the "
-    "results come back with exit_code 0 and an empty stdout)",
-    strict=False,
-)
 def test_concurrent_execs_in_one_sandbox(sb: arl.Sandbox) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
