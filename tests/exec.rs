@@ -364,3 +364,89 @@ async fn concurrent_execs_in_one_sandbox_keep_their_output() {
         t.await.expect("worker");
     }
 }
+
+async fn ndjson_events(d: &Daemon, id: &str, req: Value) -> Vec<Value> {
+    let (status, bytes) = d
+        .request_with(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(Bytes::from(req.to_string())),
+            None,
+            &[("accept", "application/x-ndjson")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_exec_is_idempotent_and_survives_a_lost_client() {
+    let d = Daemon::start(Options::default()).await;
+    let id = d.acquire("default").await;
+    let req = json!({"shell": "echo run >> /workspace/runs; echo out; echo err >&2; exit 2", "request_id": "s-1"});
+    let first = ndjson_events(&d, &id, req.clone()).await;
+    let again = ndjson_events(&d, &id, req.clone()).await;
+    let text = |events: &[Value], kind: &str| -> String {
+        events
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .map(|e| e["data"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(text(&first, "stdout"), "out\n");
+    assert_eq!(text(&again, "stdout"), "out\n");
+    assert_eq!(text(&again, "stderr"), "err\n");
+    assert_eq!(again.last().unwrap()["exit_code"], 2);
+    // The same id in JSON mode gets the same result, rebuilt from the stream.
+    let json_retry = d.exec(&id, req).await;
+    assert_eq!(json_retry["stdout"], "out\n");
+    assert_eq!(json_retry["exit_code"], 2);
+    assert_eq!(
+        d.sh(&id, "wc -l < /workspace/runs").await["stdout"],
+        "1\n",
+        "ran once"
+    );
+
+    // A client that goes away mid-stream: the command still finishes, a retry gets it all.
+    let req = json!({"shell": "echo first; sleep 0.5; echo second; echo done >> /workspace/lost", "request_id": "s-2"});
+    {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", d.port))
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let request = hyper::Request::post(format!("/v1/sandboxes/{id}/exec"))
+            .header("host", "localhost")
+            .header("accept", "application/x-ndjson")
+            .body(http_body_util::Full::new(Bytes::from(req.to_string())))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let mut body = response.into_body();
+        use http_body_util::BodyExt;
+        let first_chunk = body.frame().await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(first_chunk.data_ref().unwrap()).contains("first"));
+        drop(body);
+        drop(sender);
+        conn.abort();
+    }
+    let retry = d.exec(&id, req).await;
+    assert_eq!(retry["stdout"], "first\nsecond\n", "{retry}");
+    assert_eq!(d.sh(&id, "cat /workspace/lost").await["stdout"], "done\n");
+    let metrics = d.metrics_text().await;
+    assert!(
+        metrics.contains(r#"arl_execs_total{outcome="nonzero",pool="default"} 1"#),
+        "{metrics}"
+    );
+}

@@ -5,6 +5,7 @@
 mod agent_client;
 mod auth;
 mod config;
+mod exec;
 mod manager;
 mod metrics;
 mod once;

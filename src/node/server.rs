@@ -4,10 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -17,19 +16,11 @@ use tracing::Instrument;
 
 use super::auth::Owner;
 use super::manager::Manager;
-use super::once::{self, Claim};
 use super::sandbox::{CachedReply, Sandbox};
 use crate::api::files::MAX_BATCH_BYTES;
-use crate::api::{
-    AcquireRequest, ApiError, ErrorCode, ExecOutcome, ExecRequest, NDJSON, OUTCOME_HEADER,
-    PoolList, PoolSpec, SandboxList,
-};
+use crate::api::{AcquireRequest, ApiError, ErrorCode, PoolList, PoolSpec, SandboxList};
 use crate::http::{self, Body, MAX_JSON_BODY};
 
-/// Largest exec result kept for replay to a retry with the same request id.
-const MAX_REPLAY_BYTES: usize = 256 << 10;
-/// Largest exec request (it may carry stdin).
-const MAX_EXEC_BODY: usize = 16 << 20;
 /// How long in-flight requests may run on after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -214,7 +205,10 @@ async fn sandbox_route(
             "/v1/sandboxes/{id}",
             mgr.release(&sb.id, owner).map(|()| http::no_content()),
         ),
-        (Method::POST, ["exec"]) => ("/v1/sandboxes/{id}/exec", exec(mgr, sb, req).await),
+        (Method::POST, ["exec"]) => (
+            "/v1/sandboxes/{id}/exec",
+            super::exec::exec(mgr, sb, req).await,
+        ),
         (Method::PUT | Method::GET | Method::DELETE | Method::POST, ["files"]) => {
             ("/v1/sandboxes/{id}/files", files(sb, req).await)
         }
@@ -280,7 +274,11 @@ async fn acquire(
     Ok(http::json(StatusCode::CREATED, &SandboxList { sandboxes }))
 }
 
-fn agent_request(method: Method, uri: &str, body: Body) -> Result<Request<Body>, ApiError> {
+pub(super) fn agent_request(
+    method: Method,
+    uri: &str,
+    body: Body,
+) -> Result<Request<Body>, ApiError> {
     Request::builder()
         .method(method)
         .uri(uri)
@@ -289,7 +287,7 @@ fn agent_request(method: Method, uri: &str, body: Body) -> Result<Request<Body>,
         .map_err(|e| ApiError::bad_request(format!("bad request line: {e}")))
 }
 
-fn reply(reply: CachedReply) -> Response<Body> {
+pub(super) fn reply(reply: CachedReply) -> Response<Body> {
     Response::builder()
         .status(reply.status)
         .header(CONTENT_TYPE, "application/json")
@@ -298,129 +296,12 @@ fn reply(reply: CachedReply) -> Response<Body> {
 }
 
 /// Hands an agent's streaming response to the client as it comes.
-fn passthrough(response: Response<Incoming>) -> Response<Body> {
+pub(super) fn passthrough(response: Response<Incoming>) -> Response<Body> {
     let (parts, body) = response.into_parts();
     Response::from_parts(
         parts,
         body.map_err(|e| Box::new(e) as http::BoxError).boxed(),
     )
-}
-
-async fn exec(
-    mgr: &Arc<Manager>,
-    sb: Arc<Sandbox>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    let streaming = http::wants_ndjson(&req);
-    let mut exec_req: ExecRequest = http::read_json(req, MAX_EXEC_BODY).await?;
-    exec_req.argv().map_err(ApiError::bad_request)?;
-    // Late binding: the pool's and the lease's env apply under the request's own.
-    let mut env = mgr.env_for(&sb);
-    env.extend(std::mem::take(&mut exec_req.env));
-    exec_req.env = env;
-    let request_id = exec_req.request_id.take();
-    let limit = exec_req.max_output() * 12 + (1 << 20);
-    let body = serde_json::to_vec(&exec_req).map_err(|e| ApiError::internal(e.to_string()))?;
-    sb.touch();
-
-    if streaming {
-        let mut agent_req = agent_request(Method::POST, "/exec", http::full(body))?;
-        agent_req
-            .headers_mut()
-            .insert(ACCEPT, hyper::header::HeaderValue::from_static(NDJSON));
-        return Ok(passthrough(sb.agent.stream(agent_req).await?));
-    }
-
-    // A retry of a request id already seen gets the first result and runs nothing.
-    let publish = match request_id.as_ref().map(|id| sb.execs.claim(id)) {
-        Some(Claim::Done(cached)) => return Ok(reply(cached)),
-        Some(Claim::Wait(rx)) => return once::wait(rx).await.map(reply),
-        Some(Claim::Run(tx)) => Some(tx),
-        None => None,
-    };
-    let started = Instant::now();
-    // The agent call runs in a task of its own: a client that disconnects does not cancel the
-    // command half-way, and its result still reaches a retry with the same request id.
-    let run = {
-        let mgr = mgr.clone();
-        let sb = sb.clone();
-        tokio::spawn(async move {
-            let result = match agent_request(Method::POST, "/exec", http::full(body)) {
-                Ok(r) => sb.agent.call_budgeted(r, limit, &mgr.reply_budget).await,
-                Err(e) => Err(e),
-            };
-            let outcome = match &result {
-                Ok((r, _)) => r
-                    .headers
-                    .get(OUTCOME_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(ExecOutcome::parse)
-                    .unwrap_or(ExecOutcome::Error),
-                Err(_) => ExecOutcome::Error,
-            };
-            let pool = sb.pool.as_str();
-            mgr.metrics
-                .execs_total
-                .with_label_values(&[pool, outcome.as_str()])
-                .inc();
-            mgr.metrics
-                .exec_seconds
-                .with_label_values(&[pool])
-                .observe(started.elapsed().as_secs_f64());
-            sb.touch();
-            match (result, publish, request_id) {
-                (Ok((r, permit)), Some(tx), _) if r.status.is_success() => {
-                    let cached = CachedReply {
-                        status: r.status,
-                        body: r.body,
-                    };
-                    let _ = tx.send(Some(replayable(&cached)));
-                    Ok((cached, permit))
-                }
-                (Ok((r, permit)), _, id) => {
-                    // Refused before anything ran (a bad cwd, say): a corrected retry runs.
-                    if let Some(id) = id {
-                        sb.execs.forget(&id);
-                    }
-                    Ok((
-                        CachedReply {
-                            status: r.status,
-                            body: r.body,
-                        },
-                        permit,
-                    ))
-                }
-                (Err(e), _, Some(id)) => {
-                    // The agent never answered: let a retry run it.
-                    sb.execs.forget(&id);
-                    Err(e)
-                }
-                (Err(e), _, None) => Err(e),
-            }
-        })
-    };
-    let (cached, _permit) = join(run).await?;
-    Ok(reply(cached))
-}
-
-/// What a retry gets: the reply itself, or a note that it was too large to keep.
-fn replayable(cached: &CachedReply) -> CachedReply {
-    if cached.body.len() <= MAX_REPLAY_BYTES {
-        return cached.clone();
-    }
-    let err = ApiError::new(
-        ErrorCode::Conflict,
-        "this request id already ran; its result was too large to keep for a replay",
-    );
-    CachedReply {
-        status: StatusCode::CONFLICT,
-        body: Bytes::from(serde_json::to_vec(&err.into_body()).unwrap_or_default()),
-    }
-}
-
-async fn join<T>(task: tokio::task::JoinHandle<Result<T, ApiError>>) -> Result<T, ApiError> {
-    task.await
-        .map_err(|e| ApiError::internal(format!("exec task failed: {e}")))?
 }
 
 async fn files(sb: Arc<Sandbox>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {

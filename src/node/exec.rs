@@ -1,0 +1,287 @@
+//! Exec through the daemon, in both modes:
+//!
+//! * JSON: the agent's whole reply, buffered within the node-wide reply budget;
+//! * NDJSON (`Accept: application/x-ndjson`): the agent's stream relayed chunk by chunk.
+//!
+//! Either way a `request_id` makes the exec happen at most once per sandbox: the first attempt
+//! runs in a task of its own (so a client that disconnects does not cancel it) and publishes
+//! its result; a retry waits for it or gets it back — as JSON or replayed as NDJSON events.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{ACCEPT, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::watch;
+
+use super::manager::Manager;
+use super::once::{self, Claim};
+use super::sandbox::{CachedReply, Sandbox};
+use super::server::{agent_request, passthrough, reply};
+use crate::api::{
+    ApiError, ErrorCode, ExecEvent, ExecOutcome, ExecRequest, ExecResult, NDJSON, OUTCOME_HEADER,
+};
+use crate::http::{self, Body, ChannelBody, ndjson_line};
+
+/// Largest exec request (it may carry stdin).
+const MAX_EXEC_BODY: usize = 16 << 20;
+/// Largest exec result kept for replay to a retry with the same request id.
+const MAX_REPLAY_BYTES: usize = 256 << 10;
+/// Longest NDJSON line the relay parses (the agent sends chunks of at most 32 KiB).
+const MAX_LINE: usize = 1 << 20;
+
+type Publish = Option<(String, watch::Sender<Option<CachedReply>>)>;
+
+pub async fn exec(
+    mgr: &Arc<Manager>,
+    sb: Arc<Sandbox>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let streaming = http::wants_ndjson(&req);
+    let mut exec_req: ExecRequest = http::read_json(req, MAX_EXEC_BODY).await?;
+    exec_req.argv().map_err(ApiError::bad_request)?;
+    // Late binding: the pool's and the lease's env apply under the request's own.
+    let mut env = mgr.env_for(&sb);
+    env.extend(std::mem::take(&mut exec_req.env));
+    exec_req.env = env;
+    let request_id = exec_req.request_id.take();
+    let limit = exec_req.max_output() * 12 + (1 << 20);
+    let body = serde_json::to_vec(&exec_req).map_err(|e| ApiError::internal(e.to_string()))?;
+    sb.touch();
+
+    // A retry of a request id already seen gets the first result and runs nothing.
+    let publish: Publish = match request_id.map(|id| (sb.execs.claim(&id), id)) {
+        Some((Claim::Done(cached), _)) => return Ok(answer(cached, streaming)),
+        Some((Claim::Wait(rx), _)) => return once::wait(rx).await.map(|c| answer(c, streaming)),
+        Some((Claim::Run(tx), id)) => Some((id, tx)),
+        None => None,
+    };
+    let started = Instant::now();
+    if streaming {
+        return stream(mgr, sb, body, publish, started).await;
+    }
+    let run = {
+        let mgr = mgr.clone();
+        let sb = sb.clone();
+        tokio::spawn(async move {
+            let result = match agent_request(Method::POST, "/exec", http::full(body)) {
+                Ok(r) => sb.agent.call_budgeted(r, limit, &mgr.reply_budget).await,
+                Err(e) => Err(e),
+            };
+            let outcome = match &result {
+                Ok((r, _)) => r
+                    .headers
+                    .get(OUTCOME_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(ExecOutcome::parse)
+                    .unwrap_or(ExecOutcome::Error),
+                Err(_) => ExecOutcome::Error,
+            };
+            record(&mgr, &sb, outcome, started);
+            let result = result.map(|(r, permit)| {
+                (
+                    CachedReply {
+                        status: r.status,
+                        body: r.body,
+                    },
+                    permit,
+                )
+            });
+            match &result {
+                Ok((cached, _)) => finish(&sb, publish, Some(cached)),
+                Err(_) => finish(&sb, publish, None),
+            }
+            result
+        })
+    };
+    let (cached, _permit) = run
+        .await
+        .map_err(|e| ApiError::internal(format!("exec task failed: {e}")))??;
+    Ok(reply(cached))
+}
+
+fn record(mgr: &Manager, sb: &Sandbox, outcome: ExecOutcome, started: Instant) {
+    let pool = sb.pool.as_str();
+    mgr.metrics
+        .execs_total
+        .with_label_values(&[pool, outcome.as_str()])
+        .inc();
+    mgr.metrics
+        .exec_seconds
+        .with_label_values(&[pool])
+        .observe(started.elapsed().as_secs_f64());
+    sb.touch();
+}
+
+/// Publishes a finished exec for retries, or forgets its id when nothing ran (no reply, or a
+/// request the agent refused up front) so that a corrected retry runs.
+fn finish(sb: &Sandbox, publish: Publish, result: Option<&CachedReply>) {
+    let Some((id, tx)) = publish else { return };
+    match result {
+        Some(cached) if cached.status.is_success() => {
+            let _ = tx.send(Some(replayable(cached)));
+        }
+        _ => sb.execs.forget(&id),
+    }
+}
+
+/// What a retry gets: the reply itself, or a note that it was too large to keep.
+fn replayable(cached: &CachedReply) -> CachedReply {
+    if cached.body.len() <= MAX_REPLAY_BYTES {
+        return cached.clone();
+    }
+    let err = ApiError::new(
+        ErrorCode::Conflict,
+        "this request id already ran; its result was too large to keep for a replay",
+    );
+    CachedReply {
+        status: StatusCode::CONFLICT,
+        body: Bytes::from(serde_json::to_vec(&err.into_body()).unwrap_or_default()),
+    }
+}
+
+/// A kept result for a retry, in the mode the retry asked for.
+fn answer(cached: CachedReply, streaming: bool) -> Response<Body> {
+    let result = match serde_json::from_slice::<ExecResult>(&cached.body) {
+        Ok(result) if streaming && cached.status.is_success() => result,
+        _ => return reply(cached),
+    };
+    let mut lines = Vec::new();
+    if !result.stdout.is_empty() {
+        lines.extend_from_slice(&ndjson_line(&ExecEvent::Stdout {
+            data: result.stdout.clone(),
+        }));
+    }
+    if !result.stderr.is_empty() {
+        lines.extend_from_slice(&ndjson_line(&ExecEvent::Stderr {
+            data: result.stderr.clone(),
+        }));
+    }
+    let done = ExecResult {
+        stdout: String::new(),
+        stderr: String::new(),
+        ..result
+    };
+    lines.extend_from_slice(&ndjson_line(&ExecEvent::Result(done)));
+    Response::builder()
+        .header(CONTENT_TYPE, NDJSON)
+        .body(http::full(lines))
+        .unwrap_or_else(|_| http::error(ApiError::internal("response")))
+}
+
+/// Starts a streaming exec and relays its events.
+async fn stream(
+    mgr: &Arc<Manager>,
+    sb: Arc<Sandbox>,
+    body: Vec<u8>,
+    publish: Publish,
+    started: Instant,
+) -> Result<Response<Body>, ApiError> {
+    let mut agent_req = agent_request(Method::POST, "/exec", http::full(body))?;
+    agent_req
+        .headers_mut()
+        .insert(ACCEPT, hyper::header::HeaderValue::from_static(NDJSON));
+    let response = match sb.agent.stream(agent_req).await {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => {
+            finish(&sb, publish, None);
+            return Ok(passthrough(r));
+        }
+        Err(e) => {
+            finish(&sb, publish, None);
+            return Err(e);
+        }
+    };
+    let (parts, agent_body) = response.into_parts();
+    let (tx, body) = ChannelBody::channel(16);
+    tokio::spawn(relay(mgr.clone(), sb, agent_body, tx, publish, started));
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Forwards the agent's NDJSON as it comes, reading the events on the way: the final one
+/// gives the metrics; with a request id, all of them rebuild the result for retries, and the
+/// relay reads on to the end even after the client went away.
+async fn relay(
+    mgr: Arc<Manager>,
+    sb: Arc<Sandbox>,
+    mut agent_body: Incoming,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, http::BoxError>>,
+    publish: Publish,
+    started: Instant,
+) {
+    let mut client = Some(tx);
+    let mut events = Rebuild::default();
+    let mut line: Vec<u8> = Vec::new();
+    while let Some(frame) = agent_body.frame().await {
+        let Ok(frame) = frame else { break };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        line.extend_from_slice(&data);
+        while let Some(pos) = line.iter().position(|&b| b == b'\n') {
+            events.take(&line[..pos], publish.is_some());
+            line.drain(..=pos);
+        }
+        if line.len() > MAX_LINE {
+            events.broken = true;
+            line.clear();
+        }
+        if let Some(c) = &client
+            && c.send(Ok(data)).await.is_err()
+        {
+            client = None;
+            if publish.is_none() {
+                // Nobody will see the rest: dropping the agent's stream stops the command.
+                record(&mgr, &sb, ExecOutcome::Error, started);
+                return;
+            }
+        }
+    }
+    let outcome = events
+        .result
+        .as_ref()
+        .map(ExecResult::outcome)
+        .unwrap_or(ExecOutcome::Error);
+    record(&mgr, &sb, outcome, started);
+    let cached = events.into_result().map(|result| CachedReply {
+        status: StatusCode::OK,
+        body: Bytes::from(serde_json::to_vec(&result).unwrap_or_default()),
+    });
+    finish(&sb, publish, cached.as_ref());
+}
+
+/// The result of a streamed exec, rebuilt from its events.
+#[derive(Default)]
+struct Rebuild {
+    stdout: String,
+    stderr: String,
+    result: Option<ExecResult>,
+    broken: bool,
+}
+
+impl Rebuild {
+    fn take(&mut self, line: &[u8], keep_output: bool) {
+        // Output lines only matter when the result is kept for retries.
+        if !keep_output && !line.starts_with(br#"{"type":"result""#) {
+            return;
+        }
+        match serde_json::from_slice::<ExecEvent>(line) {
+            Ok(ExecEvent::Stdout { data }) => self.stdout.push_str(&data),
+            Ok(ExecEvent::Stderr { data }) => self.stderr.push_str(&data),
+            Ok(ExecEvent::Result(result)) => self.result = Some(result),
+            Ok(ExecEvent::Error { .. }) | Err(_) => self.broken = true,
+        }
+    }
+
+    fn into_result(self) -> Option<ExecResult> {
+        let result = self.result.filter(|_| !self.broken)?;
+        Some(ExecResult {
+            stdout: self.stdout,
+            stderr: self.stderr,
+            ..result
+        })
+    }
+}
