@@ -158,6 +158,30 @@ pub fn cgroup_roots() -> Vec<PathBuf> {
     roots
 }
 
+/// Removes `arl-bench-<pid>` cgroup parents of benches that are no longer running: the
+/// kernel can refuse to remove a just-emptied cgroup for a few seconds on a busy machine, so
+/// the bench that made it may have had to leave it behind.
+pub fn remove_stale_cgroup_parents() {
+    for root in cgroup_roots() {
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("arl-bench-")
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                // Only empty cgroups can be removed; a non-empty one stays.
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+}
+
 /// CPU time of a process in seconds: (own user+system, reaped children's user+system).
 pub fn cpu_seconds(pid: u32) -> (f64, f64) {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -324,6 +348,7 @@ impl Daemon {
         // Our own cgroup parent: a daemon reclaims (kills) sandboxes it finds under its
         // parent at start, so sharing "arl" with another daemon on this machine would hurt.
         let cgroup_parent = format!("arl-bench-{}", std::process::id());
+        remove_stale_cgroup_parents();
         let user_args: Vec<String> = std::env::var("ARL_BENCH_NODE_ARGS")
             .map(|s| s.split_whitespace().map(str::to_string).collect())
             .unwrap_or_default();
