@@ -156,9 +156,9 @@ fn main() {
     let shares = raise_parent_weight(&daemon.cgroup_parent);
     let boosted = shares.map(|s| (s, hammer(daemon.addr, paths.clone(), &daemon_cpu)));
     // And back to the default weight, to rule out a warm-up effect of running second.
-    let again = boosted.as_ref().and_then(|_| {
+    let again = boosted.as_ref().map(|_| {
         restore_parent_weight(&daemon.cgroup_parent);
-        Some(hammer(daemon.addr, paths, &daemon_cpu))
+        hammer(daemon.addr, paths, &daemon_cpu)
     });
 
     let floor = Floor::start();

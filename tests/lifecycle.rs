@@ -303,6 +303,14 @@ async fn killed_agent_is_replaced() {
     };
     assert_eq!(body["error"]["code"], "sandbox_unavailable");
     assert_eq!(body["error"]["retryable"], true);
+    let (status, _) = d
+        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NO_CONTENT,
+        "releasing a dead sandbox is done at once"
+    );
     d.wait_pool("default", 20, |s| s["idle"] == 2 && s["allocated"] == 0)
         .await;
     let deadline = Instant::now() + Duration::from_secs(10);

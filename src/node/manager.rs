@@ -33,11 +33,18 @@ const REPLY_BUDGET_KIB: usize = 1 << 20;
 /// How long a new sandbox may take to answer its first ping.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// An allocated sandbox that went away without being released.
+struct Grave {
+    id: String,
+    reason: String,
+    owner: Owner,
+}
+
 pub struct Manager {
     runtime: Arc<dyn Runtime>,
     pools: RwLock<HashMap<String, Arc<Pool>>>,
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
-    graveyard: Mutex<VecDeque<(String, String)>>,
+    graveyard: Mutex<VecDeque<Grave>>,
     create_permits: Arc<Semaphore>,
     /// Sandbox ids handed out by request id, for retried acquires.
     acquisitions: OnceMap<(Owner, String), Vec<String>>,
@@ -279,7 +286,7 @@ impl Manager {
                     .sandbox_failures_total
                     .with_label_values(&[sb.pool.as_str(), "died"])
                     .inc();
-                this.bury(&sb.id, "the sandbox died (its agent exited)");
+                this.bury(&sb, "the sandbox died (its agent exited)");
                 this.unaccount(&sb);
                 this.spawn_destroy(sb.id.clone());
             }
@@ -294,9 +301,15 @@ impl Manager {
             .remove(id)
     }
 
-    fn bury(&self, id: &str, reason: &str) {
+    /// Remembers why an allocated sandbox went away, for its holder's next request.
+    fn bury(&self, sb: &Sandbox, reason: &str) {
+        let Some(lease) = sb.lease() else { return };
         let mut graveyard = self.graveyard.lock().unwrap_or_else(|p| p.into_inner());
-        graveyard.push_back((id.to_string(), reason.to_string()));
+        graveyard.push_back(Grave {
+            id: sb.id.clone(),
+            reason: reason.to_string(),
+            owner: lease.owner,
+        });
         while graveyard.len() > GRAVEYARD {
             graveyard.pop_front();
         }
@@ -468,8 +481,15 @@ impl Manager {
             .cloned();
         let Some(sb) = found else {
             let graveyard = self.graveyard.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((_, reason)) = graveyard.iter().rev().find(|(dead, _)| dead == id) {
-                return Err(ApiError::unavailable(format!("sandbox {id}: {reason}")));
+            if let Some(grave) = graveyard
+                .iter()
+                .rev()
+                .find(|g| g.id == id && g.owner == *owner)
+            {
+                return Err(ApiError::unavailable(format!(
+                    "sandbox {id}: {}",
+                    grave.reason
+                )));
             }
             return Err(ApiError::not_found(format!("no sandbox {id:?}")));
         };
@@ -509,7 +529,12 @@ impl Manager {
 
     /// Releases an allocated sandbox: reset and reuse, or destroy and refill.
     pub fn release(self: &Arc<Self>, id: &str, owner: &Owner) -> Result<(), ApiError> {
-        let sb = self.sandbox(id, owner)?;
+        let sb = match self.sandbox(id, owner) {
+            Ok(sb) => sb,
+            // Already gone (it died, or its lease expired): releasing it is done.
+            Err(e) if e.code == ErrorCode::SandboxUnavailable => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let reuse = self
             .pool(&sb.pool)
             .map(|p| p.spec().reuse)
@@ -606,7 +631,7 @@ impl Manager {
             for sb in &all {
                 if sb.expired(now) {
                     tracing::info!(sandbox = %sb.id, "lease expired");
-                    self.bury(&sb.id, "its lease expired (ttl or idle timeout)");
+                    self.bury(sb, "its lease expired (ttl or idle timeout)");
                     self.release_sandbox(sb.clone(), ReusePolicy::Destroy);
                 }
             }

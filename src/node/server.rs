@@ -158,12 +158,17 @@ async fn v1(
                 },
             )),
         ),
+        // Before the lookup: releasing a sandbox that already died is not an error.
+        (Method::DELETE, ["sandboxes", id]) => (
+            "/v1/sandboxes/{id}",
+            mgr.release(id, &owner).map(|()| http::no_content()),
+        ),
         (method, ["sandboxes", id, tail @ ..]) => {
             let sb = match mgr.sandbox(id, &owner) {
                 Ok(sb) => sb,
                 Err(e) => return ("/v1/sandboxes/{id}", Err(e)),
             };
-            sandbox_route(mgr, &owner, sb, method, tail, req).await
+            sandbox_route(mgr, sb, method, tail, req).await
         }
         (method, _) => (
             "other",
@@ -177,7 +182,6 @@ async fn v1(
 
 async fn sandbox_route(
     mgr: &Arc<Manager>,
-    owner: &Owner,
     sb: Arc<Sandbox>,
     method: Method,
     tail: &[&str],
@@ -185,7 +189,7 @@ async fn sandbox_route(
 ) -> Routed {
     let touches_agent = !matches!(
         (&method, tail),
-        (&Method::GET | &Method::DELETE, []) | (&Method::POST, ["pause" | "resume"])
+        (&Method::GET, []) | (&Method::POST, ["pause" | "resume"])
     );
     if touches_agent && sb.paused.load(Ordering::Relaxed) {
         return (
@@ -200,10 +204,6 @@ async fn sandbox_route(
         (Method::GET, []) => (
             "/v1/sandboxes/{id}",
             Ok(http::json(StatusCode::OK, &sb.info())),
-        ),
-        (Method::DELETE, []) => (
-            "/v1/sandboxes/{id}",
-            mgr.release(&sb.id, owner).map(|()| http::no_content()),
         ),
         (Method::POST, ["exec"]) => (
             "/v1/sandboxes/{id}/exec",
