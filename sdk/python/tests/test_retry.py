@@ -46,11 +46,6 @@ def test_lost_response_async(proxy: DropProxy) -> None:
     asyncio.run(main())
 
 
-@pytest.mark.xfail(
-    reason="daemon deviation: a streaming exec (Accept: application/x-ndjson) neither records nor "
-    "looks up its request_id, so the recovery request runs the command a second time",
-    strict=False,
-)
 def test_stream_cut_midway_recovers_result(proxy: DropProxy) -> None:
     with arl.Client(proxy.url, retry_timeout=5) as c, c.sandbox("default") as sb:
         proxy.drop_exec = 1
