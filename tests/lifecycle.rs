@@ -292,7 +292,13 @@ async fn killed_agent_is_replaced() {
                 Some(json!({"cmd": ["true"]})),
             )
             .await;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        // Until the daemon notices, the agent is merely unreachable; then the sandbox is dead.
+        if status == StatusCode::SERVICE_UNAVAILABLE
+            && body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("died")
+        {
             break body;
         }
         assert!(

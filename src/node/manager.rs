@@ -30,6 +30,8 @@ const GRAVEYARD: usize = 4096;
 const ACQUISITIONS_REMEMBERED: usize = 4096;
 /// Agent replies buffered at once, node-wide: 1 GiB.
 const REPLY_BUDGET_KIB: usize = 1 << 20;
+/// Refills wait for this long without an acquire before they start (unless the pool is low).
+const BURST_QUIET_MS: u64 = 25;
 /// How long a new sandbox may take to answer its first ping.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -160,6 +162,16 @@ impl Manager {
     async fn refill_loop(self: Arc<Self>, pool: Arc<Pool>) {
         loop {
             let spec = pool.spec();
+            // Creating sandboxes costs CPU that a burst of acquires needs: wait until the
+            // burst is over, unless the pool is running low.
+            loop {
+                let since = now_ms().saturating_sub(pool.last_acquire_ms());
+                let idle = pool.state().idle.len();
+                if since >= BURST_QUIET_MS || idle <= spec.min_idle / 4 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(BURST_QUIET_MS - since)).await;
+            }
             let wanted = {
                 let mut st = pool.state();
                 if st.deleted {
@@ -430,6 +442,7 @@ impl Manager {
             st.starting += missing;
             (taken, missing)
         };
+        pool.note_acquire();
         for sb in &taken {
             sb.set_lease(Some(lease.clone()));
         }

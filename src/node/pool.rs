@@ -1,6 +1,7 @@
 //! One warm pool: its spec and the counts and queue of its sandboxes.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ pub struct Pool {
     state: Mutex<PoolState>,
     /// Wakes the pool's refill loop.
     pub refill: Notify,
+    /// When the last acquire took sandboxes (ms since the epoch).
+    last_acquire_ms: AtomicU64,
 }
 
 #[derive(Default)]
@@ -41,7 +44,17 @@ impl Pool {
             spec: RwLock::new(spec),
             state: Mutex::new(PoolState::default()),
             refill: Notify::new(),
+            last_acquire_ms: AtomicU64::new(0),
         }
+    }
+
+    pub fn note_acquire(&self) {
+        self.last_acquire_ms
+            .store(crate::util::now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn last_acquire_ms(&self) -> u64 {
+        self.last_acquire_ms.load(Ordering::Relaxed)
     }
 
     pub fn spec(&self) -> PoolSpec {

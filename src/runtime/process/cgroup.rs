@@ -178,7 +178,12 @@ impl Cgroups {
         if let Some(f) = &self.freezer_v1 {
             push(f.clone());
         }
-        if let Some(u) = &self.unified {
+        // The v2 tree joins when it enforces something, or as the only freezer. On a hybrid
+        // host it would only duplicate the v1 freezer, and moving a process into it is the
+        // costliest step of a sandbox's creation.
+        if let Some(u) = &self.unified
+            && (!self.v2_controllers().is_empty() || self.freezer_v1.is_none())
+        {
             push(u.clone());
         }
         roots
@@ -200,6 +205,26 @@ impl Cgroups {
                 let file = dir.join("cgroup.subtree_control");
                 fs::write(&file, enable.trim()).map_err(io_err(&file))?;
             }
+        }
+        // All sandboxes share one parent group, whose default weight is that of a single
+        // process: give it the weight of every core, so sandboxes are not starved as a whole
+        // by whatever else runs on the node.
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1);
+        match &self.cpu {
+            Some(Placement::V1(root)) => {
+                let file = root.join(&self.parent).join("cpu.shares");
+                fs::write(&file, (1024 * cores).to_string()).map_err(io_err(&file))?;
+            }
+            Some(Placement::V2) => {
+                if let Some(unified) = &self.unified {
+                    let file = unified.join(&self.parent).join("cpu.weight");
+                    fs::write(&file, (100 * cores).min(10_000).to_string())
+                        .map_err(io_err(&file))?;
+                }
+            }
+            None => {}
         }
         Ok(())
     }
