@@ -109,21 +109,30 @@ fn print_run(label: &str, r: &Run) {
 
 /// Sets the sandboxes' parent cgroup's CPU weight to 64x the default (v1 `cpu.shares`, or v2
 /// `cpu.weight`); what it wrote, if it could.
-fn raise_parent_weight(parent: &str) -> Option<String> {
-    let v1 = format!("/sys/fs/cgroup/cpu/{parent}/cpu.shares");
-    if std::fs::write(&v1, "65536").is_ok() {
-        return Some("cpu.shares 1024 -> 65536".into());
-    }
-    let v2 = format!("/sys/fs/cgroup/{parent}/cpu.weight");
-    if std::fs::write(&v2, "6400").is_ok() {
-        return Some("cpu.weight 100 -> 6400".into());
-    }
-    None
+/// The parent cgroup's CPU weight file and the value the daemon gave it.
+fn parent_weight(parent: &str) -> Option<(String, String)> {
+    [
+        format!("/sys/fs/cgroup/cpu/{parent}/cpu.shares"),
+        format!("/sys/fs/cgroup/{parent}/cpu.weight"),
+    ]
+    .into_iter()
+    .find_map(|file| {
+        let value = std::fs::read_to_string(&file).ok()?;
+        Some((file, value.trim().to_string()))
+    })
 }
 
-fn restore_parent_weight(parent: &str) {
-    let _ = std::fs::write(format!("/sys/fs/cgroup/cpu/{parent}/cpu.shares"), "1024");
-    let _ = std::fs::write(format!("/sys/fs/cgroup/{parent}/cpu.weight"), "100");
+fn raise_parent_weight(parent: &str) -> Option<String> {
+    let (file, original) = parent_weight(parent)?;
+    let raised = if file.ends_with("cpu.shares") { "65536" } else { "6400" };
+    std::fs::write(&file, raised).ok()?;
+    Some(format!("{} {original} -> {raised}", file.rsplit('/').next().unwrap_or("")))
+}
+
+fn restore_parent_weight(original: &Option<(String, String)>) {
+    if let Some((file, value)) = original {
+        let _ = std::fs::write(file, value);
+    }
 }
 
 fn main() {
@@ -151,13 +160,14 @@ fn main() {
     let arl = hammer(daemon.addr, paths.clone(), &daemon_cpu);
 
     // Diagnostic: every sandbox has its own cpu cgroup under the daemon's parent, and with CFS
-    // group scheduling the parent (weight 1024 by default, like a single task) is what
-    // competes with everything else on the machine. Raise its weight and run again.
+    // group scheduling the parent (the daemon gives it the weight of every core) is what
+    // competes with everything else on the machine. Raise its weight further and run again.
+    let original = parent_weight(&daemon.cgroup_parent);
     let shares = raise_parent_weight(&daemon.cgroup_parent);
     let boosted = shares.map(|s| (s, hammer(daemon.addr, paths.clone(), &daemon_cpu)));
-    // And back to the default weight, to rule out a warm-up effect of running second.
+    // And back to the daemon's weight, to rule out a warm-up effect of running second.
     let again = boosted.as_ref().map(|_| {
-        restore_parent_weight(&daemon.cgroup_parent);
+        restore_parent_weight(&original);
         hammer(daemon.addr, paths, &daemon_cpu)
     });
 
