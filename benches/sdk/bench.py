@@ -139,6 +139,7 @@ def main() -> None:
         procs[-1].stdout.readline()
 
         # -- daemon --------------------------------------------------------------------------
+        daemon_name = "a running daemon"
         if args.endpoint:
             url = args.endpoint
         else:
@@ -156,8 +157,9 @@ def main() -> None:
             wait_http(port, "/readyz")
             url = f"http://127.0.0.1:{port}"
             print(f"daemon {binary} (process runtime) on {url}")
+            daemon_name = os.path.relpath(binary, ROOT) if binary.startswith(str(ROOT)) else os.path.basename(binary)
         dport = int(url.rsplit(":", 1)[1])
-        results: dict[str, Any] = {"machine": machine(), "n": n, "load_before": os.getloadavg()[0]}
+        results: dict[str, Any] = {"machine": machine(), "n": n, "load_before": os.getloadavg()[0], "daemon": daemon_name}
         print("machine:", results["machine"])
 
         client = arl.Client(url)
@@ -269,7 +271,7 @@ def render(r: dict[str, Any]) -> str:
         "# SDK benchmark results",
         "",
         f"Machine: {r['machine']}.",
-        "Daemon: debug build (`target/debug/arl`, the repository's dev profile), process runtime, on the same machine over loopback.",
+        f"Daemon: `{r.get('daemon', 'target/debug/arl')}`, process runtime, on the same machine over loopback.",
         "Produced by `python benches/sdk/bench.py --write` (all numbers from one run; latencies in ms; floor, raw and"
         " SDK calls alternate call by call;"
         f" 1-minute load average {r['load_before']:.2f} before, {r['load_after']:.2f} after).",
