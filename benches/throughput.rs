@@ -124,9 +124,16 @@ fn parent_weight(parent: &str) -> Option<(String, String)> {
 
 fn raise_parent_weight(parent: &str) -> Option<String> {
     let (file, original) = parent_weight(parent)?;
-    let raised = if file.ends_with("cpu.shares") { "65536" } else { "6400" };
+    let raised = if file.ends_with("cpu.shares") {
+        "65536"
+    } else {
+        "6400"
+    };
     std::fs::write(&file, raised).ok()?;
-    Some(format!("{} {original} -> {raised}", file.rsplit('/').next().unwrap_or("")))
+    Some(format!(
+        "{} {original} -> {raised}",
+        file.rsplit('/').next().unwrap_or("")
+    ))
 }
 
 fn restore_parent_weight(original: &Option<(String, String)>) {
