@@ -333,3 +333,111 @@ async fn memory_hog_dies_alone() {
         .unwrap();
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_rootfs_replaces_the_host_system() {
+    // A minimal root filesystem: the C library the agent links against (as any glibc-based
+    // image has it), the host's static ldconfig as the only program, and a marker file.
+    let rootfs = common::tempdir::TempDir::new("rootfs");
+    let ldd = std::process::Command::new("ldd")
+        .arg(common::BIN)
+        .output()
+        .unwrap();
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let target = rootfs.path().join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(lib, &target).unwrap();
+    }
+    std::fs::create_dir_all(rootfs.path().join("bin")).unwrap();
+    std::fs::copy("/sbin/ldconfig", rootfs.path().join("bin/ldconfig")).unwrap();
+    std::fs::write(rootfs.path().join("marker"), "from the pool's rootfs\n").unwrap();
+    let d = Daemon::start(Options {
+        config: Some(format!(
+            "[pools.tiny]\nmin_idle = 1\nrootfs = \"{}\"\n",
+            rootfs.path().display()
+        )),
+        ..Options::default()
+    })
+    .await;
+    let id = d.acquire("tiny").await;
+    let r = d
+        .exec(&id, json!({"cmd": ["/bin/ldconfig", "--version"]}))
+        .await;
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert!(r["stdout"].as_str().unwrap().contains("ldconfig"), "{r}");
+    let r = d.exec(&id, json!({"cmd": ["/bin/sh", "-c", "true"]})).await;
+    assert_eq!(r["exit_code"], 127, "no host /bin/sh inside: {r}");
+    let (status, body) = d
+        .request_raw(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/files?path=/marker"),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"from the pool's rootfs\n");
+    // Writes land in the sandbox's private layer, never in the pool's directory.
+    let (status, _) = d
+        .request_raw(
+            Method::PUT,
+            &format!("/v1/sandboxes/{id}/files?path=/marker"),
+            Some(Bytes::from_static(b"changed")),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        std::fs::read_to_string(rootfs.path().join("marker")).unwrap(),
+        "from the pool's rootfs\n"
+    );
+
+    // A rootfs without a C library cannot host the agent: the pool says why, and backs off.
+    let bare = common::tempdir::TempDir::new("bare");
+    let (status, body) = d
+        .call(
+            Method::PUT,
+            "/v1/pools/bare",
+            Some(json!({"min_idle": 1, "rootfs": bare.path()})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let pool = d
+        .wait_pool("bare", 20, |s| {
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("C library"))
+        })
+        .await;
+    assert_eq!(pool["idle"], 0);
+    let (status, body) = d
+        .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "bare"})))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("C library"),
+        "{body}"
+    );
+    let (status, body) = d
+        .call(
+            Method::PUT,
+            "/v1/pools/gone",
+            Some(json!({"rootfs": "/no/such/dir"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    d.wait_pool("gone", 20, |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("/no/such/dir"))
+    })
+    .await;
+}
