@@ -201,20 +201,30 @@ impl Staged {
     }
 }
 
-async fn create_temp(target: &Target, mode: u32) -> Result<(String, tokio::fs::File), ApiError> {
-    let temp = temp_name(&target.name);
-    let fd = open_in(
-        &target.dir,
-        &temp,
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
-        0o600,
-        ResolveFlag::RESOLVE_BENEATH,
-    )
-    .map_err(|e| errno_error(e, &target.display))?;
-    // The umask must not change the requested mode.
-    nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode))
+impl Staged {
+    /// Opens a temporary file next to `path` (creating parents), with `mode`.
+    fn create(path: &str, mode: u32) -> Result<(Self, tokio::fs::File), ApiError> {
+        let target = target(path, true)?;
+        let temp = temp_name(&target.name);
+        let fd = open_in(
+            &target.dir,
+            &temp,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+            0o600,
+            ResolveFlag::RESOLVE_BENEATH,
+        )
         .map_err(|e| errno_error(e, &target.display))?;
-    Ok((temp, tokio::fs::File::from_std(std::fs::File::from(fd))))
+        // The umask must not change the requested mode.
+        nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode))
+            .map_err(|e| errno_error(e, &target.display))?;
+        let info = FileInfo {
+            path: target.display.clone(),
+            size: 0,
+            sha256: String::new(),
+        };
+        let file = tokio::fs::File::from_std(std::fs::File::from(fd));
+        Ok((Self { target, temp, info }, file))
+    }
 }
 
 pub fn parse_mode(mode: Option<&str>) -> Result<u32, ApiError> {
@@ -236,18 +246,8 @@ pub async fn write_stream(
     expected_sha256: Option<String>,
     mut body: Incoming,
 ) -> Result<FileInfo, ApiError> {
-    let target = target(path, true)?;
-    let (temp, mut file) = create_temp(&target, mode).await?;
-    let display = target.display.clone();
-    let staged = Staged {
-        target,
-        temp,
-        info: FileInfo {
-            path: display.clone(),
-            size: 0,
-            sha256: String::new(),
-        },
-    };
+    let (staged, mut file) = Staged::create(path, mode)?;
+    let display = staged.info.path.clone();
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let written: Result<(), ApiError> = async {
@@ -327,18 +327,8 @@ pub async fn write_many(files: Vec<(String, FileContent)>) -> Result<Vec<FileInf
                     (bytes, mode.unwrap_or(DEFAULT_MODE) & 0o7777)
                 }
             };
-            let target = target(&path, true)?;
-            let (temp, mut file) = create_temp(&target, mode).await?;
-            let display = target.display.clone();
-            let mut one = Staged {
-                target,
-                temp,
-                info: FileInfo {
-                    path: display.clone(),
-                    size: 0,
-                    sha256: String::new(),
-                },
-            };
+            let (mut one, mut file) = Staged::create(&path, mode)?;
+            let display = one.info.path.clone();
             // tokio's File writes in the background: flush to see the write's real outcome.
             let written = match file.write_all(&bytes).await {
                 Ok(()) => file.flush().await,

@@ -90,13 +90,7 @@ impl Manager {
     }
 
     pub fn pool_views(&self) -> Vec<PoolView> {
-        let pools: Vec<Arc<Pool>> = self
-            .pools
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let pools = snapshot(&self.pools);
         let mut views: Vec<PoolView> = pools
             .iter()
             .map(|p| PoolView {
@@ -634,13 +628,7 @@ impl Manager {
             tick.tick().await;
             round += 1;
             let now = now_ms();
-            let all: Vec<Arc<Sandbox>> = self
-                .sandboxes
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .cloned()
-                .collect();
+            let all = snapshot(&self.sandboxes);
             for sb in &all {
                 if sb.expired(now) {
                     tracing::info!(sandbox = %sb.id, "lease expired");
@@ -690,13 +678,7 @@ impl Manager {
     /// Stops refills and destroys every sandbox (graceful shutdown).
     pub async fn shutdown(self: &Arc<Self>) {
         self.draining.store(true, Ordering::Relaxed);
-        let pools: Vec<Arc<Pool>> = self
-            .pools
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let pools = snapshot(&self.pools);
         for pool in &pools {
             pool.state().deleted = true;
             pool.refill.notify_one();
@@ -720,4 +702,13 @@ impl Manager {
         join_all(ids.iter().map(|id| self.runtime.destroy(id))).await;
         tracing::info!(sandboxes = n, "all sandboxes destroyed");
     }
+}
+
+/// The values of a shared map, copied out so no lock is held while they are used.
+fn snapshot<T>(map: &RwLock<HashMap<String, Arc<T>>>) -> Vec<Arc<T>> {
+    map.read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect()
 }
