@@ -13,7 +13,6 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -72,7 +71,8 @@ pub async fn run(
     req: ExecRequest,
     sink: Sink,
 ) -> Result<ExecResult, ApiError> {
-    let argv = req.argv().map_err(ApiError::bad_request)?;
+    let (argv, stdin) = req.validate().map_err(ApiError::bad_request)?;
+    let stdin = stdin.map(Bytes::from);
     let cwd = match &req.cwd {
         Some(c) if c.starts_with('/') => c.clone(),
         Some(c) => format!("{WORKSPACE}/{c}"),
@@ -82,28 +82,6 @@ pub async fn run(
         return Err(ApiError::bad_request(format!(
             "cwd {cwd:?} is not a directory"
         )));
-    }
-    let stdin = match (&req.stdin, &req.stdin_b64) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request("give either `stdin` or `stdin_b64`"));
-        }
-        (Some(s), None) => Some(Bytes::from(s.clone().into_bytes())),
-        (None, Some(b)) => Some(Bytes::from(
-            base64::engine::general_purpose::STANDARD
-                .decode(b)
-                .map_err(|e| ApiError::bad_request(format!("invalid stdin_b64: {e}")))?,
-        )),
-        (None, None) => None,
-    };
-    for (k, v) in &req.env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(ApiError::bad_request(format!(
-                "invalid environment variable {k:?}"
-            )));
-        }
-    }
-    if argv.iter().any(|a| a.contains('\0')) {
-        return Err(ApiError::bad_request("arguments may not contain NUL bytes"));
     }
 
     let mut cmd = std::process::Command::new(&argv[0]);

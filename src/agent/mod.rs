@@ -154,7 +154,7 @@ async fn exec_route(
 ) -> Result<Response<Body>, ApiError> {
     let streaming = http::wants_ndjson(&req);
     let exec_req: ExecRequest = http::read_json(req, MAX_JSON_BODY * 64).await?;
-    exec_req.argv().map_err(ApiError::bad_request)?;
+    exec_req.validate().map_err(ApiError::bad_request)?;
     if !streaming {
         let result = exec::run(
             &agent.children,

@@ -51,6 +51,35 @@ impl ExecRequest {
         }
     }
 
+    /// Checks everything that can be checked without the sandbox; returns the argv and the
+    /// stdin bytes. The daemon calls it before forwarding, the agent before spawning.
+    pub fn validate(&self) -> Result<(Vec<String>, Option<Vec<u8>>), String> {
+        use base64::Engine;
+        let argv = self.argv()?;
+        if argv.iter().any(|a| a.contains('\0')) {
+            return Err("arguments may not contain NUL bytes".into());
+        }
+        for (k, v) in &self.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(format!("invalid environment variable {k:?}"));
+            }
+        }
+        if self.cwd.as_deref().is_some_and(|c| c.contains('\0')) {
+            return Err("`cwd` may not contain NUL bytes".into());
+        }
+        let stdin = match (&self.stdin, &self.stdin_b64) {
+            (Some(_), Some(_)) => return Err("give either `stdin` or `stdin_b64`".into()),
+            (Some(s), None) => Some(s.clone().into_bytes()),
+            (None, Some(b)) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| format!("invalid stdin_b64: {e}"))?,
+            ),
+            (None, None) => None,
+        };
+        Ok((argv, stdin))
+    }
+
     pub fn timeout_ms(&self) -> u64 {
         self.timeout_ms
             .unwrap_or(DEFAULT_TIMEOUT_MS)

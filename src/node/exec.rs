@@ -42,9 +42,9 @@ pub async fn exec(
 ) -> Result<Response<Body>, ApiError> {
     let streaming = http::wants_ndjson(&req);
     let mut exec_req: ExecRequest = http::read_json(req, MAX_EXEC_BODY).await?;
-    exec_req.argv().map_err(ApiError::bad_request)?;
+    exec_req.validate().map_err(ApiError::bad_request)?;
     // Late binding: the pool's and the lease's env apply under the request's own.
-    let mut env = mgr.env_for(&sb);
+    let mut env = sb.lease().map(|l| l.env).unwrap_or_default();
     env.extend(std::mem::take(&mut exec_req.env));
     exec_req.env = env;
     let request_id = exec_req.request_id.take();

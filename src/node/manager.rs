@@ -401,7 +401,13 @@ impl Manager {
         let now = now_ms();
         let lease = Lease {
             owner,
-            env: req.env.clone(),
+            // The pool's env under the acquirer's, fixed for the lease's lifetime.
+            env: spec
+                .env
+                .clone()
+                .into_iter()
+                .chain(req.env.clone())
+                .collect(),
             labels: req.labels.clone(),
             acquired_at_ms: now,
             expires_at_ms: req
@@ -521,17 +527,6 @@ impl Manager {
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
-    }
-
-    pub fn env_for(&self, sb: &Sandbox) -> std::collections::BTreeMap<String, String> {
-        let mut env = self
-            .pool(&sb.pool)
-            .map(|p| p.spec().env)
-            .unwrap_or_default();
-        if let Some(lease) = sb.lease() {
-            env.extend(lease.env);
-        }
-        env
     }
 
     /// Releases an allocated sandbox: reset and reuse, or destroy and refill.
