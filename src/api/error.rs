@@ -94,3 +94,10 @@ impl ApiError {
         ErrorBody { error: self }
     }
 }
+
+/// Two errors are the same error when they say the same thing.
+impl PartialEq for ApiError {
+    fn eq(&self, other: &Self) -> bool {
+        self.code == other.code && self.message == other.message
+    }
+}

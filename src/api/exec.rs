@@ -156,9 +156,3 @@ pub enum ExecEvent {
     Result(ExecResult),
     Error { error: super::ApiError },
 }
-
-impl PartialEq for super::ApiError {
-    fn eq(&self, other: &Self) -> bool {
-        self.code == other.code && self.message == other.message
-    }
-}

@@ -2,7 +2,7 @@
 //! state directory and cgroup parent, and a small HTTP client.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -390,8 +390,4 @@ impl Drop for Daemon {
             let _ = std::fs::remove_dir(hierarchy.join(&self.cgroup_parent));
         }
     }
-}
-
-pub fn path_exists(p: &Path) -> bool {
-    p.exists()
 }
