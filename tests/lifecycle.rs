@@ -610,3 +610,32 @@ async fn pause_freezes_and_resume_thaws() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_agent_does_not_hold_requests_forever() {
+    let d = Daemon::start(Options::default()).await;
+    let id = d.acquire("default").await;
+    let pid = d.agent_pid(&id);
+    // SAFETY: kill(2) of the sandbox's agent: stopped, it accepts connections but never answers.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    let (status, body) = d
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"cmd": ["true"], "timeout_ms": 200})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(d.sh(&id, "echo back").await["stdout"], "back\n");
+}

@@ -1,7 +1,9 @@
 //! HTTP/1.1 to one sandbox's agent over its Unix socket, with a few kept-alive connections.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -28,6 +30,22 @@ pub struct AgentReply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+/// How long an agent may take to answer a request that runs no command.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A stuck agent must not hold a request (or its connection) forever.
+async fn within<T>(
+    limit: Duration,
+    work: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout(limit, work).await.map_err(|_| {
+        ApiError::unavailable(format!(
+            "the sandbox's agent did not answer within {} s",
+            limit.as_secs()
+        ))
+    })?
 }
 
 fn busy() -> ApiError {
@@ -78,6 +96,10 @@ impl AgentClient {
 
     /// Sends a request and reads the whole response, refusing more than `limit` bytes.
     pub async fn call(&self, req: Request<Body>, limit: usize) -> Result<AgentReply, ApiError> {
+        within(AGENT_TIMEOUT, self.call_inner(req, limit)).await
+    }
+
+    async fn call_inner(&self, req: Request<Body>, limit: usize) -> Result<AgentReply, ApiError> {
         let mut sender = match self.take_idle() {
             Some(s) => s,
             None => self.connect().await?,
@@ -99,6 +121,16 @@ impl AgentClient {
     /// `budget` (in KiB): when many large replies are in flight at once, the next one is
     /// refused with a retryable error instead of growing the daemon without bound.
     pub async fn call_budgeted(
+        &self,
+        req: Request<Body>,
+        limit: usize,
+        budget: &Arc<Semaphore>,
+        deadline: Duration,
+    ) -> Result<(AgentReply, OwnedSemaphorePermit), ApiError> {
+        within(deadline, self.call_budgeted_inner(req, limit, budget)).await
+    }
+
+    async fn call_budgeted_inner(
         &self,
         req: Request<Body>,
         limit: usize,
@@ -149,10 +181,18 @@ impl AgentClient {
         ))
     }
 
-    /// Sends a request on a connection of its own and hands back the streaming response.
-    pub async fn stream(&self, req: Request<Body>) -> Result<Response<Incoming>, ApiError> {
-        let mut sender = self.connect().await?;
-        sender.send_request(req).await.map_err(unreachable)
+    /// Sends a request on a connection of its own and hands back the streaming response once
+    /// its head arrives (within `head_timeout`).
+    pub async fn stream(
+        &self,
+        req: Request<Body>,
+        head_timeout: Duration,
+    ) -> Result<Response<Incoming>, ApiError> {
+        within(head_timeout, async {
+            let mut sender = self.connect().await?;
+            sender.send_request(req).await.map_err(unreachable)
+        })
+        .await
     }
 
     /// One cheap round trip.

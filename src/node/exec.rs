@@ -8,7 +8,7 @@
 //! its result; a retry waits for it or gets it back — as JSON or replayed as NDJSON events.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -17,6 +17,7 @@ use hyper::header::{ACCEPT, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::watch;
 
+use super::agent_client::AGENT_TIMEOUT;
 use super::manager::Manager;
 use super::once::{self, Claim};
 use super::sandbox::{CachedReply, Sandbox};
@@ -48,6 +49,8 @@ pub async fn exec(
     env.extend(std::mem::take(&mut exec_req.env));
     exec_req.env = env;
     let request_id = exec_req.request_id.take();
+    // The agent enforces the command's timeout; this only guards against a stuck agent.
+    let deadline = Duration::from_millis(exec_req.timeout_ms()) + Duration::from_secs(5);
     let limit = exec_req.max_output() * 12 + (1 << 20);
     let body = serde_json::to_vec(&exec_req).map_err(|e| ApiError::internal(e.to_string()))?;
     sb.touch();
@@ -68,7 +71,11 @@ pub async fn exec(
         let sb = sb.clone();
         tokio::spawn(async move {
             let result = match agent_request(Method::POST, "/exec", http::full(body)) {
-                Ok(r) => sb.agent.call_budgeted(r, limit, &mgr.reply_budget).await,
+                Ok(r) => {
+                    sb.agent
+                        .call_budgeted(r, limit, &mgr.reply_budget, deadline)
+                        .await
+                }
                 Err(e) => Err(e),
             };
             let outcome = match &result {
@@ -184,7 +191,7 @@ async fn stream(
     agent_req
         .headers_mut()
         .insert(ACCEPT, hyper::header::HeaderValue::from_static(NDJSON));
-    let response = match sb.agent.stream(agent_req).await {
+    let response = match sb.agent.stream(agent_req, AGENT_TIMEOUT).await {
         Ok(r) if r.status().is_success() => r,
         Ok(r) => {
             finish(&sb, publish, None);

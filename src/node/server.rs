@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+use super::agent_client::AGENT_TIMEOUT;
 use super::auth::Owner;
 use super::manager::Manager;
 use super::sandbox::{CachedReply, Sandbox};
@@ -21,6 +22,8 @@ use crate::api::files::MAX_BATCH_BYTES;
 use crate::api::{AcquireRequest, ApiError, ErrorCode, PoolList, PoolSpec, SandboxList};
 use crate::http::{self, Body, MAX_JSON_BODY};
 
+/// How long a streamed file upload may take.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long in-flight requests may run on after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -336,11 +339,14 @@ async fn files(sb: Arc<Sandbox>, req: Request<Incoming>) -> Result<Response<Body
             if let Some(length) = length {
                 agent_req.headers_mut().insert(CONTENT_LENGTH, length);
             }
-            Ok(passthrough(sb.agent.stream(agent_req).await?))
+            // Its answer comes after the whole upload: allow for a large, slow one.
+            Ok(passthrough(
+                sb.agent.stream(agent_req, UPLOAD_TIMEOUT).await?,
+            ))
         }
         _ => Ok(passthrough(
             sb.agent
-                .stream(agent_request(method, &uri, http::empty())?)
+                .stream(agent_request(method, &uri, http::empty())?, AGENT_TIMEOUT)
                 .await?,
         )),
     }
