@@ -414,9 +414,8 @@ impl ContainerdRuntime {
         if spec.network == NetworkMode::None {
             namespaces.push(json!({"type": "network"}));
         }
-        let mut env =
-            vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
-        env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
+        // The pool's env is not baked in: it reaches each exec through the lease (late binding).
+        let env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"];
         let caps = [
             "CAP_CHOWN",
             "CAP_DAC_OVERRIDE",
