@@ -146,6 +146,39 @@ async fn exec_env_files_and_timeout_in_a_container() {
         !d.state_dir().join("containerd").join(&id).exists(),
         "socket directory removed"
     );
+    for hierarchy in common::cgroup_roots() {
+        let cg = hierarchy.join(&d.cgroup_parent).join(&id);
+        assert!(!cg.exists(), "cgroup left: {}", cg.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_destroy_cycles_leave_nothing() {
+    let mut d = start(pool("c", IMAGE, 1)).await;
+    let mut ids = Vec::new();
+    for _ in 0..25 {
+        d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+        let id = d.acquire("c").await;
+        let r = d.exec(&id, json!({"cmd": ["true"]})).await;
+        assert_eq!(r["exit_code"], 0, "{r}");
+        let (status, _) = d
+            .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        ids.push(id);
+    }
+    assert_eq!(d.terminate(), Some(0));
+    for id in &ids {
+        wait_gone(id, 15).await;
+    }
+    assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+    assert!(
+        std::fs::read_dir(d.state_dir().join("containerd"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+            == 0,
+        "socket directories left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
