@@ -273,3 +273,34 @@ async fn a_restarted_daemon_removes_the_containers_of_a_killed_one() {
     }
     assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_a_container() {
+    let d = start(pool("c", IMAGE, 1)).await;
+    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    let id = d.acquire("c").await;
+    let (status, body) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let tasks = ctr(&["tasks", "ls"]);
+    let line = tasks
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_default();
+    assert!(line.contains("PAUSED"), "{tasks}");
+    let (status, _) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{id}/resume"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let r = d.exec(&id, json!({"cmd": ["echo", "back"]})).await;
+    assert_eq!(r["stdout"], "back\n");
+    // A paused sandbox can still be released, and leaves nothing.
+    d.call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None)
+        .await;
+    let (status, _) = d
+        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    wait_gone(&id, 15).await;
+}
