@@ -100,6 +100,22 @@ async fn exec_env_files_and_timeout_in_a_container() {
         .sh(&id, "ls /bin/busybox; cat /proc/net/dev | grep -c :")
         .await;
     assert_eq!(r["stdout"], "/bin/busybox\n1\n", "{r}");
+    // The seccomp filter: no new namespaces, no mounts; no_new_privs is set.
+    let r = d
+        .sh(
+            &id,
+            "unshare -U true; echo unshare=$?; mount -t tmpfs x /mnt; echo mount=$?; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status",
+        )
+        .await;
+    let out = r["stdout"].as_str().unwrap_or_default();
+    assert!(
+        out.contains("unshare=1") && out.contains("mount=1") && !out.contains("mount=0"),
+        "{r}"
+    );
+    assert!(
+        out.contains("Seccomp:\t2") && out.contains("NoNewPrivs:\t1"),
+        "{r}"
+    );
 
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let (status, body) = d
