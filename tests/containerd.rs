@@ -320,3 +320,26 @@ async fn pause_and_resume_a_container() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     wait_gone(&id, 15).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_containerd_only_containerd_pools_fail() {
+    let config = format!(
+        "containerd_socket = \"/nonexistent/containerd.sock\"\n{}\n[pools.p]\nmin_idle = 1\n",
+        pool("c", IMAGE, 1)
+    );
+    let d = start(config).await;
+    let s = d.wait_pool("c", 20, |s| !s["last_error"].is_null()).await;
+    let err = s["last_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("containerd") && err.contains("/nonexistent/containerd.sock"),
+        "{err}"
+    );
+    let (status, _) = d
+        .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "c"})))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    d.wait_pool("p", 20, |s| s["idle"] == 1).await;
+    let id = d.acquire("p").await;
+    let r = d.exec(&id, json!({"cmd": ["echo", "ok"]})).await;
+    assert_eq!(r["stdout"], "ok\n");
+}
