@@ -343,3 +343,30 @@ async fn without_containerd_only_containerd_pools_fail() {
     let r = d.exec(&id, json!({"cmd": ["echo", "ok"]})).await;
     assert_eq!(r["stdout"], "ok\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_policy_reuses_a_clean_container() {
+    let config = pool("c", IMAGE, 1).replace("max = 4", "max = 1");
+    let d = start(format!("{config}reuse = \"reset\"\n")).await;
+    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    let id = d.acquire("c").await;
+    d.sh(
+        &id,
+        "echo data > /workspace/f; echo t > /tmp/t; sleep 300 &",
+    )
+    .await;
+    let (status, _) = d
+        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    let again = d.acquire("c").await;
+    assert_eq!(again, id, "reset policy reuses the container");
+    let r = d
+        .sh(
+            &again,
+            "ls -A /workspace /tmp; cat /proc/[0-9]*/comm | grep -c '^sleep$' || true",
+        )
+        .await;
+    assert_eq!(r["stdout"], "/tmp:\n\n/workspace:\n0\n", "{r}");
+}
