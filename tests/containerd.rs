@@ -37,7 +37,7 @@ fn ctr(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// What containerd still holds of a sandbox: container, task, snapshot, lease.
+/// What containerd still holds of a sandbox: container, task, snapshot, lease, mounts.
 fn remains(id: &str) -> Vec<String> {
     let mut found = Vec::new();
     let lease = format!("arl-{id}");
@@ -54,6 +54,14 @@ fn remains(id: &str) -> Vec<String> {
             }
         }
     }
+    // The task's rootfs is mounted under containerd's bundle directory named after the id.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    found.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(id))
+            .map(|l| format!("mount {l}")),
+    );
     found
 }
 
@@ -268,7 +276,13 @@ async fn a_restarted_daemon_removes_the_containers_of_a_killed_one() {
     assert_eq!(old.len(), 3, "{old:?}");
     assert!(old.contains(&held));
     for id in &old {
-        assert_eq!(remains(id).len(), 4, "{id}: {:?}", remains(id));
+        let held = remains(id);
+        for what in ["container", "task", "snapshot", "lease", "mount"] {
+            assert!(
+                held.iter().any(|h| h.starts_with(what)),
+                "{id}: no {what} in {held:?}"
+            );
+        }
     }
     d.kill9();
     d.spawn().await;
