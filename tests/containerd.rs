@@ -239,6 +239,23 @@ async fn a_containerd_pool_needs_an_image() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(body.to_string().contains("needs an `image`"), "{body}");
+    let (status, body) = d
+        .call(
+            Method::PUT,
+            "/v1/pools/bad",
+            Some(json!({"image": IMAGE, "min_idle": 0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("containerd"), "{body}");
+    // An existing config without the new fields keeps working: a process pool.
+    let (status, body) = d
+        .call(Method::PUT, "/v1/pools/plain", Some(json!({"min_idle": 0})))
+        .await;
+    assert!(status.is_success(), "{body}");
+    let (_, view) = d.call(Method::GET, "/v1/pools/plain", None).await;
+    assert_eq!(view["spec"]["runtime"], "process");
+    assert_eq!(view["spec"]["image"], Value::Null);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
