@@ -13,9 +13,10 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-# Debian packages: a venv-capable python3 for the SDK, procps/util-linux for the tests' probes.
+# Debian packages: a venv-capable python3 for the SDK, procps/util-linux for the tests' probes,
+# protoc to build the containerd client, containerd/runc/busybox-static for the containerd tests.
 need=()
-for pkg in python3 python3-venv procps util-linux; do
+for pkg in python3 python3-venv procps util-linux protobuf-compiler containerd runc busybox-static; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

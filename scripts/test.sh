@@ -8,6 +8,8 @@ scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo build --locked
+# containerd in the background (if not running) and the registry-free test image.
+scripts/containerd.sh
 cargo test --locked
 ARL_BIN="$PWD/target/debug/arl" .venv/bin/python -m pytest sdk/python/tests -q
 ARL_BIN="$PWD/target/debug/arl" .venv/bin/python -m pytest tests/api -q

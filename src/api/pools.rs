@@ -9,6 +9,17 @@ use serde::{Deserialize, Serialize};
 pub enum RuntimeKind {
     #[default]
     Process,
+    /// Containers from images in containerd's store (namespace `arl`).
+    Containerd,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::Containerd => "containerd",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +59,8 @@ pub struct PoolSpec {
     pub network: NetworkMode,
     /// A root filesystem directory to overlay instead of the host's system directories.
     pub rootfs: Option<String>,
+    /// The container image of a `containerd` pool, e.g. `docker.io/library/python:3.12`.
+    pub image: Option<String>,
     pub env: BTreeMap<String, String>,
     pub idle_timeout_seconds: Option<u64>,
     pub max_lifetime_seconds: Option<u64>,
@@ -66,6 +79,7 @@ impl Default for PoolSpec {
             disk_mb: 1024,
             network: NetworkMode::None,
             rootfs: None,
+            image: None,
             env: BTreeMap::new(),
             idle_timeout_seconds: None,
             max_lifetime_seconds: None,
@@ -104,6 +118,27 @@ impl PoolSpec {
             && !root.starts_with('/')
         {
             return Err("`rootfs` must be an absolute path".into());
+        }
+        match (self.runtime, &self.image) {
+            (RuntimeKind::Containerd, None) => {
+                return Err("a `containerd` pool needs an `image`".into());
+            }
+            (RuntimeKind::Containerd, Some(image))
+                if image.is_empty()
+                    || image.len() > 512
+                    || image.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+            {
+                return Err(format!("`image` {image:?} is not an image reference"));
+            }
+            (RuntimeKind::Containerd, Some(_)) if self.rootfs.is_some() => {
+                return Err(
+                    "`rootfs` is for `process` pools; a `containerd` pool uses `image`".into(),
+                );
+            }
+            (RuntimeKind::Process, Some(_)) => {
+                return Err("`image` needs `runtime = \"containerd\"`".into());
+            }
+            _ => {}
         }
         for key in self.env.keys() {
             super::sandboxes::validate_env_name(key)?;

@@ -32,6 +32,9 @@ pub struct NodeArgs {
     /// First host uid mapped into sandboxes (each gets 65536 ids) [default: 16777216]
     #[arg(long, env = "ARL_UID_BASE")]
     pub uid_base: Option<u32>,
+    /// containerd's socket, for `containerd` pools [default: /run/containerd/containerd.sock]
+    #[arg(long, env = "ARL_CONTAINERD_SOCKET")]
+    pub containerd_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +46,7 @@ struct FileConfig {
     create_concurrency: Option<usize>,
     cgroup_parent: Option<String>,
     uid_base: Option<u32>,
+    containerd_socket: Option<PathBuf>,
     #[serde(default)]
     pools: BTreeMap<String, PoolSpec>,
 }
@@ -56,6 +60,7 @@ pub struct Settings {
     pub create_concurrency: usize,
     pub cgroup_parent: String,
     pub uid_base: u32,
+    pub containerd_socket: PathBuf,
     pub pools: BTreeMap<String, PoolSpec>,
 }
 
@@ -111,6 +116,10 @@ impl NodeArgs {
                 .max(1),
             cgroup_parent,
             uid_base: self.uid_base.or(file.uid_base).unwrap_or(1 << 24),
+            containerd_socket: self
+                .containerd_socket
+                .or(file.containerd_socket)
+                .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock")),
             pools,
         })
     }

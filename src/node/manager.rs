@@ -248,7 +248,7 @@ impl Manager {
             Ok(sb) => {
                 self.metrics
                     .create_seconds
-                    .with_label_values(&[pool.name.as_str(), self.runtime.kind()])
+                    .with_label_values(&[pool.name.as_str(), spec.runtime.as_str()])
                     .observe(started.elapsed().as_secs_f64());
                 {
                     let mut st = pool.state();

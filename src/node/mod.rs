@@ -19,6 +19,8 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::runtime::Runtime;
+use crate::runtime::containerd::{ContainerdConfig, ContainerdRuntime};
+use crate::runtime::multi::Runtimes;
 use crate::runtime::process::{ProcessConfig, ProcessRuntime};
 
 pub use config::NodeArgs;
@@ -75,11 +77,32 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
             addr: settings.listen.clone(),
             source,
         })?;
-    let runtime = ProcessRuntime::new(ProcessConfig {
+    let process = ProcessRuntime::new(ProcessConfig {
         state_dir: settings.state_dir.clone(),
         cgroup_parent: settings.cgroup_parent.clone(),
         uid_base: settings.uid_base,
     })?;
+    // containerd is optional: without it, only `containerd` pools fail (with a clear error).
+    let socket = &settings.containerd_socket;
+    let containerd = if socket.exists() {
+        ContainerdRuntime::new(ContainerdConfig {
+            socket: socket.clone(),
+            state_dir: settings.state_dir.clone(),
+            cgroup_parent: settings.cgroup_parent.clone(),
+        })
+        .await
+        .map(|r| Arc::new(r) as Arc<dyn Runtime>)
+        .map_err(|e| e.to_string())
+    } else {
+        Err(format!(
+            "no containerd socket at {} (set --containerd-socket)",
+            socket.display()
+        ))
+    };
+    if let Err(reason) = &containerd {
+        tracing::info!(%reason, "containerd runtime unavailable");
+    }
+    let runtime = Runtimes::new(Arc::new(process), containerd);
     let reclaimed = runtime.reclaim().await?;
     if reclaimed > 0 {
         tracing::warn!(

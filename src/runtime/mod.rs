@@ -3,6 +3,8 @@
 //! Everything above this trait (pools, router, API, metrics) is runtime-blind: a sandbox is an
 //! id and the Unix socket its agent listens on.
 
+pub mod containerd;
+pub mod multi;
 pub mod process;
 
 use std::future::Future;
@@ -28,6 +30,8 @@ pub enum RuntimeError {
     Destroy { id: String, reason: String },
     #[error(transparent)]
     Cgroup(#[from] process::cgroup::CgroupError),
+    #[error(transparent)]
+    Containerd(#[from] containerd::ContainerdError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -1,0 +1,870 @@
+//! The `containerd` runtime: a sandbox is a container made from an image in containerd's store
+//! (namespace `arl`), whose process is the host's `arl agent`, bind-mounted read-only.
+//!
+//! One sandbox is, in containerd: a lease (id `arl-<id>`), an overlayfs snapshot (key `<id>`)
+//! on top of the image's unpacked layers, a container (id `<id>`) with an OCI spec built here,
+//! and its task. All four carry the label `arl.owner`, a hash of the daemon's state directory,
+//! so a restarted daemon removes what it left behind and never touches another daemon's.
+//!
+//! Images are not pulled (containerd 1.6 cannot pull through this API): import them with
+//! `ctr -n arl image import`.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use containerd_client::services::v1::container::Runtime as ContainerRuntime;
+use containerd_client::services::v1::snapshots::{
+    ListSnapshotsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
+    DeleteContainerRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest,
+    GetImageRequest, KillRequest, ListContainersRequest, ListRequest as ListLeasesRequest,
+    PauseTaskRequest, ReadContentRequest, ResumeTaskRequest, StartRequest, WaitRequest,
+};
+use containerd_client::tonic::metadata::MetadataValue;
+use containerd_client::tonic::{Code, Request, Status};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio::sync::watch;
+
+use super::{BoxFuture, Created, Runtime, RuntimeError};
+use crate::api::{NetworkMode, PoolSpec};
+
+/// containerd namespace holding ARL's images and containers.
+pub const NAMESPACE: &str = "arl";
+const SNAPSHOTTER: &str = "overlayfs";
+const SHIM: &str = "io.containerd.runc.v2";
+const OWNER_LABEL: &str = "arl.owner";
+/// Where the agent binary and its socket directory appear inside the container.
+const AGENT_PATH: &str = "/.arl/arl";
+const RUN_DIR: &str = "/.arl/run";
+
+#[derive(Debug, Error)]
+pub enum ContainerdError {
+    #[error("cannot reach containerd at {socket}: {reason}")]
+    Connect { socket: String, reason: String },
+    #[error(
+        "image {0} not found in containerd namespace {NAMESPACE}; import it with `ctr -n {NAMESPACE} image import` (this runtime does not pull)"
+    )]
+    ImageNotFound(String),
+    #[error("image {image}: {reason}")]
+    Image { image: String, reason: String },
+    #[error("containerd {call}: {status}")]
+    Call {
+        call: &'static str,
+        status: Box<Status>,
+    },
+}
+
+fn call(call: &'static str) -> impl FnOnce(Status) -> ContainerdError {
+    move |status| ContainerdError::Call {
+        call,
+        status: Box::new(status),
+    }
+}
+
+/// NotFound is success for teardown steps.
+fn ignore_missing<T>(result: Result<T, Status>, what: &'static str) -> Result<(), ContainerdError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == Code::NotFound => Ok(()),
+        Err(s) => Err(call(what)(s)),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ContainerdConfig {
+    /// containerd's gRPC socket.
+    pub socket: PathBuf,
+    /// The daemon's state directory: sandboxes' socket directories live under `containerd/`.
+    pub state_dir: PathBuf,
+    /// Name of ARL's cgroup under each hierarchy root.
+    pub cgroup_parent: String,
+}
+
+pub struct ContainerdRuntime {
+    client: containerd_client::Client,
+    config: ContainerdConfig,
+    dir: PathBuf,
+    owner: String,
+    exe: PathBuf,
+    /// Per live sandbox: becomes true when its task has exited.
+    exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
+}
+
+/// Wraps a message in a request for ARL's namespace (and a lease, when given).
+fn req<T>(msg: T, lease: Option<&str>) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "containerd-namespace",
+        MetadataValue::from_static(NAMESPACE),
+    );
+    if let Some(lease) = lease
+        && let Ok(value) = lease.parse()
+    {
+        r.metadata_mut().insert("containerd-lease", value);
+    }
+    r
+}
+
+fn lease_id(id: &str) -> String {
+    format!("arl-{id}")
+}
+
+impl ContainerdRuntime {
+    /// Connects to containerd and prepares the sandboxes' directory.
+    pub async fn new(config: ContainerdConfig) -> Result<Self, RuntimeError> {
+        let client = containerd_client::Client::from_path(&config.socket)
+            .await
+            .map_err(|e| ContainerdError::Connect {
+                socket: config.socket.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        client
+            .version()
+            .version(Request::new(()))
+            .await
+            .map_err(|e| ContainerdError::Connect {
+                socket: config.socket.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let dir = config.state_dir.join("containerd");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        let state = fs::canonicalize(&config.state_dir)?;
+        let owner = hex::encode(&Sha256::digest(state.as_os_str().as_encoded_bytes())[..8]);
+        Ok(Self {
+            client,
+            config,
+            dir,
+            owner,
+            exe: std::env::current_exe()?,
+            exits: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    fn labels(&self, id: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut labels = HashMap::from([
+            (OWNER_LABEL.to_string(), self.owner.clone()),
+            ("arl.sandbox".to_string(), id.to_string()),
+        ]);
+        for (k, v) in extra {
+            labels.insert(k.to_string(), v.to_string());
+        }
+        labels
+    }
+
+    async fn read_blob(&self, digest: &str) -> Result<Vec<u8>, Status> {
+        let mut stream = self
+            .client
+            .content()
+            .read(req(
+                ReadContentRequest {
+                    digest: digest.to_string(),
+                    offset: 0,
+                    size: 0,
+                },
+                None,
+            ))
+            .await?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            data.extend_from_slice(&chunk.data);
+        }
+        Ok(data)
+    }
+
+    /// The chain id of the image's layers: the parent of a new snapshot.
+    async fn image_chain_id(&self, image: &str) -> Result<String, ContainerdError> {
+        let bad = |reason: String| ContainerdError::Image {
+            image: image.to_string(),
+            reason,
+        };
+        let got = self
+            .client
+            .images()
+            .get(req(
+                GetImageRequest {
+                    name: image.to_string(),
+                },
+                None,
+            ))
+            .await;
+        let target = match got {
+            Ok(r) => r
+                .into_inner()
+                .image
+                .and_then(|i| i.target)
+                .ok_or_else(|| bad("no target descriptor".into()))?,
+            Err(s) if s.code() == Code::NotFound => {
+                return Err(ContainerdError::ImageNotFound(image.to_string()));
+            }
+            Err(s) => return Err(call("Images.Get")(s)),
+        };
+        let mut digest = target.digest;
+        let mut media_type = target.media_type;
+        // An index (multi-platform image): pick this host's platform.
+        for _ in 0..2 {
+            if !(media_type.contains("index") || media_type.contains("manifest.list")) {
+                break;
+            }
+            let blob = self
+                .read_blob(&digest)
+                .await
+                .map_err(call("Content.Read"))?;
+            let index: Value =
+                serde_json::from_slice(&blob).map_err(|e| bad(format!("index: {e}")))?;
+            let arch = match std::env::consts::ARCH {
+                "x86_64" => "amd64",
+                "aarch64" => "arm64",
+                other => other,
+            };
+            let chosen = index["manifests"]
+                .as_array()
+                .and_then(|ms| {
+                    ms.iter().find(|m| {
+                        m["platform"]["os"] == "linux" && m["platform"]["architecture"] == arch
+                    })
+                })
+                .ok_or_else(|| bad(format!("no linux/{arch} manifest")))?;
+            digest = chosen["digest"].as_str().unwrap_or_default().to_string();
+            media_type = chosen["mediaType"].as_str().unwrap_or_default().to_string();
+        }
+        let manifest = self
+            .read_blob(&digest)
+            .await
+            .map_err(call("Content.Read"))?;
+        let manifest: Value =
+            serde_json::from_slice(&manifest).map_err(|e| bad(format!("manifest: {e}")))?;
+        let config_digest = manifest["config"]["digest"]
+            .as_str()
+            .ok_or_else(|| bad("manifest has no config".into()))?;
+        let config = self
+            .read_blob(config_digest)
+            .await
+            .map_err(call("Content.Read"))?;
+        let config: Value =
+            serde_json::from_slice(&config).map_err(|e| bad(format!("config: {e}")))?;
+        let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
+            .as_array()
+            .map(|ids| ids.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        chain_id(&diff_ids).ok_or_else(|| bad("the image has no layers".into()))
+    }
+
+    async fn create_inner(&self, id: &str, spec: &PoolSpec) -> Result<Created, RuntimeError> {
+        let image = spec
+            .image
+            .as_deref()
+            .ok_or_else(|| RuntimeError::Create("a containerd pool needs an image".into()))?;
+        let parent = self.image_chain_id(image).await?;
+        let dir = self.sandbox_dir(id);
+        fs::DirBuilder::new().mode(0o700).create(&dir)?;
+
+        let lease = lease_id(id);
+        self.client
+            .leases()
+            .create(req(
+                CreateLeaseRequest {
+                    id: lease.clone(),
+                    labels: self.labels(id, &[]),
+                },
+                None,
+            ))
+            .await
+            .map_err(call("Leases.Create"))?;
+        let mounts = self
+            .client
+            .snapshots()
+            .prepare(req(
+                PrepareSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: id.to_string(),
+                    parent: parent.clone(),
+                    labels: self.labels(id, &[]),
+                },
+                Some(&lease),
+            ))
+            .await
+            .map_err(|s| {
+                if s.code() == Code::NotFound {
+                    ContainerdError::Image {
+                        image: image.to_string(),
+                        reason: format!(
+                            "its layers are not unpacked for the {SNAPSHOTTER} snapshotter (re-import it with `ctr -n {NAMESPACE} image import`)"
+                        ),
+                    }
+                } else {
+                    call("Snapshots.Prepare")(s)
+                }
+            })?
+            .into_inner()
+            .mounts;
+
+        let oci = self.oci_spec(id, spec, &dir);
+        let container = Container {
+            id: id.to_string(),
+            labels: self.labels(id, &[]),
+            image: image.to_string(),
+            runtime: Some(ContainerRuntime {
+                name: SHIM.into(),
+                options: None,
+            }),
+            spec: Some(prost_types::Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/Spec".into(),
+                value: serde_json::to_vec(&oci).map_err(|e| RuntimeError::Create(e.to_string()))?,
+            }),
+            snapshotter: SNAPSHOTTER.into(),
+            snapshot_key: id.to_string(),
+            ..Default::default()
+        };
+        self.client
+            .containers()
+            .create(req(
+                CreateContainerRequest {
+                    container: Some(container),
+                },
+                Some(&lease),
+            ))
+            .await
+            .map_err(call("Containers.Create"))?;
+        self.client
+            .tasks()
+            .create(req(
+                CreateTaskRequest {
+                    container_id: id.to_string(),
+                    rootfs: mounts,
+                    ..Default::default()
+                },
+                None,
+            ))
+            .await
+            .map_err(call("Tasks.Create"))?;
+        // Wait is registered before Start, so even an instant exit is seen.
+        let (tx, rx) = watch::channel(false);
+        let mut tasks = self.client.tasks();
+        let wait_id = id.to_string();
+        tokio::spawn(async move {
+            let _ = tasks
+                .wait(req(
+                    WaitRequest {
+                        container_id: wait_id,
+                        exec_id: String::new(),
+                    },
+                    None,
+                ))
+                .await;
+            let _ = tx.send(true);
+        });
+        self.exits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), rx.clone());
+        self.client
+            .tasks()
+            .start(req(
+                StartRequest {
+                    container_id: id.to_string(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(call("Tasks.Start"))?;
+        // The agent binds its socket a moment after the task starts.
+        let socket = dir.join("agent.sock");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if *rx.borrow() {
+                return Err(RuntimeError::Create(format!(
+                    "the agent exited at once in image {image} (a dynamically linked agent needs the host's C library in the image; see the docs)"
+                )));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(RuntimeError::Create(
+                    "the agent did not create its socket within 20 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(Created { socket })
+    }
+
+    /// The OCI runtime spec of a sandbox.
+    fn oci_spec(&self, id: &str, spec: &PoolSpec, dir: &Path) -> Value {
+        let mut namespaces = vec![
+            json!({"type": "pid"}),
+            json!({"type": "ipc"}),
+            json!({"type": "uts"}),
+            json!({"type": "mount"}),
+        ];
+        if spec.network == NetworkMode::None {
+            namespaces.push(json!({"type": "network"}));
+        }
+        // The pool's env is not baked in: it reaches each exec through the lease (late binding).
+        let env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"];
+        let caps = [
+            "CAP_CHOWN",
+            "CAP_DAC_OVERRIDE",
+            "CAP_FSETID",
+            "CAP_FOWNER",
+            "CAP_MKNOD",
+            "CAP_NET_RAW",
+            "CAP_SETGID",
+            "CAP_SETUID",
+            "CAP_SETFCAP",
+            "CAP_SETPCAP",
+            "CAP_NET_BIND_SERVICE",
+            "CAP_SYS_CHROOT",
+            "CAP_KILL",
+            "CAP_AUDIT_WRITE",
+        ];
+        let size = |mb: u64| format!("size={}m", mb.max(1));
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": {"uid": 0, "gid": 0},
+                "args": [AGENT_PATH, "agent", "--socket", format!("{RUN_DIR}/agent.sock")],
+                "env": env,
+                "cwd": "/",
+                "capabilities": {
+                    "bounding": caps, "effective": caps, "permitted": caps,
+                },
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+                "noNewPrivileges": true,
+            },
+            "root": {"path": "rootfs", "readonly": false},
+            "hostname": "sandbox",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc",
+                 "options": ["nosuid", "noexec", "nodev"]},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                 "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+                 "options": ["nosuid", "noexec", "nodev"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]},
+                {"destination": AGENT_PATH, "type": "bind", "source": self.exe,
+                 "options": ["rbind", "ro", "nosuid", "nodev"]},
+                {"destination": RUN_DIR, "type": "bind", "source": dir,
+                 "options": ["rbind", "rw", "nosuid", "nodev", "noexec"]},
+                {"destination": "/workspace", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "nodev", "mode=1777", size(spec.disk_mb)]},
+                {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "nodev", "mode=1777", size(spec.disk_mb)]},
+            ],
+            "linux": {
+                "cgroupsPath": format!("/{}/{id}", self.config.cgroup_parent),
+                "namespaces": namespaces,
+                "resources": {
+                    "devices": [{"allow": false, "access": "rwm"}],
+                    "memory": {"limit": spec.memory_mb << 20},
+                    "pids": {"limit": spec.pids},
+                    "cpu": {"quota": spec.cpu_millis * 100, "period": 100_000},
+                },
+                "maskedPaths": [
+                    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                    "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                    "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+                ],
+                "seccomp": seccomp_profile(),
+                "readonlyPaths": [
+                    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+                ],
+            },
+        })
+    }
+
+    async fn destroy_inner(&self, id: &str) -> Result<(), ContainerdError> {
+        let exit = self
+            .exits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        let mut tasks = self.client.tasks();
+        // A paused task must be resumed to die.
+        let _ = tasks
+            .resume(req(
+                ResumeTaskRequest {
+                    container_id: id.to_string(),
+                },
+                None,
+            ))
+            .await;
+        ignore_missing(
+            tasks
+                .kill(req(
+                    KillRequest {
+                        container_id: id.to_string(),
+                        exec_id: String::new(),
+                        signal: libc::SIGKILL as u32,
+                        all: true,
+                    },
+                    None,
+                ))
+                .await,
+            "Tasks.Kill",
+        )
+        .or_else(|e| match &e {
+            // A task that already stopped cannot be killed; Delete handles it.
+            ContainerdError::Call { status, .. } if status.code() == Code::FailedPrecondition => {
+                Ok(())
+            }
+            _ => Err(e),
+        })?;
+        match exit {
+            Some(mut rx) => {
+                let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|e| *e)).await;
+            }
+            None => {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tasks.wait(req(
+                        WaitRequest {
+                            container_id: id.to_string(),
+                            exec_id: String::new(),
+                        },
+                        None,
+                    )),
+                )
+                .await;
+            }
+        }
+        ignore_missing(
+            tasks
+                .delete(req(
+                    DeleteTaskRequest {
+                        container_id: id.to_string(),
+                    },
+                    None,
+                ))
+                .await,
+            "Tasks.Delete",
+        )?;
+        ignore_missing(
+            self.client
+                .containers()
+                .delete(req(DeleteContainerRequest { id: id.to_string() }, None))
+                .await,
+            "Containers.Delete",
+        )?;
+        ignore_missing(
+            self.client
+                .snapshots()
+                .remove(req(
+                    RemoveSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        key: id.to_string(),
+                    },
+                    None,
+                ))
+                .await,
+            "Snapshots.Remove",
+        )?;
+        ignore_missing(
+            self.client
+                .leases()
+                .delete(req(
+                    DeleteLeaseRequest {
+                        id: lease_id(id),
+                        sync: false,
+                    },
+                    None,
+                ))
+                .await,
+            "Leases.Delete",
+        )?;
+        Ok(())
+    }
+
+    fn remove_dir(&self, id: &str) -> Result<(), RuntimeError> {
+        let dir = self.sandbox_dir(id);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RuntimeError::Destroy {
+                id: id.to_string(),
+                reason: format!("remove {}: {e}", dir.display()),
+            }),
+        }
+    }
+
+    async fn reclaim_inner(&self) -> Result<usize, RuntimeError> {
+        let filter = format!("labels.\"{OWNER_LABEL}\"=={}", self.owner);
+        let mut ids: Vec<String> = self
+            .client
+            .containers()
+            .list(req(
+                ListContainersRequest {
+                    filters: vec![filter.clone()],
+                },
+                None,
+            ))
+            .await
+            .map_err(call("Containers.List"))?
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        let mut snapshots = self
+            .client
+            .snapshots()
+            .list(req(
+                ListSnapshotsRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    filters: vec![filter.clone()],
+                },
+                None,
+            ))
+            .await
+            .map_err(call("Snapshots.List"))?
+            .into_inner();
+        while let Some(page) = snapshots.message().await.map_err(call("Snapshots.List"))? {
+            ids.extend(page.info.into_iter().map(|i| i.name));
+        }
+        let leases = self
+            .client
+            .leases()
+            .list(req(
+                ListLeasesRequest {
+                    filters: vec![filter],
+                },
+                None,
+            ))
+            .await
+            .map_err(call("Leases.List"))?
+            .into_inner()
+            .leases;
+        ids.extend(
+            leases
+                .into_iter()
+                .filter_map(|l| l.id.strip_prefix("arl-").map(str::to_string)),
+        );
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            ids.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            );
+        }
+        ids.sort();
+        ids.dedup();
+        for id in &ids {
+            self.destroy_inner(id).await?;
+            self.remove_dir(id)?;
+        }
+        Ok(ids.len())
+    }
+}
+
+/// Syscalls refused with EPERM: the same list as the process runtime's filter (new
+/// namespaces, mounts, kernel modules, BPF, keyrings, ptrace, io_uring, clock and system
+/// administration).
+const DENIED: &[&str] = &[
+    "unshare",
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "acct",
+    "syslog",
+    "iopl",
+    "ioperm",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "quotactl",
+    "vhangup",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "fanotify_init",
+];
+
+/// The OCI seccomp section: allow by default, refuse [`DENIED`] and `clone` with any
+/// namespace flag (EPERM), and `clone3` (ENOSYS, whose flags a filter cannot inspect; the C
+/// library falls back to `clone`).
+fn seccomp_profile() -> Value {
+    let architectures: &[&str] = if cfg!(target_arch = "aarch64") {
+        &["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
+    } else {
+        &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+    };
+    let mut syscalls = vec![
+        json!({"names": DENIED, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}),
+        json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS}),
+    ];
+    for flag in [
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWNET,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWCGROUP,
+    ] {
+        let flag = flag as u64;
+        syscalls.push(json!({
+            "names": ["clone"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": libc::EPERM,
+            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
+        }));
+    }
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": architectures,
+        "syscalls": syscalls,
+    })
+}
+
+/// The OCI chain id of a list of layer diff ids.
+fn chain_id(diff_ids: &[&str]) -> Option<String> {
+    let (first, rest) = diff_ids.split_first()?;
+    let mut chain = first.to_string();
+    for diff in rest {
+        chain = format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(format!("{chain} {diff}").as_bytes()))
+        );
+    }
+    Some(chain)
+}
+
+impl Runtime for ContainerdRuntime {
+    fn kind(&self) -> &'static str {
+        "containerd"
+    }
+
+    fn create<'a>(
+        &'a self,
+        id: &'a str,
+        spec: &'a PoolSpec,
+    ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+        Box::pin(async move {
+            let result = self.create_inner(id, spec).await;
+            if result.is_err() {
+                let _ = self.destroy_inner(id).await;
+                let _ = self.remove_dir(id);
+            }
+            result
+        })
+    }
+
+    fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            self.destroy_inner(id)
+                .await
+                .map_err(|e| RuntimeError::Destroy {
+                    id: id.to_string(),
+                    reason: e.to_string(),
+                })?;
+            self.remove_dir(id)
+        })
+    }
+
+    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
+        let rx = self
+            .exits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
+        Box::pin(async move {
+            if let Some(mut rx) = rx {
+                let _ = rx.wait_for(|e| *e).await;
+            }
+        })
+    }
+
+    fn set_paused<'a>(
+        &'a self,
+        id: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let mut tasks = self.client.tasks();
+            let container_id = id.to_string();
+            let result = if paused {
+                tasks
+                    .pause(req(PauseTaskRequest { container_id }, None))
+                    .await
+                    .map_err(call("Tasks.Pause"))
+            } else {
+                tasks
+                    .resume(req(ResumeTaskRequest { container_id }, None))
+                    .await
+                    .map_err(call("Tasks.Resume"))
+            };
+            result.map(|_| ()).map_err(RuntimeError::from)
+        })
+    }
+
+    fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>> {
+        Box::pin(self.reclaim_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain_id;
+
+    #[test]
+    fn chain_id_of_one_layer_is_its_diff_id() {
+        assert_eq!(chain_id(&["sha256:abc"]).as_deref(), Some("sha256:abc"));
+        assert_eq!(chain_id(&[]), None);
+    }
+
+    #[test]
+    fn chain_id_hashes_parent_and_diff() {
+        // sha256("sha256:a sha256:b")
+        let got = chain_id(&["sha256:a", "sha256:b"]).unwrap_or_default();
+        assert!(got.starts_with("sha256:") && got.len() == 71, "{got}");
+    }
+}

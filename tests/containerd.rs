@@ -1,0 +1,403 @@
+//! The `containerd` runtime against a real containerd (scripts/containerd.sh starts one and
+//! imports the test image): sandboxes work like process ones, release and daemon crashes leave
+//! no container, task, snapshot or lease, a missing image is a clear pool error, a killed task
+//! is replaced.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Daemon, Options};
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const IMAGE: &str = "docker.io/arl/test:latest";
+
+fn pool(name: &str, image: &str, min_idle: usize) -> String {
+    format!(
+        "[pools.{name}]\nruntime = \"containerd\"\nimage = \"{image}\"\nmin_idle = {min_idle}\nmax = 4\nmemory_mb = 128\n"
+    )
+}
+
+/// `ctr -n arl <args>` stdout.
+fn ctr(args: &[&str]) -> String {
+    let out = Command::new("ctr")
+        .arg("-n")
+        .arg("arl")
+        .args(args)
+        .output()
+        .expect("run ctr (scripts/containerd.sh installs it)");
+    assert!(
+        out.status.success(),
+        "ctr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What containerd still holds of a sandbox: container, task, snapshot, lease, mounts.
+fn remains(id: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let lease = format!("arl-{id}");
+    for (what, args) in [
+        ("container", &["containers", "ls", "-q"][..]),
+        ("task", &["tasks", "ls", "-q"][..]),
+        ("snapshot", &["snapshots", "ls"][..]),
+        ("lease", &["leases", "ls", "-q"][..]),
+    ] {
+        for line in ctr(args).lines() {
+            let first = line.split_whitespace().next().unwrap_or_default();
+            if first == id || first == lease {
+                found.push(format!("{what} {first}"));
+            }
+        }
+    }
+    // The task's rootfs is mounted under containerd's bundle directory named after the id.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    found.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(id))
+            .map(|l| format!("mount {l}")),
+    );
+    found
+}
+
+async fn wait_gone(id: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left = remains(id);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn start(config: String) -> Daemon {
+    Daemon::start(Options {
+        config: Some(config),
+        ..Options::default()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_env_files_and_timeout_in_a_container() {
+    let d = start(pool("c", IMAGE, 1)).await;
+    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    let id = d.acquire("c").await;
+
+    let r = d.exec(&id, json!({"cmd": ["echo", "hello"]})).await;
+    assert_eq!(r["stdout"], "hello\n", "{r}");
+    assert_eq!(r["exit_code"], 0);
+    let r = d
+        .exec(
+            &id,
+            json!({"shell": "echo $GREETING; pwd; echo err >&2; exit 3", "env": {"GREETING": "hi"}}),
+        )
+        .await;
+    assert_eq!(r["stdout"], "hi\n/workspace\n", "{r}");
+    assert_eq!(r["stderr"], "err\n");
+    assert_eq!(r["exit_code"], 3);
+    // The container's own view: busybox root, loopback only, the pool's memory limit.
+    let r = d
+        .sh(&id, "ls /bin/busybox; cat /proc/net/dev | grep -c :")
+        .await;
+    assert_eq!(r["stdout"], "/bin/busybox\n1\n", "{r}");
+    // The seccomp filter: no new namespaces, no mounts; no_new_privs is set.
+    let r = d
+        .sh(
+            &id,
+            "unshare -U true; echo unshare=$?; mount -t tmpfs x /mnt; echo mount=$?; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status",
+        )
+        .await;
+    let out = r["stdout"].as_str().unwrap_or_default();
+    assert!(
+        out.contains("unshare=1") && out.contains("mount=1") && !out.contains("mount=0"),
+        "{r}"
+    );
+    assert!(
+        out.contains("Seccomp:\t2") && out.contains("NoNewPrivs:\t1"),
+        "{r}"
+    );
+
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let (status, body) = d
+        .request_raw(
+            Method::PUT,
+            &format!("/v1/sandboxes/{id}/files?path=dir/blob.bin"),
+            Some(Bytes::from(data.clone())),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let (status, back) = d
+        .request_raw(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/files?path=/workspace/dir/blob.bin"),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(back.as_ref(), data.as_slice());
+    let r = d.sh(&id, "wc -c < dir/blob.bin").await;
+    assert_eq!(r["stdout"].as_str().map(str::trim), Some("100000"), "{r}");
+
+    let started = Instant::now();
+    let r = d
+        .exec(
+            &id,
+            json!({"shell": "echo started; sleep 300", "timeout_ms": 300}),
+        )
+        .await;
+    assert_eq!(r["timed_out"], true, "{r}");
+    assert_eq!(r["stdout"], "started\n");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let (status, _) = d
+        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    wait_gone(&id, 15).await;
+    assert!(
+        !d.state_dir().join("containerd").join(&id).exists(),
+        "socket directory removed"
+    );
+    for hierarchy in common::cgroup_roots() {
+        let cg = hierarchy.join(&d.cgroup_parent).join(&id);
+        assert!(!cg.exists(), "cgroup left: {}", cg.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_destroy_cycles_leave_nothing() {
+    let mut d = start(pool("c", IMAGE, 1)).await;
+    let mut ids = Vec::new();
+    for _ in 0..25 {
+        d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+        let id = d.acquire("c").await;
+        let r = d.exec(&id, json!({"cmd": ["true"]})).await;
+        assert_eq!(r["exit_code"], 0, "{r}");
+        let (status, _) = d
+            .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        ids.push(id);
+    }
+    assert_eq!(d.terminate(), Some(0));
+    for id in &ids {
+        wait_gone(id, 15).await;
+    }
+    assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+    assert!(
+        std::fs::read_dir(d.state_dir().join("containerd"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+            == 0,
+        "socket directories left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_is_a_clear_pool_error() {
+    let d = start(pool("nope", "docker.io/arl/does-not-exist:1", 1)).await;
+    let s = d
+        .wait_pool("nope", 20, |s| !s["last_error"].is_null())
+        .await;
+    let err = s["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        err.contains("docker.io/arl/does-not-exist:1")
+            && err.contains("not found in containerd namespace arl")
+            && err.contains("ctr -n arl image import"),
+        "{err}"
+    );
+    let (status, body) = d
+        .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "nope"})))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // The daemon keeps serving (backoff, not a crash loop), and process pools still work.
+    let (status, _) = d.call(Method::GET, "/readyz", None).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_containerd_pool_needs_an_image() {
+    let d = start(pool("c", IMAGE, 0)).await;
+    let (status, body) = d
+        .call(
+            Method::PUT,
+            "/v1/pools/bad",
+            Some(json!({"runtime": "containerd", "min_idle": 0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("needs an `image`"), "{body}");
+    let (status, body) = d
+        .call(
+            Method::PUT,
+            "/v1/pools/bad",
+            Some(json!({"image": IMAGE, "min_idle": 0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("containerd"), "{body}");
+    // An existing config without the new fields keeps working: a process pool.
+    let (status, body) = d
+        .call(Method::PUT, "/v1/pools/plain", Some(json!({"min_idle": 0})))
+        .await;
+    assert!(status.is_success(), "{body}");
+    let (_, view) = d.call(Method::GET, "/v1/pools/plain", None).await;
+    assert_eq!(view["spec"]["runtime"], "process");
+    assert_eq!(view["spec"]["image"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_task_gets_the_sandbox_replaced() {
+    let d = start(pool("c", IMAGE, 1)).await;
+    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    let id = d.acquire("c").await;
+    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
+    wait_gone(&id, 15).await;
+    let (status, body): (StatusCode, Value) = d
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"cmd": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.to_string().contains("died"), "{body}");
+    let s = d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    assert_eq!(s["allocated"], 0, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_removes_the_containers_of_a_killed_one() {
+    let mut d = start(pool("c", IMAGE, 2)).await;
+    d.wait_pool("c", 30, |s| s["idle"] == 2).await;
+    let held = d.acquire("c").await;
+    d.wait_pool("c", 30, |s| s["idle"] == 2).await;
+    let old: Vec<String> = std::fs::read_dir(d.state_dir().join("containerd"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(old.len(), 3, "{old:?}");
+    assert!(old.contains(&held));
+    for id in &old {
+        let held = remains(id);
+        for what in ["container", "task", "snapshot", "lease", "mount"] {
+            assert!(
+                held.iter().any(|h| h.starts_with(what)),
+                "{id}: no {what} in {held:?}"
+            );
+        }
+    }
+    d.kill9();
+    d.spawn().await;
+    for id in &old {
+        assert!(remains(id).is_empty(), "{id}: {:?}", remains(id));
+    }
+    d.wait_pool("c", 30, |s| s["idle"] == 2).await;
+    let new: Vec<String> = std::fs::read_dir(d.state_dir().join("containerd"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(new.len(), 2, "{new:?}");
+    // A graceful stop leaves nothing either.
+    assert_eq!(d.terminate(), Some(0));
+    for id in &new {
+        assert!(remains(id).is_empty(), "{id}: {:?}", remains(id));
+    }
+    assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_a_container() {
+    let d = start(pool("c", IMAGE, 1)).await;
+    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    let id = d.acquire("c").await;
+    let (status, body) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let tasks = ctr(&["tasks", "ls"]);
+    let line = tasks
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_default();
+    assert!(line.contains("PAUSED"), "{tasks}");
+    let (status, _) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{id}/resume"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let r = d.exec(&id, json!({"cmd": ["echo", "back"]})).await;
+    assert_eq!(r["stdout"], "back\n");
+    // A paused sandbox can still be released, and leaves nothing.
+    d.call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None)
+        .await;
+    let (status, _) = d
+        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    wait_gone(&id, 15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_containerd_only_containerd_pools_fail() {
+    let config = format!(
+        "containerd_socket = \"/nonexistent/containerd.sock\"\n{}\n[pools.p]\nmin_idle = 1\n",
+        pool("c", IMAGE, 1)
+    );
+    let d = start(config).await;
+    let s = d.wait_pool("c", 20, |s| !s["last_error"].is_null()).await;
+    let err = s["last_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("containerd") && err.contains("/nonexistent/containerd.sock"),
+        "{err}"
+    );
+    let (status, _) = d
+        .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "c"})))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    d.wait_pool("p", 20, |s| s["idle"] == 1).await;
+    let id = d.acquire("p").await;
+    let r = d.exec(&id, json!({"cmd": ["echo", "ok"]})).await;
+    assert_eq!(r["stdout"], "ok\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_policy_reuses_a_clean_container() {
+    let config = pool("c", IMAGE, 1).replace("max = 4", "max = 1");
+    let d = start(format!("{config}reuse = \"reset\"\n")).await;
+    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    let id = d.acquire("c").await;
+    d.sh(
+        &id,
+        "echo data > /workspace/f; echo t > /tmp/t; sleep 300 &",
+    )
+    .await;
+    let (status, _) = d
+        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    let again = d.acquire("c").await;
+    assert_eq!(again, id, "reset policy reuses the container");
+    let r = d
+        .sh(
+            &again,
+            "ls -A /workspace /tmp; cat /proc/[0-9]*/comm | grep -c '^sleep$' || true",
+        )
+        .await;
+    assert_eq!(r["stdout"], "/tmp:\n\n/workspace:\n0\n", "{r}");
+}
