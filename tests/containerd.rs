@@ -17,7 +17,7 @@ const IMAGE: &str = "docker.io/arl/test:latest";
 
 fn pool(name: &str, image: &str, min_idle: usize) -> String {
     format!(
-        "[pools.{name}]\nruntime = \"containerd\"\nimage = \"{image}\"\nmin_idle = {min_idle}\nmax = 4\nmemory_mb = 128\n"
+        "[pools.{name}]\nruntime = \"containerd\"\nimage = \"{image}\"\nmin_idle = {min_idle}\nmax = 8\nmemory_mb = 128\n"
     )
 }
 
@@ -37,10 +37,13 @@ fn ctr(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// What containerd still holds of a sandbox: container, task, snapshot, lease, mounts.
-fn remains(id: &str) -> Vec<String> {
+/// What containerd still holds of these sandboxes: containers, tasks, snapshots, leases, mounts.
+fn remains_of(ids: &[String]) -> Vec<String> {
     let mut found = Vec::new();
-    let lease = format!("arl-{id}");
+    let wanted = |name: &str| {
+        ids.iter()
+            .any(|id| name == id || name == format!("arl-{id}"))
+    };
     for (what, args) in [
         ("container", &["containers", "ls", "-q"][..]),
         ("task", &["tasks", "ls", "-q"][..]),
@@ -49,20 +52,24 @@ fn remains(id: &str) -> Vec<String> {
     ] {
         for line in ctr(args).lines() {
             let first = line.split_whitespace().next().unwrap_or_default();
-            if first == id || first == lease {
+            if wanted(first) {
                 found.push(format!("{what} {first}"));
             }
         }
     }
-    // The task's rootfs is mounted under containerd's bundle directory named after the id.
+    // A task's rootfs is mounted under containerd's bundle directory named after the id.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     found.extend(
         mounts
             .lines()
-            .filter(|l| l.contains(id))
+            .filter(|l| ids.iter().any(|id| l.contains(id.as_str())))
             .map(|l| format!("mount {l}")),
     );
     found
+}
+
+fn remains(id: &str) -> Vec<String> {
+    remains_of(&[id.to_string()])
 }
 
 async fn wait_gone(id: &str, secs: u64) {
@@ -178,22 +185,40 @@ async fn exec_env_files_and_timeout_in_a_container() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_destroy_cycles_leave_nothing() {
-    let mut d = start(pool("c", IMAGE, 1)).await;
-    let mut ids = Vec::new();
-    for _ in 0..25 {
-        d.wait_pool("c", 30, |s| s["idle"] == 1).await;
-        let id = d.acquire("c").await;
-        let r = d.exec(&id, json!({"cmd": ["true"]})).await;
-        assert_eq!(r["exit_code"], 0, "{r}");
-        let (status, _) = d
-            .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+    // 200 sandboxes, four at a time.
+    let mut d = start(pool("c", IMAGE, 4)).await;
+    let mut ids: Vec<String> = Vec::new();
+    for _ in 0..50 {
+        d.wait_pool("c", 30, |s| s["idle"] == 4).await;
+        let (status, body) = d
+            .call(
+                Method::POST,
+                "/v1/sandboxes",
+                Some(json!({"pool": "c", "count": 4})),
+            )
             .await;
-        assert_eq!(status, StatusCode::NO_CONTENT);
-        ids.push(id);
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        for sb in body["sandboxes"].as_array().unwrap() {
+            let id = sb["id"].as_str().unwrap().to_string();
+            let r = d.exec(&id, json!({"cmd": ["true"]})).await;
+            assert_eq!(r["exit_code"], 0, "{r}");
+            let (status, _) = d
+                .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+                .await;
+            assert_eq!(status, StatusCode::NO_CONTENT);
+            ids.push(id);
+        }
     }
+    assert_eq!(ids.len(), 200);
     assert_eq!(d.terminate(), Some(0));
-    for id in &ids {
-        wait_gone(id, 15).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = remains_of(&ids);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
     assert!(
@@ -377,7 +402,7 @@ async fn without_containerd_only_containerd_pools_fail() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_policy_reuses_a_clean_container() {
-    let config = pool("c", IMAGE, 1).replace("max = 4", "max = 1");
+    let config = pool("c", IMAGE, 1).replace("max = 8", "max = 1");
     let d = start(format!("{config}reuse = \"reset\"\n")).await;
     d.wait_pool("c", 30, |s| s["idle"] == 1).await;
     let id = d.acquire("c").await;
