@@ -426,3 +426,31 @@ async fn reset_policy_reuses_a_clean_container() {
         .await;
     assert_eq!(r["stdout"], "/tmp:\n\n/workspace:\n0\n", "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_root_keeps_workspace_and_tmp_writable() {
+    let d = start(pool("ro", IMAGE, 1) + "read_only_root = true\n").await;
+    d.wait_pool("ro", 30, |s| s["idle"] == 1).await;
+    let id = d.acquire("ro").await;
+    let r = d
+        .sh(
+            &id,
+            "touch /etc/x 2>&1 || echo refused; touch /workspace/a /tmp/b && echo writable",
+        )
+        .await;
+    let out = r["stdout"].as_str().unwrap();
+    assert!(
+        out.contains("Read-only file system") && out.contains("refused"),
+        "{r}"
+    );
+    assert!(out.ends_with("writable\n"), "{r}");
+    // Only containerd pools have this option.
+    let (status, body) = d
+        .call(
+            Method::PUT,
+            "/v1/pools/p",
+            Some(json!({"read_only_root": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}

@@ -61,6 +61,9 @@ pub struct PoolSpec {
     pub rootfs: Option<String>,
     /// The container image of a `containerd` pool, e.g. `docker.io/library/python:3.12`.
     pub image: Option<String>,
+    /// Mount the image's root filesystem read-only (`containerd` pools; `/workspace` and
+    /// `/tmp` stay writable).
+    pub read_only_root: bool,
     pub env: BTreeMap<String, String>,
     pub idle_timeout_seconds: Option<u64>,
     pub max_lifetime_seconds: Option<u64>,
@@ -80,6 +83,7 @@ impl Default for PoolSpec {
             network: NetworkMode::None,
             rootfs: None,
             image: None,
+            read_only_root: false,
             env: BTreeMap::new(),
             idle_timeout_seconds: None,
             max_lifetime_seconds: None,
@@ -139,6 +143,9 @@ impl PoolSpec {
                 return Err("`image` needs `runtime = \"containerd\"`".into());
             }
             _ => {}
+        }
+        if self.read_only_root && self.runtime != RuntimeKind::Containerd {
+            return Err("`read_only_root` needs `runtime = \"containerd\"`".into());
         }
         for key in self.env.keys() {
             super::sandboxes::validate_env_name(key)?;

@@ -447,7 +447,7 @@ impl ContainerdRuntime {
                 "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
                 "noNewPrivileges": true,
             },
-            "root": {"path": "rootfs", "readonly": false},
+            "root": {"path": "rootfs", "readonly": spec.read_only_root},
             "hostname": "sandbox",
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc",
