@@ -168,9 +168,7 @@ async fn exec_env_files_and_timeout_in_a_container() {
     assert_eq!(r["stdout"], "started\n");
     assert!(started.elapsed() < Duration::from_secs(10));
 
-    let (status, _) = d
-        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
-        .await;
+    let status = d.release(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     wait_gone(&id, 15).await;
     assert!(
@@ -202,9 +200,7 @@ async fn create_destroy_cycles_leave_nothing() {
             let id = sb["id"].as_str().unwrap().to_string();
             let r = d.exec(&id, json!({"cmd": ["true"]})).await;
             assert_eq!(r["exit_code"], 0, "{r}");
-            let (status, _) = d
-                .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
-                .await;
+            let status = d.release(&id).await;
             assert_eq!(status, StatusCode::NO_CONTENT);
             ids.push(id);
         }
@@ -351,9 +347,7 @@ async fn pause_and_resume_a_container() {
     let d = start(pool("c", IMAGE, 1)).await;
     d.wait_pool("c", 30, |s| s["idle"] == 1).await;
     let id = d.acquire("c").await;
-    let (status, body) = d
-        .call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None)
-        .await;
+    let (status, body) = d.action(&id, "pause").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let tasks = ctr(&["tasks", "ls"]);
     let line = tasks
@@ -361,18 +355,13 @@ async fn pause_and_resume_a_container() {
         .find(|l| l.starts_with(&id))
         .unwrap_or_default();
     assert!(line.contains("PAUSED"), "{tasks}");
-    let (status, _) = d
-        .call(Method::POST, &format!("/v1/sandboxes/{id}/resume"), None)
-        .await;
+    let (status, _) = d.action(&id, "resume").await;
     assert_eq!(status, StatusCode::OK);
     let r = d.exec(&id, json!({"cmd": ["echo", "back"]})).await;
     assert_eq!(r["stdout"], "back\n");
     // A paused sandbox can still be released, and leaves nothing.
-    d.call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None)
-        .await;
-    let (status, _) = d
-        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
-        .await;
+    d.action(&id, "pause").await;
+    let status = d.release(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     wait_gone(&id, 15).await;
 }
@@ -411,9 +400,7 @@ async fn reset_policy_reuses_a_clean_container() {
         "echo data > /workspace/f; echo t > /tmp/t; sleep 300 &",
     )
     .await;
-    let (status, _) = d
-        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
-        .await;
+    let status = d.release(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     d.wait_pool("c", 30, |s| s["idle"] == 1).await;
     let again = d.acquire("c").await;

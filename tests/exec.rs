@@ -294,9 +294,7 @@ async fn sixty_four_concurrent_clients() {
                     .await;
                 assert_eq!(r["stdout"], format!("{client}-{step}\n"));
             }
-            let (status, _) = d
-                .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
-                .await;
+            let status = d.release(&id).await;
             assert_eq!(status, StatusCode::NO_CONTENT);
         }));
     }

@@ -79,9 +79,7 @@ async fn pools_acquire_many_release_and_exhaustion() {
         body["sandboxes"][0]["id"].as_str().unwrap().to_string(),
     ];
     for id in &ids {
-        let (status, _) = d
-            .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
-            .await;
+        let status = d.release(id).await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         let (status, body) = d
             .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
@@ -309,9 +307,7 @@ async fn killed_agent_is_replaced() {
     };
     assert_eq!(body["error"]["code"], "sandbox_unavailable");
     assert_eq!(body["error"]["retryable"], true);
-    let (status, _) = d
-        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
-        .await;
+    let status = d.release(&id).await;
     assert_eq!(
         status,
         StatusCode::NO_CONTENT,
@@ -407,9 +403,7 @@ async fn reset_and_reuse_policy() {
         "echo data > /workspace/f; echo t > /tmp/t; sleep 300 &",
     )
     .await;
-    let (status, body) = d
-        .call(Method::POST, &format!("/v1/sandboxes/{id}/reset"), None)
-        .await;
+    let (status, body) = d.action(&id, "reset").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let r = d
         .sh(&id, "ls -A /workspace /tmp; pgrep -c sleep || true")
@@ -418,9 +412,7 @@ async fn reset_and_reuse_policy() {
 
     // Released with reuse = reset: the same sandbox comes back, clean, with a fresh lease.
     d.sh(&id, "echo more > /workspace/g").await;
-    let (status, _) = d
-        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
-        .await;
+    let status = d.release(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     d.wait_pool("default", 20, |s| s["idle"] == 1).await;
     let again = d.acquire("default").await;
@@ -537,9 +529,7 @@ async fn pause_freezes_and_resume_thaws() {
         "(while :; do echo x >> /tmp/ticks; sleep 0.05; done) >/dev/null 2>&1 &",
     )
     .await;
-    let (status, body) = d
-        .call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None)
-        .await;
+    let (status, body) = d.action(&id, "pause").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = d
         .call(
@@ -570,9 +560,7 @@ async fn pause_freezes_and_resume_thaws() {
     if !events.is_empty() {
         assert!(events.iter().any(|e| e.contains("frozen 1")), "{events:?}");
     }
-    let (status, _) = d
-        .call(Method::POST, &format!("/v1/sandboxes/{id}/resume"), None)
-        .await;
+    let (status, _) = d.action(&id, "resume").await;
     assert_eq!(status, StatusCode::OK);
     let a = d.sh(&id, "wc -l < /tmp/ticks").await["stdout"]
         .as_str()
@@ -595,11 +583,8 @@ async fn pause_freezes_and_resume_thaws() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A paused sandbox can still be released (and is destroyed, not reused).
-    d.call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None)
-        .await;
-    let (status, _) = d
-        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
-        .await;
+    d.action(&id, "pause").await;
+    let status = d.release(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(pid) {

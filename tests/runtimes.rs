@@ -186,9 +186,7 @@ async fn files_and_reset(d: &Daemon, pool: &str) {
         );
     }
     d.sh(&id, "sleep 300 &").await;
-    let (status, _) = d
-        .call(Method::POST, &format!("/v1/sandboxes/{id}/reset"), None)
-        .await;
+    let (status, _) = d.action(&id, "reset").await;
     assert_eq!(status, StatusCode::OK, "{pool}");
     let r = d
         .sh(&id, "ls -A /workspace; pgrep -x sleep || echo none")
@@ -197,9 +195,7 @@ async fn files_and_reset(d: &Daemon, pool: &str) {
         r["stdout"], "none\n",
         "{pool}: workspace wiped, processes gone: {r}"
     );
-    let (status, _) = d
-        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
-        .await;
+    let status = d.release(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{pool}");
 }
 

@@ -271,6 +271,19 @@ impl Daemon {
         body["sandboxes"][0]["id"].as_str().expect("id").to_string()
     }
 
+    /// `POST /v1/sandboxes/{id}/{action}` (`reset`, `pause`, `resume`).
+    pub async fn action(&self, id: &str, action: &str) -> (StatusCode, Value) {
+        self.call(Method::POST, &format!("/v1/sandboxes/{id}/{action}"), None)
+            .await
+    }
+
+    /// `DELETE /v1/sandboxes/{id}`: the release's status.
+    pub async fn release(&self, id: &str) -> StatusCode {
+        self.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            .await
+            .0
+    }
+
     pub async fn exec(&self, id: &str, req: Value) -> Value {
         let (status, body) = self
             .call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(req))
