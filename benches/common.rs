@@ -279,7 +279,7 @@ pub struct Daemon {
     pub cgroup_parent: String,
 }
 
-/// The release binary: `$ARL_BIN`, or `target/release/arl` next to Cargo.toml (or under
+/// The release binary: `$ARL_BIN`, or `target/<triple>/release/arl` next to Cargo.toml (or under
 /// `$CARGO_TARGET_DIR`).
 pub fn arl_binary() -> PathBuf {
     if let Ok(bin) = std::env::var("ARL_BIN") {
@@ -292,7 +292,14 @@ pub fn arl_binary() -> PathBuf {
             if t.is_absolute() { t } else { manifest.join(t) }
         })
         .unwrap_or_else(|| manifest.join("target"));
-    let bin = target.join("release").join("arl");
+    // The build names its target (see .cargo/config.toml): `target/<triple>/release/arl`.
+    let bin = std::fs::read_dir(&target)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("release").join("arl"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| target.join("release").join("arl"));
     if !bin.exists() {
         eprintln!(
             "error: {} does not exist.\n\

@@ -2,16 +2,14 @@
 # Prepares containerd for the `containerd` runtime tests (as root, idempotent, a few seconds):
 # installs containerd and runc if missing, starts containerd in the background when its socket
 # does not answer (no systemd needed), and imports the registry-free test image
-# docker.io/arl/test:latest into the containerd namespace `arl`. The image is busybox-static
-# plus the host's dynamic loader and the C libraries the debug `arl` binary links against, so
-# the bind-mounted agent runs in it.
+# docker.io/arl/test:latest into the containerd namespace `arl`. The image is busybox-static and
+# nothing else: no C library (the bind-mounted agent is a static binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE=docker.io/arl/test:latest
 SOCKET=${ARL_CONTAINERD_SOCKET:-/run/containerd/containerd.sock}
 WORK=${ARL_CONTAINERD_WORK:-/var/tmp/arl-containerd}
-BIN=${ARL_BIN:-${CARGO_TARGET_DIR:-target}/debug/arl}
 
 if [ "$(id -u)" != 0 ]; then
   echo "containerd.sh: run as root" >&2
@@ -19,7 +17,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need=()
-for pkg in containerd runc busybox-static; do
+# docker-registry: the CNCF distribution server the pull tests push to and pull from.
+for pkg in containerd runc busybox-static docker-registry; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -45,10 +44,6 @@ TOML
   nohup containerd --config "$WORK/containerd.toml" >"$WORK/containerd.log" 2>&1 </dev/null &
   for _ in $(seq 200); do answers && break; sleep 0.05; done
   answers || { tail -20 "$WORK/containerd.log" >&2; exit 1; }
-fi
-
-if [ ! -x "$BIN" ]; then
-  cargo build --locked
 fi
 
 # mkoci ROOTFS REF OUT.tar: a single-layer OCI archive, deterministic, with no extra tools.
@@ -77,12 +72,6 @@ for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$rootf
 echo 'root:x:0:0:root:/root:/bin/sh' > "$rootfs/etc/passwd"
 echo 'root:x:0:' > "$rootfs/etc/group"
 chmod 1777 "$rootfs/tmp"
-# The agent is the host's (dynamically linked) binary: copy its loader and libraries.
-for lib in $(ldd "$BIN" | grep -o '/[^ ]*'); do
-  real=$(readlink -f "$lib")
-  mkdir -p "$rootfs$(dirname "$lib")"
-  cp "$real" "$rootfs$lib"
-done
 mkoci "$rootfs" "$IMAGE" "$WORK/test-image.tar"
 ctr --address "$SOCKET" -n arl image import "$WORK/test-image.tar" >/dev/null
 echo "containerd.sh: containerd answers on $SOCKET; $IMAGE imported into namespace arl"

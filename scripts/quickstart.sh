@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 cargo build --release --locked
-arl=target/release/arl
+arl=target/${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}/release/arl
 state=$(mktemp -d)
 export ARL_ENDPOINTS=http://127.0.0.1:8420
 

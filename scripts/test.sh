@@ -11,5 +11,7 @@ cargo build --locked
 # containerd in the background (if not running) and the registry-free test image.
 scripts/containerd.sh
 cargo test --locked
-ARL_BIN="$PWD/target/debug/arl" .venv/bin/python -m pytest sdk/python/tests -q
-ARL_BIN="$PWD/target/debug/arl" .venv/bin/python -m pytest tests/api -q
+# The build names its target (a static binary, see .cargo/config.toml), so it lands under it.
+export ARL_BIN="$PWD/target/${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}/debug/arl"
+.venv/bin/python -m pytest sdk/python/tests -q
+.venv/bin/python -m pytest tests/api -q

@@ -1,7 +1,6 @@
 //! The `containerd` runtime against a real containerd (scripts/containerd.sh starts one and
 //! imports the test image): sandboxes work like process ones, release and daemon crashes leave
-//! no container, task, snapshot or lease, a missing image is a clear pool error, a killed task
-//! is replaced.
+//! no container, task, snapshot or lease, a killed task is replaced. Pulls: `image_pull.rs`.
 
 mod common;
 
@@ -224,28 +223,6 @@ async fn create_destroy_cycles_leave_nothing() {
             == 0,
         "socket directories left"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_image_is_a_clear_pool_error() {
-    let d = start(pool("nope", "docker.io/arl/does-not-exist:1", 1)).await;
-    let s = d
-        .wait_pool("nope", 20, |s| !s["last_error"].is_null())
-        .await;
-    let err = s["last_error"].as_str().unwrap_or_default().to_string();
-    assert!(
-        err.contains("docker.io/arl/does-not-exist:1")
-            && err.contains("not found in containerd namespace arl")
-            && err.contains("ctr -n arl image import"),
-        "{err}"
-    );
-    let (status, body) = d
-        .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "nope"})))
-        .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    // The daemon keeps serving (backoff, not a crash loop), and process pools still work.
-    let (status, _) = d.call(Method::GET, "/readyz", None).await;
-    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,7 +143,7 @@ def main() -> None:
         if args.endpoint:
             url = args.endpoint
         else:
-            binary = os.environ.get("ARL_BIN") or str(ROOT / "target" / "debug" / "arl")
+            binary = os.environ.get("ARL_BIN") or str(next(ROOT.glob("target/*/release/arl"), ROOT / "target" / "release" / "arl"))
             port = free_port()
             cfg = tmp / "config.json"
             cfg.write_text(json.dumps({"pools": {"default": {"min_idle": 8, "max": 96}, "bench": {"min_idle": 16, "max": 96, "reuse": "reset"}}}))

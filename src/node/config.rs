@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::NodeError;
 use crate::api::PoolSpec;
+use crate::runtime::containerd::RegistryOptions;
 
 #[derive(Debug, clap::Args)]
 pub struct NodeArgs {
@@ -35,6 +36,16 @@ pub struct NodeArgs {
     /// containerd's socket, for `containerd` pools [default: /run/containerd/containerd.sock]
     #[arg(long, env = "ARL_CONTAINERD_SOCKET")]
     pub containerd_socket: Option<PathBuf>,
+    /// A registry (`host[:port]`) that `containerd` pools pull from over plain HTTP; repeatable
+    #[arg(
+        long = "insecure-registry",
+        env = "ARL_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub insecure_registries: Vec<String>,
+    /// Registry credentials for pulls, as a Docker-style config.json (its `auths`)
+    #[arg(long, env = "ARL_REGISTRY_AUTH_FILE")]
+    pub registry_auth_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -47,6 +58,9 @@ struct FileConfig {
     cgroup_parent: Option<String>,
     uid_base: Option<u32>,
     containerd_socket: Option<PathBuf>,
+    #[serde(default)]
+    insecure_registries: Vec<String>,
+    registry_auth_file: Option<PathBuf>,
     #[serde(default)]
     pools: BTreeMap<String, PoolSpec>,
 }
@@ -61,6 +75,7 @@ pub struct Settings {
     pub cgroup_parent: String,
     pub uid_base: u32,
     pub containerd_socket: PathBuf,
+    pub registry: RegistryOptions,
     pub pools: BTreeMap<String, PoolSpec>,
 }
 
@@ -99,6 +114,14 @@ impl NodeArgs {
                 "cgroup parent must be a plain name".into(),
             ));
         }
+        let mut registry = RegistryOptions {
+            insecure: self.insecure_registries,
+            ..Default::default()
+        };
+        registry.insecure.extend(file.insecure_registries);
+        if let Some(path) = self.registry_auth_file.or(file.registry_auth_file) {
+            registry.auths = RegistryOptions::read_auth_file(&path).map_err(NodeError::Config)?;
+        }
         Ok(Settings {
             listen: self
                 .listen
@@ -120,6 +143,7 @@ impl NodeArgs {
                 .containerd_socket
                 .or(file.containerd_socket)
                 .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock")),
+            registry,
             pools,
         })
     }

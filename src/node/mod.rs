@@ -89,6 +89,7 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
             socket: socket.clone(),
             state_dir: settings.state_dir.clone(),
             cgroup_parent: settings.cgroup_parent.clone(),
+            registry: settings.registry.clone(),
         })
         .await
         .map(|r| Arc::new(r) as Arc<dyn Runtime>)

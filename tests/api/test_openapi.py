@@ -1,6 +1,6 @@
 """Contract test: a REAL `arl node` daemon checked against docs/openapi.yaml.
 
-The daemon binary is ``$ARL_BIN`` or ``target/debug/arl`` at the repository root (found from
+The daemon binary is ``$ARL_BIN`` or ``target/<target>/debug/arl`` at the repository root (found from
 this file's location); it runs as root with a free port, its own state directory, cgroup parent
 and token file, and is stopped with SIGTERM at the end.
 
@@ -242,7 +242,7 @@ class Contract:
 
 
 def arl_bin() -> Path:
-    return Path(os.environ.get("ARL_BIN") or REPO_ROOT / "target" / "debug" / "arl")
+    return Path(os.environ.get("ARL_BIN") or next(REPO_ROOT.glob("target/*/debug/arl"), REPO_ROOT / "target" / "debug" / "arl"))
 
 
 def free_port() -> int:

@@ -22,6 +22,7 @@ pub struct Daemon {
     pub token: Option<String>,
     child: Option<Child>,
     config: Option<String>,
+    args: Vec<String>,
 }
 
 /// A directory removed on drop.
@@ -73,6 +74,8 @@ pub struct Options {
     pub config: Option<String>,
     /// Tokens for the token file; the first is the client's default.
     pub tokens: Vec<String>,
+    /// More `arl node` flags.
+    pub args: Vec<String>,
 }
 
 impl Daemon {
@@ -87,6 +90,7 @@ impl Daemon {
             dir,
             child: None,
             config: opts.config,
+            args: opts.args,
         };
         if !opts.tokens.is_empty() {
             std::fs::write(daemon.dir.path().join("tokens"), opts.tokens.join("\n"))
@@ -131,6 +135,7 @@ impl Daemon {
         if self.token.is_some() {
             cmd.arg("--token-file").arg(self.dir.path().join("tokens"));
         }
+        cmd.args(&self.args);
         self.child = Some(cmd.spawn().expect("start arl node"));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -1,6 +1,6 @@
 """Fixtures that run a REAL `arl node` daemon (process runtime) for the SDK tests.
 
-The binary is ``$ARL_BIN`` or ``target/debug/arl`` at the repository root (found from this
+The binary is ``$ARL_BIN`` or ``target/<target>/debug/arl`` at the repository root (found from this
 file's location). Each daemon gets a free port, a temporary state directory and a config file;
 it is stopped with SIGTERM (then SIGKILL after a grace period) at the end.
 """
@@ -37,7 +37,7 @@ DEFAULT_POOLS: dict[str, dict[str, Any]] = {
 
 
 def arl_bin() -> Path:
-    p = Path(os.environ.get("ARL_BIN") or REPO_ROOT / "target" / "debug" / "arl")
+    p = Path(os.environ.get("ARL_BIN") or next(REPO_ROOT.glob("target/*/debug/arl"), REPO_ROOT / "target" / "debug" / "arl"))
     if not p.is_file():
         raise RuntimeError(f"daemon binary not found at {p}: build it with `cargo build` or set ARL_BIN")
     return p

@@ -6,8 +6,7 @@
 //! and its task. All four carry the label `arl.owner`, a hash of the daemon's state directory,
 //! so a restarted daemon removes what it left behind and never touches another daemon's.
 //!
-//! Images are not pulled (containerd 1.6 cannot pull through this API): import them with
-//! `ctr -n arl image import`.
+//! Images are pulled when absent and unpacked by [`image`].
 
 use std::collections::HashMap;
 use std::fs;
@@ -22,9 +21,9 @@ use containerd_client::services::v1::snapshots::{
 };
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
-    DeleteContainerRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest,
-    GetImageRequest, KillRequest, ListContainersRequest, ListRequest as ListLeasesRequest,
-    PauseTaskRequest, ReadContentRequest, ResumeTaskRequest, StartRequest, WaitRequest,
+    DeleteContainerRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, KillRequest,
+    ListContainersRequest, ListRequest as ListLeasesRequest, PauseTaskRequest, ResumeTaskRequest,
+    StartRequest, WaitRequest,
 };
 use containerd_client::tonic::metadata::MetadataValue;
 use containerd_client::tonic::{Code, Request, Status};
@@ -32,6 +31,11 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::watch;
+
+mod image;
+
+use image::Images;
+pub use image::RegistryOptions;
 
 use super::{BoxFuture, Created, Runtime, RuntimeError};
 use crate::api::{NetworkMode, PoolSpec};
@@ -49,10 +53,8 @@ const RUN_DIR: &str = "/.arl/run";
 pub enum ContainerdError {
     #[error("cannot reach containerd at {socket}: {reason}")]
     Connect { socket: String, reason: String },
-    #[error(
-        "image {0} not found in containerd namespace {NAMESPACE}; import it with `ctr -n {NAMESPACE} image import` (this runtime does not pull)"
-    )]
-    ImageNotFound(String),
+    #[error("pull {image}: {reason}")]
+    Pull { image: String, reason: String },
     #[error("image {image}: {reason}")]
     Image { image: String, reason: String },
     #[error("containerd {call}: {status}")]
@@ -86,10 +88,13 @@ pub struct ContainerdConfig {
     pub state_dir: PathBuf,
     /// Name of ARL's cgroup under each hierarchy root.
     pub cgroup_parent: String,
+    /// How images are pulled.
+    pub registry: RegistryOptions,
 }
 
 pub struct ContainerdRuntime {
     client: containerd_client::Client,
+    images: Images,
     config: ContainerdConfig,
     dir: PathBuf,
     owner: String,
@@ -142,6 +147,11 @@ impl ContainerdRuntime {
         let state = fs::canonicalize(&config.state_dir)?;
         let owner = hex::encode(&Sha256::digest(state.as_os_str().as_encoded_bytes())[..8]);
         Ok(Self {
+            images: Images::new(
+                client.channel().into(),
+                config.registry.clone(),
+                owner.clone(),
+            ),
             client,
             config,
             dir,
@@ -166,111 +176,12 @@ impl ContainerdRuntime {
         labels
     }
 
-    async fn read_blob(&self, digest: &str) -> Result<Vec<u8>, Status> {
-        let mut stream = self
-            .client
-            .content()
-            .read(req(
-                ReadContentRequest {
-                    digest: digest.to_string(),
-                    offset: 0,
-                    size: 0,
-                },
-                None,
-            ))
-            .await?
-            .into_inner();
-        let mut data = Vec::new();
-        while let Some(chunk) = stream.message().await? {
-            data.extend_from_slice(&chunk.data);
-        }
-        Ok(data)
-    }
-
-    /// The chain id of the image's layers: the parent of a new snapshot.
-    async fn image_chain_id(&self, image: &str) -> Result<String, ContainerdError> {
-        let bad = |reason: String| ContainerdError::Image {
-            image: image.to_string(),
-            reason,
-        };
-        let got = self
-            .client
-            .images()
-            .get(req(
-                GetImageRequest {
-                    name: image.to_string(),
-                },
-                None,
-            ))
-            .await;
-        let target = match got {
-            Ok(r) => r
-                .into_inner()
-                .image
-                .and_then(|i| i.target)
-                .ok_or_else(|| bad("no target descriptor".into()))?,
-            Err(s) if s.code() == Code::NotFound => {
-                return Err(ContainerdError::ImageNotFound(image.to_string()));
-            }
-            Err(s) => return Err(call("Images.Get")(s)),
-        };
-        let mut digest = target.digest;
-        let mut media_type = target.media_type;
-        // An index (multi-platform image): pick this host's platform.
-        for _ in 0..2 {
-            if !(media_type.contains("index") || media_type.contains("manifest.list")) {
-                break;
-            }
-            let blob = self
-                .read_blob(&digest)
-                .await
-                .map_err(call("Content.Read"))?;
-            let index: Value =
-                serde_json::from_slice(&blob).map_err(|e| bad(format!("index: {e}")))?;
-            let arch = match std::env::consts::ARCH {
-                "x86_64" => "amd64",
-                "aarch64" => "arm64",
-                other => other,
-            };
-            let chosen = index["manifests"]
-                .as_array()
-                .and_then(|ms| {
-                    ms.iter().find(|m| {
-                        m["platform"]["os"] == "linux" && m["platform"]["architecture"] == arch
-                    })
-                })
-                .ok_or_else(|| bad(format!("no linux/{arch} manifest")))?;
-            digest = chosen["digest"].as_str().unwrap_or_default().to_string();
-            media_type = chosen["mediaType"].as_str().unwrap_or_default().to_string();
-        }
-        let manifest = self
-            .read_blob(&digest)
-            .await
-            .map_err(call("Content.Read"))?;
-        let manifest: Value =
-            serde_json::from_slice(&manifest).map_err(|e| bad(format!("manifest: {e}")))?;
-        let config_digest = manifest["config"]["digest"]
-            .as_str()
-            .ok_or_else(|| bad("manifest has no config".into()))?;
-        let config = self
-            .read_blob(config_digest)
-            .await
-            .map_err(call("Content.Read"))?;
-        let config: Value =
-            serde_json::from_slice(&config).map_err(|e| bad(format!("config: {e}")))?;
-        let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
-            .as_array()
-            .map(|ids| ids.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        chain_id(&diff_ids).ok_or_else(|| bad("the image has no layers".into()))
-    }
-
     async fn create_inner(&self, id: &str, spec: &PoolSpec) -> Result<Created, RuntimeError> {
         let image = spec
             .image
             .as_deref()
             .ok_or_else(|| RuntimeError::Create("a containerd pool needs an image".into()))?;
-        let parent = self.image_chain_id(image).await?;
+        let parent = self.images.snapshot_parent(image).await?;
         let dir = self.sandbox_dir(id);
         fs::DirBuilder::new().mode(0o700).create(&dir)?;
 
@@ -299,18 +210,7 @@ impl ContainerdRuntime {
                 Some(&lease),
             ))
             .await
-            .map_err(|s| {
-                if s.code() == Code::NotFound {
-                    ContainerdError::Image {
-                        image: image.to_string(),
-                        reason: format!(
-                            "its layers are not unpacked for the {SNAPSHOTTER} snapshotter (re-import it with `ctr -n {NAMESPACE} image import`)"
-                        ),
-                    }
-                } else {
-                    call("Snapshots.Prepare")(s)
-                }
-            })?
+            .map_err(call("Snapshots.Prepare"))?
             .into_inner()
             .mounts;
 
@@ -390,7 +290,7 @@ impl ContainerdRuntime {
         while !socket.exists() {
             if *rx.borrow() {
                 return Err(RuntimeError::Create(format!(
-                    "the agent exited at once in image {image} (a dynamically linked agent needs the host's C library in the image; see the docs)"
+                    "the agent exited at once in image {image}"
                 )));
             }
             if tokio::time::Instant::now() > deadline {
@@ -764,19 +664,6 @@ fn seccomp_profile() -> Value {
     })
 }
 
-/// The OCI chain id of a list of layer diff ids.
-fn chain_id(diff_ids: &[&str]) -> Option<String> {
-    let (first, rest) = diff_ids.split_first()?;
-    let mut chain = first.to_string();
-    for diff in rest {
-        chain = format!(
-            "sha256:{}",
-            hex::encode(Sha256::digest(format!("{chain} {diff}").as_bytes()))
-        );
-    }
-    Some(chain)
-}
-
 impl Runtime for ContainerdRuntime {
     fn kind(&self) -> &'static str {
         "containerd"
@@ -848,23 +735,5 @@ impl Runtime for ContainerdRuntime {
 
     fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>> {
         Box::pin(self.reclaim_inner())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::chain_id;
-
-    #[test]
-    fn chain_id_of_one_layer_is_its_diff_id() {
-        assert_eq!(chain_id(&["sha256:abc"]).as_deref(), Some("sha256:abc"));
-        assert_eq!(chain_id(&[]), None);
-    }
-
-    #[test]
-    fn chain_id_hashes_parent_and_diff() {
-        // sha256("sha256:a sha256:b")
-        let got = chain_id(&["sha256:a", "sha256:b"]).unwrap_or_default();
-        assert!(got.starts_with("sha256:") && got.len() == 71, "{got}");
     }
 }

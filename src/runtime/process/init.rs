@@ -475,12 +475,6 @@ fn exec_agent(fds: ChildFds) -> Result<Never, String> {
     // SAFETY: the fd is this binary, opened before pivot_root.
     let exe = unsafe { std::os::fd::BorrowedFd::borrow_raw(fds.exe) };
     match nix::unistd::fexecve(exe, &args, &env) {
-        // The binary itself is open; what is missing is its ELF interpreter in the new root.
-        Err(nix::Error::ENOENT) => Err(
-            "exec agent: the sandbox's root filesystem lacks the C library the agent needs \
-             (its dynamic loader, e.g. /lib64/ld-linux-x86-64.so.2): use a rootfs with glibc"
-                .to_string(),
-        ),
         Err(err) => Err(format!("exec agent: {err}")),
         Ok(never) => match never {},
     }
