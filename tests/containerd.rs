@@ -418,3 +418,174 @@ async fn a_read_only_root_keeps_workspace_and_tmp_writable() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }
+
+/// A containerd of this test's own (own root, state and socket), for what must not disturb the
+/// shared one: killing and restarting it. Stopped and wiped on drop.
+struct PrivateContainerd {
+    dir: common::tempdir::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateContainerd {
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["-n", "arl"])
+            .args(args)
+            .output()
+            .expect("run ctr")
+    }
+
+    async fn start() -> Self {
+        let dir = common::tempdir::TempDir::new("containerd");
+        let d = dir.path().display();
+        std::fs::write(
+            dir.path().join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n"
+            ),
+        )
+        .expect("containerd config");
+        let mut c = Self { dir, child: None };
+        c.spawn().await;
+        let work = std::env::var("ARL_CONTAINERD_WORK")
+            .unwrap_or_else(|_| "/var/tmp/arl-containerd".into());
+        let out = c.ctr(&["image", "import", &format!("{work}/test-image.tar")]);
+        assert!(
+            out.status.success(),
+            "import (scripts/containerd.sh builds the archive): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("containerd.log")).ok();
+        self.child = Some(
+            Command::new("containerd")
+                .arg("--config")
+                .arg(self.dir.path().join("config.toml"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(log.map_or(std::process::Stdio::null(), Into::into))
+                .spawn()
+                .expect("start containerd"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.ctr(&["version"]).status.success() {
+            assert!(Instant::now() < deadline, "containerd did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The pid of the sandbox's task (its agent), from `ctr tasks ls`.
+    fn task_pid(&self, id: &str) -> String {
+        let out = self.ctr(&["tasks", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with(id))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateContainerd {
+    fn drop(&mut self) {
+        // Tasks left (a failed test) would keep their shims: kill them through containerd first.
+        if self.child.is_some() {
+            let tasks = self.ctr(&["tasks", "ls", "-q"]);
+            for id in String::from_utf8_lossy(&tasks.stdout).lines() {
+                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+                let _ = self.ctr(&["tasks", "delete", "-f", id]);
+            }
+        }
+        self.kill9();
+        // Snapshot mounts, if any, go before the directory.
+        let root = self.dir.path().to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for point in mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&root))
+        {
+            let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_outlive_a_containerd_restart() {
+    let mut containerd = PrivateContainerd::start().await;
+    let d = Daemon::start(Options {
+        config: Some(pool("c", IMAGE, 2)),
+        args: vec![
+            "--containerd-socket".into(),
+            containerd.socket().display().to_string(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    d.wait_pool("c", 30, |s| s["idle"] == 2).await;
+    let id = d.acquire("c").await;
+    d.sh(&id, "echo before > /workspace/state").await;
+    let agent = containerd.task_pid(&id);
+    assert!(!agent.is_empty());
+
+    // containerd dies: the hot path does not need it. Commands run, a warm sandbox is handed out.
+    containerd.kill9();
+    let r = d.sh(&id, "cat /workspace/state").await;
+    assert_eq!(r["stdout"], "before\n", "{r}");
+    let warm = d.acquire("c").await;
+    assert_eq!(d.sh(&warm, "echo warm").await["stdout"], "warm\n");
+
+    // containerd is back: the same sandboxes go on (not taken for dead and replaced), and new
+    // ones are made again.
+    containerd.spawn().await;
+    d.wait_pool("c", 30, |s| s["idle"] == 2).await;
+    let r = d.sh(&id, "cat /workspace/state").await;
+    assert_eq!(r["stdout"], "before\n", "{r}");
+    assert_eq!(
+        containerd.task_pid(&id),
+        agent,
+        "the sandbox was not replaced"
+    );
+    let s = d.pool_status("c").await;
+    assert_eq!(s["allocated"], 2, "{s}");
+
+    // Release goes through the new containerd and leaves nothing behind.
+    assert_eq!(d.release(&id).await, StatusCode::NO_CONTENT);
+    assert_eq!(d.release(&warm).await, StatusCode::NO_CONTENT);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = containerd.ctr(&["containers", "ls", "-q"]);
+        let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !listed.contains(&id) && !listed.contains(&warm) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left: {listed}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(d);
+    let out = containerd.ctr(&["containers", "ls", "-q"]);
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -19,6 +19,7 @@ use containerd_client::services::v1::container::Runtime as ContainerRuntime;
 use containerd_client::services::v1::snapshots::{
     ListSnapshotsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
 };
+use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
     DeleteContainerRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, KillRequest,
@@ -26,6 +27,7 @@ use containerd_client::services::v1::{
     StartRequest, WaitRequest,
 };
 use containerd_client::tonic::metadata::MetadataValue;
+use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -255,20 +257,7 @@ impl ContainerdRuntime {
             .map_err(call("Tasks.Create"))?;
         // Wait is registered before Start, so even an instant exit is seen.
         let (tx, rx) = watch::channel(false);
-        let mut tasks = self.client.tasks();
-        let wait_id = id.to_string();
-        tokio::spawn(async move {
-            let _ = tasks
-                .wait(req(
-                    WaitRequest {
-                        container_id: wait_id,
-                        exec_id: String::new(),
-                    },
-                    None,
-                ))
-                .await;
-            let _ = tx.send(true);
-        });
+        tokio::spawn(watch_task(self.client.tasks(), id.to_string(), tx));
         self.exits
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -574,6 +563,36 @@ impl ContainerdRuntime {
         }
         Ok(ids.len())
     }
+}
+
+/// Signals `exited` when the task `id` exits. A broken Wait (containerd restarting: its tasks'
+/// shims keep running) is asked again, so a containerd restart does not kill every sandbox;
+/// the watcher ends when the task is gone or nobody listens any more.
+async fn watch_task(mut tasks: TasksClient<Channel>, id: String, exited: watch::Sender<bool>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let wait = tasks.wait(req(
+            WaitRequest {
+                container_id: id.clone(),
+                exec_id: String::new(),
+            },
+            None,
+        ));
+        tokio::select! {
+            result = wait => match result {
+                Ok(_) => break,
+                Err(s) if s.code() == Code::NotFound => break,
+                Err(s) => tracing::debug!(sandbox = %id, status = %s, "task wait broken; asking again"),
+            },
+            _ = exited.closed() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = exited.closed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+    let _ = exited.send(true);
 }
 
 /// Syscalls refused with EPERM: the same list as the process runtime's filter (new
