@@ -7,8 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{Daemon, Options};
+use common::{Daemon, Options, ctr};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -18,22 +17,6 @@ fn pool(name: &str, image: &str, min_idle: usize) -> String {
     format!(
         "[pools.{name}]\nruntime = \"containerd\"\nimage = \"{image}\"\nmin_idle = {min_idle}\nmax = 8\nmemory_mb = 128\n"
     )
-}
-
-/// `ctr -n arl <args>` stdout.
-fn ctr(args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .arg("-n")
-        .arg("arl")
-        .args(args)
-        .output()
-        .expect("run ctr (scripts/containerd.sh installs it)");
-    assert!(
-        out.status.success(),
-        "ctr {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// What containerd still holds of these sandboxes: containers, tasks, snapshots, leases, mounts.
@@ -92,23 +75,12 @@ async fn start(config: String) -> Daemon {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_env_files_and_timeout_in_a_container() {
+async fn a_container_has_its_image_loopback_and_the_seccomp_filter() {
+    // (Exec, files, timeouts, reset, pause and deaths run on containerd pools too: the
+    // runtime-blind suites in exec.rs, isolation.rs and lifecycle.rs.)
     let d = start(pool("c", IMAGE, 1)).await;
     d.wait_pool("c", 30, |s| s["idle"] == 1).await;
     let id = d.acquire("c").await;
-
-    let r = d.exec(&id, json!({"cmd": ["echo", "hello"]})).await;
-    assert_eq!(r["stdout"], "hello\n", "{r}");
-    assert_eq!(r["exit_code"], 0);
-    let r = d
-        .exec(
-            &id,
-            json!({"shell": "echo $GREETING; pwd; echo err >&2; exit 3", "env": {"GREETING": "hi"}}),
-        )
-        .await;
-    assert_eq!(r["stdout"], "hi\n/workspace\n", "{r}");
-    assert_eq!(r["stderr"], "err\n");
-    assert_eq!(r["exit_code"], 3);
     // The container's own view: busybox root, loopback only, the pool's memory limit.
     let r = d
         .sh(&id, "ls /bin/busybox; cat /proc/net/dev | grep -c :")
@@ -130,42 +102,6 @@ async fn exec_env_files_and_timeout_in_a_container() {
         out.contains("Seccomp:\t2") && out.contains("NoNewPrivs:\t1"),
         "{r}"
     );
-
-    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-    let (status, body) = d
-        .request_raw(
-            Method::PUT,
-            &format!("/v1/sandboxes/{id}/files?path=dir/blob.bin"),
-            Some(Bytes::from(data.clone())),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
-    let (status, back) = d
-        .request_raw(
-            Method::GET,
-            &format!("/v1/sandboxes/{id}/files?path=/workspace/dir/blob.bin"),
-            None,
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(back.as_ref(), data.as_slice());
-    let r = d.sh(&id, "wc -c < dir/blob.bin").await;
-    assert_eq!(r["stdout"].as_str().map(str::trim), Some("100000"), "{r}");
-
-    let started = Instant::now();
-    let r = d
-        .exec(
-            &id,
-            json!({"shell": "echo started; sleep 300", "timeout_ms": 300}),
-        )
-        .await;
-    assert_eq!(r["timed_out"], true, "{r}");
-    assert_eq!(r["stdout"], "started\n");
-    assert!(started.elapsed() < Duration::from_secs(10));
 
     let status = d.release(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
@@ -364,31 +300,6 @@ async fn without_containerd_only_containerd_pools_fail() {
     let id = d.acquire("p").await;
     let r = d.exec(&id, json!({"cmd": ["echo", "ok"]})).await;
     assert_eq!(r["stdout"], "ok\n");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reset_policy_reuses_a_clean_container() {
-    let config = pool("c", IMAGE, 1).replace("max = 8", "max = 1");
-    let d = start(format!("{config}reuse = \"reset\"\n")).await;
-    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
-    let id = d.acquire("c").await;
-    d.sh(
-        &id,
-        "echo data > /workspace/f; echo t > /tmp/t; sleep 300 &",
-    )
-    .await;
-    let status = d.release(&id).await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
-    let again = d.acquire("c").await;
-    assert_eq!(again, id, "reset policy reuses the container");
-    let r = d
-        .sh(
-            &again,
-            "ls -A /workspace /tmp; cat /proc/[0-9]*/comm | grep -c '^sleep$' || true",
-        )
-        .await;
-    assert_eq!(r["stdout"], "/tmp:\n\n/workspace:\n0\n", "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,13 +6,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Daemon, Options};
+use common::{Daemon, Options, Runtime};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_reports_output_exit_code_and_duration() {
-    let d = Daemon::start(Options::default()).await;
+async fn exec_reports_output_exit_code_and_duration(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let r = d.sh(&id, "echo out; echo err >&2; exit 3").await;
     assert_eq!(r["stdout"], "out\n");
@@ -35,14 +34,13 @@ async fn exec_reports_output_exit_code_and_duration() {
     assert_eq!(r["exit_code"], 128 + 15);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn env_cwd_and_stdin() {
+async fn env_cwd_and_stdin(rt: Runtime) {
     let d = Daemon::start(Options {
         config: Some(
             "[pools.default]\nmin_idle = 1\nenv = { POOL_VAR = \"pool\", SHARED = \"pool\" }\n"
                 .into(),
         ),
-        ..Options::default()
+        ..Options::on(rt)
     })
     .await;
     let (status, body) = d
@@ -103,9 +101,8 @@ async fn env_cwd_and_stdin() {
     assert_eq!(r["exit_code"], 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streaming_delivers_chunks_as_they_come() {
-    let d = Daemon::start(Options::default()).await;
+async fn streaming_delivers_chunks_as_they_come(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let body = json!({"shell": "echo one; sleep 0.6; echo two >&2; exit 4"});
     let started = Instant::now();
@@ -153,9 +150,8 @@ async fn streaming_delivers_chunks_as_they_come() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeout_kills_the_whole_tree() {
-    let d = Daemon::start(Options::default()).await;
+async fn timeout_kills_the_whole_tree(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let started = Instant::now();
     let r = d
@@ -175,9 +171,8 @@ async fn timeout_kills_the_whole_tree() {
     assert_eq!(r["stdout"], "checked\n", "grandchildren must be dead: {r}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn background_process_does_not_hold_the_exec() {
-    let d = Daemon::start(Options::default()).await;
+async fn background_process_does_not_hold_the_exec(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let started = Instant::now();
     let r = d.sh(&id, "sleep 60 & echo done").await;
@@ -188,9 +183,8 @@ async fn background_process_does_not_hold_the_exec() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn huge_output_is_capped_and_daemon_memory_stays_bounded() {
-    let d = Daemon::start(Options::default()).await;
+async fn huge_output_is_capped_and_daemon_memory_stays_bounded(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let before = common::rss_kib(d.pid());
     let r = d.exec(&id, json!({"shell": "head -c 200000000 /dev/zero | tr '\\0' x; echo tail >&2", "timeout_ms": 60000})).await;
@@ -239,9 +233,8 @@ async fn huge_output_is_capped_and_daemon_memory_stays_bounded() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_id_makes_exec_idempotent() {
-    let d = Daemon::start(Options::default()).await;
+async fn request_id_makes_exec_idempotent(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let req = json!({"shell": "echo x >> /workspace/count; wc -l < /workspace/count", "request_id": "step-1"});
     let first = d.exec(&id, req.clone()).await;
@@ -275,11 +268,10 @@ async fn request_id_makes_exec_idempotent() {
     assert_eq!(third["stdout"], "2\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_concurrent_clients() {
+async fn sixty_four_concurrent_clients(rt: Runtime) {
     let d = Daemon::start(Options {
         config: Some("[pools.default]\nmin_idle = 16\nmax = 80\n".into()),
-        ..Options::default()
+        ..Options::on(rt)
     })
     .await;
     let d = std::sync::Arc::new(d);
@@ -303,9 +295,8 @@ async fn sixty_four_concurrent_clients() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_exec_requests_get_clear_errors() {
-    let d = Daemon::start(Options::default()).await;
+async fn malformed_exec_requests_get_clear_errors(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let path = format!("/v1/sandboxes/{id}/exec");
     for (body, needle) in [
@@ -342,9 +333,8 @@ async fn malformed_exec_requests_get_clear_errors() {
     assert_eq!(d.sh(&id, "echo fine").await["stdout"], "fine\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_execs_in_one_sandbox_keep_their_output() {
-    let d = std::sync::Arc::new(Daemon::start(Options::default()).await);
+async fn concurrent_execs_in_one_sandbox_keep_their_output(rt: Runtime) {
+    let d = std::sync::Arc::new(Daemon::start(Options::on(rt)).await);
     let id = d.acquire("default").await;
     let mut tasks = Vec::new();
     for worker in 0..8 {
@@ -386,9 +376,8 @@ async fn ndjson_events(d: &Daemon, id: &str, req: Value) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streaming_exec_is_idempotent_and_survives_a_lost_client() {
-    let d = Daemon::start(Options::default()).await;
+async fn streaming_exec_is_idempotent_and_survives_a_lost_client(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let req = json!({"shell": "echo run >> /workspace/runs; echo out; echo err >&2; exit 2", "request_id": "s-1"});
     let first = ndjson_events(&d, &id, req.clone()).await;
@@ -448,3 +437,17 @@ async fn streaming_exec_is_idempotent_and_survives_a_lost_client() {
         "{metrics}"
     );
 }
+
+crate::on_every_runtime!(
+    exec_reports_output_exit_code_and_duration,
+    env_cwd_and_stdin,
+    streaming_delivers_chunks_as_they_come,
+    timeout_kills_the_whole_tree,
+    background_process_does_not_hold_the_exec,
+    huge_output_is_capped_and_daemon_memory_stays_bounded,
+    request_id_makes_exec_idempotent,
+    sixty_four_concurrent_clients,
+    malformed_exec_requests_get_clear_errors,
+    concurrent_execs_in_one_sandbox_keep_their_output,
+    streaming_exec_is_idempotent_and_survives_a_lost_client,
+);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::tempdir::TempDir;
-use common::{Daemon, Options};
+use common::{Daemon, Options, ctr};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -276,20 +276,6 @@ async fn push_image(registry: &Registry, repo: &str, tag: &str, marker: &str) {
     registry
         .push_manifest(repo, tag, "application/vnd.oci.image.index.v1+json", &index)
         .await;
-}
-
-fn ctr(args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .args(["-n", "arl"])
-        .args(args)
-        .output()
-        .expect("run ctr");
-    assert!(
-        out.status.success(),
-        "ctr {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn unique() -> String {

@@ -6,15 +6,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Daemon, Options, alive};
+use common::{Daemon, Options, Runtime, alive};
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pools_acquire_many_release_and_exhaustion() {
+async fn pools_acquire_many_release_and_exhaustion(rt: Runtime) {
     let d = Daemon::start(Options {
         config: Some("[pools.small]\nmin_idle = 2\nmax = 3\n".into()),
-        ..Options::default()
+        ..Options::on(rt)
     })
     .await;
     d.wait_pool("small", 20, |s| s["idle"] == 2).await;
@@ -273,9 +272,8 @@ async fn auth_refuses_missing_wrong_and_foreign_tokens() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_agent_is_replaced() {
-    let d = Daemon::start(Options::default()).await;
+async fn killed_agent_is_replaced(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     d.wait_pool("default", 20, |s| s["idle"] == 2).await;
     let id = d.acquire("default").await;
     let pid = d.agent_pid(&id);
@@ -332,11 +330,10 @@ async fn killed_agent_is_replaced() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn daemon_kill9_then_restart_leaks_nothing() {
+async fn daemon_kill9_then_restart_leaks_nothing(rt: Runtime) {
     let mut d = Daemon::start(Options {
         config: Some("[pools.default]\nmin_idle = 3\n".into()),
-        ..Options::default()
+        ..Options::on(rt)
     })
     .await;
     d.wait_pool("default", 20, |s| s["idle"] == 3).await;
@@ -344,7 +341,11 @@ async fn daemon_kill9_then_restart_leaks_nothing() {
     d.sh(&held, "sleep 300 &").await;
     d.wait_pool("default", 20, |s| s["idle"] == 3 && s["starting"] == 0)
         .await;
-    let old: Vec<String> = std::fs::read_dir(d.state_dir().join("sandboxes"))
+    let dir = match rt {
+        Runtime::Process => "sandboxes",
+        Runtime::Containerd => "containerd",
+    };
+    let old: Vec<String> = std::fs::read_dir(d.state_dir().join(dir))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -377,9 +378,8 @@ async fn daemon_kill9_then_restart_leaks_nothing() {
     assert_eq!(d.sh(&id, "echo new").await["stdout"], "new\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_destroys_everything() {
-    let mut d = Daemon::start(Options::default()).await;
+async fn graceful_shutdown_destroys_everything(rt: Runtime) {
+    let mut d = Daemon::start(Options::on(rt)).await;
     d.wait_pool("default", 20, |s| s["idle"] == 2).await;
     let id = d.acquire("default").await;
     let pid = d.agent_pid(&id);
@@ -389,11 +389,10 @@ async fn graceful_shutdown_destroys_everything() {
     assert_eq!(d.leftovers(), Vec::<String>::new());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reset_and_reuse_policy() {
+async fn reset_and_reuse_policy(rt: Runtime) {
     let d = Daemon::start(Options {
         config: Some("[pools.default]\nmin_idle = 1\nmax = 1\nreuse = \"reset\"\n".into()),
-        ..Options::default()
+        ..Options::on(rt)
     })
     .await;
     d.wait_pool("default", 20, |s| s["idle"] == 1).await;
@@ -406,7 +405,10 @@ async fn reset_and_reuse_policy() {
     let (status, body) = d.action(&id, "reset").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let r = d
-        .sh(&id, "ls -A /workspace /tmp; pgrep -c sleep || true")
+        .sh(
+            &id,
+            "ls -A /workspace /tmp; cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^sleep$' || true",
+        )
         .await;
     assert_eq!(r["stdout"], "/tmp:\n\n/workspace:\n0\n", "{r}");
 
@@ -420,9 +422,8 @@ async fn reset_and_reuse_policy() {
     assert_eq!(d.sh(&again, "ls -A /workspace").await["stdout"], "");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ttl_and_idle_timeout_expire_leases() {
-    let d = Daemon::start(Options::default()).await;
+async fn ttl_and_idle_timeout_expire_leases(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     let (_, body) = d
         .call(
             Method::POST,
@@ -520,9 +521,8 @@ async fn a_second_daemon_cannot_disturb_the_first() {
     assert_eq!(d.sh(&id, "echo still here").await["stdout"], "still here\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_freezes_and_resume_thaws() {
-    let d = Daemon::start(Options::default()).await;
+async fn pause_freezes_and_resume_thaws(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     d.sh(
         &id,
@@ -550,15 +550,23 @@ async fn pause_freezes_and_resume_thaws() {
         .unwrap();
     assert_eq!(status, StatusCode::CONFLICT, "a frozen agent is not called");
     let pid = d.agent_pid(&id);
+    // The freezer says so: cgroup v2's `cgroup.events` or v1's `freezer.state`, whichever the
+    // runtime froze with.
     let events: Vec<String> = common::cgroup_roots()
         .iter()
-        .filter_map(|root| {
-            std::fs::read_to_string(root.join(&d.cgroup_parent).join(&id).join("cgroup.events"))
-                .ok()
+        .flat_map(|root| {
+            let dir = root.join(&d.cgroup_parent).join(&id);
+            [dir.join("cgroup.events"), dir.join("freezer.state")]
         })
+        .filter_map(|file| std::fs::read_to_string(file).ok())
         .collect();
     if !events.is_empty() {
-        assert!(events.iter().any(|e| e.contains("frozen 1")), "{events:?}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e.contains("frozen 1") || e.trim() == "FROZEN"),
+            "{events:?}"
+        );
     }
     let (status, _) = d.action(&id, "resume").await;
     assert_eq!(status, StatusCode::OK);
@@ -596,9 +604,8 @@ async fn pause_freezes_and_resume_thaws() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stuck_agent_does_not_hold_requests_forever() {
-    let d = Daemon::start(Options::default()).await;
+async fn a_stuck_agent_does_not_hold_requests_forever(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let pid = d.agent_pid(&id);
     // SAFETY: kill(2) of the sandbox's agent: stopped, it accepts connections but never answers.
@@ -624,3 +631,14 @@ async fn a_stuck_agent_does_not_hold_requests_forever() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert_eq!(d.sh(&id, "echo back").await["stdout"], "back\n");
 }
+
+crate::on_every_runtime!(
+    pools_acquire_many_release_and_exhaustion,
+    killed_agent_is_replaced,
+    daemon_kill9_then_restart_leaks_nothing,
+    graceful_shutdown_destroys_everything,
+    reset_and_reuse_policy,
+    ttl_and_idle_timeout_expire_leases,
+    pause_freezes_and_resume_thaws,
+    a_stuck_agent_does_not_hold_requests_forever,
+);

@@ -1,5 +1,5 @@
-//! Test harness: a real `arl node` (process runtime, as root) on a free port with its own
-//! state directory and cgroup parent, and a small HTTP client.
+//! Test harness: a real `arl node` (as root; process or containerd pools) on a free port with
+//! its own state directory and cgroup parent, and a small HTTP client.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -20,6 +20,7 @@ pub struct Daemon {
     pub dir: tempdir::TempDir,
     pub cgroup_parent: String,
     pub token: Option<String>,
+    pub runtime: Runtime,
     child: Option<Child>,
     config: Option<String>,
     args: Vec<String>,
@@ -68,14 +69,87 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// What makes the sandboxes of a test's pools.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Runtime {
+    /// Namespaces over the host's /usr and /etc.
+    #[default]
+    Process,
+    /// Containers from the busybox test image (scripts/containerd.sh imports it).
+    Containerd,
+}
+
+/// The test image of `containerd` pools.
+pub const TEST_IMAGE: &str = "docker.io/arl/test:latest";
+
+impl Runtime {
+    /// The daemon config with every pool made by this runtime (the embedded `default` pool
+    /// too, when the config names none).
+    pub fn config(self, config: Option<String>) -> Option<String> {
+        match self {
+            Runtime::Process => config,
+            Runtime::Containerd => {
+                let config = config.unwrap_or_else(|| "[pools.default]\n".into());
+                let mut out = String::new();
+                for line in config.lines() {
+                    out.push_str(line);
+                    out.push('\n');
+                    if line.trim_start().starts_with("[pools.") {
+                        out.push_str(&format!(
+                            "runtime = \"containerd\"\nimage = \"{TEST_IMAGE}\"\n"
+                        ));
+                    }
+                }
+                Some(out)
+            }
+        }
+    }
+}
+
+/// Runs each named `async fn(Runtime)` as two tests, `on_process::name` and
+/// `on_containerd::name`: the runtime-blind behaviour suite.
+#[macro_export]
+macro_rules! on_every_runtime {
+    ($($name:ident),+ $(,)?) => {
+        mod on_process {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Runtime::Process).await
+                }
+            )+
+        }
+        mod on_containerd {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Runtime::Containerd).await
+                }
+            )+
+        }
+    };
+}
+
 #[derive(Default)]
 pub struct Options {
+    /// What makes the sandboxes.
+    pub runtime: Runtime,
     /// TOML config (pools, ...).
     pub config: Option<String>,
     /// Tokens for the token file; the first is the client's default.
     pub tokens: Vec<String>,
     /// More `arl node` flags.
     pub args: Vec<String>,
+}
+
+impl Options {
+    /// Default options on the given runtime.
+    pub fn on(runtime: Runtime) -> Self {
+        Self {
+            runtime,
+            ..Self::default()
+        }
+    }
 }
 
 impl Daemon {
@@ -88,8 +162,9 @@ impl Daemon {
             cgroup_parent: format!("arl-test-{}", tempdir::hex(&bytes)),
             token: opts.tokens.first().cloned(),
             dir,
+            runtime: opts.runtime,
             child: None,
-            config: opts.config,
+            config: opts.runtime.config(opts.config),
             args: opts.args,
         };
         if !opts.tokens.is_empty() {
@@ -335,6 +410,16 @@ impl Daemon {
 
     /// The host pid of a sandbox's agent.
     pub fn agent_pid(&self, id: &str) -> i32 {
+        if self.runtime == Runtime::Containerd {
+            // The task's pid (`ctr tasks ls`: TASK PID STATUS) is the agent's.
+            let tasks = ctr(&["tasks", "ls"]);
+            return tasks
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(id))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("no task {id} in {tasks}"));
+        }
         let meta = std::fs::read(
             self.state_dir()
                 .join("sandboxes")
@@ -349,9 +434,28 @@ impl Daemon {
     /// Sandbox directories and cgroups that exist for this daemon.
     pub fn leftovers(&self) -> Vec<String> {
         let mut found = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(self.state_dir().join("sandboxes")) {
-            for e in entries.flatten() {
-                found.push(format!("dir {}", e.path().display()));
+        for dir in ["sandboxes", "containerd"] {
+            if let Ok(entries) = std::fs::read_dir(self.state_dir().join(dir)) {
+                for e in entries.flatten() {
+                    found.push(format!("dir {}", e.path().display()));
+                }
+            }
+        }
+        if self.runtime == Runtime::Containerd {
+            // Containers, snapshots and leases carry the daemon's owner label: a hash of its
+            // canonical state directory.
+            use sha2::Digest;
+            let state = std::fs::canonicalize(self.state_dir()).unwrap_or(self.state_dir());
+            let owner =
+                hex::encode(&sha2::Sha256::digest(state.as_os_str().as_encoded_bytes())[..8]);
+            let filter = format!("labels.\"arl.owner\"=={owner}");
+            for (what, args) in [
+                ("container", &["containers", "ls", "-q", &filter][..]),
+                ("lease", &["leases", "ls", "-q", &filter][..]),
+            ] {
+                for line in ctr(args).lines().filter(|l| !l.is_empty()) {
+                    found.push(format!("{what} {line}"));
+                }
             }
         }
         for hierarchy in cgroup_roots() {
@@ -365,6 +469,21 @@ impl Daemon {
         }
         found
     }
+}
+
+/// `ctr -n arl <args>` stdout.
+pub fn ctr(args: &[&str]) -> String {
+    let out = Command::new("ctr")
+        .args(["-n", "arl"])
+        .args(args)
+        .output()
+        .expect("run ctr (scripts/containerd.sh installs it)");
+    assert!(
+        out.status.success(),
+        "ctr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Every cgroup hierarchy mount point.
