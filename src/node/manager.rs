@@ -695,6 +695,13 @@ impl Manager {
             .collect();
         let n = ids.len();
         join_all(ids.iter().map(|id| self.runtime.destroy(id))).await;
+        // A sweep for what a failed teardown left (a creation cut short by a containerd
+        // outage, a destroy that errored), so that nothing outlives the daemon.
+        match self.runtime.reclaim().await {
+            Ok(0) => {}
+            Ok(left) => tracing::warn!(sandboxes = left, "removed remains of failed teardowns"),
+            Err(e) => tracing::warn!(error = %e, "final sweep failed"),
+        }
         tracing::info!(sandboxes = n, "all sandboxes destroyed");
     }
 }

@@ -103,6 +103,9 @@ pub struct ContainerdRuntime {
     exe: PathBuf,
     /// Per live sandbox: becomes true when its task has exited.
     exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// Sandboxes whose teardown after a failed creation failed too (containerd unreachable):
+    /// retried before each creation, swept by `reclaim` at shutdown.
+    orphans: Mutex<Vec<String>>,
 }
 
 /// Wraps a message in a request for ARL's namespace (and a lease, when given).
@@ -160,6 +163,7 @@ impl ContainerdRuntime {
             owner,
             exe: std::env::current_exe()?,
             exits: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(Vec::new()),
         })
     }
 
@@ -484,6 +488,19 @@ impl ContainerdRuntime {
         Ok(())
     }
 
+    /// Tears down what failed creations left, now that containerd may answer again.
+    async fn retry_orphans(&self) {
+        let orphans = std::mem::take(&mut *self.orphans.lock().unwrap_or_else(|p| p.into_inner()));
+        for id in orphans {
+            if self.destroy_inner(&id).await.is_err() {
+                self.orphans
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(id);
+            }
+        }
+    }
+
     fn remove_dir(&self, id: &str) -> Result<(), RuntimeError> {
         let dir = self.sandbox_dir(id);
         match fs::remove_dir_all(&dir) {
@@ -694,9 +711,15 @@ impl Runtime for ContainerdRuntime {
         spec: &'a PoolSpec,
     ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
         Box::pin(async move {
+            self.retry_orphans().await;
             let result = self.create_inner(id, spec).await;
             if result.is_err() {
-                let _ = self.destroy_inner(id).await;
+                if self.destroy_inner(id).await.is_err() {
+                    self.orphans
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(id.to_string());
+                }
                 let _ = self.remove_dir(id);
             }
             result
