@@ -2,14 +2,12 @@
 //!
 //! The agent is PID 1 of its sandbox, so it reaps every process (orphans included) itself:
 //! a single SIGCHLD loop calls `waitpid(-1)` and hands each status to whoever spawned the pid.
-//! Commands are spawned with `posix_spawn` (no pre-exec hooks: the sandbox's restrictions are
-//! already on the agent and are inherited), which keeps a spawn well under a millisecond.
+//! Commands are spawned with `posix_spawn` ([`super::spawn`]; no pre-exec hooks: the sandbox's
+//! restrictions are already on the agent and are inherited), which keeps a spawn well under a
+//! millisecond.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::spawn::{self, Spawned};
 use crate::api::{ApiError, ExecEvent, ExecRequest, ExecResult, WORKSPACE};
 use crate::http::{BoxError, ndjson_line};
 
@@ -54,12 +53,12 @@ impl Children {
     /// Spawns under the reaper's lock, so the exit cannot be reaped before it is awaited.
     fn spawn(
         &self,
-        cmd: &mut std::process::Command,
-    ) -> std::io::Result<(std::process::Child, oneshot::Receiver<i32>)> {
+        start: impl FnOnce() -> std::io::Result<Spawned>,
+    ) -> std::io::Result<(Spawned, oneshot::Receiver<i32>)> {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let child = cmd.spawn()?;
+        let child = start()?;
         let (tx, rx) = oneshot::channel();
-        waiting.insert(child.id() as i32, tx);
+        waiting.insert(child.pid, tx);
         Ok((child, rx))
     }
 }
@@ -84,38 +83,27 @@ pub async fn run(
         )));
     }
 
-    let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env_clear()
-        .envs(base_env.iter().map(|(k, v)| (k, v)))
-        .envs(&req.env)
-        .current_dir(&cwd)
-        .process_group(0)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    // The exec's environment: the agent's base, then the request's (later keys win).
+    let mut env: Vec<(&str, &str)> = Vec::with_capacity(base_env.len() + req.env.len());
+    for (k, v) in base_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    {
+        match env.iter_mut().find(|(key, _)| *key == k) {
+            Some(slot) => slot.1 = v,
+            None => env.push((k, v)),
+        }
+    }
 
     let started = Instant::now();
-    let (mut child, exit_rx) = match children.spawn(&mut cmd) {
+    let (child, exit_rx) = match children.spawn(|| spawn::spawn(&argv, &env, &cwd, stdin.is_some()))
+    {
         Ok(spawned) => spawned,
         Err(e) => return Ok(spawn_failure(&argv[0], &e, started)),
     };
-    let pid = child.id() as i32;
-    let io = (
-        child.stdin.take().map(OwnedFd::from),
-        child.stdout.take().map(OwnedFd::from),
-        child.stderr.take().map(OwnedFd::from),
-    );
-    drop(child);
-
-    let (stdin_fd, Some(stdout_fd), Some(stderr_fd)) = io else {
-        kill_tree(pid);
-        return Err(ApiError::internal("spawned process has no output pipes"));
-    };
+    let pid = child.pid;
+    let (stdin_fd, stdout_fd, stderr_fd) = (child.stdin, child.stdout, child.stderr);
     let pipes = (|| -> std::io::Result<_> {
         Ok((
             stdin_fd.map(pipe::Sender::from_owned_fd).transpose()?,

@@ -13,6 +13,7 @@
 
 pub mod exec;
 pub mod files;
+mod spawn;
 
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
