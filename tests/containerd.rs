@@ -418,13 +418,34 @@ impl PrivateContainerd {
 
 impl Drop for PrivateContainerd {
     fn drop(&mut self) {
-        // Tasks left (a failed test) would keep their shims: kill them through containerd first.
-        if self.child.is_some() {
-            let tasks = self.ctr(&["tasks", "ls", "-q"]);
-            for id in String::from_utf8_lossy(&tasks.stdout).lines() {
-                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
-                let _ = self.ctr(&["tasks", "delete", "-f", id]);
+        // A failed test can leave tasks, whose shims and containers outlive containerd: kill
+        // each shim of this instance's and its container's init (the whole pid namespace
+        // goes with it), whether containerd still answers or not.
+        let address = self.socket().display().to_string();
+        let pids: Vec<i32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        let parent_of = |pid: i32| -> Option<i32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+        };
+        for &shim in &pids {
+            let cmdline = std::fs::read(format!("/proc/{shim}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if !(cmdline.contains("containerd-shim") && cmdline.contains(&address)) {
+                continue;
             }
+            for &child in &pids {
+                if parent_of(child) == Some(shim) {
+                    // SAFETY: kill(2) of a container init this test's containerd started.
+                    unsafe { libc::kill(child, libc::SIGKILL) };
+                }
+            }
+            // SAFETY: kill(2) of this test's containerd's shim.
+            unsafe { libc::kill(shim, libc::SIGKILL) };
         }
         self.kill9();
         // Snapshot mounts, if any, go before the directory.
