@@ -371,16 +371,7 @@ async fn a_pool_rootfs_replaces_the_host_system() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(&body[..], b"from the pool's rootfs\n");
     // Writes land in the sandbox's private layer, never in the pool's directory.
-    let (status, _) = d
-        .request_raw(
-            Method::PUT,
-            &format!("/v1/sandboxes/{id}/files?path=/marker"),
-            Some(Bytes::from_static(b"changed")),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(d.put_file(&id, "/marker", b"changed").await, StatusCode::OK);
     assert_eq!(
         std::fs::read_to_string(rootfs.path().join("marker")).unwrap(),
         "from the pool's rootfs\n"
@@ -399,16 +390,7 @@ async fn a_pool_rootfs_replaces_the_host_system() {
     let id = d.acquire("bare").await;
     let r = d.exec(&id, json!({"cmd": ["/bin/sh", "-c", "true"]})).await;
     assert_eq!(r["exit_code"], 127, "{r}");
-    let (status, _) = d
-        .request_raw(
-            Method::PUT,
-            &format!("/v1/sandboxes/{id}/files?path=hello.txt"),
-            Some(Bytes::from_static(b"hi")),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(d.put_file(&id, "hello.txt", b"hi").await, StatusCode::OK);
     assert!(
         std::fs::read_dir(bare.path()).unwrap().next().is_none(),
         "the pool's directory stays empty"

@@ -364,6 +364,19 @@ impl Daemon {
             .0
     }
 
+    /// `PUT /v1/sandboxes/{id}/files?path=…`: the status.
+    pub async fn put_file(&self, id: &str, path: &str, data: &'static [u8]) -> StatusCode {
+        self.request_raw(
+            Method::PUT,
+            &format!("/v1/sandboxes/{id}/files?path={path}"),
+            Some(Bytes::from_static(data)),
+            None,
+        )
+        .await
+        .map(|(status, _)| status)
+        .unwrap_or_else(|e| panic!("PUT {path}: {e}"))
+    }
+
     pub async fn exec(&self, id: &str, req: Value) -> Value {
         let (status, body) = self
             .call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(req))
