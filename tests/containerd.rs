@@ -86,6 +86,33 @@ async fn a_container_has_its_image_loopback_and_the_seccomp_filter() {
         .sh(&id, "ls /bin/busybox; cat /proc/net/dev | grep -c :")
         .await;
     assert_eq!(r["stdout"], "/bin/busybox\n1\n", "{r}");
+    // A user namespace: root inside is the unprivileged host uid range below the process
+    // runtime's (uid base 16777216 - 65536), and the image's files are root's inside.
+    let r = d
+        .sh(
+            &id,
+            "cat /proc/self/uid_map; stat -c %u /bin/busybox; touch /etc/x && echo wrote",
+        )
+        .await;
+    let out: Vec<String> = r["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(out, ["0", "16711680", "65536", "0", "wrote"], "{r}");
+    let tasks = ctr(&["tasks", "ls"]);
+    let pid = tasks
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1));
+    assert_eq!(uid, Some("16711680"), "the agent's host uid: {status}");
     // The seccomp filter: no new namespaces, no mounts; no_new_privs is set.
     let r = d
         .sh(
@@ -520,4 +547,8 @@ async fn sandboxes_outlive_a_containerd_restart() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // The image's snapshot shifted into the sandboxes' user namespace goes with the daemon.
+    let out = containerd.ctr(&["snapshots", "ls"]);
+    let snapshots = String::from_utf8_lossy(&out.stdout);
+    assert!(!snapshots.contains("arl-remap-"), "{snapshots}");
 }

@@ -90,6 +90,7 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
             state_dir: settings.state_dir.clone(),
             cgroup_parent: settings.cgroup_parent.clone(),
             registry: settings.registry.clone(),
+            uid_base: settings.uid_base,
         })
         .await
         .map(|r| Arc::new(r) as Arc<dyn Runtime>)

@@ -35,6 +35,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 mod image;
+mod remap;
 
 use image::Images;
 pub use image::RegistryOptions;
@@ -92,6 +93,8 @@ pub struct ContainerdConfig {
     pub cgroup_parent: String,
     /// How images are pulled.
     pub registry: RegistryOptions,
+    /// The process runtime's first host uid: containerd sandboxes' root is the range below it.
+    pub uid_base: u32,
 }
 
 pub struct ContainerdRuntime {
@@ -106,6 +109,10 @@ pub struct ContainerdRuntime {
     /// Sandboxes whose teardown after a failed creation failed too (containerd unreachable):
     /// retried before each creation, swept by `reclaim` at shutdown.
     orphans: Mutex<Vec<String>>,
+    /// Host uid of root in every sandbox's user namespace (ids `host_id..host_id + 65536`).
+    host_id: u32,
+    /// Remapped image snapshots are made one at a time.
+    remaps: tokio::sync::Mutex<()>,
 }
 
 /// Wraps a message in a request for ARL's namespace (and a lease, when given).
@@ -151,6 +158,12 @@ impl ContainerdRuntime {
             .create(&dir)?;
         let state = fs::canonicalize(&config.state_dir)?;
         let owner = hex::encode(&Sha256::digest(state.as_os_str().as_encoded_bytes())[..8]);
+        let host_id = config.uid_base.checked_sub(remap::IDS).ok_or_else(|| {
+            RuntimeError::Create(format!(
+                "uid base {} leaves no room for the containerd sandboxes' uid range below it",
+                config.uid_base
+            ))
+        })?;
         Ok(Self {
             images: Images::new(
                 client.channel().into(),
@@ -164,6 +177,8 @@ impl ContainerdRuntime {
             exe: std::env::current_exe()?,
             exits: Mutex::new(HashMap::new()),
             orphans: Mutex::new(Vec::new()),
+            host_id,
+            remaps: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -187,9 +202,12 @@ impl ContainerdRuntime {
             .image
             .as_deref()
             .ok_or_else(|| RuntimeError::Create("a containerd pool needs an image".into()))?;
-        let parent = self.images.snapshot_parent(image).await?;
+        let chain = self.images.snapshot_parent(image).await?;
+        let parent = self.remapped(&chain).await?;
         let dir = self.sandbox_dir(id);
         fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        // The agent (root of the user namespace) creates its socket here.
+        std::os::unix::fs::chown(&dir, Some(self.host_id), Some(self.host_id))?;
 
         let lease = lease_id(id);
         self.client
@@ -304,9 +322,20 @@ impl ContainerdRuntime {
             json!({"type": "uts"}),
             json!({"type": "mount"}),
         ];
+        // A user namespace: root inside is an unprivileged host uid.
+        namespaces.push(json!({"type": "user"}));
         if spec.network == NetworkMode::None {
             namespaces.push(json!({"type": "network"}));
         }
+        // sysfs can be mounted only in a network namespace of the user namespace's own.
+        let sys = if spec.network == NetworkMode::None {
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                   "options": ["nosuid", "noexec", "nodev", "ro"]})
+        } else {
+            json!({"destination": "/sys", "type": "bind", "source": "/sys",
+                   "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
+        };
+        let ids = json!([{"containerID": 0, "hostID": self.host_id, "size": remap::IDS}]);
         // The pool's env is not baked in: it reaches each exec through the lease (late binding).
         let env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"];
         let caps = [
@@ -353,8 +382,7 @@ impl ContainerdRuntime {
                  "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
                 {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
                  "options": ["nosuid", "noexec", "nodev"]},
-                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-                 "options": ["nosuid", "noexec", "nodev", "ro"]},
+                sys,
                 {"destination": AGENT_PATH, "type": "bind", "source": self.exe,
                  "options": ["rbind", "ro", "nosuid", "nodev"]},
                 {"destination": RUN_DIR, "type": "bind", "source": dir,
@@ -365,6 +393,8 @@ impl ContainerdRuntime {
                  "options": ["nosuid", "nodev", "mode=1777", size(spec.disk_mb)]},
             ],
             "linux": {
+                "uidMappings": ids,
+                "gidMappings": ids,
                 "cgroupsPath": format!("/{}/{id}", self.config.cgroup_parent),
                 "namespaces": namespaces,
                 "resources": {
@@ -574,9 +604,27 @@ impl ContainerdRuntime {
         }
         ids.sort();
         ids.dedup();
+        // Shifted image snapshots go after the sandboxes' snapshots on top of them.
+        let (remaps, ids): (Vec<String>, Vec<String>) =
+            ids.into_iter().partition(|id| id.starts_with("arl-remap-"));
         for id in &ids {
             self.destroy_inner(id).await?;
             self.remove_dir(id)?;
+        }
+        for key in remaps
+            .iter()
+            .filter(|k| k.ends_with("-work"))
+            .chain(remaps.iter())
+        {
+            match self.remove_snapshot(key).await {
+                Err(ContainerdError::Call { status, .. }) if status.code() != Code::NotFound => {
+                    return Err(RuntimeError::from(ContainerdError::Call {
+                        call: "Snapshots.Remove",
+                        status,
+                    }));
+                }
+                _ => {}
+            }
         }
         Ok(ids.len())
     }
