@@ -552,3 +552,29 @@ async fn sandboxes_outlive_a_containerd_restart() {
     let snapshots = String::from_utf8_lossy(&out.stdout);
     assert!(!snapshots.contains("arl-remap-"), "{snapshots}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_network_container_sees_the_hosts_interfaces() {
+    let d = start(format!("{}network = \"host\"\n", pool("h", IMAGE, 1))).await;
+    d.wait_pool("h", 30, |s| s["idle"] == 1).await;
+    let id = d.acquire("h").await;
+    // More than loopback, and /sys (bound from the host: sysfs cannot be mounted without a
+    // network namespace of the user namespace's own) is there, read-only.
+    let r = d
+        .sh(
+            &id,
+            "grep -c : /proc/net/dev; ls /sys/class/net | grep -c .; touch /sys/x 2>/dev/null || echo ro",
+        )
+        .await;
+    let lines: Vec<&str> = r["stdout"].as_str().unwrap_or_default().lines().collect();
+    let host_interfaces = std::fs::read_dir("/sys/class/net").map_or(0, |d| d.count());
+    assert_eq!(
+        lines,
+        [
+            host_interfaces.to_string().as_str(),
+            host_interfaces.to_string().as_str(),
+            "ro"
+        ],
+        "{r}"
+    );
+}
