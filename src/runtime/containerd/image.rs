@@ -266,7 +266,7 @@ impl Images {
         }
     }
 
-    async fn snapshot_exists(&self, key: &str) -> Result<bool, ContainerdError> {
+    pub(super) async fn snapshot_exists(&self, key: &str) -> Result<bool, ContainerdError> {
         match self
             .client
             .snapshots()
@@ -710,7 +710,7 @@ impl Images {
         }
     }
 
-    async fn remove_snapshot(&self, key: &str) -> Result<(), Status> {
+    pub(super) async fn remove_snapshot(&self, key: &str) -> Result<(), Status> {
         self.client
             .snapshots()
             .remove(req(

@@ -9,10 +9,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-};
-use containerd_client::tonic::Code;
+use containerd_client::services::v1::snapshots::{CommitSnapshotRequest, PrepareSnapshotRequest};
 use containerd_client::types::Mount;
 
 use super::{ContainerdError, ContainerdRuntime, OWNER_LABEL, SNAPSHOTTER, call, req};
@@ -31,21 +28,8 @@ impl ContainerdRuntime {
             chain.trim_start_matches("sha256:")
         );
         let _one_at_a_time = self.remaps.lock().await;
-        let stat = self
-            .client
-            .snapshots()
-            .stat(req(
-                StatSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.into(),
-                    key: name.clone(),
-                },
-                None,
-            ))
-            .await;
-        match stat {
-            Ok(_) => return Ok(name),
-            Err(s) if s.code() == Code::NotFound => {}
-            Err(s) => return Err(call("Snapshots.Stat")(s)),
+        if self.images.snapshot_exists(&name).await? {
+            return Ok(name);
         }
         let work = format!("{name}-work");
         let _ = self.remove_snapshot(&work).await;
@@ -105,17 +89,9 @@ impl ContainerdRuntime {
     }
 
     pub(super) async fn remove_snapshot(&self, key: &str) -> Result<(), ContainerdError> {
-        self.client
-            .snapshots()
-            .remove(req(
-                RemoveSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.into(),
-                    key: key.to_string(),
-                },
-                None,
-            ))
+        self.images
+            .remove_snapshot(key)
             .await
-            .map(|_| ())
             .map_err(call("Snapshots.Remove"))
     }
 }
