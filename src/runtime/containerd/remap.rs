@@ -27,6 +27,10 @@ impl ContainerdRuntime {
             self.host_id,
             chain.trim_start_matches("sha256:")
         );
+        if self.images.snapshot_exists(&name).await? {
+            return Ok(name);
+        }
+        // Made one at a time; whoever waited finds it made.
         let _one_at_a_time = self.remaps.lock().await;
         if self.images.snapshot_exists(&name).await? {
             return Ok(name);
