@@ -201,6 +201,17 @@ async fn push_image(registry: &Registry, repo: &str, tag: &str, marker: &str) {
     }
     let top = TempDir::new("layer-top");
     std::fs::write(top.path().join("marker"), marker).unwrap();
+    // 3 MiB that do not compress: the layer reaches containerd in several write messages.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(top.path().join("noise"), &noise).unwrap();
 
     let base_gz = tar(base.path(), true);
     let top_tar = tar(top.path(), false);
@@ -317,9 +328,15 @@ async fn an_absent_image_is_pulled_unpacked_and_runs() {
     d.wait_pool("a", 60, |s| s["idle"] == 2).await;
     d.wait_pool("b", 60, |s| s["idle"] == 1).await;
     let id = d.acquire("a").await;
-    let r = d.sh(&id, "cat /marker; ls /bin/busybox").await;
+    let r = d
+        .sh(&id, "cat /marker; ls /bin/busybox; wc -c < /noise")
+        .await;
     assert_eq!(r["exit_code"], 0, "{r}");
-    assert_eq!(r["stdout"], format!("{marker}/bin/busybox\n"), "{r}");
+    assert_eq!(
+        r["stdout"],
+        format!("{marker}/bin/busybox\n{}\n", 3 << 20),
+        "{r}"
+    );
 
     // containerd now holds the image, unpacked, and no pull lease is left.
     assert!(ctr(&["images", "ls", "-q"]).lines().any(|l| l == image));
