@@ -5,7 +5,7 @@ Usage (from the repository root, with the SDK installed in the interpreter that 
 
     python benches/sdk/bench.py [--n 2000] [--write]
 
-It starts its own daemon (``$ARL_BIN`` or ``target/debug/arl``) on a free port, unless
+It starts its own daemon (``$ARL_BIN`` or ``target/<triple>/release/arl``) on a free port, unless
 ``--endpoint URL`` is given. ``--write`` stores the results in benches/sdk/RESULTS.md.
 """
 
