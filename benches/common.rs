@@ -72,45 +72,27 @@ pub fn utc_now() -> String {
     )
 }
 
+/// The number of a `Field: N kB` line of a /proc file (meminfo, status, smaps_rollup).
+fn proc_kib(path: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
 /// A field of /proc/meminfo in KiB.
 pub fn meminfo_kib(field: &str) -> u64 {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
-            return rest
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-        }
-    }
-    0
+    proc_kib("/proc/meminfo", field).unwrap_or(0)
 }
 
 /// A `Vm*` / `Rss*` field of /proc/PID/status in KiB.
 pub fn status_kib(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
-            return rest
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-        }
-    }
-    0
+    proc_kib(&format!("/proc/{pid}/status"), field).unwrap_or(0)
 }
 
 /// A field of /proc/PID/smaps_rollup in KiB (e.g. "Pss", "Rss").
 pub fn smaps_rollup_kib(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
-            return rest.split_whitespace().next().and_then(|v| v.parse().ok());
-        }
-    }
-    None
+    proc_kib(&format!("/proc/{pid}/smaps_rollup"), field)
 }
 
 /// Pids whose parent is `ppid` (from /proc/*/stat).

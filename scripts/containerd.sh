@@ -16,16 +16,9 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-need=()
 # docker-registry: the CNCF distribution server the pull tests push to and pull from.
-for pkg in containerd runc busybox-static docker-registry; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+. scripts/packages.sh
+ensure_packages containerd runc busybox-static docker-registry
 
 # ctr waits up to 10 s for a socket nobody listens on: bound each probe.
 answers() { [ -S "$SOCKET" ] && timeout 2 ctr --address "$SOCKET" version >/dev/null 2>&1; }

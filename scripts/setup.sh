@@ -15,15 +15,8 @@ fi
 
 # Debian packages: a venv-capable python3 for the SDK, procps/util-linux for the tests' probes,
 # protoc to build the containerd client, containerd/runc/busybox-static for the containerd tests.
-need=()
-for pkg in python3 python3-venv procps util-linux protobuf-compiler containerd runc busybox-static; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+. scripts/packages.sh
+ensure_packages python3 python3-venv procps util-linux protobuf-compiler containerd runc busybox-static
 
 # The SDK's virtualenv, from the distribution's python (the one on PATH may be a slow shim).
 if [ ! -x .venv/bin/python ]; then

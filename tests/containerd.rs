@@ -101,12 +101,7 @@ async fn a_container_has_its_image_loopback_and_the_seccomp_filter() {
         .map(str::to_string)
         .collect();
     assert_eq!(out, ["0", "16711680", "65536", "0", "wrote"], "{r}");
-    let tasks = ctr(&["tasks", "ls"]);
-    let pid = tasks
-        .lines()
-        .find(|l| l.starts_with(&id))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or_default();
+    let pid = common::task_pid(&ctr(&["tasks", "ls"]), &id).unwrap_or_default();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let uid = status
         .lines()
@@ -425,14 +420,9 @@ impl PrivateContainerd {
     }
 
     /// The pid of the sandbox's task (its agent), from `ctr tasks ls`.
-    fn task_pid(&self, id: &str) -> String {
+    fn task_pid(&self, id: &str) -> Option<i32> {
         let out = self.ctr(&["tasks", "ls"]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find(|l| l.starts_with(id))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap_or_default()
-            .to_string()
+        common::task_pid(&String::from_utf8_lossy(&out.stdout), id)
     }
 
     fn kill9(&mut self) {
@@ -504,7 +494,7 @@ async fn sandboxes_outlive_a_containerd_restart() {
     let id = d.acquire("c").await;
     d.sh(&id, "echo before > /workspace/state").await;
     let agent = containerd.task_pid(&id);
-    assert!(!agent.is_empty());
+    assert!(agent.is_some());
 
     // containerd dies: the hot path does not need it. Commands run, a warm sandbox is handed out.
     containerd.kill9();

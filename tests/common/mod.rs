@@ -424,14 +424,9 @@ impl Daemon {
     /// The host pid of a sandbox's agent.
     pub fn agent_pid(&self, id: &str) -> i32 {
         if self.runtime == Runtime::Containerd {
-            // The task's pid (`ctr tasks ls`: TASK PID STATUS) is the agent's.
+            // The task's pid is the agent's.
             let tasks = ctr(&["tasks", "ls"]);
-            return tasks
-                .lines()
-                .find(|l| l.split_whitespace().next() == Some(id))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|p| p.parse().ok())
-                .unwrap_or_else(|| panic!("no task {id} in {tasks}"));
+            return task_pid(&tasks, id).unwrap_or_else(|| panic!("no task {id} in {tasks}"));
         }
         let meta = std::fs::read(
             self.state_dir()
@@ -497,6 +492,14 @@ pub fn ctr(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A task's pid in the output of `ctr tasks ls` (TASK PID STATUS).
+pub fn task_pid(tasks: &str, id: &str) -> Option<i32> {
+    tasks
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
 }
 
 /// Every cgroup hierarchy mount point.
