@@ -16,7 +16,7 @@ pub mod files;
 mod spawn;
 
 use std::os::fd::FromRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -72,6 +72,19 @@ pub fn main(args: AgentArgs) -> i32 {
     }
 }
 
+/// Binds and listens on a temporary name, then renames it to `path`. Whoever waits for `path`
+/// to appear may connect at once: a socket that is bound but not yet listening refuses
+/// connections, and `bind` alone would publish the path in that state.
+fn bind_then_publish(path: &Path) -> std::io::Result<UnixListener> {
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(".new");
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging)?;
+    std::fs::rename(&staging, path)?;
+    Ok(listener)
+}
+
 async fn serve(args: AgentArgs) -> std::io::Result<()> {
     // Not dumpable: processes of the sandbox may not ptrace or read the agent's memory.
     // SAFETY: prctl with integer arguments.
@@ -83,10 +96,7 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
             std_listener.set_nonblocking(true)?;
             UnixListener::from_std(std_listener)?
         }
-        (None, Some(path)) => {
-            let _ = std::fs::remove_file(path);
-            UnixListener::bind(path)?
-        }
+        (None, Some(path)) => bind_then_publish(path)?,
         (None, None) => {
             return Err(std::io::Error::other("give --listen-fd or --socket"));
         }
@@ -226,4 +236,45 @@ fn reset(agent: &Arc<Agent>) -> Response<Body> {
         files::wipe_dir(dir);
     }
     http::json(StatusCode::OK, &serde_json::json!({"ok": true}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runtime waits for the socket path to appear and connects at once; whoever sees the
+    /// path must find a listener behind it, and no staging name may be left. A watcher thread
+    /// spins on the path while the agent side binds, many times over. (The bind-to-listen window
+    /// of a plain `bind` is a few µs, so this catches it only now and then; under load, with the
+    /// agent preempted in between, it was seen in CI.)
+    #[test]
+    fn the_socket_path_appears_only_once_it_listens() {
+        let dir = std::env::temp_dir().join(format!("arl-agent-socket-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("agent.sock");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        for round in 0..300 {
+            let _ = std::fs::remove_file(&path);
+            let watched = path.clone();
+            let watcher = std::thread::spawn(move || {
+                while !watched.exists() {
+                    std::hint::spin_loop();
+                }
+                std::os::unix::net::UnixStream::connect(&watched).map(|_| ())
+            });
+            let listener = runtime.block_on(async { bind_then_publish(&path) });
+            let connected = watcher.join().expect("watcher thread");
+            assert!(connected.is_ok(), "round {round}: {connected:?}");
+            drop(listener);
+        }
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(names, vec![std::ffi::OsString::from("agent.sock")]);
+    }
 }
