@@ -1,4 +1,9 @@
 //! HTTP/1.1 to one sandbox's agent over its Unix socket, with a few kept-alive connections.
+//!
+//! A connection is served by the runtime that opened it. Kept-alive connections are for the
+//! request path (the HTTP front's thread); the manager's own calls (readiness and health pings,
+//! resets) open a connection each and close it, so they never leave one behind that would
+//! bounce every later request between threads.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -96,11 +101,26 @@ impl AgentClient {
 
     /// Sends a request and reads the whole response, refusing more than `limit` bytes.
     pub async fn call(&self, req: Request<Body>, limit: usize) -> Result<AgentReply, ApiError> {
-        within(AGENT_TIMEOUT, self.call_inner(req, limit)).await
+        within(AGENT_TIMEOUT, self.call_inner(req, limit, true)).await
     }
 
-    async fn call_inner(&self, req: Request<Body>, limit: usize) -> Result<AgentReply, ApiError> {
-        let mut sender = match self.take_idle() {
+    /// Like [`call`](Self::call), on a connection of its own that is closed afterwards (for
+    /// the manager's calls, see the module's comment).
+    pub async fn call_unpooled(
+        &self,
+        req: Request<Body>,
+        limit: usize,
+    ) -> Result<AgentReply, ApiError> {
+        within(AGENT_TIMEOUT, self.call_inner(req, limit, false)).await
+    }
+
+    async fn call_inner(
+        &self,
+        req: Request<Body>,
+        limit: usize,
+        pooled: bool,
+    ) -> Result<AgentReply, ApiError> {
+        let mut sender = match self.take_idle().filter(|_| pooled) {
             Some(s) => s,
             None => self.connect().await?,
         };
@@ -109,7 +129,9 @@ impl AgentClient {
         let body = http::read_body(body, limit).await.map_err(|e| {
             ApiError::unavailable(format!("reading the agent's reply: {}", e.message))
         })?;
-        self.put_idle(sender);
+        if pooled {
+            self.put_idle(sender);
+        }
         Ok(AgentReply {
             status: parts.status,
             headers: parts.headers,
@@ -200,7 +222,7 @@ impl AgentClient {
         let req = Request::get("/ping")
             .body(http::empty())
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        let reply = self.call(req, 4096).await?;
+        let reply = self.call_unpooled(req, 4096).await?;
         if reply.status.is_success() {
             Ok(())
         } else {

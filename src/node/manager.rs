@@ -54,6 +54,10 @@ pub struct Manager {
     pub reply_budget: Arc<Semaphore>,
     /// Creations and destructions in flight, awaited on shutdown.
     background: TaskTracker,
+    /// The multi-threaded runtime for the manager's blocking sandbox work (creation, teardown)
+    /// and its long-lived tasks (refills, watchers, housekeeping), whichever thread asks for
+    /// them: the HTTP front's thread only serves requests (see `node::serve_front`).
+    tasks: tokio::runtime::Handle,
     pub metrics: Metrics,
     pub auth: Auth,
     pub draining: AtomicBool,
@@ -70,6 +74,7 @@ impl Manager {
             reply_budget: Arc::new(Semaphore::new(REPLY_BUDGET_KIB)),
             acquisitions: OnceMap::new(ACQUISITIONS_REMEMBERED),
             background: TaskTracker::new(),
+            tasks: tokio::runtime::Handle::current(),
             metrics: Metrics::new(),
             auth,
             draining: AtomicBool::new(false),
@@ -128,7 +133,7 @@ impl Manager {
         pools.insert(name.to_string(), pool.clone());
         let this = self.clone();
         let span = tracing::info_span!("refill", pool = %name);
-        tokio::spawn(this.refill_loop(pool).instrument(span));
+        self.tasks.spawn(this.refill_loop(pool).instrument(span));
         Ok(())
     }
 
@@ -184,7 +189,7 @@ impl Manager {
             for _ in 0..wanted {
                 let this = self.clone();
                 let pool = pool.clone();
-                self.background.spawn(async move {
+                self.spawn_tracked(async move {
                     match this.create(&pool).await {
                         Ok(sb) => {
                             let unwanted = {
@@ -284,7 +289,7 @@ impl Manager {
     /// Replaces the sandbox when its agent dies on its own.
     fn watch(self: &Arc<Self>, sb: Arc<Sandbox>) {
         let this = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             this.runtime.exited(&sb.id).await;
             if this.forget(&sb.id).is_some() {
                 tracing::warn!(sandbox = %sb.id, pool = %sb.pool, "sandbox died");
@@ -337,9 +342,14 @@ impl Manager {
         pool.refill.notify_one();
     }
 
+    /// Runs sandbox work that shutdown must wait for, on the manager's runtime.
+    fn spawn_tracked(&self, work: impl Future<Output = ()> + Send + 'static) {
+        self.background.spawn_on(work, &self.tasks);
+    }
+
     fn spawn_destroy(self: &Arc<Self>, id: String) {
         let this = self.clone();
-        self.background.spawn(async move {
+        self.spawn_tracked(async move {
             if let Err(e) = this.runtime.destroy(&id).await {
                 tracing::error!(sandbox = %id, error = %e, "destroy failed");
             }
@@ -448,10 +458,16 @@ impl Manager {
         }
         pool.refill.notify_one();
         if missing > 0 {
+            // On the manager's runtime: creation does blocking work (clone, cgroups, mounts).
             let created = join_all((0..missing).map(|_| {
                 let this = self.clone();
                 let pool = pool.clone();
-                async move { this.create(&pool).await }
+                let creation = self.tasks.spawn(async move { this.create(&pool).await });
+                async move {
+                    creation.await.unwrap_or_else(|e| {
+                        Err(ApiError::internal(format!("sandbox creation failed: {e}")))
+                    })
+                }
             }))
             .await;
             let mut failure = None;
@@ -569,6 +585,8 @@ impl Manager {
             return;
         }
         let this = self.clone();
+        // A reset is one call to the agent, no blocking work: it stays on the caller's runtime
+        // (the HTTP front's, for a release) and uses a kept-alive connection.
         self.background.spawn(async move {
             let Some(pool) = pool else { return };
             let reset = this.reset_agent(&sb).await;
@@ -590,6 +608,8 @@ impl Manager {
         });
     }
 
+    /// Asks the agent to reset its sandbox. Called on the HTTP front (a release, or the reset
+    /// route), so on a kept-alive connection.
     pub async fn reset_agent(&self, sb: &Sandbox) -> Result<(), ApiError> {
         let req = hyper::Request::post("/reset")
             .body(crate::http::empty())
@@ -634,7 +654,7 @@ impl Manager {
             if round.is_multiple_of(10) {
                 for sb in all.into_iter().filter(|sb| sb.lease().is_none()) {
                     let this = self.clone();
-                    tokio::spawn(async move {
+                    self.tasks.spawn(async move {
                         let ok = matches!(
                             tokio::time::timeout(Duration::from_secs(5), sb.agent.ping()).await,
                             Ok(Ok(()))
