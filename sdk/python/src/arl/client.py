@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import tempfile
 from collections import deque
@@ -442,7 +441,7 @@ class Sandbox:
                     item = asm.feed(loads(line), self._ep.url)
                 except StopIteration:
                     break
-                except (OSError, http.client.HTTPException, ValueError) as e:
+                except (OSError, EOFError, ValueError) as e:
                     broken = e
                     break
                 if item is None:
