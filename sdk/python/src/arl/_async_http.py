@@ -10,7 +10,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any, BinaryIO
 
-from ._common import Endpoint, RetryPolicy, connection_error, is_retryable_status, loads
+from ._common import Endpoint, RetryPolicy, body_framing, connection_error, is_retryable_status, loads
 from .errors import ArlError, InfraError, error_from_response
 
 Body = bytes | Callable[[], tuple[BinaryIO, int]] | None
@@ -75,17 +75,8 @@ class Response:
         self.status = status
         self.headers = headers
         self._conn = conn
-        te = headers.get("transfer-encoding", "")
-        self._chunked = "chunked" in te.lower()
-        cl = headers.get("content-length")
-        self._length: int | None = int(cl) if cl is not None and not self._chunked else None
+        self._length, self._chunked, self.keep_alive = body_framing(status, headers)
         self._chunk_left = 0
-        no_body = status in (204, 304) or 100 <= status < 200
-        if no_body:
-            self._length = 0
-        self.keep_alive = headers.get("connection", "").lower() != "close" and (
-            self._chunked or self._length is not None
-        )
         self.done = self._length == 0
 
     async def read(self) -> bytes:

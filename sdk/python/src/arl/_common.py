@@ -122,6 +122,18 @@ def resolve_config(
     return Config(eps, token, local)
 
 
+def body_framing(status: int, headers: dict[str, str]) -> tuple[int | None, bool, bool]:
+    """How an HTTP/1.1 response's body ends: (its length, or None; chunked; keep-alive after it).
+    ``headers`` have lower-case names."""
+    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+    cl = headers.get("content-length")
+    length = int(cl) if cl is not None and not chunked else None
+    if status in (204, 304) or 100 <= status < 200:
+        length = 0
+    keep_alive = headers.get("connection", "").lower() != "close" and (chunked or length is not None)
+    return length, chunked, keep_alive
+
+
 def file_query(path: str, **params: Any) -> str:
     q = "?path=" + quote(path, safe="/")
     for k, v in params.items():

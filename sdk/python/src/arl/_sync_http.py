@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any, BinaryIO
 
-from ._common import Endpoint, RetryPolicy, connection_error, is_retryable_status, loads
+from ._common import Endpoint, RetryPolicy, body_framing, connection_error, is_retryable_status, loads
 from .errors import ArlError, InfraError, error_from_response
 
 # A body is bytes, or a callable returning (readable file object, length) for streamed uploads;
@@ -72,15 +72,8 @@ class Response:
         self.status = status
         self.headers = headers
         self._conn = conn
-        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        cl = headers.get("content-length")
-        self._length: int | None = int(cl) if cl is not None and not self._chunked else None
+        self._length, self._chunked, self.keep_alive = body_framing(status, headers)
         self._chunk_left = 0
-        if status in (204, 304) or 100 <= status < 200:
-            self._length = 0
-        self.keep_alive = headers.get("connection", "").lower() != "close" and (
-            self._chunked or self._length is not None
-        )
         self.done = self._length == 0
 
     def read(self, n: int | None = None) -> bytes:
