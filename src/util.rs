@@ -44,3 +44,35 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+/// Locks that outlive a panic. What ARL keeps under a lock (counts, queues and maps of handles)
+/// stays usable after a panic in another holder, and a poisoned lock must not take every later
+/// request down with it.
+pub trait MutexExt<T: ?Sized> {
+    fn lock_or_recover(&self) -> std::sync::MutexGuard<'_, T>;
+}
+
+impl<T: ?Sized> MutexExt<T> for std::sync::Mutex<T> {
+    fn lock_or_recover(&self) -> std::sync::MutexGuard<'_, T> {
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// [`MutexExt`] for read-write locks.
+pub trait RwLockExt<T: ?Sized> {
+    fn read_or_recover(&self) -> std::sync::RwLockReadGuard<'_, T>;
+    fn write_or_recover(&self) -> std::sync::RwLockWriteGuard<'_, T>;
+}
+
+impl<T: ?Sized> RwLockExt<T> for std::sync::RwLock<T> {
+    fn read_or_recover(&self) -> std::sync::RwLockReadGuard<'_, T> {
+        self.read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_or_recover(&self) -> std::sync::RwLockWriteGuard<'_, T> {
+        self.write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::spawn::{self, Spawned};
 use crate::api::{ApiError, ExecEvent, ExecRequest, ExecResult, WORKSPACE};
 use crate::http::{BoxError, ndjson_line};
+use crate::util::MutexExt;
 
 /// Where a command's output goes.
 pub enum Sink {
@@ -36,7 +37,7 @@ pub struct Children {
 impl Children {
     /// Reaps every exited child, handing statuses to their waiters.
     pub fn reap(&self) {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let mut waiting = self.waiting.lock_or_recover();
         loop {
             let mut status = 0;
             // SAFETY: non-blocking waitpid for any child.
@@ -55,7 +56,7 @@ impl Children {
         &self,
         start: impl FnOnce() -> std::io::Result<Spawned>,
     ) -> std::io::Result<(Spawned, oneshot::Receiver<i32>)> {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let mut waiting = self.waiting.lock_or_recover();
         let child = start()?;
         let (tx, rx) = oneshot::channel();
         waiting.insert(child.pid, tx);

@@ -21,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::api::ApiError;
 use crate::http::{self, Body};
+use crate::util::MutexExt;
 
 /// Idle connections kept per sandbox.
 const MAX_IDLE: usize = 4;
@@ -83,7 +84,7 @@ impl AgentClient {
     }
 
     fn take_idle(&self) -> Option<SendRequest<Body>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle.lock_or_recover();
         while let Some(sender) = idle.pop() {
             if sender.is_ready() {
                 return Some(sender);
@@ -93,7 +94,7 @@ impl AgentClient {
     }
 
     fn put_idle(&self, sender: SendRequest<Body>) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle.lock_or_recover();
         if idle.len() < MAX_IDLE && sender.is_ready() {
             idle.push(sender);
         }

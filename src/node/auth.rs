@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sha2::{Digest, Sha256};
 
 use crate::api::{ApiError, ErrorCode};
+use crate::util::RwLockExt;
 
 /// Who is calling: the digest of their token, or nobody in particular when auth is off.
 pub type Owner = Option<[u8; 32]>;
@@ -70,12 +71,12 @@ impl Auth {
     fn refresh(&self) {
         let Some(file) = &self.file else { return };
         {
-            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let state = self.state.read_or_recover();
             if state.checked.elapsed() < RECHECK {
                 return;
             }
         }
-        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.write_or_recover();
         state.checked = Instant::now();
         let modified = std::fs::metadata(file).and_then(|m| m.modified()).ok();
         if modified != state.modified {
@@ -105,7 +106,7 @@ impl Auth {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
         let d = digest(token);
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let state = self.state.read_or_recover();
         if state.digests.contains(&d) {
             Ok(Some(d))
         } else {

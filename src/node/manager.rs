@@ -22,7 +22,7 @@ use crate::api::{
     AcquireRequest, ApiError, ErrorCode, PoolSpec, PoolView, ReusePolicy, SandboxInfo,
 };
 use crate::runtime::Runtime;
-use crate::util::{now_ms, random_id};
+use crate::util::{MutexExt, RwLockExt, now_ms, random_id};
 
 /// Ids of recently dead sandboxes remembered, so callers get "died" rather than "unknown".
 const GRAVEYARD: usize = 4096;
@@ -87,8 +87,7 @@ impl Manager {
 
     fn pool(&self, name: &str) -> Result<Arc<Pool>, ApiError> {
         self.pools
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .read_or_recover()
             .get(name)
             .cloned()
             .ok_or_else(|| ApiError::not_found(format!("no pool named {name:?}")))
@@ -121,7 +120,7 @@ impl Manager {
     pub fn put_pool(self: &Arc<Self>, name: &str, spec: PoolSpec) -> Result<(), ApiError> {
         crate::api::pools::validate_pool_name(name).map_err(ApiError::bad_request)?;
         spec.validate().map_err(ApiError::bad_request)?;
-        let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+        let mut pools = self.pools.write_or_recover();
         if let Some(pool) = pools.get(name) {
             pool.set_spec(spec);
             return Ok(());
@@ -141,8 +140,7 @@ impl Manager {
     pub fn delete_pool(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
         let pool = self
             .pools
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .write_or_recover()
             .remove(name)
             .ok_or_else(|| ApiError::not_found(format!("no pool named {name:?}")))?;
         let idle: Vec<Arc<Sandbox>> = {
@@ -261,8 +259,7 @@ impl Manager {
                     st.last_error = None;
                 }
                 self.sandboxes
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .write_or_recover()
                     .insert(sb.id.clone(), sb.clone());
                 self.watch(sb.clone());
                 Ok(sb)
@@ -306,16 +303,13 @@ impl Manager {
 
     /// Removes a sandbox from the live map; whoever gets `Some` owns its teardown.
     fn forget(&self, id: &str) -> Option<Arc<Sandbox>> {
-        self.sandboxes
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
+        self.sandboxes.write_or_recover().remove(id)
     }
 
     /// Remembers why an allocated sandbox went away, for its holder's next request.
     fn bury(&self, sb: &Sandbox, reason: &str) {
         let Some(lease) = sb.lease() else { return };
-        let mut graveyard = self.graveyard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut graveyard = self.graveyard.lock_or_recover();
         graveyard.push_back(Grave {
             id: sb.id.clone(),
             reason: reason.to_string(),
@@ -502,14 +496,9 @@ impl Manager {
 
     /// Looks up an allocated sandbox on behalf of `owner`.
     pub fn sandbox(&self, id: &str, owner: &Owner) -> Result<Arc<Sandbox>, ApiError> {
-        let found = self
-            .sandboxes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned();
+        let found = self.sandboxes.read_or_recover().get(id).cloned();
         let Some(sb) = found else {
-            let graveyard = self.graveyard.lock().unwrap_or_else(|p| p.into_inner());
+            let graveyard = self.graveyard.lock_or_recover();
             if let Some(grave) = graveyard
                 .iter()
                 .rev()
@@ -535,8 +524,7 @@ impl Manager {
     pub fn list(&self, owner: &Owner) -> Vec<SandboxInfo> {
         let mut out: Vec<SandboxInfo> = self
             .sandboxes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .read_or_recover()
             .values()
             .filter(|sb| sb.lease().is_some_and(|l| l.owner == *owner))
             .map(|sb| sb.info())
@@ -596,8 +584,7 @@ impl Manager {
                 sb.set_lease(None);
                 sb.execs.clear();
                 this.sandboxes
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .write_or_recover()
                     .insert(sb.id.clone(), sb.clone());
                 st.idle.push_back(sb);
             } else {
@@ -708,8 +695,7 @@ impl Manager {
         }
         let ids: Vec<String> = self
             .sandboxes
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .write_or_recover()
             .drain()
             .map(|(id, _)| id)
             .collect();
@@ -728,9 +714,5 @@ impl Manager {
 
 /// The values of a shared map, copied out so no lock is held while they are used.
 fn snapshot<T>(map: &RwLock<HashMap<String, Arc<T>>>) -> Vec<Arc<T>> {
-    map.read()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .cloned()
-        .collect()
+    map.read_or_recover().values().cloned().collect()
 }

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use tokio::sync::watch;
 
 use crate::api::ApiError;
+use crate::util::MutexExt;
 
 pub enum Claim<V> {
     /// Run the work and publish its result through the sender.
@@ -41,7 +42,7 @@ impl<K: Hash + Eq + Clone, V: Clone> OnceMap<K, V> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner<K, V>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock_or_recover()
     }
 
     pub fn claim(&self, key: &K) -> Claim<V> {

@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 
 use super::sandbox::Sandbox;
 use crate::api::{PoolSpec, PoolStatus};
+use crate::util::{MutexExt, RwLockExt};
 
 pub struct Pool {
     pub name: String,
@@ -58,16 +59,16 @@ impl Pool {
     }
 
     pub fn spec(&self) -> PoolSpec {
-        self.spec.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.spec.read_or_recover().clone()
     }
 
     pub fn set_spec(&self, spec: PoolSpec) {
-        *self.spec.write().unwrap_or_else(|p| p.into_inner()) = spec;
+        *self.spec.write_or_recover() = spec;
         self.refill.notify_one();
     }
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_or_recover()
     }
 
     pub fn status(&self) -> PoolStatus {

@@ -12,7 +12,7 @@ use super::agent_client::AgentClient;
 use super::auth::Owner;
 use super::once::OnceMap;
 use crate::api::{SandboxInfo, SandboxState, WORKSPACE};
-use crate::util::now_ms;
+use crate::util::{MutexExt, now_ms};
 
 /// Exec results remembered per sandbox for request-id retries (each at most 256 KiB).
 const IDEMPOTENCY_ENTRIES: usize = 32;
@@ -63,11 +63,11 @@ impl Sandbox {
     }
 
     pub fn lease(&self) -> Option<Lease> {
-        self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lease.lock_or_recover().clone()
     }
 
     pub fn set_lease(&self, lease: Option<Lease>) {
-        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+        *self.lease.lock_or_recover() = lease;
         self.touch();
     }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::{BoxFuture, Created, Runtime, RuntimeError};
 use crate::api::PoolSpec;
 use crate::api::pools::RuntimeKind;
+use crate::util::MutexExt;
 
 pub struct Runtimes {
     process: Arc<dyn Runtime>,
@@ -39,11 +40,7 @@ impl Runtimes {
     }
 
     fn owner(&self, id: &str) -> Option<&Arc<dyn Runtime>> {
-        let kind = *self
-            .owners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)?;
+        let kind = *self.owners.lock_or_recover().get(id)?;
         self.get(kind).ok()
     }
 }
@@ -65,8 +62,7 @@ impl Runtime for Runtimes {
         Box::pin(async move {
             let runtime = self.get(spec.runtime)?;
             self.owners
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .lock_or_recover()
                 .insert(id.to_string(), spec.runtime);
             runtime.create(id, spec).await
         })
@@ -79,10 +75,7 @@ impl Runtime for Runtimes {
                 None => Ok(()),
             };
             if result.is_ok() {
-                self.owners
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id);
+                self.owners.lock_or_recover().remove(id);
             }
             result
         })

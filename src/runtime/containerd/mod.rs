@@ -42,6 +42,7 @@ pub use image::RegistryOptions;
 
 use super::{BoxFuture, Created, Runtime, RuntimeError};
 use crate::api::{NetworkMode, PoolSpec};
+use crate::util::MutexExt;
 
 /// containerd namespace holding ARL's images and containers.
 pub const NAMESPACE: &str = "arl";
@@ -281,8 +282,7 @@ impl ContainerdRuntime {
         let (tx, rx) = watch::channel(false);
         tokio::spawn(watch_task(self.client.tasks(), id.to_string(), tx));
         self.exits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_or_recover()
             .insert(id.to_string(), rx.clone());
         self.client
             .tasks()
@@ -417,11 +417,7 @@ impl ContainerdRuntime {
     }
 
     async fn destroy_inner(&self, id: &str) -> Result<(), ContainerdError> {
-        let exit = self
-            .exits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        let exit = self.exits.lock_or_recover().remove(id);
         let mut tasks = self.client.tasks();
         // A paused task must be resumed to die.
         let _ = tasks
@@ -520,13 +516,10 @@ impl ContainerdRuntime {
 
     /// Tears down what failed creations left, now that containerd may answer again.
     async fn retry_orphans(&self) {
-        let orphans = std::mem::take(&mut *self.orphans.lock().unwrap_or_else(|p| p.into_inner()));
+        let orphans = std::mem::take(&mut *self.orphans.lock_or_recover());
         for id in orphans {
             if self.destroy_inner(&id).await.is_err() {
-                self.orphans
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(id);
+                self.orphans.lock_or_recover().push(id);
             }
         }
     }
@@ -763,10 +756,7 @@ impl Runtime for ContainerdRuntime {
             let result = self.create_inner(id, spec).await;
             if result.is_err() {
                 if self.destroy_inner(id).await.is_err() {
-                    self.orphans
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(id.to_string());
+                    self.orphans.lock_or_recover().push(id.to_string());
                 }
                 let _ = self.remove_dir(id);
             }
@@ -787,12 +777,7 @@ impl Runtime for ContainerdRuntime {
     }
 
     fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
-        let rx = self
-            .exits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned();
+        let rx = self.exits.lock_or_recover().get(id).cloned();
         Box::pin(async move {
             if let Some(mut rx) = rx {
                 let _ = rx.wait_for(|e| *e).await;

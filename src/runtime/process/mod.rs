@@ -21,6 +21,7 @@ use self::cgroup::{Cgroups, Limits};
 use self::init::InitConfig;
 use super::{BoxFuture, Created, Runtime, RuntimeError};
 use crate::api::PoolSpec;
+use crate::util::MutexExt;
 
 /// Host uids/gids each sandbox's user namespace maps (root inside is `uid_base` outside).
 const IDS_PER_SANDBOX: u32 = 65_536;
@@ -186,7 +187,7 @@ impl ProcessRuntime {
             dir.join("meta.json"),
             serde_json::to_vec(&meta).map_err(|e| RuntimeError::Create(e.to_string()))?,
         )?;
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        self.live.lock_or_recover().insert(
             id.to_string(),
             Live {
                 pid,
@@ -202,11 +203,7 @@ impl ProcessRuntime {
     }
 
     async fn destroy_inner(&self, id: &str) -> Result<(), RuntimeError> {
-        let live = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        let live = self.live.lock_or_recover().remove(id);
         if let Some(live) = &live {
             // A frozen sandbox must be thawed to die; then killing PID 1 of a pid namespace
             // kills every process in it.
@@ -225,11 +222,7 @@ impl ProcessRuntime {
         }
         if let Some(live) = live {
             let _ = live.pid;
-            self.slots
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .free
-                .push(live.slot);
+            self.slots.lock_or_recover().free.push(live.slot);
         }
         Ok(())
     }
@@ -273,31 +266,18 @@ impl Runtime for ProcessRuntime {
         spec: &'a PoolSpec,
     ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
         Box::pin(async move {
-            let slot = self
-                .slots
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .ok_or_else(|| {
-                    RuntimeError::Create(format!("more than {MAX_SLOTS} sandboxes on this node"))
-                })?;
+            let slot = self.slots.lock_or_recover().take().ok_or_else(|| {
+                RuntimeError::Create(format!("more than {MAX_SLOTS} sandboxes on this node"))
+            })?;
             let result = self.create_inner(id, spec, slot).await;
             if result.is_err() {
-                let live = self
-                    .live
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains_key(id);
+                let live = self.live.lock_or_recover().contains_key(id);
                 if live {
                     let _ = self.destroy_inner(id).await;
                 } else {
                     let _ = self.cgroups.remove(id).await;
                     let _ = fs::remove_dir_all(self.dir(id));
-                    self.slots
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .free
-                        .push(slot);
+                    self.slots.lock_or_recover().free.push(slot);
                 }
             }
             result
@@ -309,12 +289,7 @@ impl Runtime for ProcessRuntime {
     }
 
     fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
-        let pidfd = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .map(|l| l.pidfd.clone());
+        let pidfd = self.live.lock_or_recover().get(id).map(|l| l.pidfd.clone());
         Box::pin(async move {
             if let Some(pidfd) = pidfd {
                 let _ = pidfd.readable().await;
