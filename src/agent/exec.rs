@@ -2,9 +2,8 @@
 //!
 //! The agent is PID 1 of its sandbox, so it reaps every process (orphans included) itself:
 //! a single SIGCHLD loop calls `waitpid(-1)` and hands each status to whoever spawned the pid.
-//! Commands are spawned with `posix_spawn` ([`super::spawn`]; no pre-exec hooks: the sandbox's
-//! restrictions are already on the agent and are inherited), which keeps a spawn well under a
-//! millisecond.
+//! Commands are started by [`super::spawn`] (clone + execve; no restrictions to apply on the
+//! way: the sandbox's are already on the agent and are inherited).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

@@ -1,9 +1,9 @@
 //! HTTP/1.1 to one sandbox's agent over its Unix socket, with a few kept-alive connections.
 //!
 //! A connection is served by the runtime that opened it. Kept-alive connections are for the
-//! request path (the HTTP front's thread); the manager's own calls (readiness and health pings,
-//! resets) open a connection each and close it, so they never leave one behind that would
-//! bounce every later request between threads.
+//! request path (the HTTP front's thread); the manager's own calls (readiness and health pings)
+//! open a connection each and close it, so they never leave one behind that would bounce every
+//! later request between threads.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -121,7 +121,8 @@ impl AgentClient {
         limit: usize,
         pooled: bool,
     ) -> Result<AgentReply, ApiError> {
-        let mut sender = match self.take_idle().filter(|_| pooled) {
+        let idle = if pooled { self.take_idle() } else { None };
+        let mut sender = match idle {
             Some(s) => s,
             None => self.connect().await?,
         };

@@ -141,7 +141,7 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
 /// Serves the HTTP API until SIGTERM/SIGINT, on a thread of its own with a single-threaded
 /// runtime. A request then runs start to finish on one thread: with tokio's work-stealing
 /// runtime each request woke a second worker (and the one who answered the agent another),
-/// about 35 µs per exec on a 2-vCPU VM. Sandbox work (creation, teardown, refills) stays on the
+/// about 40 µs per exec on a 2-vCPU VM. Sandbox work (creation, teardown, refills) stays on the
 /// multi-threaded runtime (see `Manager::tasks`), so it never holds up a request.
 async fn serve_front(
     listener: std::net::TcpListener,

@@ -22,7 +22,7 @@ use containerd_client::services::v1::{
     ReadContentRequest, UpdateRequest as UpdateContentRequest, WriteAction, WriteContentRequest,
 };
 use containerd_client::tonic::{Code, Status};
-use containerd_client::types::Descriptor;
+use containerd_client::types::{Descriptor, Mount};
 use futures_util::{Stream, StreamExt};
 use oci_client::Reference;
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -639,21 +639,8 @@ impl Images {
         // A half-done unpack of a daemon that died is in the way: start over.
         let _ = self.remove_snapshot(&key).await;
         let mounts = self
-            .client
-            .snapshots()
-            .prepare(req(
-                PrepareSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.into(),
-                    key: key.clone(),
-                    parent: parent.to_string(),
-                    labels: HashMap::new(),
-                },
-                Some(lease),
-            ))
-            .await
-            .map_err(call("Snapshots.Prepare"))?
-            .into_inner()
-            .mounts;
+            .prepare_snapshot(&key, parent, HashMap::new(), Some(lease))
+            .await?;
         let applied = self
             .client
             .diff()
@@ -708,6 +695,32 @@ impl Images {
                 Err(call("Snapshots.Commit")(s))
             }
         }
+    }
+
+    /// A new active snapshot `key` on `parent`, under `lease` when given: its mounts.
+    pub(super) async fn prepare_snapshot(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+        lease: Option<&str>,
+    ) -> Result<Vec<Mount>, ContainerdError> {
+        Ok(self
+            .client
+            .snapshots()
+            .prepare(req(
+                PrepareSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: key.to_string(),
+                    parent: parent.to_string(),
+                    labels,
+                },
+                lease,
+            ))
+            .await
+            .map_err(call("Snapshots.Prepare"))?
+            .into_inner()
+            .mounts)
     }
 
     pub(super) async fn remove_snapshot(&self, key: &str) -> Result<(), Status> {

@@ -16,9 +16,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use containerd_client::services::v1::container::Runtime as ContainerRuntime;
-use containerd_client::services::v1::snapshots::{
-    ListSnapshotsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
-};
+use containerd_client::services::v1::snapshots::{ListSnapshotsRequest, RemoveSnapshotRequest};
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
@@ -223,21 +221,9 @@ impl ContainerdRuntime {
             .await
             .map_err(call("Leases.Create"))?;
         let mounts = self
-            .client
-            .snapshots()
-            .prepare(req(
-                PrepareSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.into(),
-                    key: id.to_string(),
-                    parent: parent.clone(),
-                    labels: self.labels(id, &[]),
-                },
-                Some(&lease),
-            ))
-            .await
-            .map_err(call("Snapshots.Prepare"))?
-            .into_inner()
-            .mounts;
+            .images
+            .prepare_snapshot(id, &parent, self.labels(id, &[]), Some(&lease))
+            .await?;
 
         let oci = self.oci_spec(id, spec, &dir);
         let container = Container {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use containerd_client::services::v1::snapshots::{CommitSnapshotRequest, PrepareSnapshotRequest};
+use containerd_client::services::v1::snapshots::CommitSnapshotRequest;
 use containerd_client::types::Mount;
 
 use super::{ContainerdError, ContainerdRuntime, OWNER_LABEL, SNAPSHOTTER, call, req};
@@ -43,21 +43,9 @@ impl ContainerdRuntime {
             ("containerd.io/gc.root".to_string(), "arl".to_string()),
         ]);
         let mounts = self
-            .client
-            .snapshots()
-            .prepare(req(
-                PrepareSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.into(),
-                    key: work.clone(),
-                    parent: chain.to_string(),
-                    labels: labels.clone(),
-                },
-                None,
-            ))
-            .await
-            .map_err(call("Snapshots.Prepare"))?
-            .into_inner()
-            .mounts;
+            .images
+            .prepare_snapshot(&work, chain, labels.clone(), None)
+            .await?;
         let target = self.dir.join(format!("remap-{}", std::process::id()));
         let shift = self.host_id;
         let chowned = tokio::task::spawn_blocking(move || chown_tree(&mounts, &target, shift))
