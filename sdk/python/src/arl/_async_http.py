@@ -10,7 +10,15 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any, BinaryIO
 
-from ._common import Endpoint, RetryPolicy, body_framing, connection_error, is_retryable_status, loads
+from ._common import (
+    Endpoint,
+    RetryPolicy,
+    body_framing,
+    connection_error,
+    is_retryable_status,
+    loads,
+    parse_head,
+)
 from .errors import ArlError, InfraError, error_from_response
 
 Body = bytes | Callable[[], tuple[BinaryIO, int]] | None
@@ -255,13 +263,7 @@ class AsyncTransport:
                 raw = await conn.reader.readuntil(b"\r\n\r\n")
         except TimeoutError as e:
             raise _ReadTimeout() from e
-        lines = raw.decode("latin-1").split("\r\n")
-        status = int(lines[0][9:12])
-        hdrs: dict[str, str] = {}
-        for ln in lines[1:]:
-            if ln:
-                k, _, v = ln.partition(":")
-                hdrs[k.strip().lower()] = v.strip()
+        status, hdrs = parse_head(raw)
         if status == 100:  # pragma: no cover - we never send Expect
             return await self._attempt(conn, ep, method, path, None, headers, timeout)
         return Response(status, hdrs, conn)

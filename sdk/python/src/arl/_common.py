@@ -31,6 +31,9 @@ def dumps(obj: Any) -> bytes:
 
 
 def loads(data: bytes | str) -> Any:
+    # Decoding here spares json.loads its encoding detection (the node always sends UTF-8).
+    if not isinstance(data, str):
+        data = bytes(data).decode("utf-8", "surrogatepass")
     return _loads(data)
 
 
@@ -46,6 +49,10 @@ class Endpoint:
     scheme: str
     host: str
     port: int
+
+    def __hash__(self) -> int:
+        # The URL determines the rest; a str caches its hash, a tuple of four fields does not.
+        return hash(self.url)
 
     @classmethod
     def parse(cls, raw: str) -> Endpoint:
@@ -120,6 +127,32 @@ def resolve_config(
     if not eps:
         eps = [Endpoint.parse(DEFAULT_ENDPOINT)]
     return Config(eps, token, local)
+
+
+# Most header lines accepted in one response head.
+MAX_HEADERS = 100
+
+
+class ProtocolError(ValueError):
+    """The peer does not speak HTTP/1.1 as expected."""
+
+
+def parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
+    """The status and headers (names lower-cased) of a response head: the status line and the
+    header lines, each ending in CRLF, and the empty line."""
+    lines = raw.decode("latin-1").split("\r\n")
+    first = lines[0]
+    code = first[9:12]
+    if not first.startswith("HTTP/1.") or len(first) < 12 or not code.isdigit():
+        raise ProtocolError(f"not an HTTP/1.1 status line: {first[:40]!r}")
+    if len(lines) > MAX_HEADERS + 3:  # status line, headers, and the two ends of the empty line
+        raise ProtocolError("too many response headers")
+    hdrs: dict[str, str] = {}
+    for ln in lines[1:]:
+        if ln:
+            k, _, v = ln.partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+    return int(code), hdrs
 
 
 def body_framing(status: int, headers: dict[str, str]) -> tuple[int | None, bool, bool]:

@@ -16,31 +16,43 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any, BinaryIO
 
-from ._common import Endpoint, RetryPolicy, body_framing, connection_error, is_retryable_status, loads
+from ._common import (
+    Endpoint,
+    ProtocolError,
+    RetryPolicy,
+    body_framing,
+    connection_error,
+    is_retryable_status,
+    loads,
+    parse_head,
+)
 from .errors import ArlError, InfraError, error_from_response
 
 # A body is bytes, or a callable returning (readable file object, length) for streamed uploads;
 # the callable is invoked once per attempt so that a retry resends from the start.
 Body = bytes | Callable[[], tuple[BinaryIO, int]] | None
 
-# Longest status line or header line accepted from a node.
+# Longest status line or header line accepted from a node (and the read buffer's size).
 _MAX_LINE = 65536
-_MAX_HEADERS = 100
-
-
-class ProtocolError(ValueError):
-    """The peer does not speak HTTP/1.1 as expected."""
+# Longest response head read line by line (when it did not arrive in one piece).
+_MAX_HEAD = 256 * 1024
 
 
 _CONN_ERRORS = (OSError, EOFError, ValueError)
 
 
 class _Conn:
-    __slots__ = ("sock", "file")
+    __slots__ = ("sock", "file", "timeout")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.file = sock.makefile("rb", buffering=65536)
+        self.file = sock.makefile("rb", buffering=_MAX_LINE)
+        self.timeout = sock.gettimeout()
+
+    def set_timeout(self, timeout: float) -> None:
+        if timeout != self.timeout:  # a system call each time otherwise
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
 
     def close(self) -> None:
         try:
@@ -52,6 +64,28 @@ class _Conn:
 
 class _ReadTimeout(Exception):
     pass
+
+
+def _read_head(conn: _Conn) -> bytes:
+    """A response's head, through its empty line. Usually the whole head is in the first read
+    and is taken in one piece; else it is read line by line."""
+    f = conn.file
+    buffered = f.peek(1)  # at most one read from the socket
+    end = buffered.find(b"\r\n\r\n")
+    if end >= 0:
+        return f.read(end + 4)
+    if not buffered:
+        raise EOFError("connection closed by the node")
+    lines = []
+    size = 0
+    while True:
+        line = _readline(conn).rstrip(b"\r\n")
+        size += len(line) + 2
+        if size > _MAX_HEAD:
+            raise ProtocolError("response head too long")
+        lines.append(line)
+        if not line:
+            return b"\r\n".join(lines) + b"\r\n"
 
 
 def _readline(conn: _Conn) -> bytes:
@@ -216,7 +250,7 @@ class SyncTransport:
             for k, v in headers.items():
                 head += f"{k}: {v}\r\n"
         sock = conn.sock
-        sock.settimeout(timeout)
+        conn.set_timeout(timeout)
         if body is None:
             if method in ("POST", "PUT"):
                 head += "Content-Length: 0\r\n"
@@ -235,19 +269,7 @@ class SyncTransport:
             finally:
                 f.close()
         try:
-            status_line = _readline(conn)
-            if not status_line.startswith(b"HTTP/1.") or len(status_line) < 12:
-                raise ProtocolError(f"not an HTTP/1.1 status line: {status_line[:40]!r}")
-            status = int(status_line[9:12])
-            hdrs: dict[str, str] = {}
-            while True:
-                line = _readline(conn)
-                if line in (b"\r\n", b"\n"):
-                    break
-                if len(hdrs) >= _MAX_HEADERS:
-                    raise ProtocolError("too many response headers")
-                k, _, v = line.decode("latin-1").partition(":")
-                hdrs[k.strip().lower()] = v.strip()
+            status, hdrs = parse_head(_read_head(conn))
         except TimeoutError as e:
             raise _ReadTimeout(str(e)) from e
         return Response(status, hdrs, conn)
