@@ -169,7 +169,11 @@ def main() -> None:
         floor = raw_client(fport, "/exec", b'{"cmd":["true"]}', {})
         body = json.dumps({"cmd": ["true"]}).encode()
         raw = raw_client(dport, f"/v1/sandboxes/{sb.id}/exec", body, {}, with_rid=True)
-        sdk = lambda: sb.exec(["true"])  # noqa: E731
+        agent_s: list[float] = []
+
+        def sdk() -> None:
+            agent_s.append(sb.exec(["true"]).duration)
+
         f_s: list[float] = []
         r_s: list[float] = []
         s_s: list[float] = []
@@ -185,6 +189,9 @@ def main() -> None:
         results["floor"] = stats(f_s)
         results["raw_daemon"] = stats(r_s)
         results["sdk_exec"] = stats(s_s)
+        results["agent_exec"] = stats(agent_s[-n:])
+        # What spawning alone costs on this machine: no HTTP, no pipes, no sandbox.
+        results["spawn_only"] = stats(timed(lambda: os.waitpid(os.posix_spawn("/bin/true", ["/bin/true"], {}), 0), n))
         results["sdk_overhead_us"] = (results["sdk_exec"]["p50_ms"] - results["raw_daemon"]["p50_ms"]) * 1e3
         results["sdk_vs_floor"] = results["sdk_exec"]["p50_ms"] / results["floor"]["p50_ms"]
 
@@ -281,6 +288,8 @@ def render(r: dict[str, Any]) -> str:
         row("floor: `http.client` keep-alive → minimal server spawning `/bin/true`", r["floor"], "—"),
         row("raw keep-alive `POST /exec` (`http.client`, same body incl. a request_id) to the daemon", r["raw_daemon"], "—"),
         row("`sb.exec([\"true\"])` end to end (sync SDK)", r["sdk_exec"], "p50 ≤ 1.0, p99 ≤ 3"),
+        row("… of which the agent's own time for the command (spawn to result, the result's `duration`)", r["agent_exec"], "—"),
+        row("`/bin/true` spawned and reaped by the benchmark itself (`os.posix_spawn` + `waitpid`; no HTTP, no pipes)", r["spawn_only"], "—"),
         row("acquire + release (`client.sandbox(pool).release()`, pool `reuse: reset`)", r["acquire_release"], "—"),
         row("acquire alone", r["acquire"], "p50 ≤ 0.5"),
         row("release alone", r["release"], "—"),
@@ -296,6 +305,11 @@ def render(r: dict[str, Any]) -> str:
         f"- The daemon's exec path through `http.client` is {r['raw_daemon']['p50_ms'] / r['floor']['p50_ms']:.2f}x the floor at p50."
         " The SDK is faster than that raw request (hence a negative overhead): it speaks HTTP/1.1 on its own socket,"
         " while `http.client` parses every response's headers with the `email` package (~0.1 ms), which the floor pays too.",
+        f"- Where an exec's {r['sdk_exec']['p50_ms']:.2f} ms go (p50s): spawning and reaping `/bin/true` alone costs"
+        f" {r['spawn_only']['p50_ms']:.2f} ms here; the agent's whole handling of the command (spawn, output pipes, exit)"
+        f" {r['agent_exec']['p50_ms']:.2f} ms; the remaining {(r['sdk_exec']['p50_ms'] - r['agent_exec']['p50_ms']) * 1e3:.0f} µs"
+        " are the two HTTP hops (SDK → daemon over TCP, daemon → agent over a Unix socket, and back), the daemon's"
+        " checks and the SDK; each hop wakes a sleeping process each way.",
         "- In the asyncio run the client process is mostly idle (its CPU per exec is of the order of 0.1 ms); the exec rate"
         " is bounded by the daemon and the process spawns sharing the machine's 2 vCPUs with the client.",
         "- p99 values on a 2-vCPU machine are dominated by scheduling noise (see the load average above).",
