@@ -6,6 +6,7 @@ mod cli;
 mod http;
 mod logging;
 mod node;
+mod quiet_unix;
 mod runtime;
 mod util;
 

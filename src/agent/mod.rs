@@ -32,6 +32,7 @@ use crate::api::{
     ApiError, ExecEvent, ExecRequest, NDJSON, OUTCOME_HEADER, WriteFilesRequest, WriteFilesResponse,
 };
 use crate::http::{self, Body, ChannelBody, MAX_JSON_BODY, ndjson_line};
+use crate::quiet_unix::QuietUnixStream;
 
 /// Directories `reset` empties.
 const SCRATCH_DIRS: &[&str] = &["/workspace", "/tmp", "/var/tmp", "/dev/shm", "/root"];
@@ -122,6 +123,13 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
             }
         };
         let agent = agent.clone();
+        let stream = match stream.into_std().and_then(QuietUnixStream::new) {
+            Ok(stream) => stream,
+            Err(e) => {
+                eprintln!("arl agent: connection: {e}");
+                continue;
+            }
+        };
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let agent = agent.clone();

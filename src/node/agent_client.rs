@@ -21,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::api::ApiError;
 use crate::http::{self, Body};
+use crate::quiet_unix::QuietUnixStream;
 use crate::util::MutexExt;
 
 /// Idle connections kept per sandbox.
@@ -73,6 +74,7 @@ impl AgentClient {
     async fn connect(&self) -> Result<SendRequest<Body>, ApiError> {
         let stream = UnixStream::connect(&self.socket)
             .await
+            .and_then(|s| QuietUnixStream::new(s.into_std()?))
             .map_err(unreachable)?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
