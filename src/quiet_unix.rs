@@ -121,6 +121,7 @@ impl AsyncWrite for QuietUnixStream {
 #[cfg(test)]
 mod tests {
     use super::QuietUnixStream;
+    use std::io::Write;
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -200,6 +201,31 @@ mod tests {
             );
             // The room watcher is gone once the writes are through.
             assert!(writer.room.is_none());
+        });
+    }
+
+    #[test]
+    fn a_writer_waiting_for_room_learns_that_the_peer_is_gone() {
+        runtime().block_on(async {
+            let (a, b) = UnixStream::pair().expect("pair");
+            let mut writer = QuietUnixStream::new(a).expect("register");
+            // Fill the socket, so that the next write has to wait for room.
+            let chunk = vec![7u8; 64 << 10];
+            while writer.io.get_ref().write(&chunk).is_ok() {}
+            let write = tokio::spawn(async move { writer.write_all(&chunk).await });
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            assert!(!write.is_finished(), "the write should be waiting for room");
+            drop(b);
+            let result = tokio::time::timeout(std::time::Duration::from_secs(10), write)
+                .await
+                .expect("the writer must not wait forever")
+                .expect("writer task");
+            assert_eq!(
+                result.map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::BrokenPipe)
+            );
         });
     }
 }
