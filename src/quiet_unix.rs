@@ -9,8 +9,8 @@
 //! second registration (on a duplicate descriptor, for writability) wait for room, and it is
 //! dropped as soon as the write has gone through.
 
-use std::io::{self, IoSlice, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::{self, IoSlice, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -74,9 +74,25 @@ impl AsyncRead for QuietUnixStream {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut ready = ready!(self.io.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match ready.try_io(|io| io.get_ref().read(unfilled)) {
+            // Read into the buffer's uninitialised part as it is (hyper hands a fresh one each
+            // time; zeroing it first would cost as much as the copy).
+            // SAFETY: read(2) only writes into the buffer, and at most its length.
+            let unfilled = unsafe { buf.unfilled_mut() };
+            let read = ready.try_io(|io| {
+                // SAFETY: see above; the descriptor is the stream's own.
+                let n = unsafe {
+                    libc::read(
+                        io.get_ref().as_raw_fd(),
+                        unfilled.as_mut_ptr().cast(),
+                        unfilled.len(),
+                    )
+                };
+                usize::try_from(n).map_err(|_| io::Error::last_os_error())
+            });
+            match read {
                 Ok(Ok(n)) => {
+                    // SAFETY: read(2) initialised these `n` bytes.
+                    unsafe { buf.assume_init(n) };
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
