@@ -848,7 +848,7 @@ pub struct Floor {
 }
 
 impl Floor {
-    /// Thread per connection; each request runs `/bin/true` (std::process::Command, wait) and
+    /// Thread per connection; each request runs `/bin/true` (`posix_spawn`, `waitpid`) and
     /// answers a small JSON body with its exit code and duration.
     pub fn start() -> Floor {
         let listener = TcpListener::bind("127.0.0.1:0").expect("floor bind");
@@ -881,6 +881,35 @@ impl Drop for Floor {
     }
 }
 
+/// Runs `/bin/true` and waits for it, the cheapest way a server can: `posix_spawn` + `waitpid`
+/// (std's `Command` forks in a static binary, copying the page tables, which would flatter ARL).
+fn spawn_true() -> std::io::Result<i32> {
+    let path = c"/bin/true";
+    let argv = [path.as_ptr().cast_mut(), std::ptr::null_mut()];
+    let envp = [std::ptr::null_mut()];
+    let mut pid = 0;
+    // SAFETY: a NUL-terminated path, NULL-terminated argv and envp that outlive the call.
+    let rc = unsafe {
+        libc::posix_spawn(
+            &mut pid,
+            path.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child just spawned.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(libc::WEXITSTATUS(status))
+}
+
 fn floor_connection(stream: TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
@@ -911,10 +940,9 @@ fn floor_connection(stream: TcpStream) -> std::io::Result<()> {
         body.resize(length, 0);
         reader.read_exact(&mut body)?;
         let started = Instant::now();
-        let status = Command::new("/bin/true").status()?;
+        let code = spawn_true()?;
         let reply = format!(
-            r#"{{"stdout":"","stderr":"","exit_code":{},"signal":null,"timed_out":false,"truncated":false,"duration_ms":{:.3}}}"#,
-            status.code().unwrap_or(-1),
+            r#"{{"stdout":"","stderr":"","exit_code":{code},"signal":null,"timed_out":false,"truncated":false,"duration_ms":{:.3}}}"#,
             ms(started.elapsed())
         );
         let head = format!(
