@@ -44,6 +44,10 @@ def test_bare_newlines_are_accepted_line_by_line(pair: tuple[_Conn, socket.socke
     conn, peer = pair
     peer.sendall(b"HTTP/1.1 204 No Content\nConnection: close\n\n")
     assert parse_head(_read_head(conn)) == (204, {"connection": "close"})
+    # A CRLF CRLF in the body after such a head is not the head's end.
+    peer.sendall(b"HTTP/1.1 200 OK\ncontent-length: 4\n\n\r\n\r\n")
+    assert parse_head(_read_head(conn)) == (200, {"content-length": "4"})
+    assert conn.file.read(4) == b"\r\n\r\n"
 
 
 def test_a_closed_connection_is_end_of_file(pair: tuple[_Conn, socket.socket]) -> None:
@@ -80,6 +84,7 @@ def test_a_head_too_long_is_refused(pair: tuple[_Conn, socket.socket]) -> None:
         b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
         b"HTTP/1.1 2x0 OK\r\n\r\n",
         b"HTTP/1.1\r\n\r\n",
+        "HTTP/1.1 2\u00b20 OK\r\n\r\n".encode("latin-1"),
         b"HTTP/1.1 200 OK\r\n" + b"x: y\r\n" * (MAX_HEADERS + 1) + b"\r\n",
     ],
 )

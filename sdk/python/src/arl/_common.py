@@ -143,7 +143,7 @@ def parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
     lines = raw.decode("latin-1").split("\r\n")
     first = lines[0]
     code = first[9:12]
-    if not first.startswith("HTTP/1.") or len(first) < 12 or not code.isdigit():
+    if not first.startswith("HTTP/1.") or len(first) < 12 or not (code.isascii() and code.isdigit()):
         raise ProtocolError(f"not an HTTP/1.1 status line: {first[:40]!r}")
     if len(lines) > MAX_HEADERS + 3:  # status line, headers, and the two ends of the empty line
         raise ProtocolError("too many response headers")

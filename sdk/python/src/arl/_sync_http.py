@@ -72,7 +72,8 @@ def _read_head(conn: _Conn) -> bytes:
     f = conn.file
     buffered = f.peek(1)  # at most one read from the socket
     end = buffered.find(b"\r\n\r\n")
-    if end >= 0:
+    # (A head that ends lines with bare LF ends before that, maybe: read it line by line.)
+    if end >= 0 and buffered.find(b"\n\n", 0, end) < 0:
         return f.read(end + 4)
     if not buffered:
         raise EOFError("connection closed by the node")
