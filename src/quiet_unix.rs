@@ -4,10 +4,10 @@
 //! tokio's own `UnixStream` is registered for readability and writability, and a Unix socket
 //! reports "writable" each time its peer reads from it. So every request/response exchange
 //! woke the side that had just written once for nothing: the agent, when the daemon read its
-//! reply, and the daemon, when the agent read its request, which on a busy node also preempted
-//! whoever was running. Here writes go straight to the socket; only when it is full does a
-//! second registration (on a duplicate descriptor, for writability) wait for room, and it is
-//! dropped as soon as the write has gone through.
+//! reply, and the daemon, when the agent read its request (on the same CPU, preempting the
+//! reader in the middle of its work). Here writes go straight to the socket; only when it is
+//! full does a second registration (on a duplicate descriptor, for writability) wait for room,
+//! and it is dropped as soon as the write has gone through.
 
 use std::io::{self, IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
