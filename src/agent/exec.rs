@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::spawn::{self, Spawned};
 use crate::api::{ApiError, ExecEvent, ExecRequest, ExecResult, WORKSPACE};
@@ -31,23 +31,33 @@ pub enum Sink {
 #[derive(Default)]
 pub struct Children {
     waiting: Mutex<HashMap<i32, oneshot::Sender<i32>>>,
+    /// Told after every pass of [`reap`](Self::reap).
+    pub reaped: Notify,
 }
 
 impl Children {
-    /// Reaps every exited child, handing statuses to their waiters.
-    pub fn reap(&self) {
+    /// Reaps every exited child, handing statuses to their waiters. Returns whether any process
+    /// is left: as PID 1 of the sandbox the agent is every process's parent or reaper, so none
+    /// left means the sandbox holds nothing else.
+    pub fn reap(&self) -> bool {
         let mut waiting = self.waiting.lock_or_recover();
-        loop {
+        let left = loop {
             let mut status = 0;
             // SAFETY: non-blocking waitpid for any child.
             let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if pid <= 0 {
-                break;
+            if pid == 0 {
+                break true;
+            }
+            if pid < 0 {
+                break std::io::Error::last_os_error().raw_os_error() != Some(libc::ECHILD);
             }
             if let Some(tx) = waiting.remove(&pid) {
                 let _ = tx.send(status);
             }
-        }
+        };
+        drop(waiting);
+        self.reaped.notify_waiters();
+        left
     }
 
     /// Spawns under the reaper's lock, so the exit cannot be reaped before it is awaited.

@@ -18,6 +18,7 @@ mod spawn;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -36,6 +37,8 @@ use crate::quiet_unix::QuietUnixStream;
 
 /// Directories `reset` empties.
 const SCRATCH_DIRS: &[&str] = &["/workspace", "/tmp", "/var/tmp", "/dev/shm", "/root"];
+/// How long `reset` waits for the processes it killed to be gone.
+const RESET_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
@@ -152,7 +155,7 @@ async fn route(agent: &Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
         (&Method::DELETE, "/files") => required_path(&req)
             .and_then(|p| files::remove(&p))
             .map(|()| http::no_content()),
-        (&Method::POST, "/reset") => Ok(reset(agent)),
+        (&Method::POST, "/reset") => reset(agent).await,
         _ => Err(ApiError::not_found(format!(
             "no agent route {} {}",
             req.method(),
@@ -237,13 +240,33 @@ async fn read_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
         .unwrap_or_else(|_| http::error(ApiError::internal("response"))))
 }
 
-fn reset(agent: &Arc<Agent>) -> Response<Body> {
+/// Kills every process but the agent, waits until they are gone, and empties the scratch
+/// directories. SIGKILL takes a moment to act on each process (a fork bomb's are hundreds): the
+/// reply waits for the last one, so that the next command finds an empty sandbox, and is an
+/// error if any is still there after `RESET_WAIT` (the daemon then destroys the sandbox rather
+/// than lend it again).
+async fn reset(agent: &Arc<Agent>) -> Result<Response<Body>, ApiError> {
     exec::kill_all_but_self();
-    agent.children.reap();
+    let deadline = tokio::time::Instant::now() + RESET_WAIT;
+    loop {
+        let reaped = agent.children.reaped.notified();
+        tokio::pin!(reaped);
+        // Registered before looking, so a reap in between is not missed.
+        reaped.as_mut().enable();
+        if !agent.children.reap() {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, reaped).await.is_err() {
+            return Err(ApiError::unavailable(format!(
+                "processes outlived the reset's SIGKILL for {} s",
+                RESET_WAIT.as_secs()
+            )));
+        }
+    }
     for dir in SCRATCH_DIRS {
         files::wipe_dir(dir);
     }
-    http::json(StatusCode::OK, &serde_json::json!({"ok": true}))
+    Ok(http::json(StatusCode::OK, &serde_json::json!({"ok": true})))
 }
 
 #[cfg(test)]
