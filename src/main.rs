@@ -1,15 +1,6 @@
 //! `arl`: one binary for the node daemon, the in-sandbox agent and the command-line client.
 
-mod agent;
-mod api;
-mod cli;
-mod http;
-mod logging;
-mod node;
-mod quiet_unix;
-mod runtime;
-mod util;
-
+use arl::{agent, cli, node, runtime};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
