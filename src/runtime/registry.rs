@@ -207,7 +207,7 @@ mod tests {
         let spec = PoolSpec::default();
         assert!(r.create("a", &spec).await.is_ok());
         let slow = registry(Duration::from_secs(5));
-        let err = slow.create("b", &spec).await.err().expect("over budget");
+        let err = slow.create("b", &spec).await.expect_err("over budget");
         assert!(
             matches!(
                 err,
@@ -232,7 +232,7 @@ mod tests {
             runtime: RuntimeKind::Containerd,
             ..PoolSpec::default()
         };
-        let err = r.create("c", &spec).await.err().expect("unavailable");
+        let err = r.create("c", &spec).await.expect_err("unavailable");
         assert!(err.to_string().contains("no socket here"), "{err}");
         assert_eq!(
             r.validate(&spec),
@@ -240,7 +240,7 @@ mod tests {
             "creation, not validation, says it"
         );
         r.create("p", &PoolSpec::default()).await.expect("process");
-        let err = ApiError::from(r.set_paused("p", true).await.err().expect("no pause"));
+        let err = ApiError::from(r.set_paused("p", true).await.expect_err("no pause"));
         assert_eq!((err.code, err.status()), (ErrorCode::NotSupported, 501));
         let lucky = PoolSpec {
             min_idle: 7,
