@@ -15,3 +15,5 @@ cargo test --locked
 export ARL_BIN="$PWD/target/${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}/debug/arl"
 .venv/bin/python -m pytest sdk/python/tests -q
 .venv/bin/python -m pytest tests/api -q
+# Property-based: schemathesis against a token-protected daemon (bounded to a minute).
+tests/api/schemathesis.sh
