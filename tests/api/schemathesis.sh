@@ -27,7 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 for _ in $(seq 400); do
-  curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+  .venv/bin/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/readyz', timeout=1)" 2>/dev/null && break
   kill -0 "$node" 2>/dev/null || { cat "$work/node.log"; exit 1; }
   sleep 0.05
 done
