@@ -173,25 +173,31 @@ def parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
     if len(lines) > MAX_HEADERS + 3:  # status line, headers, and the two ends of the empty line
         raise ProtocolError("too many response headers")
     hdrs: dict[str, str] = {}
-    last = ""
+    last = ""  # the last field's name,
+    last_line = ""  # its line,
+    before: str | None = None  # the values of that name before it,
+    folded: str | None = None  # and its value as received with its continuation lines
     for ln in lines[1:-2]:
-        if ln[0] in " \t":  # obs-fold: continues the previous field's value
+        if ln[0] in " \t":  # obs-fold: continues the last field's value
             if not last:
                 raise ProtocolError("response head starts with a continuation line")
-            if last == "content-length":
-                raise ProtocolError("Content-Length continued on a second line")
-            hdrs[last] = (hdrs[last] + " " + ln.strip(" \t")).strip(" \t")
+            if folded is None:
+                folded = last_line.partition(":")[2].lstrip(" \t")
+            folded += " " + ln.lstrip(" \t")
+            v = folded.strip(" \t")
+            hdrs[last] = v if before is None else before + ", " + v
             continue
         k, _, v = ln.partition(":")
         k = k.lower()
         v = v.strip(" \t")
-        if k in hdrs:
-            if k == "content-length":
-                raise ProtocolError(f"duplicated Content-Length: {hdrs[k]!r} and {v!r}")
-            hdrs[k] += ", " + v
-        else:
+        before = hdrs.get(k)
+        if before is None:
             hdrs[k] = v
-        last = k
+        elif k == "content-length":
+            raise ProtocolError(f"duplicated Content-Length: {before!r} and {v!r}")
+        else:
+            hdrs[k] = before + ", " + v
+        last, last_line, folded = k, ln, None
     status = int(lines[0][9:12])
     if status < 100:
         raise ProtocolError(f"status code {status} out of range")
