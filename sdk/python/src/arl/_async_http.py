@@ -154,9 +154,23 @@ async def _readline(r: asyncio.StreamReader) -> bytes:
 
 
 async def _read_head(r: asyncio.StreamReader) -> bytes:
-    """A response's head, through its empty line, its lines ended by CRLF (bare LF accepted)."""
-    lines = []
-    size = 0
+    """A response's head, through its empty line, its lines ended by CRLF (bare LF accepted).
+
+    Once the status line is in, the rest of the head is usually buffered already and is taken in
+    one piece (line by line costs ~5 us more per response); that peeks at the stream's buffer,
+    a CPython detail: where it is missing, or the head is not whole yet, lines are read one by
+    one."""
+    first = await _readline(r)
+    buf = getattr(r, "_buffer", None)
+    if first.endswith(b"\r\n") and isinstance(buf, bytearray):
+        if buf.startswith(b"\r\n"):  # no header fields
+            return first + await r.readexactly(2)
+        end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
+        # (A head that ends lines with bare LF ends before that, maybe: read it line by line.)
+        if end >= 0 and buf.find(b"\n\n", 0, end) < 0:
+            return first + await r.readexactly(end + 4)
+    lines = [first.rstrip(b"\r\n")]
+    size = len(lines[0]) + 2
     while True:
         line = (await _readline(r)).rstrip(b"\r\n")
         size += len(line) + 2

@@ -152,7 +152,7 @@ _TCHAR = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"
 _TEXT = rb"[^\x00\n\r\x0b\x0c]"
 _HEAD_RE = re.compile(
     rb"HTTP/1\.[0-9] [0-9]{3}(?: " + _TEXT + rb"*)?\r\n"
-    rb"(?:" + _TCHAR + rb"+:" + _TEXT + rb"*\r\n|[ \t]" + _TEXT + rb"*\r\n)*"
+    rb"(?:(?:" + _TCHAR + rb"+:|[ \t])" + _TEXT + rb"*\r\n)*"
     rb"\r\n"
 )
 
@@ -165,10 +165,11 @@ def parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
     Content-Length is refused (as is a malformed one, see :func:`body_framing`), since two
     lengths leave the body's end in doubt. Continuation lines (obs-fold) join the previous
     value with a space."""
-    if raw.count(b"\n") != raw.count(b"\r\n"):  # bare LF line ends: make them CRLF
-        raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     if _HEAD_RE.fullmatch(raw) is None:
-        raise ProtocolError(_head_fault(raw))
+        if b"\n" in raw.replace(b"\r\n", b""):  # bare LF line ends: make them CRLF, check again
+            raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if _HEAD_RE.fullmatch(raw) is None:
+            raise ProtocolError(_head_fault(raw))
     lines = raw.decode("latin-1").split("\r\n")
     if len(lines) > MAX_HEADERS + 3:  # status line, headers, and the two ends of the empty line
         raise ProtocolError("too many response headers")
