@@ -6,7 +6,8 @@
 
 Line by line: ``async def`` / ``async for`` / ``async with`` lose ``async``, ``await`` goes,
 ``__aenter__``-style methods and ``aclose`` take their sync names, ``AsyncFoo`` becomes ``Foo``,
-``_async_*`` modules become ``_sync_*``; a line ending in ``# unasync: async only`` is dropped.
+``_async_*`` modules become ``_sync_*``, ``AsyncAcquiring[X]`` (awaited or entered with
+``async with``) becomes ``X`` (what the sync client returns at once); a line ending in ``# unasync: async only`` is dropped.
 Only the socket layer (``_async_http`` / ``_sync_http``) is written by hand per flavour; it
 offers the same names to both (``sleep``, ``map_all``, ``acquiring``, ...). The output is
 checked to hold no ``async``, ``await`` or asyncio name."""
@@ -14,6 +15,7 @@ checked to hold no ``async``, ``await`` or asyncio name."""
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import io
 import re
@@ -36,7 +38,8 @@ SUBS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(p), r)
     for p, r in [
         (r"\bAsyncGenerator\[(.+?), None\]", r"Generator[\1, None, None]"),
-        (r"\bAsyncAcquiring\[(\w+)\]", r"\1"),  # the sync client returns what it acquired
+        (r"\bAsyncAcquiring\[(\w+)\]", r"\1"),  # the sync client returns what it acquired,
+        (r"(^from .* import .*)\bAsyncAcquiring, ", r"\1"),  # so that type is not imported
         (r"\basync (def|for|with)\b", r"\1"),
         (r"\bawait ", ""),
         (r"\b__a(enter|exit|iter|next)__\b", r"__\1__"),
@@ -58,7 +61,7 @@ def unasync(text: str, src_name: str) -> str:
         for pat, rep in SUBS:
             line = pat.sub(rep, line)
         out.append(_sorted_import(line))
-    result = "".join(out)
+    result = _sorted_relative_imports("".join(out))
     leftovers = _async_names(result)
     if leftovers:
         raise SystemExit(f"unasync: {src_name} leaves asyncio names in the sync code: {', '.join(sorted(leftovers))}")
@@ -77,6 +80,27 @@ def _sorted_import(line: str) -> str:
     names = [n.strip() for n in m.group(2).split(",")]
     names.sort(key=lambda n: (0 if n.isupper() else 1 if n[0].isupper() else 2, n))
     return m.group(1) + ", ".join(names) + "\n"
+
+
+def _sorted_relative_imports(code: str) -> str:
+    """The module's first run of ``from .x import ...`` statements ordered by module again
+    (``._async_http`` sorts before ``._common``, ``._sync_http`` after it)."""
+    body = ast.parse(code).body
+    run = []
+    for node in body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            run.append(node)
+        elif run:
+            break
+    if len(run) < 2:
+        return code
+    lines = code.splitlines(keepends=True)
+    start, end = run[0].lineno - 1, run[-1].end_lineno or run[-1].lineno
+    stmts = ["".join(lines[n.lineno - 1 : n.end_lineno]) for n in run]
+    if "".join(stmts) != "".join(lines[start:end]):  # something between them: leave as is
+        return code
+    order = sorted(range(len(run)), key=lambda i: (run[i].module or "", i))
+    return "".join(lines[:start] + [stmts[i] for i in order] + lines[end:])
 
 
 def _async_names(code: str) -> set[str]:

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from arl._common import MAX_HEAD, MAX_HEADERS, ProtocolError, parse_head
 from arl._async_http import _read_head as _read_head_async
+from arl._common import MAX_HEAD, MAX_HEADERS, ProtocolError, parse_head
 from arl._sync_http import _Conn, _read_head
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nX-Mixed-Case:  v \r\n\r\n"

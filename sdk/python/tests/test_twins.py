@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from rawnode import Close, RawNode, chunked, json_reply
 
 import arl
 from arl._async_transport import AsyncTransport
 from arl._common import Endpoint
 from arl._sync_transport import Transport
 from arl.types import SandboxInfo
-from rawnode import Close, RawNode, chunked, json_reply
 
 FLAVOURS = ["sync", "async"]
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"

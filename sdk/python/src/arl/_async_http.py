@@ -210,7 +210,7 @@ class Response:
                 data = await r.readexactly(self._length)
                 self.done = True
                 return data
-            parts = []
+            parts: list[bytes] = []
             while True:
                 data = await self._read_some(262144)
                 if not data:

@@ -11,13 +11,14 @@ about 0.1 ms per call, a tenth of a whole ``exec`` round trip."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 from ._common import MAX_HEAD, MAX_LINE, Endpoint, ProtocolError, body_framing, chunk_size, parse_head
 
@@ -81,7 +82,7 @@ class _Conn:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.file = sock.makefile("rb", buffering=MAX_LINE)
+        self.file = cast(io.BufferedReader, sock.makefile("rb", buffering=MAX_LINE))
         self.timeout = sock.gettimeout()
 
     def set_timeout(self, timeout: float) -> None:
@@ -157,7 +158,7 @@ class Response:
                 raise EOFError("connection closed in the middle of a response")
             self.done = True
             return data
-        parts = []
+        parts: list[bytes] = []
         while True:
             data = self.read_some(262144)
             if not data:

@@ -9,7 +9,6 @@ import ssl
 from collections.abc import Generator
 from typing import Any
 
-from ._sync_http import CONN_ERRORS, Body, ConnectionPool, ReadTimeout, Response, exchange, sleep
 from ._common import (
     Endpoint,
     ProtocolError,
@@ -19,6 +18,7 @@ from ._common import (
     loads,
     protocol_error,
 )
+from ._sync_http import CONN_ERRORS, Body, ConnectionPool, ReadTimeout, Response, exchange, sleep
 from .errors import ArlError, InfraError, error_from_response
 
 __all__ = ["Transport", "Response"]

@@ -11,8 +11,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, BinaryIO
 
-from ._async_http import CANCELLED, CONN_ERRORS, acquiring, map_all, map_settled
-from ._async_http import AsyncAcquiring  # unasync: async only
+from ._async_http import CANCELLED, CONN_ERRORS, AsyncAcquiring, acquiring, map_all, map_settled
 from ._async_transport import AsyncTransport
 from ._common import (
     Config,
@@ -41,6 +40,8 @@ __all__ = ["AsyncClient", "AsyncSandbox", "AsyncSandboxList"]
 
 _NDJSON = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
 _OCTET = {"Content-Type": "application/octet-stream"}
+# What a release on the way out of an exception may raise without hiding that exception.
+_QUIET_ON_EXIT: tuple[type[BaseException], ...] = (ArlError, *CANCELLED)
 
 
 class AsyncClient:
@@ -388,7 +389,7 @@ class AsyncSandbox:
         else:
             try:
                 await self.release()
-            except (ArlError, *CANCELLED):
+            except _QUIET_ON_EXIT:
                 pass  # keep the original exception
 
     # -- commands ------------------------------------------------------------------------------

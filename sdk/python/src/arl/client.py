@@ -11,8 +11,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
 
-from ._sync_http import CANCELLED, CONN_ERRORS, acquiring, map_all, map_settled
-from ._sync_transport import Transport
 from ._common import (
     Config,
     Endpoint,
@@ -33,6 +31,8 @@ from ._common import (
     resolve_config,
     verify_checksum,
 )
+from ._sync_http import CANCELLED, CONN_ERRORS, acquiring, map_all, map_settled
+from ._sync_transport import Transport
 from .errors import ArlError, AuthError, InfraError, NotFound, PoolExhausted, PoolNotFound, SandboxNotFound
 from .types import ExecResult, FileInfo, OutputChunk, PoolInfo, PoolSpec, SandboxInfo
 
@@ -40,6 +40,8 @@ __all__ = ["Client", "Sandbox", "SandboxList"]
 
 _NDJSON = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
 _OCTET = {"Content-Type": "application/octet-stream"}
+# What a release on the way out of an exception may raise without hiding that exception.
+_QUIET_ON_EXIT: tuple[type[BaseException], ...] = (ArlError, *CANCELLED)
 
 
 class Client:
@@ -386,7 +388,7 @@ class Sandbox:
         else:
             try:
                 self.release()
-            except (ArlError, *CANCELLED):
+            except _QUIET_ON_EXIT:
                 pass  # keep the original exception
 
     # -- commands ------------------------------------------------------------------------------
