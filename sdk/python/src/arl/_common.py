@@ -170,16 +170,40 @@ def parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
             raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if _HEAD_RE.fullmatch(raw) is None:
             raise ProtocolError(_head_fault(raw))
-    lines = raw.decode("latin-1").split("\r\n")
+    text = raw.decode("latin-1")
+    lines = text.split("\r\n")
     if len(lines) > MAX_HEADERS + 3:  # status line, headers, and the two ends of the empty line
         raise ProtocolError("too many response headers")
+    if "\r\n " in text or "\r\n\t" in text:
+        hdrs = _folded_fields(lines[1:-2])
+    else:
+        hdrs = {}
+        for ln in lines[1:-2]:
+            k, _, v = ln.partition(":")
+            k = k.lower()
+            v = v.strip(" \t")
+            if k in hdrs:
+                if k == "content-length":
+                    raise ProtocolError(f"duplicated Content-Length: {hdrs[k]!r} and {v!r}")
+                hdrs[k] += ", " + v
+            else:
+                hdrs[k] = v
+    status = int(lines[0][9:12])
+    if status < 100:
+        raise ProtocolError(f"status code {status} out of range")
+    return status, hdrs
+
+
+def _folded_fields(lines: list[str]) -> dict[str, str]:
+    """The header fields of a head with continuation lines (obs-fold), each replaced by a space
+    as h11 does: the folded value is stripped once, at its end."""
     hdrs: dict[str, str] = {}
     last = ""  # the last field's name,
     last_line = ""  # its line,
     before: str | None = None  # the values of that name before it,
     folded: str | None = None  # and its value as received with its continuation lines
-    for ln in lines[1:-2]:
-        if ln[0] in " \t":  # obs-fold: continues the last field's value
+    for ln in lines:
+        if ln[0] in " \t":
             if not last:
                 raise ProtocolError("response head starts with a continuation line")
             if folded is None:
@@ -199,10 +223,7 @@ def parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
         else:
             hdrs[k] = before + ", " + v
         last, last_line, folded = k, ln, None
-    status = int(lines[0][9:12])
-    if status < 100:
-        raise ProtocolError(f"status code {status} out of range")
-    return status, hdrs
+    return hdrs
 
 
 def _head_fault(raw: bytes) -> str:
