@@ -2,7 +2,6 @@
 """Requests to a node over HTTP/1.1 keep-alive connections: connection-level retries (the same
 body, so the same request_id), error responses turned into typed errors, streamed bodies."""
 
-
 from __future__ import annotations
 
 import ssl

@@ -1,7 +1,6 @@
 # Generated from aio.py by scripts/unasync.py: do not edit; edit the source and run the script.
 """The client: :class:`Client`, :class:`Sandbox` and :class:`SandboxList`."""
 
-
 from __future__ import annotations
 
 import hashlib
