@@ -424,9 +424,13 @@ def _status_for_code(code: str) -> int:
         "unauthorized": 401,
         "forbidden": 403,
         "not_found": 404,
+        "method_not_allowed": 405,
+        "released": 410,
         "payload_too_large": 413,
+        "not_supported": 501,
         "pool_exhausted": 503,
         "sandbox_unavailable": 503,
+        "overloaded": 503,
         "draining": 503,
     }.get(code, 500)
 
@@ -464,8 +468,9 @@ def connection_error(exc: BaseException, endpoint: str) -> InfraError:
 
 
 def is_retryable_status(err: ArlError) -> bool:
-    """A 503 ``draining`` means the request was not executed: safe to retry (same request_id)."""
-    return err.status == 503 and err.code == "draining"
+    """A 503 ``draining`` or ``overloaded`` means the request was not executed: safe to retry
+    (same request_id)."""
+    return err.status == 503 and err.code in ("draining", "overloaded")
 
 
 class PoolView:
