@@ -68,8 +68,9 @@ pub fn main(args: NodeArgs) -> i32 {
 async fn run(args: NodeArgs) -> Result<(), NodeError> {
     let settings = args.resolve()?;
     // Sandboxes' agents re-parent to us when their launcher exits, so we can reap them.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(error = %e, "cannot become a child subreaper; dead agents may linger as zombies");
+    }
 
     // Bind first: a daemon that cannot serve must not touch any sandbox.
     let listener = std::net::TcpListener::bind(&settings.listen)
