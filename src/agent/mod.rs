@@ -13,6 +13,7 @@
 
 pub mod exec;
 pub mod files;
+pub mod oom;
 mod spawn;
 
 use std::os::fd::FromRawFd;
@@ -48,6 +49,10 @@ pub struct AgentArgs {
     /// A Unix socket path to bind.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// An open descriptor of the sandbox's memory cgroup counters (`memory.oom_control` or
+    /// `memory.events`), to tell OOM kills from other deaths.
+    #[arg(long)]
+    pub memory_events_fd: Option<i32>,
 }
 
 struct Agent {
@@ -106,7 +111,7 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
         }
     };
     let agent = Arc::new(Agent {
-        children: exec::Children::default(),
+        children: exec::Children::new(oom::OomCounter::open(args.memory_events_fd)),
         base_env: std::env::vars().collect(),
     });
     // Subscribe to SIGCHLD before the first spawn so no exit is missed.

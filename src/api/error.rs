@@ -14,6 +14,8 @@ pub enum ErrorCode {
     NotFound,
     Conflict,
     PayloadTooLarge,
+    /// The sandbox's disk (its writable layer) is full.
+    InsufficientStorage,
     PoolExhausted,
     SandboxUnavailable,
     Draining,
@@ -29,6 +31,7 @@ impl ErrorCode {
             Self::NotFound => 404,
             Self::Conflict => 409,
             Self::PayloadTooLarge => 413,
+            Self::InsufficientStorage => 507,
             Self::PoolExhausted | Self::SandboxUnavailable | Self::Draining => 503,
             Self::Internal => 500,
         }

@@ -171,7 +171,8 @@ async fn v1(
                 Ok(sb) => sb,
                 Err(e) => return ("/v1/sandboxes/{id}", Err(e)),
             };
-            sandbox_route(mgr, sb, method, tail, req).await
+            let (route, result) = sandbox_route(mgr, sb.clone(), method, tail, req).await;
+            (route, explain_death(&sb, result).await)
         }
         (method, _) => (
             "other",
@@ -180,6 +181,27 @@ async fn v1(
                 rest.join("/")
             ))),
         ),
+    }
+}
+
+/// How long a request whose agent vanished waits for the death watch to learn why.
+const DEATH_GRACE: Duration = Duration::from_millis(500);
+
+/// A request caught in its sandbox's death says why the sandbox died ("the sandbox was
+/// OOM-killed"), not how the connection to its agent broke.
+async fn explain_death(
+    sb: &Sandbox,
+    result: Result<Response<Body>, ApiError>,
+) -> Result<Response<Body>, ApiError> {
+    match result {
+        Err(e) if e.code == ErrorCode::SandboxUnavailable => match sb.death(DEATH_GRACE).await {
+            Some(reason) => Err(ApiError::unavailable(format!(
+                "sandbox {}: {reason}",
+                sb.id
+            ))),
+            None => Err(e),
+        },
+        other => other,
     }
 }
 

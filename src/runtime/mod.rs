@@ -4,6 +4,7 @@
 //! id and the Unix socket its agent listens on.
 
 pub mod containerd;
+pub mod exit;
 pub mod multi;
 pub mod process;
 
@@ -14,6 +15,7 @@ use std::pin::Pin;
 use thiserror::Error;
 
 use crate::api::PoolSpec;
+pub use exit::ExitReason;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -56,8 +58,8 @@ pub trait Runtime: Send + Sync + 'static {
     /// Stops every process of the sandbox and removes all it used. Idempotent.
     fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
 
-    /// Resolves when the sandbox has died on its own (or was destroyed).
-    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()>;
+    /// Resolves when the sandbox has died on its own (or was destroyed), with the cause.
+    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ExitReason>;
 
     /// Freezes or thaws every process of the sandbox.
     fn set_paused<'a>(
