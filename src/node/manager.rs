@@ -3,12 +3,13 @@
 //! mutex: creation and destruction run in background tasks.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -60,7 +61,8 @@ pub struct Manager {
     tasks: tokio::runtime::Handle,
     pub metrics: Metrics,
     pub auth: Auth,
-    pub draining: AtomicBool,
+    /// Cancelled when the node starts shutting down: refills stop, new work is refused.
+    pub shutdown: CancellationToken,
 }
 
 impl Manager {
@@ -77,8 +79,47 @@ impl Manager {
             tasks: tokio::runtime::Handle::current(),
             metrics: Metrics::new(),
             auth,
-            draining: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
         })
+    }
+
+    /// True once the node has started shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// Stops refills and refuses new work; running work goes on.
+    pub fn begin_drain(&self) {
+        self.shutdown.cancel();
+        for pool in snapshot(&self.pools) {
+            pool.refill.notify_one();
+        }
+    }
+
+    /// Why the node cannot serve new work right now, if it cannot: it is draining, or every
+    /// pool has no idle sandbox and its last creation failed.
+    pub fn unready_reason(&self) -> Option<String> {
+        if self.is_draining() {
+            return Some("the node is shutting down".into());
+        }
+        let pools = snapshot(&self.pools);
+        let mut failing = Vec::new();
+        for pool in &pools {
+            let st = pool.state();
+            if st.failures_in_row == 0 || !st.idle.is_empty() {
+                return None;
+            }
+            let error = st.last_error.as_deref().unwrap_or("unknown error");
+            failing.push(format!("pool {:?}: {error}", pool.name));
+        }
+        if failing.is_empty() {
+            return None;
+        }
+        failing.sort();
+        Some(format!(
+            "no pool can create sandboxes: {}",
+            failing.join("; ")
+        ))
     }
 
     pub fn runtime_kind(&self) -> &'static str {
@@ -180,7 +221,7 @@ impl Manager {
                 st.starting += n;
                 n
             };
-            if self.draining.load(Ordering::Relaxed) {
+            if self.is_draining() {
                 pool.state().starting -= wanted;
                 return;
             }
@@ -394,7 +435,7 @@ impl Manager {
         req: AcquireRequest,
     ) -> Result<Vec<SandboxInfo>, ApiError> {
         let count = req.validate().map_err(ApiError::bad_request)?;
-        if self.draining.load(Ordering::Relaxed) {
+        if self.is_draining() {
             return Err(ApiError::new(
                 ErrorCode::Draining,
                 "the node is shutting down",
@@ -558,7 +599,7 @@ impl Manager {
         let keep = reuse == ReusePolicy::Reset
             && pool.as_ref().is_some_and(|p| !p.state().deleted)
             && !sb.paused.load(Ordering::Relaxed)
-            && !self.draining.load(Ordering::Relaxed);
+            && !self.is_draining();
         if let Some(pool) = &pool {
             let mut st = pool.state();
             st.allocated = st.allocated.saturating_sub(1);
@@ -680,7 +721,7 @@ impl Manager {
 
     /// Stops refills and destroys every sandbox (graceful shutdown).
     pub async fn shutdown(self: &Arc<Self>) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.shutdown.cancel();
         let pools = snapshot(&self.pools);
         for pool in &pools {
             pool.state().deleted = true;
