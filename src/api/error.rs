@@ -20,6 +20,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The sandbox's disk (its writable layer) is full.
     InsufficientStorage,
+    /// The sandbox's runtime has no such operation (e.g. pause).
+    NotSupported,
     PoolExhausted,
     SandboxUnavailable,
     /// The node has too many open connections.
@@ -40,6 +42,7 @@ impl ErrorCode {
             Self::Released => 410,
             Self::PayloadTooLarge => 413,
             Self::InsufficientStorage => 507,
+            Self::NotSupported => 501,
             Self::PoolExhausted | Self::SandboxUnavailable | Self::Overloaded | Self::Draining => {
                 503
             }

@@ -161,6 +161,9 @@ impl Manager {
     pub fn put_pool(self: &Arc<Self>, name: &str, spec: PoolSpec) -> Result<(), ApiError> {
         crate::api::pools::validate_pool_name(name).map_err(ApiError::bad_request)?;
         spec.validate().map_err(ApiError::bad_request)?;
+        self.runtime
+            .validate(&spec)
+            .map_err(ApiError::bad_request)?;
         let mut pools = self.pools.write_or_recover();
         if let Some(pool) = pools.get(name) {
             pool.set_spec(spec);
@@ -278,7 +281,7 @@ impl Manager {
             let sb = Arc::new(Sandbox::new(
                 id.clone(),
                 pool.name.clone(),
-                AgentClient::new(created.socket),
+                AgentClient::new(created.agent),
             ));
             match tokio::time::timeout(READY_TIMEOUT, sb.agent.ping()).await {
                 Ok(Ok(())) => Ok(sb),
@@ -655,10 +658,7 @@ impl Manager {
     }
 
     pub async fn set_paused(&self, sb: &Sandbox, paused: bool) -> Result<(), ApiError> {
-        self.runtime
-            .set_paused(&sb.id, paused)
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.runtime.set_paused(&sb.id, paused).await?;
         sb.paused.store(paused, Ordering::Relaxed);
         Ok(())
     }

@@ -18,10 +18,11 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::api::pools::RuntimeKind;
 use crate::runtime::Runtime;
 use crate::runtime::containerd::{ContainerdConfig, ContainerdRuntime};
-use crate::runtime::multi::Runtimes;
 use crate::runtime::process::{ProcessConfig, ProcessRuntime};
+use crate::runtime::registry::Runtimes;
 
 pub use config::NodeArgs;
 
@@ -104,7 +105,9 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
     if let Err(reason) = &containerd {
         tracing::info!(%reason, "containerd runtime unavailable");
     }
-    let runtime = Runtimes::new(Arc::new(process), containerd);
+    let mut runtime = Runtimes::new();
+    runtime.register(RuntimeKind::Process, Ok(Arc::new(process)));
+    runtime.register(RuntimeKind::Containerd, containerd);
     let reclaimed = runtime.reclaim().await?;
     if reclaimed > 0 {
         tracing::warn!(
