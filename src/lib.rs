@@ -18,6 +18,7 @@ pub mod crd;
 pub mod http;
 pub mod logging;
 pub mod node;
+pub mod operator;
 pub mod quiet_unix;
 pub mod runtime;
 pub mod util;
