@@ -1,6 +1,6 @@
 //! `arl`: one binary for the node daemon, the in-sandbox agent and the command-line client.
 
-use arl::{agent, cli, crd, node, runtime};
+use arl::{agent, cli, crd, node, operator, runtime};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -64,6 +64,8 @@ enum Command {
         #[command(flatten)]
         client: cli::ClientArgs,
     },
+    /// The cluster operator: per-node warm-pool quotas, Sandbox binding, status roll-up.
+    Operator(operator::OperatorArgs),
     /// Print the CRD YAML (or write one file per CRD into a directory).
     Crds {
         /// Write `<name>.yaml` files here instead of printing one stream.
@@ -105,6 +107,7 @@ fn main() {
     let code = match Cli::parse().command {
         Command::Node(args) => node::main(args),
         Command::Agent(args) => agent::main(args),
+        Command::Operator(args) => operator::main(args),
         Command::Crds { out_dir } => crds(out_dir.as_deref()),
         Command::SandboxInit { config } => runtime::process::init::main(&config),
         Command::Exec {
