@@ -276,3 +276,37 @@ fn step_output_keeps_the_tail_within_the_bound() {
     let (kept, cut) = bound_output(&long);
     assert!(cut && kept.ends_with("END") && kept.chars().count() == MAX_STEP_OUTPUT);
 }
+
+#[test]
+fn the_examples_pass_the_cel_rules() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/k8s");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/k8s") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read example");
+        let doc: serde_json::Value = serde_saphyr::from_str(&text).expect("example is YAML");
+        let result = match doc["kind"].as_str() {
+            Some("WarmPool") => serde_json::from_value::<WarmPool>(doc)
+                .expect("WarmPool")
+                .validate_cel(),
+            Some("Sandbox") => serde_json::from_value::<Sandbox>(doc)
+                .expect("Sandbox")
+                .validate_cel(),
+            Some("Task") => serde_json::from_value::<Task>(doc)
+                .expect("Task")
+                .validate_cel(),
+            _ => continue,
+        };
+        assert_eq!(
+            rule_messages(result),
+            Vec::<String>::new(),
+            "{}",
+            path.display()
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} examples checked");
+}
