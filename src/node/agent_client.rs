@@ -6,30 +6,35 @@
 //! later request between threads.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::{HeaderMap, Request, Response, StatusCode};
+use hyper::header::CONTENT_TYPE;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::sandbox::CachedReply;
 use crate::api::ApiError;
 use crate::http::{self, Body};
 use crate::quiet_unix::QuietUnixStream;
+use crate::runtime::AgentAddress;
 use crate::util::MutexExt;
 
 /// Idle connections kept per sandbox.
 const MAX_IDLE: usize = 4;
 
 pub struct AgentClient {
-    socket: PathBuf,
-    idle: Mutex<Vec<SendRequest<Body>>>,
+    address: AgentAddress,
+    /// Kept-alive connections, each with the front thread whose runtime drives it: a request
+    /// takes only its own thread's, so no exec wakes another thread.
+    idle: Mutex<Vec<(ThreadId, SendRequest<Body>)>>,
 }
 
 /// A complete, bounded agent response.
@@ -64,15 +69,16 @@ fn unreachable(e: impl std::fmt::Display) -> ApiError {
 }
 
 impl AgentClient {
-    pub fn new(socket: PathBuf) -> Self {
+    pub fn new(address: AgentAddress) -> Self {
         Self {
-            socket,
+            address,
             idle: Mutex::new(Vec::new()),
         }
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, ApiError> {
-        let stream = UnixStream::connect(&self.socket)
+        let AgentAddress::Unix(socket) = &self.address;
+        let stream = UnixStream::connect(socket)
             .await
             .and_then(|s| QuietUnixStream::new(s.into_std()?))
             .map_err(unreachable)?;
@@ -86,19 +92,20 @@ impl AgentClient {
     }
 
     fn take_idle(&self) -> Option<SendRequest<Body>> {
+        let me = std::thread::current().id();
         let mut idle = self.idle.lock_or_recover();
-        while let Some(sender) = idle.pop() {
-            if sender.is_ready() {
-                return Some(sender);
-            }
-        }
-        None
+        // Closed connections go whoever finds them.
+        idle.retain(|(_, sender)| !sender.is_closed());
+        let mine = idle
+            .iter()
+            .rposition(|(thread, sender)| *thread == me && sender.is_ready())?;
+        Some(idle.swap_remove(mine).1)
     }
 
     fn put_idle(&self, sender: SendRequest<Body>) {
         let mut idle = self.idle.lock_or_recover();
         if idle.len() < MAX_IDLE && sender.is_ready() {
-            idle.push(sender);
+            idle.push((std::thread::current().id(), sender));
         }
     }
 
@@ -236,4 +243,32 @@ impl AgentClient {
             )))
         }
     }
+}
+
+/// A request for an agent, with a JSON content type.
+pub fn agent_request(method: Method, uri: &str, body: Body) -> Result<Request<Body>, ApiError> {
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(CONTENT_TYPE, "application/json")
+        .body(body)
+        .map_err(|e| ApiError::bad_request(format!("bad request line: {e}")))
+}
+
+/// A buffered agent reply, handed to the client as it is.
+pub fn reply(reply: CachedReply) -> Response<Body> {
+    Response::builder()
+        .status(reply.status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(http::full(reply.body))
+        .unwrap_or_else(|_| http::error(ApiError::internal("response")))
+}
+
+/// Hands an agent's streaming response to the client as it comes.
+pub fn passthrough(response: Response<Incoming>) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    Response::from_parts(
+        parts,
+        body.map_err(|e| Box::new(e) as http::BoxError).boxed(),
+    )
 }

@@ -46,6 +46,15 @@ pub struct NodeArgs {
     /// Registry credentials for pulls, as a Docker-style config.json (its `auths`)
     #[arg(long, env = "ARL_REGISTRY_AUTH_FILE")]
     pub registry_auth_file: Option<PathBuf>,
+    /// Client connections open at once at most; more are answered 503 `overloaded` [default: 8192]
+    #[arg(long, env = "ARL_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Serve without a token file on a non-loopback address (anyone who reaches it can run code)
+    #[arg(long, env = "ARL_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+    /// Threads serving the HTTP API, each with its own event loop [default: the node's cores]
+    #[arg(long, env = "ARL_FRONT_THREADS")]
+    pub front_threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -61,6 +70,10 @@ struct FileConfig {
     #[serde(default)]
     insecure_registries: Vec<String>,
     registry_auth_file: Option<PathBuf>,
+    max_connections: Option<usize>,
+    #[serde(default)]
+    allow_unauthenticated: bool,
+    front_threads: Option<usize>,
     #[serde(default)]
     pools: BTreeMap<String, PoolSpec>,
 }
@@ -76,6 +89,9 @@ pub struct Settings {
     pub uid_base: u32,
     pub containerd_socket: PathBuf,
     pub registry: RegistryOptions,
+    pub max_connections: usize,
+    pub allow_unauthenticated: bool,
+    pub front_threads: usize,
     pub pools: BTreeMap<String, PoolSpec>,
 }
 
@@ -144,6 +160,17 @@ impl NodeArgs {
                 .or(file.containerd_socket)
                 .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock")),
             registry,
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(8192)
+                .max(1),
+            allow_unauthenticated: self.allow_unauthenticated || file.allow_unauthenticated,
+            front_threads: self
+                .front_threads
+                .or(file.front_threads)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .clamp(1, 256),
             pools,
         })
     }

@@ -3,12 +3,13 @@
 //! mutex: creation and destruction run in background tasks.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -60,7 +61,8 @@ pub struct Manager {
     tasks: tokio::runtime::Handle,
     pub metrics: Metrics,
     pub auth: Auth,
-    pub draining: AtomicBool,
+    /// Cancelled when the node starts shutting down: refills stop, new work is refused.
+    pub shutdown: CancellationToken,
 }
 
 impl Manager {
@@ -77,8 +79,47 @@ impl Manager {
             tasks: tokio::runtime::Handle::current(),
             metrics: Metrics::new(),
             auth,
-            draining: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
         })
+    }
+
+    /// True once the node has started shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// Stops refills and refuses new work; running work goes on.
+    pub fn begin_drain(&self) {
+        self.shutdown.cancel();
+        for pool in snapshot(&self.pools) {
+            pool.refill.notify_one();
+        }
+    }
+
+    /// Why the node cannot serve new work right now, if it cannot: it is draining, or every
+    /// pool has no idle sandbox and its last creation failed.
+    pub fn unready_reason(&self) -> Option<String> {
+        if self.is_draining() {
+            return Some("the node is shutting down".into());
+        }
+        let pools = snapshot(&self.pools);
+        let mut failing = Vec::new();
+        for pool in &pools {
+            let st = pool.state();
+            if st.failures_in_row == 0 || !st.idle.is_empty() {
+                return None;
+            }
+            let error = st.last_error.as_deref().unwrap_or("unknown error");
+            failing.push(format!("pool {:?}: {error}", pool.name));
+        }
+        if failing.is_empty() {
+            return None;
+        }
+        failing.sort();
+        Some(format!(
+            "no pool can create sandboxes: {}",
+            failing.join("; ")
+        ))
     }
 
     pub fn runtime_kind(&self) -> &'static str {
@@ -120,6 +161,9 @@ impl Manager {
     pub fn put_pool(self: &Arc<Self>, name: &str, spec: PoolSpec) -> Result<(), ApiError> {
         crate::api::pools::validate_pool_name(name).map_err(ApiError::bad_request)?;
         spec.validate().map_err(ApiError::bad_request)?;
+        self.runtime
+            .validate(&spec)
+            .map_err(ApiError::bad_request)?;
         let mut pools = self.pools.write_or_recover();
         if let Some(pool) = pools.get(name) {
             pool.set_spec(spec);
@@ -180,7 +224,7 @@ impl Manager {
                 st.starting += n;
                 n
             };
-            if self.draining.load(Ordering::Relaxed) {
+            if self.is_draining() {
                 pool.state().starting -= wanted;
                 return;
             }
@@ -237,7 +281,7 @@ impl Manager {
             let sb = Arc::new(Sandbox::new(
                 id.clone(),
                 pool.name.clone(),
-                AgentClient::new(created.socket),
+                AgentClient::new(created.agent),
             ));
             match tokio::time::timeout(READY_TIMEOUT, sb.agent.ping()).await {
                 Ok(Ok(())) => Ok(sb),
@@ -287,14 +331,15 @@ impl Manager {
     fn watch(self: &Arc<Self>, sb: Arc<Sandbox>) {
         let this = self.clone();
         self.tasks.spawn(async move {
-            this.runtime.exited(&sb.id).await;
+            let reason = this.runtime.exited(&sb.id).await;
             if this.forget(&sb.id).is_some() {
-                tracing::warn!(sandbox = %sb.id, pool = %sb.pool, "sandbox died");
+                tracing::warn!(sandbox = %sb.id, pool = %sb.pool, reason = reason.label(), "{reason}");
                 this.metrics
                     .sandbox_failures_total
-                    .with_label_values(&[sb.pool.as_str(), "died"])
+                    .with_label_values(&[sb.pool.as_str(), reason.label()])
                     .inc();
-                this.bury(&sb, "the sandbox died (its agent exited)");
+                sb.set_death(reason.to_string());
+                this.bury(&sb, &reason.to_string());
                 this.unaccount(&sb);
                 this.spawn_destroy(sb.id.clone());
             }
@@ -393,7 +438,7 @@ impl Manager {
         req: AcquireRequest,
     ) -> Result<Vec<SandboxInfo>, ApiError> {
         let count = req.validate().map_err(ApiError::bad_request)?;
-        if self.draining.load(Ordering::Relaxed) {
+        if self.is_draining() {
             return Err(ApiError::new(
                 ErrorCode::Draining,
                 "the node is shutting down",
@@ -557,7 +602,7 @@ impl Manager {
         let keep = reuse == ReusePolicy::Reset
             && pool.as_ref().is_some_and(|p| !p.state().deleted)
             && !sb.paused.load(Ordering::Relaxed)
-            && !self.draining.load(Ordering::Relaxed);
+            && !self.is_draining();
         if let Some(pool) = &pool {
             let mut st = pool.state();
             st.allocated = st.allocated.saturating_sub(1);
@@ -613,10 +658,7 @@ impl Manager {
     }
 
     pub async fn set_paused(&self, sb: &Sandbox, paused: bool) -> Result<(), ApiError> {
-        self.runtime
-            .set_paused(&sb.id, paused)
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.runtime.set_paused(&sb.id, paused).await?;
         sb.paused.store(paused, Ordering::Relaxed);
         Ok(())
     }
@@ -679,7 +721,7 @@ impl Manager {
 
     /// Stops refills and destroys every sandbox (graceful shutdown).
     pub async fn shutdown(self: &Arc<Self>) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.shutdown.cancel();
         let pools = snapshot(&self.pools);
         for pool in &pools {
             pool.state().deleted = true;

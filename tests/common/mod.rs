@@ -24,6 +24,8 @@ pub struct Daemon {
     child: Option<Child>,
     config: Option<String>,
     args: Vec<String>,
+    /// The address the daemon listens on.
+    host: String,
 }
 
 /// A directory removed on drop.
@@ -154,6 +156,11 @@ impl Options {
 
 impl Daemon {
     pub async fn start(opts: Options) -> Self {
+        Self::start_on("127.0.0.1", opts).await
+    }
+
+    /// Starts a daemon listening on `host` (clients still connect over loopback).
+    pub async fn start_on(host: &str, opts: Options) -> Self {
         let dir = tempdir::TempDir::new("node");
         let mut bytes = [0u8; 4];
         tempdir::getrandom(&mut bytes);
@@ -166,6 +173,7 @@ impl Daemon {
             child: None,
             config: opts.runtime.config(opts.config),
             args: opts.args,
+            host: host.to_string(),
         };
         if !opts.tokens.is_empty() {
             std::fs::write(daemon.dir.path().join("tokens"), opts.tokens.join("\n"))
@@ -176,6 +184,22 @@ impl Daemon {
         }
         daemon.spawn().await;
         daemon
+    }
+
+    /// A client of a daemon started elsewhere (for requests from other tasks); it starts and
+    /// stops nothing.
+    pub fn attach(port: u16) -> Self {
+        Self {
+            port,
+            dir: tempdir::TempDir::new("client"),
+            cgroup_parent: String::new(),
+            token: None,
+            runtime: Runtime::default(),
+            child: None,
+            config: None,
+            args: Vec::new(),
+            host: "127.0.0.1".into(),
+        }
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -191,7 +215,7 @@ impl Daemon {
         let mut cmd = Command::new(BIN);
         cmd.arg("node")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.host, self.port))
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--cgroup-parent")
@@ -215,7 +239,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok((StatusCode::OK, _)) =
-                self.request_raw(Method::GET, "/readyz", None, None).await
+                self.request_raw(Method::GET, "/healthz", None, None).await
             {
                 return;
             }
@@ -280,35 +304,7 @@ impl Daemon {
         token: Option<&str>,
         headers: &[(&str, &str)],
     ) -> Result<(StatusCode, Bytes), String> {
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost");
-        if let Some(t) = token {
-            builder = builder.header("authorization", format!("Bearer {t}"));
-        }
-        for (k, v) in headers {
-            builder = builder.header(*k, *v);
-        }
-        let req = builder
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| e.to_string())?;
-        let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, bytes))
+        request(self.port, method, path, body, token, headers).await
     }
 
     /// JSON request with the default token; returns the status and parsed body (Null if empty).
@@ -479,6 +475,68 @@ impl Daemon {
     }
 }
 
+/// One HTTP request to the daemon on `port` (for tasks that do not hold the `Daemon`).
+pub async fn request(
+    port: u16,
+    method: Method,
+    path: &str,
+    body: Option<Bytes>,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Result<(StatusCode, Bytes), String> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    if let Some(t) = token {
+        builder = builder.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let req = builder
+        .body(Full::new(body.unwrap_or_default()))
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, bytes))
+}
+
+/// An exec on the daemon at `port` with no token; the result (panics unless 200).
+pub async fn exec_on(port: u16, id: &str, req: Value) -> Value {
+    let body = Bytes::from(serde_json::to_vec(&req).expect("json"));
+    let (status, bytes) = request(
+        port,
+        Method::POST,
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(body),
+        None,
+        &[],
+    )
+    .await
+    .expect("exec request");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "exec: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    serde_json::from_slice(&bytes).expect("exec result")
+}
+
 /// `ctr -n arl <args>` stdout.
 pub fn ctr(args: &[&str]) -> String {
     let out = Command::new("ctr")
@@ -539,6 +597,9 @@ pub fn rss_kib(pid: i32) -> u64 {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.terminate();
+        if self.cgroup_parent.is_empty() {
+            return;
+        }
         for hierarchy in cgroup_roots() {
             let _ = std::fs::remove_dir(hierarchy.join(&self.cgroup_parent));
         }
