@@ -29,7 +29,10 @@ fn planner_nodes(n: usize) -> Vec<NodeInfo> {
             name: format!("node-{i:04}"),
             labels: BTreeMap::from([("zone".to_string(), format!("z{}", i % 3))]),
             taints: vec![],
-            allocatable: Resources { cpu_millis: 64_000, memory_bytes: 256 * GIB },
+            allocatable: Resources {
+                cpu_millis: 64_000,
+                memory_bytes: 256 * GIB,
+            },
             ready: true,
             unschedulable: false,
         })
@@ -41,19 +44,32 @@ fn planner_pools(n: usize, nodes: usize) -> Vec<PoolInfo> {
         .map(|i| {
             let mut placement = Placement::default();
             if i % 5 == 0 {
-                placement.node_selector.insert("zone".into(), format!("z{}", i % 3));
+                placement
+                    .node_selector
+                    .insert("zone".into(), format!("z{}", i % 3));
             }
             PoolInfo {
                 key: format!("ns/pool-{i:02}"),
                 replicas: 1_000 + 37 * i as u32,
                 min_per_node: 0,
                 max_per_node: Some(8),
-                per_sandbox: Resources { cpu_millis: 100, memory_bytes: GIB / 4 },
+                per_sandbox: Resources {
+                    cpu_millis: 100,
+                    memory_bytes: GIB / 4,
+                },
                 placement,
                 // Every seventh node drains a little faster for this pool.
                 demand: (0..nodes)
                     .filter(|n| (n + i) % 7 == 0)
-                    .map(|n| (format!("node-{n:04}"), Demand { acquires_per_minute: 20, misses_per_minute: 1 }))
+                    .map(|n| {
+                        (
+                            format!("node-{n:04}"),
+                            Demand {
+                                acquires_per_minute: 20,
+                                misses_per_minute: 1,
+                            },
+                        )
+                    })
                     .collect(),
                 current: BTreeMap::new(),
             }
@@ -94,7 +110,10 @@ fn bench_planner() {
     let settled: Vec<PoolInfo> = pools
         .iter()
         .zip(&plan.pools)
-        .map(|(p, q)| PoolInfo { current: q.quotas.clone(), ..p.clone() })
+        .map(|(p, q)| PoolInfo {
+            current: q.quotas.clone(),
+            ..p.clone()
+        })
         .collect();
     let mut steady = Vec::new();
     for _ in 0..runs {
@@ -108,7 +127,10 @@ fn bench_planner() {
     let (s50, s99) = stats(steady);
     let total: u64 = plan.pools.iter().map(|p| p.total()).sum();
     println!("planner: 1000 nodes x 50 pools ({total} warm replicas), {runs} runs");
-    println!("  fresh plan      p50 {p50:7.2} ms  p99 {p99:7.2} ms  (target <= 20 ms; ratio to floor {:.1}x)", p50 / f50);
+    println!(
+        "  fresh plan      p50 {p50:7.2} ms  p99 {p99:7.2} ms  (target <= 20 ms; ratio to floor {:.1}x)",
+        p50 / f50
+    );
     println!("  re-plan, steady p50 {s50:7.2} ms  p99 {s99:7.2} ms");
     println!("  floor (placement check of every pair) p50 {f50:.2} ms  p99 {f99:.2} ms");
 
@@ -168,20 +190,37 @@ fn take(snapshot: &mut Snapshot, changes: Vec<Change>) {
     for change in changes {
         match change {
             Change::AddFinalizer(k) => {
-                if let Some(p) = snapshot.pools.iter_mut().find(|p| p.metadata.name.as_deref() == Some(&k.name)) {
-                    p.metadata.finalizers.get_or_insert_default().push(POOL_FINALIZER.into());
+                if let Some(p) = snapshot
+                    .pools
+                    .iter_mut()
+                    .find(|p| p.metadata.name.as_deref() == Some(&k.name))
+                {
+                    p.metadata
+                        .finalizers
+                        .get_or_insert_default()
+                        .push(POOL_FINALIZER.into());
                 }
             }
             Change::RemoveFinalizer(_) | Change::SandboxStatus(..) => {}
             Change::CreateShard(s) => snapshot.shards.push(*s),
             Change::UpdateShard(k, spec) => {
-                if let Some(s) = snapshot.shards.iter_mut().find(|s| s.metadata.name.as_deref() == Some(&k.name)) {
+                if let Some(s) = snapshot
+                    .shards
+                    .iter_mut()
+                    .find(|s| s.metadata.name.as_deref() == Some(&k.name))
+                {
                     s.spec = *spec;
                 }
             }
-            Change::DeleteShard(k) => snapshot.shards.retain(|s| s.metadata.name.as_deref() != Some(&k.name)),
+            Change::DeleteShard(k) => snapshot
+                .shards
+                .retain(|s| s.metadata.name.as_deref() != Some(&k.name)),
             Change::PoolStatus(k, status) => {
-                if let Some(p) = snapshot.pools.iter_mut().find(|p| p.metadata.name.as_deref() == Some(&k.name)) {
+                if let Some(p) = snapshot
+                    .pools
+                    .iter_mut()
+                    .find(|p| p.metadata.name.as_deref() == Some(&k.name))
+                {
                     p.status = Some(*status);
                 }
             }
@@ -202,7 +241,12 @@ fn daemons_report(snapshot: &mut Snapshot) {
 fn shard_writes(changes: &[Change]) -> usize {
     changes
         .iter()
-        .filter(|c| matches!(c, Change::CreateShard(_) | Change::UpdateShard(..) | Change::DeleteShard(_)))
+        .filter(|c| {
+            matches!(
+                c,
+                Change::CreateShard(_) | Change::UpdateShard(..) | Change::DeleteShard(_)
+            )
+        })
         .count()
 }
 
@@ -234,7 +278,10 @@ fn bench_operator() {
         writes += c.len();
     }
     let (p50, p99) = stats(pass_ms);
-    println!("operator steady state: {} shards, 101 passes in a minute: {writes} API writes (target 0); pass p50 {p50:.2} ms p99 {p99:.2} ms", snapshot.shards.len());
+    println!(
+        "operator steady state: {} shards, 101 passes in a minute: {writes} API writes (target 0); pass p50 {p50:.2} ms p99 {p99:.2} ms",
+        snapshot.shards.len()
+    );
 
     // Scale-up: a new pool of 1,000 replicas over 100 nodes.
     let mut snapshot = Snapshot {
