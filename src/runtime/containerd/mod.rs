@@ -33,6 +33,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 mod image;
+mod oci;
 mod remap;
 mod seccomp;
 mod spec;
