@@ -120,8 +120,8 @@ impl PoolSpec {
         }
         // What only one runtime understands (`image`, `rootfs`, `read_only_root`) is checked by
         // that runtime: `Runtime::validate`.
-        for key in self.env.keys() {
-            super::sandboxes::validate_env_name(key)?;
+        for (key, value) in &self.env {
+            super::sandboxes::validate_env(key, value)?;
         }
         Ok(())
     }

@@ -52,6 +52,9 @@ pub struct NodeArgs {
     /// Serve without a token file on a non-loopback address (anyone who reaches it can run code)
     #[arg(long, env = "ARL_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
+    /// Threads serving the HTTP API, each with its own event loop [default: the node's cores]
+    #[arg(long, env = "ARL_FRONT_THREADS")]
+    pub front_threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +73,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     #[serde(default)]
     allow_unauthenticated: bool,
+    front_threads: Option<usize>,
     #[serde(default)]
     pools: BTreeMap<String, PoolSpec>,
 }
@@ -87,6 +91,7 @@ pub struct Settings {
     pub registry: RegistryOptions,
     pub max_connections: usize,
     pub allow_unauthenticated: bool,
+    pub front_threads: usize,
     pub pools: BTreeMap<String, PoolSpec>,
 }
 
@@ -161,6 +166,11 @@ impl NodeArgs {
                 .unwrap_or(8192)
                 .max(1),
             allow_unauthenticated: self.allow_unauthenticated || file.allow_unauthenticated,
+            front_threads: self
+                .front_threads
+                .or(file.front_threads)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .clamp(1, 256),
             pools,
         })
     }

@@ -90,12 +90,13 @@ NEW_WORK = {
 
 def _close_objects(node: Any) -> None:
     """Sets `additionalProperties: false` on every object schema that names properties and does
-    not say otherwise. allOf members are left open (they only add constraints to a closed base)."""
+    not say otherwise. allOf members and if/then/else branches are left open (they only add
+    constraints to a closed base)."""
     if isinstance(node, dict):
         if "properties" in node and "additionalProperties" not in node:
             node["additionalProperties"] = False
         for key, value in node.items():
-            if key == "allOf":
+            if key in ("allOf", "if", "then", "else"):
                 continue
             if key == "properties" and isinstance(value, dict):
                 for sub in value.values():
