@@ -2,16 +2,23 @@
 //! API that hands them out and runs commands in them; the hot path never leaves this process
 //! and the sandboxes' agents.
 
+mod adopt;
 mod agent_client;
 mod auth;
 mod config;
 mod exec;
+mod housekeeping;
+mod lease;
 mod manager;
 mod metrics;
-mod once;
+pub(crate) mod once;
 mod pool;
+mod records;
+mod refill;
 mod sandbox;
 mod server;
+#[cfg(test)]
+mod testing;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +30,7 @@ use crate::runtime::containerd::{ContainerdConfig, ContainerdRuntime};
 use crate::runtime::multi::Runtimes;
 use crate::runtime::process::{ProcessConfig, ProcessRuntime};
 
-pub use config::NodeArgs;
+pub use config::{NodeArgs, NodeCommand};
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -31,6 +38,10 @@ pub enum NodeError {
     Config(String),
     #[error(transparent)]
     Runtime(#[from] crate::runtime::RuntimeError),
+    #[error(transparent)]
+    Records(#[from] records::RecordError),
+    #[error("start-up: {0}")]
+    Start(#[from] adopt::StartError),
     #[error("token file: {0}")]
     Auth(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -65,11 +76,15 @@ pub fn main(args: NodeArgs) -> i32 {
 }
 
 async fn run(args: NodeArgs) -> Result<(), NodeError> {
+    let command = args.command;
     let settings = args.resolve()?;
     // Sandboxes' agents re-parent to us when their launcher exits, so we can reap them.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
+    if command == Some(NodeCommand::Cleanup) {
+        return cleanup(&settings).await;
+    }
     // Bind first: a daemon that cannot serve must not touch any sandbox.
     let listener = std::net::TcpListener::bind(&settings.listen)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -77,6 +92,54 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
             addr: settings.listen.clone(),
             source,
         })?;
+    let runtime = runtimes(&settings).await?;
+    let records = records::Records::open(&settings.state_dir)?;
+    let auth = auth::Auth::new(settings.token_file.clone()).map_err(NodeError::Auth)?;
+    if !auth.enabled() {
+        tracing::warn!(
+            "NO AUTHENTICATION: no --token-file given, so anyone who can reach {} can run code in sandboxes",
+            settings.listen
+        );
+    }
+    let mgr = manager::Manager::new(
+        Arc::new(runtime),
+        auth,
+        settings.create_concurrency,
+        records,
+    );
+    let adopted = mgr.start(&settings.pools).await?;
+    if adopted != adopt::Adopted::default() {
+        tracing::info!(
+            allocated = adopted.allocated,
+            idle = adopted.idle,
+            lost = adopted.lost,
+            swept = adopted.swept,
+            "took back the sandboxes an earlier daemon left"
+        );
+    }
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        state_dir = %settings.state_dir.display(),
+        pools = settings.pools.len(),
+        runtime = mgr.runtime_kind(),
+        handover = settings.handover,
+        "arl node ready"
+    );
+    tokio::spawn(mgr.clone().housekeeping());
+    serve_front(listener, mgr.clone()).await?;
+    let mode = if settings.handover {
+        tracing::info!("shutting down: handing the sandboxes over to the next daemon");
+        manager::ShutdownMode::HandOver
+    } else {
+        tracing::info!("shutting down: destroying sandboxes");
+        manager::ShutdownMode::Stop
+    };
+    mgr.shutdown(mode).await;
+    Ok(())
+}
+
+/// The node's runtimes: always the process runtime; containerd when its socket answers.
+async fn runtimes(settings: &config::Settings) -> Result<Runtimes, NodeError> {
     let process = ProcessRuntime::new(ProcessConfig {
         state_dir: settings.state_dir.clone(),
         cgroup_parent: settings.cgroup_parent.clone(),
@@ -104,37 +167,18 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
     if let Err(reason) = &containerd {
         tracing::info!(%reason, "containerd runtime unavailable");
     }
-    let runtime = Runtimes::new(Arc::new(process), containerd);
-    let reclaimed = runtime.reclaim().await?;
-    if reclaimed > 0 {
-        tracing::warn!(
-            sandboxes = reclaimed,
-            "removed sandboxes left by an earlier daemon"
-        );
-    }
-    let auth = auth::Auth::new(settings.token_file.clone()).map_err(NodeError::Auth)?;
-    if !auth.enabled() {
-        tracing::warn!(
-            "NO AUTHENTICATION: no --token-file given, so anyone who can reach {} can run code in sandboxes",
-            settings.listen
-        );
-    }
-    let mgr = manager::Manager::new(Arc::new(runtime), auth, settings.create_concurrency);
-    for (name, spec) in &settings.pools {
-        mgr.put_pool(name, spec.clone())
-            .map_err(|e| NodeError::Config(format!("pool {name}: {}", e.message)))?;
-    }
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        state_dir = %settings.state_dir.display(),
-        pools = settings.pools.len(),
-        runtime = mgr.runtime_kind(),
-        "arl node ready"
-    );
-    tokio::spawn(mgr.clone().housekeeping());
-    serve_front(listener, mgr.clone()).await?;
-    tracing::info!("shutting down: destroying sandboxes");
-    mgr.shutdown().await;
+    Ok(Runtimes::new(Arc::new(process), containerd))
+}
+
+/// `arl node cleanup`: destroys every sandbox left on this state directory and forgets
+/// their records. The state directory's lock refuses it while a daemon runs there.
+async fn cleanup(settings: &config::Settings) -> Result<(), NodeError> {
+    let runtime = runtimes(settings).await?;
+    let records = records::Records::open(&settings.state_dir)?;
+    let n = runtime.reclaim().await?;
+    records.clear();
+    tracing::info!(sandboxes = n, "destroyed the sandboxes left on this state directory");
+    println!("removed {n} sandboxes");
     Ok(())
 }
 

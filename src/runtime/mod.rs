@@ -14,6 +14,7 @@ use std::pin::Pin;
 use thiserror::Error;
 
 use crate::api::PoolSpec;
+use crate::api::pools::RuntimeKind;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -26,6 +27,8 @@ pub enum RuntimeError {
     },
     #[error("creating a sandbox failed: {0}")]
     Create(String),
+    #[error("cannot take back sandbox {id}: {reason}")]
+    Adopt { id: String, reason: String },
     #[error("destroying sandbox {id} failed: {reason}")]
     Destroy { id: String, reason: String },
     #[error(transparent)]
@@ -66,6 +69,26 @@ pub trait Runtime: Send + Sync + 'static {
         paused: bool,
     ) -> BoxFuture<'a, Result<(), RuntimeError>>;
 
-    /// Removes what an earlier daemon on this host left behind; returns how many sandboxes.
+    /// Removes every sandbox of this state directory that the runtime does not hold (not
+    /// created nor adopted by this daemon): what an earlier daemon left and nobody took back,
+    /// or what a failed teardown left. Returns how many sandboxes.
     fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>>;
+
+    /// Takes back a sandbox that an earlier daemon on this state directory left running:
+    /// checks that it is the one that daemon made and that it is alive, and watches it again
+    /// (`exited`, `destroy`, `set_paused` work on it). An error means it cannot be vouched
+    /// for; the caller destroys it.
+    fn adopt<'a>(
+        &'a self,
+        id: &'a str,
+        kind: RuntimeKind,
+    ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+        let _ = (id, kind);
+        Box::pin(async move {
+            Err(RuntimeError::Unsupported {
+                runtime: self.kind(),
+                reason: "it cannot take back sandboxes after a restart".into(),
+            })
+        })
+    }
 }
