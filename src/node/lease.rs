@@ -69,20 +69,20 @@ impl Manager {
         let pool = self.pool(&req.pool)?;
         let spec = pool.spec();
         let lease = new_lease(owner, &spec, &req);
-        let (mut taken, missing) = pool
-            .state()
-            .lease(count, spec.max, &lease)
-            .map_err(|exhausted| {
-                let mut err = ApiError::new(
-                    ErrorCode::PoolExhausted,
-                    format!(
-                        "pool {:?} has {} idle and is at its limit of {} sandboxes",
-                        pool.name, exhausted.idle, spec.max
-                    ),
-                );
-                err.alternatives = Vec::new();
-                err
-            })?;
+        let (mut taken, missing) =
+            pool.state()
+                .lease(count, spec.max, &lease)
+                .map_err(|exhausted| {
+                    let mut err = ApiError::new(
+                        ErrorCode::PoolExhausted,
+                        format!(
+                            "pool {:?} has {} idle and is at its limit of {} sandboxes",
+                            pool.name, exhausted.idle, spec.max
+                        ),
+                    );
+                    err.alternatives = Vec::new();
+                    err
+                })?;
         pool.note_acquire();
         pool.refill.notify_one();
         if missing > 0 {

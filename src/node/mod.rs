@@ -9,6 +9,8 @@ mod config;
 mod exec;
 mod housekeeping;
 mod lease;
+#[cfg(test)]
+mod lease_tests;
 mod manager;
 mod metrics;
 pub(crate) mod once;
@@ -177,7 +179,10 @@ async fn cleanup(settings: &config::Settings) -> Result<(), NodeError> {
     let records = records::Records::open(&settings.state_dir)?;
     let n = runtime.reclaim().await?;
     records.clear();
-    tracing::info!(sandboxes = n, "destroyed the sandboxes left on this state directory");
+    tracing::info!(
+        sandboxes = n,
+        "destroyed the sandboxes left on this state directory"
+    );
     println!("removed {n} sandboxes");
     Ok(())
 }

@@ -51,6 +51,11 @@ impl PoolState {
         self.idle.len()
     }
 
+    #[cfg(test)]
+    pub fn idle_ids(&self) -> Vec<String> {
+        self.idle.iter().map(|sb| sb.id.clone()).collect()
+    }
+
     pub fn is_deleted(&self) -> bool {
         self.deleted
     }
@@ -114,7 +119,12 @@ impl PoolState {
 
     /// The creations reserved by [`lease`](Self::lease) ended: the `created` sandboxes (at
     /// most `reserved`) begin `lease` and are now allocated.
-    pub fn finish_lease_starts(&mut self, reserved: usize, created: &[Arc<Sandbox>], lease: &Lease) {
+    pub fn finish_lease_starts(
+        &mut self,
+        reserved: usize,
+        created: &[Arc<Sandbox>],
+        lease: &Lease,
+    ) {
         self.starting = self.starting.saturating_sub(reserved);
         for sb in created.iter().take(reserved) {
             sb.set_lease(Some(lease.clone()));
@@ -241,8 +251,10 @@ mod tests {
 
     #[test]
     fn a_lease_beyond_max_takes_nothing() {
-        let mut st = PoolState::default();
-        st.allocated = 2;
+        let mut st = PoolState {
+            allocated: 2,
+            ..PoolState::default()
+        };
         let lease = Lease {
             owner: None,
             env: Default::default(),

@@ -252,7 +252,11 @@ mod tests {
         fs::write(dir.join("records/sb-3.json"), b"{half").expect("write");
         fs::write(dir.join("records/.sb-4.tmp"), b"{}").expect("write");
         assert_eq!(records.load(), vec![leased.clone(), idle.clone()]);
-        let lease = leased.lease.as_ref().and_then(StoredLease::to_lease).expect("lease");
+        let lease = leased
+            .lease
+            .as_ref()
+            .and_then(StoredLease::to_lease)
+            .expect("lease");
         assert_eq!(lease.owner, Some([7u8; 32]));
         assert_eq!(lease.expires_at_ms, Some(9));
         records.remove("sb-1");

@@ -30,6 +30,10 @@ impl Manager {
                 }
                 tokio::time::sleep(Duration::from_millis(BURST_QUIET_MS - since)).await;
             }
+            // After failures, wait before trying again.
+            if let Some(delay) = pool.backoff() {
+                tokio::time::sleep(delay).await;
+            }
             if self.is_draining() || pool.state().is_deleted() {
                 return;
             }
@@ -42,9 +46,6 @@ impl Manager {
                     let _ = this.add_idle(&pool, created, true);
                     pool.refill.notify_one();
                 });
-            }
-            if let Some(delay) = pool.backoff() {
-                tokio::time::sleep(delay).await;
             }
             pool.refill.notified().await;
         }
@@ -88,7 +89,10 @@ impl Manager {
     /// Creates one sandbox for `pool` and waits until its agent answers. The caller accounts
     /// for it in the pool, registers it under the pool's lock, then watches it: a death
     /// before that is still seen, as the watch resolves at once for a dead sandbox.
-    pub(super) async fn create(self: &Arc<Self>, pool: &Arc<Pool>) -> Result<Arc<Sandbox>, ApiError> {
+    pub(super) async fn create(
+        self: &Arc<Self>,
+        pool: &Arc<Pool>,
+    ) -> Result<Arc<Sandbox>, ApiError> {
         let spec = pool.spec();
         let permit = self
             .create_permits

@@ -160,7 +160,11 @@ impl Runtime for FakeRuntime {
     }
 
     fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
-        let rx = self.live.lock_or_recover().get(id).map(|sb| sb.died.subscribe());
+        let rx = self
+            .live
+            .lock_or_recover()
+            .get(id)
+            .map(|sb| sb.died.subscribe());
         Box::pin(async move {
             if let Some(mut rx) = rx {
                 let _ = rx.wait_for(|dead| *dead).await;
