@@ -12,10 +12,16 @@ pub enum ErrorCode {
     Unauthorized,
     Forbidden,
     NotFound,
+    /// The path exists but does not take this method (the `Allow` header lists those it takes).
+    MethodNotAllowed,
     Conflict,
+    /// The sandbox was released (by its holder, or its lease ran out) while the request ran.
+    Released,
     PayloadTooLarge,
     PoolExhausted,
     SandboxUnavailable,
+    /// The node has too many open connections.
+    Overloaded,
     Draining,
     Internal,
 }
@@ -27,9 +33,13 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
             Self::Conflict => 409,
+            Self::Released => 410,
             Self::PayloadTooLarge => 413,
-            Self::PoolExhausted | Self::SandboxUnavailable | Self::Draining => 503,
+            Self::PoolExhausted | Self::SandboxUnavailable | Self::Overloaded | Self::Draining => {
+                503
+            }
             Self::Internal => 500,
         }
     }
@@ -38,7 +48,7 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            Self::PoolExhausted | Self::SandboxUnavailable | Self::Draining
+            Self::PoolExhausted | Self::SandboxUnavailable | Self::Overloaded | Self::Draining
         )
     }
 }

@@ -14,11 +14,13 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::{HeaderMap, Request, Response, StatusCode};
+use hyper::header::CONTENT_TYPE;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::sandbox::CachedReply;
 use crate::api::ApiError;
 use crate::http::{self, Body};
 use crate::quiet_unix::QuietUnixStream;
@@ -236,4 +238,32 @@ impl AgentClient {
             )))
         }
     }
+}
+
+/// A request for an agent, with a JSON content type.
+pub fn agent_request(method: Method, uri: &str, body: Body) -> Result<Request<Body>, ApiError> {
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(CONTENT_TYPE, "application/json")
+        .body(body)
+        .map_err(|e| ApiError::bad_request(format!("bad request line: {e}")))
+}
+
+/// A buffered agent reply, handed to the client as it is.
+pub fn reply(reply: CachedReply) -> Response<Body> {
+    Response::builder()
+        .status(reply.status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(http::full(reply.body))
+        .unwrap_or_else(|_| http::error(ApiError::internal("response")))
+}
+
+/// Hands an agent's streaming response to the client as it comes.
+pub fn passthrough(response: Response<Incoming>) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    Response::from_parts(
+        parts,
+        body.map_err(|e| Box::new(e) as http::BoxError).boxed(),
+    )
 }

@@ -47,6 +47,12 @@ pub struct NodeArgs {
     /// Registry credentials for pulls, as a Docker-style config.json (its `auths`)
     #[arg(long, global = true, env = "ARL_REGISTRY_AUTH_FILE")]
     pub registry_auth_file: Option<PathBuf>,
+    /// Client connections open at once at most; more are answered 503 `overloaded` [default: 8192]
+    #[arg(long, global = true, env = "ARL_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Serve without a token file on a non-loopback address (anyone who reaches it can run code)
+    #[arg(long, global = true, env = "ARL_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
     /// On SIGTERM, leave every sandbox running for the next daemon on this state directory
     /// (a restart or an upgrade) instead of destroying them all
     #[arg(long, global = true, env = "ARL_HANDOVER")]
@@ -75,6 +81,9 @@ struct FileConfig {
     #[serde(default)]
     insecure_registries: Vec<String>,
     registry_auth_file: Option<PathBuf>,
+    max_connections: Option<usize>,
+    #[serde(default)]
+    allow_unauthenticated: bool,
     handover: Option<bool>,
     #[serde(default)]
     pools: BTreeMap<String, PoolSpec>,
@@ -91,6 +100,8 @@ pub struct Settings {
     pub uid_base: u32,
     pub containerd_socket: PathBuf,
     pub registry: RegistryOptions,
+    pub max_connections: usize,
+    pub allow_unauthenticated: bool,
     pub pools: BTreeMap<String, PoolSpec>,
     /// Whether SIGTERM hands the sandboxes over to the next daemon (else destroys them).
     pub handover: bool,
@@ -161,6 +172,12 @@ impl NodeArgs {
                 .or(file.containerd_socket)
                 .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock")),
             registry,
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(8192)
+                .max(1),
+            allow_unauthenticated: self.allow_unauthenticated || file.allow_unauthenticated,
             pools,
             handover: self.handover || file.handover.unwrap_or(false),
         })

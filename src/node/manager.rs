@@ -6,12 +6,13 @@
 //! a small file: creation and destruction run in background tasks.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -70,7 +71,8 @@ pub struct Manager {
     pub(super) records: Records,
     pub metrics: Metrics,
     pub auth: Auth,
-    pub draining: AtomicBool,
+    /// Cancelled when the node starts shutting down: refills stop, new work is refused.
+    pub shutdown: CancellationToken,
 }
 
 impl Manager {
@@ -93,7 +95,7 @@ impl Manager {
             records,
             metrics: Metrics::new(),
             auth,
-            draining: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
         })
     }
 
@@ -101,8 +103,43 @@ impl Manager {
         self.runtime.kind()
     }
 
-    pub(super) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+    /// True once the node has started shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// Stops refills and refuses new work; running work goes on.
+    pub fn begin_drain(&self) {
+        self.shutdown.cancel();
+        for pool in snapshot(&self.pools) {
+            pool.refill.notify_one();
+        }
+    }
+
+    /// Why the node cannot serve new work right now, if it cannot: it is draining, or every
+    /// pool has no idle sandbox and its last creation failed.
+    pub fn unready_reason(&self) -> Option<String> {
+        if self.is_draining() {
+            return Some("the node is shutting down".into());
+        }
+        let pools = snapshot(&self.pools);
+        let mut failing = Vec::new();
+        for pool in &pools {
+            let st = pool.state();
+            if st.failures_in_row() == 0 || st.idle() > 0 {
+                return None;
+            }
+            let error = st.last_error().unwrap_or("unknown error");
+            failing.push(format!("pool {:?}: {error}", pool.name));
+        }
+        if failing.is_empty() {
+            return None;
+        }
+        failing.sort();
+        Some(format!(
+            "no pool can create sandboxes: {}",
+            failing.join("; ")
+        ))
     }
 
     pub(super) fn pool(&self, name: &str) -> Result<Arc<Pool>, ApiError> {
@@ -313,7 +350,7 @@ impl Manager {
     /// way finish, then destroys every sandbox (`Stop`) or leaves them all running and
     /// recorded for the next daemon (`HandOver`).
     pub async fn shutdown(self: &Arc<Self>, mode: ShutdownMode) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.shutdown.cancel();
         let pools = snapshot(&self.pools);
         for pool in &pools {
             if mode == ShutdownMode::Stop {

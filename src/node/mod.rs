@@ -6,7 +6,6 @@ mod adopt;
 mod agent_client;
 mod auth;
 mod config;
-mod exec;
 mod housekeeping;
 mod lease;
 #[cfg(test)]
@@ -17,6 +16,7 @@ pub(crate) mod once;
 mod pool;
 mod records;
 mod refill;
+mod routes;
 mod sandbox;
 mod server;
 #[cfg(test)]
@@ -98,6 +98,12 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
     let records = records::Records::open(&settings.state_dir)?;
     let auth = auth::Auth::new(settings.token_file.clone()).map_err(NodeError::Auth)?;
     if !auth.enabled() {
+        let local = listener.local_addr()?;
+        if !local.ip().is_loopback() && !settings.allow_unauthenticated {
+            return Err(NodeError::Config(format!(
+                "refusing to serve an unauthenticated API on {local}: anyone who can reach it could run code in sandboxes; give --token-file, listen on a loopback address, or pass --allow-unauthenticated"
+            )));
+        }
         tracing::warn!(
             "NO AUTHENTICATION: no --token-file given, so anyone who can reach {} can run code in sandboxes",
             settings.listen
@@ -128,7 +134,7 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
         "arl node ready"
     );
     tokio::spawn(mgr.clone().housekeeping());
-    serve_front(listener, mgr.clone()).await?;
+    serve_front(listener, mgr.clone(), settings.max_connections).await?;
     let mode = if settings.handover {
         tracing::info!("shutting down: handing the sandboxes over to the next daemon");
         manager::ShutdownMode::HandOver
@@ -195,6 +201,7 @@ async fn cleanup(settings: &config::Settings) -> Result<(), NodeError> {
 async fn serve_front(
     listener: std::net::TcpListener,
     mgr: Arc<manager::Manager>,
+    max_connections: usize,
 ) -> Result<(), NodeError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -206,7 +213,7 @@ async fn serve_front(
                 .and_then(|front| {
                     front.block_on(async {
                         let listener = tokio::net::TcpListener::from_std(listener)?;
-                        server::serve(listener, mgr, shutdown_signal()).await;
+                        server::serve(listener, mgr, max_connections, shutdown_signal()).await;
                         Ok(())
                     })
                 });

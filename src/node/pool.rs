@@ -56,6 +56,14 @@ impl PoolState {
         self.idle.iter().map(|sb| sb.id.clone()).collect()
     }
 
+    pub fn failures_in_row(&self) -> u32 {
+        self.failures_in_row
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
     pub fn is_deleted(&self) -> bool {
         self.deleted
     }

@@ -1,81 +1,150 @@
-//! The node's HTTP API: routing, authentication, proxying to agents, metrics per route.
+//! The node's HTTP front: accepts connections (at most `max_connections` at once), serves each
+//! request through [`routes`](super::routes) inside a span with its latency recorded, and
+//! drains on shutdown: the listener stays open, new work is answered 503 `draining`, and the
+//! front closes once the work already running has finished.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{CONNECTION, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::agent_client::AGENT_TIMEOUT;
-use super::auth::Owner;
 use super::manager::Manager;
-use super::sandbox::{CachedReply, Sandbox};
-use crate::api::files::MAX_BATCH_BYTES;
-use crate::api::{AcquireRequest, ApiError, ErrorCode, PoolList, PoolSpec, SandboxList};
-use crate::http::{self, Body, MAX_JSON_BODY};
+use super::routes;
+use crate::api::{ApiError, ErrorCode};
+use crate::http::{self, Body};
 
-/// How long a streamed file upload may take.
-const UPLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
-/// How long in-flight requests may run on after a shutdown signal.
+/// How long the work running at shutdown may take to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connections may take to close once the work is done.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a request's head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Accepts connections until `shutdown` resolves, then lets in-flight requests finish.
+/// Accepts connections until `shutdown` resolves, then drains (see the module's comment).
 pub async fn serve(
     listener: TcpListener,
     mgr: Arc<Manager>,
+    max_connections: usize,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let front = Front {
+        mgr,
+        connections: Arc::new(Semaphore::new(max_connections.max(1))),
+        work: TaskTracker::new(),
+        graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+    };
     tokio::pin!(shutdown);
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        tokio::select! {
+            accepted = listener.accept() => front.accepted(accepted).await,
             () = &mut shutdown => break,
-        };
+        }
+    }
+    front.mgr.begin_drain();
+    front.work.close();
+    let drained = tokio::time::sleep(DRAIN_TIMEOUT);
+    tokio::pin!(drained);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => front.accepted(accepted).await,
+            () = front.work.wait() => break,
+            () = &mut drained => {
+                tracing::warn!(running = front.work.len(), "work still running after 30 s; stopping anyway");
+                break;
+            }
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = front.graceful.shutdown() => {}
+        () = tokio::time::sleep(CLOSE_TIMEOUT) => tracing::warn!("connections still open after the drain; closing them"),
+    }
+}
+
+struct Front {
+    mgr: Arc<Manager>,
+    /// One permit per open connection.
+    connections: Arc<Semaphore>,
+    /// Requests (and the commands they started) in flight; shutdown waits for them.
+    work: TaskTracker,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+}
+
+impl Front {
+    async fn accepted(&self, accepted: std::io::Result<(TcpStream, std::net::SocketAddr)>) {
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of descriptors, typically: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+                return;
             }
         };
         let _ = stream.set_nodelay(true);
-        let mgr = mgr.clone();
+        let io = TokioIo::new(stream);
+        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+            // Full: a clear answer on this connection, then it closes.
+            let busy = service_fn(|_req: Request<Incoming>| async {
+                Ok::<_, std::convert::Infallible>(too_many_connections())
+            });
+            let conn = http1::Builder::new()
+                .keep_alive(false)
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, busy);
+            tokio::spawn(conn);
+            return;
+        };
+        let mgr = self.mgr.clone();
+        let work = self.work.clone();
         let service = service_fn(move |req| {
             let mgr = mgr.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(mgr, req).await) }
+            let token = work.token();
+            async move { Ok::<_, std::convert::Infallible>(handle(mgr, req, token).await) }
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .serve_connection(TokioIo::new(stream), service);
-        tokio::spawn(graceful.watch(conn));
-    }
-    drop(listener);
-    mgr.draining.store(true, Ordering::Relaxed);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("in-flight requests still running after 30 s; stopping anyway"),
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(io, service);
+        let conn = self.graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
     }
 }
 
-async fn handle(mgr: Arc<Manager>, req: Request<Incoming>) -> Response<Body> {
+fn too_many_connections() -> Response<Body> {
+    let mut response = http::error(ApiError::new(
+        ErrorCode::Overloaded,
+        "the node has too many open connections; retry, or reuse a kept-alive connection",
+    ));
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+async fn handle(
+    mgr: Arc<Manager>,
+    req: Request<Incoming>,
+    work: tokio_util::task::task_tracker::TaskTrackerToken,
+) -> Response<Body> {
     let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let span = tracing::info_span!("request", %method, %path);
-    let (route, result) = route(&mgr, req).instrument(span.clone()).await;
-    let response = result.unwrap_or_else(http::error);
+    let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path());
+    let (route, response) = routes::route(&mgr, req, work)
+        .instrument(span.clone())
+        .await;
     let status = response.status();
     mgr.metrics
         .http_seconds
@@ -89,272 +158,4 @@ async fn handle(mgr: Arc<Manager>, req: Request<Incoming>) -> Response<Body> {
         )
     });
     response
-}
-
-type Routed = (&'static str, Result<Response<Body>, ApiError>);
-
-async fn route(mgr: &Arc<Manager>, req: Request<Incoming>) -> Routed {
-    let path = req.uri().path().to_string();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let method = req.method().clone();
-    match (method.clone(), segments.as_slice()) {
-        (Method::GET, ["healthz"]) => (
-            "/healthz",
-            Ok(http::json(
-                StatusCode::OK,
-                &serde_json::json!({"status": "ok"}),
-            )),
-        ),
-        (Method::GET, ["readyz"]) => ("/readyz", Ok(readyz(mgr))),
-        (Method::GET, ["metrics"]) => ("/metrics", Ok(metrics(mgr))),
-        (_, ["v1", rest @ ..]) => {
-            let owner = match mgr.auth.check(
-                req.headers()
-                    .get(AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok()),
-            ) {
-                Ok(owner) => owner,
-                Err(e) => return ("/v1/*", Err(e)),
-            };
-            v1(mgr, owner, method, rest, req).await
-        }
-        _ => (
-            "other",
-            Err(ApiError::not_found(format!("no route {method} {path}"))),
-        ),
-    }
-}
-
-async fn v1(
-    mgr: &Arc<Manager>,
-    owner: Owner,
-    method: Method,
-    rest: &[&str],
-    req: Request<Incoming>,
-) -> Routed {
-    match (method, rest) {
-        (Method::GET, ["pools"]) => (
-            "/v1/pools",
-            Ok(http::json(
-                StatusCode::OK,
-                &PoolList {
-                    pools: mgr.pool_views(),
-                },
-            )),
-        ),
-        (Method::GET, ["pools", name]) => (
-            "/v1/pools/{name}",
-            mgr.pool_view(name).map(|v| http::json(StatusCode::OK, &v)),
-        ),
-        (Method::PUT, ["pools", name]) => ("/v1/pools/{name}", put_pool(mgr, name, req).await),
-        (Method::DELETE, ["pools", name]) => (
-            "/v1/pools/{name}",
-            mgr.delete_pool(name).map(|()| http::no_content()),
-        ),
-        (Method::POST, ["sandboxes"]) => ("/v1/sandboxes", acquire(mgr, owner, req).await),
-        (Method::GET, ["sandboxes"]) => (
-            "/v1/sandboxes",
-            Ok(http::json(
-                StatusCode::OK,
-                &SandboxList {
-                    sandboxes: mgr.list(&owner),
-                },
-            )),
-        ),
-        // Before the lookup: releasing a sandbox that already died is not an error.
-        (Method::DELETE, ["sandboxes", id]) => (
-            "/v1/sandboxes/{id}",
-            mgr.release(id, &owner).map(|()| http::no_content()),
-        ),
-        (method, ["sandboxes", id, tail @ ..]) => {
-            let sb = match mgr.sandbox(id, &owner) {
-                Ok(sb) => sb,
-                Err(e) => return ("/v1/sandboxes/{id}", Err(e)),
-            };
-            sandbox_route(mgr, sb, method, tail, req).await
-        }
-        (method, _) => (
-            "other",
-            Err(ApiError::not_found(format!(
-                "no route {method} /v1/{}",
-                rest.join("/")
-            ))),
-        ),
-    }
-}
-
-async fn sandbox_route(
-    mgr: &Arc<Manager>,
-    sb: Arc<Sandbox>,
-    method: Method,
-    tail: &[&str],
-    req: Request<Incoming>,
-) -> Routed {
-    let touches_agent = !matches!(
-        (&method, tail),
-        (&Method::GET, []) | (&Method::POST, ["pause" | "resume"])
-    );
-    if touches_agent && sb.paused.load(Ordering::Relaxed) {
-        return (
-            "/v1/sandboxes/{id}",
-            Err(ApiError::new(
-                ErrorCode::Conflict,
-                "the sandbox is paused; resume it first",
-            )),
-        );
-    }
-    match (method, tail) {
-        (Method::GET, []) => (
-            "/v1/sandboxes/{id}",
-            Ok(http::json(StatusCode::OK, &sb.info())),
-        ),
-        (Method::POST, ["exec"]) => (
-            "/v1/sandboxes/{id}/exec",
-            super::exec::exec(mgr, sb, req).await,
-        ),
-        (Method::PUT | Method::GET | Method::DELETE | Method::POST, ["files"]) => {
-            ("/v1/sandboxes/{id}/files", files(sb, req).await)
-        }
-        (Method::POST, ["reset"]) => ("/v1/sandboxes/{id}/reset", reset(mgr, sb).await),
-        (Method::POST, ["pause"]) => (
-            "/v1/sandboxes/{id}/pause",
-            mgr.set_paused(&sb, true)
-                .await
-                .map(|()| http::json(StatusCode::OK, &sb.info())),
-        ),
-        (Method::POST, ["resume"]) => (
-            "/v1/sandboxes/{id}/resume",
-            mgr.set_paused(&sb, false)
-                .await
-                .map(|()| http::json(StatusCode::OK, &sb.info())),
-        ),
-        (method, _) => (
-            "other",
-            Err(ApiError::not_found(format!(
-                "no route {method} /v1/sandboxes/{{id}}/{}",
-                tail.join("/")
-            ))),
-        ),
-    }
-}
-
-fn readyz(mgr: &Manager) -> Response<Body> {
-    if mgr.draining.load(Ordering::Relaxed) {
-        http::error(ApiError::new(
-            ErrorCode::Draining,
-            "the node is shutting down",
-        ))
-    } else {
-        http::json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
-    }
-}
-
-fn metrics(mgr: &Manager) -> Response<Body> {
-    mgr.update_gauges();
-    Response::builder()
-        .header(CONTENT_TYPE, "text/plain; version=0.0.4")
-        .body(http::full(mgr.metrics.render()))
-        .unwrap_or_else(|_| http::error(ApiError::internal("metrics")))
-}
-
-async fn put_pool(
-    mgr: &Arc<Manager>,
-    name: &str,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    let spec: PoolSpec = http::read_json(req, MAX_JSON_BODY).await?;
-    mgr.put_pool(name, spec)?;
-    Ok(http::json(StatusCode::OK, &mgr.pool_view(name)?))
-}
-
-async fn acquire(
-    mgr: &Arc<Manager>,
-    owner: Owner,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    let acquire: AcquireRequest = http::read_json(req, MAX_JSON_BODY).await?;
-    let sandboxes = mgr.acquire(owner, acquire).await?;
-    Ok(http::json(StatusCode::CREATED, &SandboxList { sandboxes }))
-}
-
-pub(super) fn agent_request(
-    method: Method,
-    uri: &str,
-    body: Body,
-) -> Result<Request<Body>, ApiError> {
-    Request::builder()
-        .method(method)
-        .uri(uri)
-        .header(CONTENT_TYPE, "application/json")
-        .body(body)
-        .map_err(|e| ApiError::bad_request(format!("bad request line: {e}")))
-}
-
-pub(super) fn reply(reply: CachedReply) -> Response<Body> {
-    Response::builder()
-        .status(reply.status)
-        .header(CONTENT_TYPE, "application/json")
-        .body(http::full(reply.body))
-        .unwrap_or_else(|_| http::error(ApiError::internal("response")))
-}
-
-/// Hands an agent's streaming response to the client as it comes.
-pub(super) fn passthrough(response: Response<Incoming>) -> Response<Body> {
-    let (parts, body) = response.into_parts();
-    Response::from_parts(
-        parts,
-        body.map_err(|e| Box::new(e) as http::BoxError).boxed(),
-    )
-}
-
-async fn files(sb: Arc<Sandbox>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let uri = match req.uri().query() {
-        Some(q) => format!("/files?{q}"),
-        None => "/files".to_string(),
-    };
-    sb.touch();
-    let method = req.method().clone();
-    match method {
-        Method::POST => {
-            let body = http::read_body(req.into_body(), MAX_BATCH_BYTES).await?;
-            let r = sb
-                .agent
-                .call(
-                    agent_request(Method::POST, &uri, http::full(body))?,
-                    1 << 20,
-                )
-                .await?;
-            Ok(reply(CachedReply {
-                status: r.status,
-                body: r.body,
-            }))
-        }
-        Method::PUT => {
-            let length = req.headers().get(CONTENT_LENGTH).cloned();
-            let body = req
-                .into_body()
-                .map_err(|e| Box::new(e) as http::BoxError)
-                .boxed();
-            let mut agent_req = agent_request(Method::PUT, &uri, body)?;
-            if let Some(length) = length {
-                agent_req.headers_mut().insert(CONTENT_LENGTH, length);
-            }
-            // Its answer comes after the whole upload: allow for a large, slow one.
-            Ok(passthrough(
-                sb.agent.stream(agent_req, UPLOAD_TIMEOUT).await?,
-            ))
-        }
-        _ => Ok(passthrough(
-            sb.agent
-                .stream(agent_request(method, &uri, http::empty())?, AGENT_TIMEOUT)
-                .await?,
-        )),
-    }
-}
-
-async fn reset(mgr: &Arc<Manager>, sb: Arc<Sandbox>) -> Result<Response<Body>, ApiError> {
-    mgr.reset_agent(&sb).await?;
-    sb.execs.clear();
-    sb.touch();
-    Ok(http::json(StatusCode::OK, &sb.info()))
 }

@@ -24,6 +24,8 @@ pub struct Daemon {
     child: Option<Child>,
     config: Option<String>,
     args: Vec<String>,
+    /// The address the daemon listens on.
+    host: String,
 }
 
 /// A directory removed on drop.
@@ -154,6 +156,11 @@ impl Options {
 
 impl Daemon {
     pub async fn start(opts: Options) -> Self {
+        Self::start_on("127.0.0.1", opts).await
+    }
+
+    /// Starts a daemon listening on `host` (clients still connect over loopback).
+    pub async fn start_on(host: &str, opts: Options) -> Self {
         let dir = tempdir::TempDir::new("node");
         let mut bytes = [0u8; 4];
         tempdir::getrandom(&mut bytes);
@@ -166,6 +173,7 @@ impl Daemon {
             child: None,
             config: opts.runtime.config(opts.config),
             args: opts.args,
+            host: host.to_string(),
         };
         if !opts.tokens.is_empty() {
             std::fs::write(daemon.dir.path().join("tokens"), opts.tokens.join("\n"))
@@ -176,6 +184,22 @@ impl Daemon {
         }
         daemon.spawn().await;
         daemon
+    }
+
+    /// A client of a daemon started elsewhere (for requests from other tasks); it starts and
+    /// stops nothing.
+    pub fn attach(port: u16) -> Self {
+        Self {
+            port,
+            dir: tempdir::TempDir::new("client"),
+            cgroup_parent: String::new(),
+            token: None,
+            runtime: Runtime::default(),
+            child: None,
+            config: None,
+            args: Vec::new(),
+            host: "127.0.0.1".into(),
+        }
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -191,7 +215,7 @@ impl Daemon {
         let mut cmd = Command::new(BIN);
         cmd.arg("node")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.host, self.port))
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--cgroup-parent")
@@ -215,7 +239,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok((StatusCode::OK, _)) =
-                self.request_raw(Method::GET, "/readyz", None, None).await
+                self.request_raw(Method::GET, "/healthz", None, None).await
             {
                 return;
             }
@@ -539,6 +563,9 @@ pub fn rss_kib(pid: i32) -> u64 {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.terminate();
+        if self.cgroup_parent.is_empty() {
+            return;
+        }
         for hierarchy in cgroup_roots() {
             let _ = std::fs::remove_dir(hierarchy.join(&self.cgroup_parent));
         }

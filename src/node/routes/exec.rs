@@ -17,15 +17,17 @@ use hyper::header::{ACCEPT, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::watch;
 
-use super::agent_client::AGENT_TIMEOUT;
-use super::manager::Manager;
-use super::once::{self, Claim};
-use super::sandbox::{CachedReply, Sandbox};
-use super::server::{agent_request, passthrough, reply};
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
 use crate::api::{
     ApiError, ErrorCode, ExecEvent, ExecOutcome, ExecRequest, ExecResult, NDJSON, OUTCOME_HEADER,
 };
 use crate::http::{self, Body, ChannelBody, ndjson_line};
+use crate::node::agent_client::{AGENT_TIMEOUT, agent_request, passthrough, reply};
+use crate::node::auth::Owner;
+use crate::node::manager::Manager;
+use crate::node::once::{self, Claim};
+use crate::node::sandbox::{CachedReply, Sandbox};
 
 /// Largest exec request (it may carry stdin).
 const MAX_EXEC_BODY: usize = 16 << 20;
@@ -39,7 +41,9 @@ type Publish = Option<(String, watch::Sender<Option<CachedReply>>)>;
 pub async fn exec(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
+    owner: Owner,
     req: Request<Incoming>,
+    work: TaskTrackerToken,
 ) -> Result<Response<Body>, ApiError> {
     let streaming = http::wants_ndjson(&req);
     let mut exec_req: ExecRequest = http::read_json(req, MAX_EXEC_BODY).await?;
@@ -65,12 +69,14 @@ pub async fn exec(
     };
     let started = Instant::now();
     if streaming {
-        return stream(mgr, sb, body, publish, started).await;
+        return stream(mgr, sb, &owner, body, publish, started, work).await;
     }
     let run = {
         let mgr = mgr.clone();
         let sb = sb.clone();
         tokio::spawn(async move {
+            // Held until the command's end, even if the client goes: a draining node waits.
+            let _work = work;
             let result = match agent_request(Method::POST, "/exec", http::full(body)) {
                 Ok(r) => {
                     sb.agent
@@ -107,8 +113,29 @@ pub async fn exec(
     };
     let (cached, _permit) = run
         .await
-        .map_err(|e| ApiError::internal(format!("exec task failed: {e}")))??;
+        .map_err(|e| ApiError::internal(format!("exec task failed: {e}")))?
+        .map_err(|e| explain(mgr, &sb, &owner, e))?;
     Ok(reply(cached))
+}
+
+/// Says why an agent stopped answering when the manager knows: a sandbox released while the
+/// command ran (by its holder from another connection, or at the end of its lease) answers
+/// `released`, which a retry cannot fix; one that died says how.
+fn explain(mgr: &Manager, sb: &Sandbox, owner: &Owner, err: ApiError) -> ApiError {
+    if err.code != ErrorCode::SandboxUnavailable {
+        return err;
+    }
+    match mgr.sandbox(&sb.id, owner) {
+        Err(e) if e.code == ErrorCode::NotFound => ApiError::new(
+            ErrorCode::Released,
+            format!(
+                "sandbox {} was released while the command ran; the command was stopped",
+                sb.id
+            ),
+        ),
+        Err(died) => died,
+        Ok(_) => err,
+    }
 }
 
 fn record(mgr: &Manager, sb: &Sandbox, outcome: ExecOutcome, started: Instant) {
@@ -184,9 +211,11 @@ fn answer(cached: CachedReply, streaming: bool) -> Response<Body> {
 async fn stream(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
+    owner: &Owner,
     body: Vec<u8>,
     publish: Publish,
     started: Instant,
+    work: TaskTrackerToken,
 ) -> Result<Response<Body>, ApiError> {
     let mut agent_req = agent_request(Method::POST, "/exec", http::full(body))?;
     agent_req
@@ -200,12 +229,20 @@ async fn stream(
         }
         Err(e) => {
             finish(&sb, publish, None);
-            return Err(e);
+            return Err(explain(mgr, &sb, owner, e));
         }
     };
     let (parts, agent_body) = response.into_parts();
     let (tx, body) = ChannelBody::channel(16);
-    tokio::spawn(relay(mgr.clone(), sb, agent_body, tx, publish, started));
+    tokio::spawn(relay(
+        mgr.clone(),
+        sb,
+        agent_body,
+        tx,
+        publish,
+        started,
+        work,
+    ));
     Ok(Response::from_parts(parts, body))
 }
 
@@ -219,6 +256,8 @@ async fn relay(
     tx: tokio::sync::mpsc::Sender<Result<Bytes, http::BoxError>>,
     publish: Publish,
     started: Instant,
+    // Held until the command's end: a draining node waits for it.
+    _work: TaskTrackerToken,
 ) {
     let mut client = Some(tx);
     let mut events = Rebuild::default();

@@ -1,0 +1,261 @@
+//! The node's HTTP API, one module per resource.
+//!
+//! [`route`] reads a request top to bottom: the path names a resource (unknown: 404), the method
+//! must be one the resource declares (else 405 with `Allow`), `/v1` requests are authenticated,
+//! and while the node drains, new work is refused with a retryable 503 `draining`.
+
+mod exec;
+mod files;
+mod health;
+mod pools;
+mod sandboxes;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, AUTHORIZATION, HeaderValue};
+use hyper::{Method, Request, Response};
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use super::auth::Owner;
+use super::manager::Manager;
+use super::sandbox::Sandbox;
+use crate::api::{ApiError, ErrorCode};
+use crate::http::{self, Body};
+
+/// What a request is about, decoded from its path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route<'a> {
+    Healthz,
+    Readyz,
+    Metrics,
+    Pools,
+    Pool(&'a str),
+    Sandboxes,
+    Sandbox(&'a str),
+    Exec(&'a str),
+    Files(&'a str),
+    Reset(&'a str),
+    Pause(&'a str),
+    Resume(&'a str),
+}
+
+impl<'a> Route<'a> {
+    /// The resource a path names, if any.
+    pub fn parse(path: &'a str) -> Option<Self> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        Some(match segments.as_slice() {
+            ["healthz"] => Self::Healthz,
+            ["readyz"] => Self::Readyz,
+            ["metrics"] => Self::Metrics,
+            ["v1", "pools"] => Self::Pools,
+            ["v1", "pools", name] => Self::Pool(name),
+            ["v1", "sandboxes"] => Self::Sandboxes,
+            ["v1", "sandboxes", id] => Self::Sandbox(id),
+            ["v1", "sandboxes", id, "exec"] => Self::Exec(id),
+            ["v1", "sandboxes", id, "files"] => Self::Files(id),
+            ["v1", "sandboxes", id, "reset"] => Self::Reset(id),
+            ["v1", "sandboxes", id, "pause"] => Self::Pause(id),
+            ["v1", "sandboxes", id, "resume"] => Self::Resume(id),
+            _ => return None,
+        })
+    }
+
+    /// The path template: the `route` label of the request metrics (never an id or a name).
+    pub fn template(&self) -> &'static str {
+        match self {
+            Self::Healthz => "/healthz",
+            Self::Readyz => "/readyz",
+            Self::Metrics => "/metrics",
+            Self::Pools => "/v1/pools",
+            Self::Pool(_) => "/v1/pools/{name}",
+            Self::Sandboxes => "/v1/sandboxes",
+            Self::Sandbox(_) => "/v1/sandboxes/{id}",
+            Self::Exec(_) => "/v1/sandboxes/{id}/exec",
+            Self::Files(_) => "/v1/sandboxes/{id}/files",
+            Self::Reset(_) => "/v1/sandboxes/{id}/reset",
+            Self::Pause(_) => "/v1/sandboxes/{id}/pause",
+            Self::Resume(_) => "/v1/sandboxes/{id}/resume",
+        }
+    }
+
+    /// The methods the resource declares (also in `docs/openapi.yaml`).
+    pub fn methods(&self) -> &'static [Method] {
+        match self {
+            Self::Healthz | Self::Readyz | Self::Metrics | Self::Pools => &[Method::GET],
+            Self::Pool(_) => &[Method::GET, Method::PUT, Method::DELETE],
+            Self::Sandboxes => &[Method::GET, Method::POST],
+            Self::Sandbox(_) => &[Method::GET, Method::DELETE],
+            Self::Exec(_) | Self::Reset(_) | Self::Pause(_) | Self::Resume(_) => &[Method::POST],
+            Self::Files(_) => &[Method::GET, Method::PUT, Method::POST, Method::DELETE],
+        }
+    }
+
+    /// Whether this request starts new work, which a draining node refuses. Reads, releases
+    /// and pool deletions stay open so that clients can wind down.
+    fn is_new_work(&self, method: &Method) -> bool {
+        !matches!(
+            (self, method),
+            (_, &Method::GET | &Method::HEAD | &Method::DELETE)
+        )
+    }
+}
+
+/// The route's metrics label and the response.
+pub type Routed = (&'static str, Response<Body>);
+
+/// Serves one request. `work` is held while new work runs, so a draining node can wait for it.
+pub async fn route(mgr: &Arc<Manager>, req: Request<Incoming>, work: TaskTrackerToken) -> Routed {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let Some(route) = Route::parse(&path) else {
+        let err = ApiError::not_found(format!("no route {method} {path}"));
+        return ("other", http::error(err));
+    };
+    let label = route.template();
+    if !route.methods().contains(&method) {
+        return (label, method_not_allowed(&route, &method));
+    }
+    let result = match route {
+        Route::Healthz => Ok(health::healthz()),
+        Route::Readyz => Ok(health::readyz(mgr)),
+        Route::Metrics => Ok(health::metrics(mgr)),
+        ref v1 => match authenticate(mgr, &req) {
+            Err(e) => Err(e),
+            Ok(_) if v1.is_new_work(&method) && mgr.is_draining() => Err(ApiError::new(
+                ErrorCode::Draining,
+                "the node is shutting down and takes no new work; retry on another node",
+            )),
+            Ok(owner) => self::v1(mgr, owner, v1.clone(), req, work).await,
+        },
+    };
+    (label, result.unwrap_or_else(http::error))
+}
+
+fn authenticate(mgr: &Manager, req: &Request<Incoming>) -> Result<Owner, ApiError> {
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    mgr.auth.check(header)
+}
+
+fn method_not_allowed(route: &Route<'_>, method: &Method) -> Response<Body> {
+    let allowed: Vec<&str> = route.methods().iter().map(Method::as_str).collect();
+    let allow = allowed.join(", ");
+    let mut response = http::error(ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!(
+            "{} does not take {method}; it takes {allow}",
+            route.template()
+        ),
+    ));
+    if let Ok(value) = HeaderValue::from_str(&allow) {
+        response.headers_mut().insert(ALLOW, value);
+    }
+    response
+}
+
+async fn v1(
+    mgr: &Arc<Manager>,
+    owner: Owner,
+    route: Route<'_>,
+    req: Request<Incoming>,
+    work: TaskTrackerToken,
+) -> Result<Response<Body>, ApiError> {
+    match route {
+        Route::Pools => Ok(pools::list(mgr)),
+        Route::Pool(name) => pools::handle(mgr, name, req).await,
+        Route::Sandboxes if req.method() == Method::POST => {
+            sandboxes::acquire(mgr, owner, req).await
+        }
+        Route::Sandboxes => Ok(sandboxes::list(mgr, &owner)),
+        // Before the lookup: releasing a sandbox that already died is not an error.
+        Route::Sandbox(id) if req.method() == Method::DELETE => sandboxes::release(mgr, id, &owner),
+        Route::Sandbox(id) => lookup(mgr, id, &owner).map(|sb| sandboxes::info(&sb)),
+        Route::Exec(id) => {
+            let sb = usable(mgr, id, &owner)?;
+            exec::exec(mgr, sb, owner, req, work).await
+        }
+        Route::Files(id) => files::files(usable(mgr, id, &owner)?, req).await,
+        Route::Reset(id) => sandboxes::reset(mgr, usable(mgr, id, &owner)?).await,
+        Route::Pause(id) => sandboxes::set_paused(mgr, lookup(mgr, id, &owner)?, true).await,
+        Route::Resume(id) => sandboxes::set_paused(mgr, lookup(mgr, id, &owner)?, false).await,
+        Route::Healthz | Route::Readyz | Route::Metrics => {
+            Err(ApiError::internal("health routes are not under /v1"))
+        }
+    }
+}
+
+fn lookup(mgr: &Manager, id: &str, owner: &Owner) -> Result<Arc<Sandbox>, ApiError> {
+    mgr.sandbox(id, owner)
+}
+
+/// A sandbox whose agent may be called: a paused one must be resumed first.
+fn usable(mgr: &Manager, id: &str, owner: &Owner) -> Result<Arc<Sandbox>, ApiError> {
+    let sb = lookup(mgr, id, owner)?;
+    if sb.paused.load(Ordering::Relaxed) {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "the sandbox is paused; resume it first",
+        ));
+    }
+    Ok(sb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_resources_and_templates_hide_ids() {
+        assert_eq!(
+            Route::parse("/v1/sandboxes/abc/exec"),
+            Some(Route::Exec("abc"))
+        );
+        assert_eq!(Route::parse("/v1/pools/"), Some(Route::Pools));
+        assert_eq!(Route::parse("/v1/sandboxes/a/b/c"), None);
+        assert_eq!(Route::parse("/nope"), None);
+        assert_eq!(
+            Route::Exec("abc").template(),
+            "/v1/sandboxes/{id}/exec",
+            "no id in a metric label"
+        );
+    }
+
+    #[test]
+    fn every_resource_declares_its_methods() {
+        for path in [
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/v1/pools",
+            "/v1/pools/p",
+            "/v1/sandboxes",
+            "/v1/sandboxes/s",
+            "/v1/sandboxes/s/exec",
+            "/v1/sandboxes/s/files",
+            "/v1/sandboxes/s/reset",
+            "/v1/sandboxes/s/pause",
+            "/v1/sandboxes/s/resume",
+        ] {
+            let route = Route::parse(path).expect(path);
+            assert!(!route.methods().is_empty(), "{path}");
+        }
+        assert!(!Route::Exec("s").methods().contains(&Method::GET));
+        let response = method_not_allowed(&Route::Sandbox("s"), &Method::PUT);
+        assert_eq!(response.status(), 405);
+        assert_eq!(response.headers()[ALLOW], "GET, DELETE");
+    }
+
+    #[test]
+    fn draining_refuses_new_work_only() {
+        assert!(Route::Exec("s").is_new_work(&Method::POST));
+        assert!(Route::Sandboxes.is_new_work(&Method::POST));
+        assert!(Route::Pool("p").is_new_work(&Method::PUT));
+        assert!(!Route::Sandbox("s").is_new_work(&Method::DELETE));
+        assert!(!Route::Sandboxes.is_new_work(&Method::GET));
+        assert!(!Route::Pool("p").is_new_work(&Method::DELETE));
+    }
+}

@@ -1,0 +1,297 @@
+//! HTTP conformance and node readiness: 405 with `Allow`, readiness that says why, draining
+//! that answers instead of refusing connections, the connection cap, an exec cut short by a
+//! release, and no unauthenticated API on a reachable address.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Daemon, Options};
+use hyper::{Method, StatusCode};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeclared_methods_answer_405_with_allow() {
+    let d = Daemon::start(Options::default()).await;
+    for (method, path, allow) in [
+        (Method::PUT, "/v1/sandboxes/sb-x", "GET, DELETE"),
+        (Method::GET, "/v1/sandboxes/sb-x/exec", "POST"),
+        (Method::DELETE, "/v1/pools", "GET"),
+        (Method::POST, "/healthz", "GET"),
+    ] {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", d.port))
+            .await
+            .expect("connect");
+        let head = read_head(
+            stream,
+            &format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 405"), "{method} {path}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("allow: {}", allow.to_ascii_lowercase())),
+            "{method} {path}: {head}"
+        );
+        assert!(head.contains("method_not_allowed"), "{head}");
+    }
+    // Unknown paths stay 404.
+    let (status, body) = d.call(Method::GET, "/v1/nothing", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
+
+/// Sends a raw request and reads the response until the connection closes or 64 KiB arrive.
+async fn read_head(mut stream: tokio::net::TcpStream, request: &str) -> String {
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 64 << 10];
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got < buf.len() && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf[got..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got += n,
+            // Kept alive: what came is the whole answer once the body is in.
+            Err(_) if got > 0 => break,
+            Err(_) => {}
+        }
+    }
+    String::from_utf8_lossy(&buf[..got]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_why_while_no_pool_can_create() {
+    let d = Daemon::start(Options {
+        config: Some("[pools.broken]\nmin_idle = 1\nrootfs = \"/nonexistent/rootfs\"\n".into()),
+        ..Options::default()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (status, body) = d.call(Method::GET, "/readyz", None).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {status}: {body}\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert_eq!(body["error"]["code"], "sandbox_unavailable", "{body}");
+    assert!(message.contains("\"broken\""), "names the pool: {message}");
+    // Liveness is another matter: the process answers.
+    let (status, _) = d.call(Method::GET, "/healthz", None).await;
+    assert_eq!(status, StatusCode::OK);
+    // A working pool makes the node ready again.
+    let (status, body) = d
+        .call(
+            Method::PUT,
+            "/v1/pools/fine",
+            Some(json!({"min_idle": 1, "max": 2})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    d.wait_pool("fine", 20, |s| s["idle"].as_u64() >= Some(1))
+        .await;
+    let (status, body) = d.call(Method::GET, "/readyz", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_answers_503_while_running_work_finishes() {
+    let mut d = Daemon::start(Options::default()).await;
+    let id = d.acquire("default").await;
+    let running = {
+        let port = d.port;
+        let id = id.clone();
+        tokio::spawn(async move {
+            let d = Daemon::attach(port);
+            d.call(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(json!({"shell": "sleep 1; echo finished"})),
+            )
+            .await
+        })
+    };
+    // The command is running once the sandbox shows a `sleep` process.
+    wait_for_process(&d, &id, "sleep").await;
+    let pid = d.pid();
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = d.call(Method::GET, "/readyz", None).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(body["error"]["code"], "draining", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never drained: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // New work gets a clear, retryable answer on an open listener.
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"pool": "default"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "draining");
+    assert_eq!(body["error"]["retryable"], true);
+    let (status, body) = d
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"cmd": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // The command that was running finishes and answers.
+    let (status, body) = running.await.expect("exec task");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["stdout"], "finished\n");
+    assert_eq!(d.terminate(), Some(0), "{}", d.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_cut_short_by_a_release_says_released() {
+    let d = Daemon::start(Options::default()).await;
+    let id = d.acquire("default").await;
+    let running = {
+        let port = d.port;
+        let id = id.clone();
+        tokio::spawn(async move {
+            Daemon::attach(port)
+                .call(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{id}/exec"),
+                    Some(json!({"shell": "sleep 30"})),
+                )
+                .await
+        })
+    };
+    wait_for_process(&d, &id, "sleep").await;
+    assert_eq!(d.release(&id).await, StatusCode::NO_CONTENT);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("the exec ends with the sandbox")
+        .expect("exec task");
+    assert_eq!(status, StatusCode::GONE, "{body}");
+    assert_eq!(body["error"]["code"], "released", "{body}");
+    assert_eq!(body["error"]["retryable"], false, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_get_a_clear_503() {
+    let d = Daemon::start(Options {
+        args: vec!["--max-connections".into(), "2".into()],
+        ..Options::default()
+    })
+    .await;
+    // Two idle connections hold both places (the harness's readiness probe has closed its own).
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        held.clear();
+        for _ in 0..2 {
+            held.push(
+                tokio::net::TcpStream::connect(("127.0.0.1", d.port))
+                    .await
+                    .expect("connect"),
+            );
+        }
+        let third = tokio::net::TcpStream::connect(("127.0.0.1", d.port))
+            .await
+            .expect("connect");
+        let answer = read_head(third, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        if answer.starts_with("HTTP/1.1 503") {
+            assert!(answer.contains("overloaded"), "{answer}");
+            assert!(
+                answer.to_ascii_lowercase().contains("connection: close"),
+                "{answer}"
+            );
+            break;
+        }
+        // An earlier connection was still being closed by the daemon: try again.
+        assert!(Instant::now() < deadline, "never capped: {answer}");
+    }
+    drop(held);
+    // Places come back when connections close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok((StatusCode::OK, _)) = d.request_raw(Method::GET, "/healthz", None, None).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cap never freed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[test]
+fn no_unauthenticated_api_on_a_reachable_address() {
+    let dir = common::tempdir::TempDir::new("unauth");
+    let out = Command::new(BIN)
+        .args(["node", "--listen", "0.0.0.0:0", "--state-dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run arl node");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to serve an unauthenticated API")
+            && stderr.contains("--allow-unauthenticated"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_unauthenticated_serves_anyway() {
+    let d = Daemon::start_on(
+        "0.0.0.0",
+        Options {
+            args: vec!["--allow-unauthenticated".into()],
+            ..Options::default()
+        },
+    )
+    .await;
+    let (status, _) = d.call(Method::GET, "/v1/pools", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(d.log().contains("NO AUTHENTICATION"), "{}", d.log());
+}
+
+/// Waits until a process whose command line starts with `name` runs in the sandbox.
+async fn wait_for_process(d: &Daemon, id: &str, name: &str) {
+    let agent = d.agent_pid(id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !descendants(agent).iter().any(|cmd| cmd.starts_with(name)) {
+        assert!(Instant::now() < deadline, "no {name} in sandbox {id}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The command names of a process's descendants.
+fn descendants(pid: i32) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        let children =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        for child in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<i32>().ok())
+        {
+            if let Ok(comm) = std::fs::read_to_string(format!("/proc/{child}/comm")) {
+                out.push(comm.trim().to_string());
+            }
+            stack.push(child);
+        }
+    }
+    out
+}
