@@ -52,6 +52,19 @@ impl Manager {
                 })?;
             new_pools.extend(pool);
         }
+        // Then the pools created through the API before the restart (the config wins).
+        for (name, spec) in self.records.load_pools() {
+            if pools.contains_key(&name) {
+                continue;
+            }
+            match self.insert_pool(&name, spec) {
+                Ok(pool) => new_pools.extend(pool),
+                Err(e) => {
+                    tracing::warn!(pool = %name, error = %e.message, "kept pool dropped");
+                    self.records.remove_pool(&name);
+                }
+            }
+        }
         let records = self.records.load();
         let outcomes = join_all(records.into_iter().map(|r| self.adopt(r))).await;
         let mut adopted = Adopted::default();

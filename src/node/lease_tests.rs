@@ -315,8 +315,16 @@ async fn a_successor_takes_back_leases_and_idle_sandboxes_after_a_hand_over() {
         .id
         .clone();
     settled(&first, "p", 2).await;
+    // A pool created through the API comes back too, with its lease.
+    first.put_pool("api", spec(0, 1)).expect("put pool");
+    let in_api_pool = first
+        .acquire(BOB, acquire_req("api"))
+        .await
+        .expect("acquire")[0]
+        .id
+        .clone();
     first.shutdown(ShutdownMode::HandOver).await;
-    assert_eq!(fake.live().len(), 4, "nothing destroyed");
+    assert_eq!(fake.live().len(), 5, "nothing destroyed");
     let creates = fake.creates.load(Ordering::Relaxed);
     // One of them dies while no daemon is there.
     fake.kill(&lost);
@@ -325,6 +333,8 @@ async fn a_successor_takes_back_leases_and_idle_sandboxes_after_a_hand_over() {
     settled(&second, "p", 2).await;
     let s = status(&second, "p");
     assert_eq!((s.allocated, s.total), (1, 3));
+    assert_eq!(status(&second, "api").allocated, 1);
+    assert!(second.sandbox(&in_api_pool, &BOB).is_ok());
     assert_eq!(
         fake.creates.load(Ordering::Relaxed),
         creates,
@@ -351,7 +361,7 @@ async fn a_successor_takes_back_leases_and_idle_sandboxes_after_a_hand_over() {
     assert!(err.message.contains("restarted"), "{}", err.message);
     let metrics = String::from_utf8(second.metrics.render()).expect("utf-8");
     for line in [
-        r#"arl_sandboxes_adopted_total{runtime="process",state="allocated"} 1"#,
+        r#"arl_sandboxes_adopted_total{runtime="process",state="allocated"} 2"#,
         r#"arl_sandboxes_adopted_total{runtime="process",state="idle"} 2"#,
         r#"arl_sandboxes_adopted_total{runtime="process",state="lost"} 1"#,
     ] {

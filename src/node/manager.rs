@@ -175,7 +175,9 @@ impl Manager {
 
     /// Creates a pool, or updates its spec (new sandboxes use the new spec).
     pub fn put_pool(self: &Arc<Self>, name: &str, spec: PoolSpec) -> Result<(), ApiError> {
-        if let Some(pool) = self.insert_pool(name, spec)? {
+        let new = self.insert_pool(name, spec.clone())?;
+        self.records.put_pool(name, &spec);
+        if let Some(pool) = new {
             self.start_refill(pool);
         }
         Ok(())
@@ -216,6 +218,7 @@ impl Manager {
             .write_or_recover()
             .remove(name)
             .ok_or_else(|| ApiError::not_found(format!("no pool named {name:?}")))?;
+        self.records.remove_pool(name);
         let idle = pool.state().delete();
         pool.refill.notify_one();
         for sb in idle {

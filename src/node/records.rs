@@ -18,6 +18,7 @@ use thiserror::Error;
 
 use super::auth::Owner;
 use super::sandbox::{Lease, Sandbox};
+use crate::api::PoolSpec;
 use crate::api::pools::RuntimeKind;
 
 #[derive(Debug, Error)]
@@ -113,6 +114,10 @@ pub struct Records {
     dir: Option<PathBuf>,
 }
 
+/// Pools created through the API are kept under `records/pools/<name>.json`, so their
+/// sandboxes have a pool to come back to.
+const POOLS: &str = "pools";
+
 impl Records {
     /// Records under `state_dir`, creating the directory (owner-only: leases hold env values).
     pub fn open(state_dir: &Path) -> Result<Self, RecordError> {
@@ -125,7 +130,68 @@ impl Records {
                 path: dir.clone(),
                 source,
             })?;
+        let pools = dir.join(POOLS);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&pools)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|source| RecordError::Dir {
+                path: pools,
+                source,
+            })?;
         Ok(Self { dir: Some(dir) })
+    }
+
+    /// Keeps a pool created or changed through the API.
+    pub fn put_pool(&self, name: &str, spec: &PoolSpec) {
+        let Some(dir) = &self.dir else { return };
+        let write = || -> std::io::Result<()> {
+            let json = serde_json::to_vec(spec).map_err(std::io::Error::other)?;
+            let tmp = dir.join(POOLS).join(format!(".{name}.tmp"));
+            fs::write(&tmp, json)?;
+            fs::rename(&tmp, dir.join(POOLS).join(format!("{name}.json")))
+        };
+        if let Err(e) = write() {
+            tracing::warn!(pool = %name, error = %e, "pool record not saved");
+        }
+    }
+
+    pub fn remove_pool(&self, name: &str) {
+        let Some(dir) = &self.dir else { return };
+        let _ = fs::remove_file(dir.join(POOLS).join(format!("{name}.json")));
+    }
+
+    /// The pools created through the API, by name.
+    pub fn load_pools(&self) -> BTreeMap<String, PoolSpec> {
+        let mut pools = BTreeMap::new();
+        let Some(dir) = &self.dir else { return pools };
+        let Ok(entries) = fs::read_dir(dir.join(POOLS)) else {
+            return pools;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .map(str::to_string);
+            let spec = fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<PoolSpec>(&bytes).ok());
+            match (name, spec) {
+                (Some(name), Some(spec)) => {
+                    pools.insert(name, spec);
+                }
+                _ => {
+                    tracing::warn!(path = %path.display(), "unreadable pool record removed");
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        pools
     }
 
     #[cfg(test)]
@@ -187,6 +253,9 @@ impl Records {
         let mut records = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
+            if path.is_dir() {
+                continue;
+            }
             let parsed = fs::read(&path)
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).ok())
@@ -206,9 +275,11 @@ impl Records {
     /// Forgets every record (`arl node cleanup`, and a stop that destroyed everything).
     pub fn clear(&self) {
         let Some(dir) = &self.dir else { return };
-        if let Ok(entries) = fs::read_dir(dir) {
-            for entry in entries.flatten() {
-                let _ = fs::remove_file(entry.path());
+        for dir in [dir.clone(), dir.join(POOLS)] {
+            if let Ok(entries) = fs::read_dir(dir) {
+                for entry in entries.flatten() {
+                    let _ = fs::remove_file(entry.path());
+                }
             }
         }
     }
@@ -262,7 +333,11 @@ mod tests {
         records.remove("sb-1");
         records.remove("sb-1");
         assert_eq!(records.load(), vec![idle]);
-        assert_eq!(fs::read_dir(dir.join("records")).expect("dir").count(), 1);
+        assert_eq!(fs::read_dir(dir.join("records")).expect("dir").count(), 2);
+        records.put_pool("api", &PoolSpec::default());
+        assert_eq!(records.load_pools().len(), 1);
+        records.remove_pool("api");
+        assert!(records.load_pools().is_empty());
         records.clear();
         assert!(records.load().is_empty());
         let _ = fs::remove_dir_all(&dir);
