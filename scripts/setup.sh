@@ -22,4 +22,5 @@ ensure_packages python3 python3-venv procps util-linux protobuf-compiler contain
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e './sdk/python[test]' pyyaml jsonschema openapi-spec-validator
+.venv/bin/pip install -q --disable-pip-version-check -e './sdk/python[test]' pyyaml jsonschema openapi-spec-validator \
+  'schemathesis==4.32.5'

@@ -13,5 +13,9 @@ scripts/containerd.sh
 cargo test --locked
 # The build names its target (a static binary, see .cargo/config.toml), so it lands under it.
 export ARL_BIN="$PWD/target/${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}/debug/arl"
+# The sync SDK is generated from the async one: fail when the generated files are stale.
+.venv/bin/python sdk/python/scripts/unasync.py --check
 .venv/bin/python -m pytest sdk/python/tests -q
 .venv/bin/python -m pytest tests/api -q
+# Property-based: schemathesis against a token-protected daemon (bounded to a minute).
+tests/api/schemathesis.sh

@@ -91,8 +91,50 @@ where
     B::Error: Into<BoxError>,
 {
     let bytes = read_body(req.into_body(), limit).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    parse_json(&bytes)
+}
+
+/// Parses a JSON request body. A whole number written with a fraction (`5.0`: an integer to JSON
+/// Schema, and what some clients send) is taken as that integer, by a second pass that runs only
+/// when the first fails, so well-formed requests pay nothing for it.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let first = match serde_json::from_slice(bytes) {
+        Ok(value) => return Ok(value),
+        Err(e) => e,
+    };
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|mut value| whole_floats_to_integers(&mut value).then_some(value))
+        .and_then(|value| serde_json::from_value(value).ok())
+        .ok_or_else(|| ApiError::bad_request(format!("invalid JSON body: {first}")))
+}
+
+/// Rewrites every float with no fractional part that fits an integer as that integer; says
+/// whether anything changed.
+fn whole_floats_to_integers(value: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            let whole = f.fract() == 0.0;
+            if whole && (0.0..=u64::MAX as f64).contains(&f) && f < u64::MAX as f64 {
+                *value = Value::from(f as u64);
+                true
+            } else if whole && (i64::MIN as f64..0.0).contains(&f) {
+                *value = Value::from(f as i64);
+                true
+            } else {
+                false
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |changed, v| whole_floats_to_integers(v) | changed),
+        Value::Object(map) => map
+            .values_mut()
+            .fold(false, |changed, v| whole_floats_to_integers(v) | changed),
+        _ => false,
+    }
 }
 
 /// The decoded value of one query parameter.
@@ -145,4 +187,34 @@ pub fn ndjson_line<T: Serialize>(value: &T) -> Bytes {
     let mut line = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
     line.push(b'\n');
     Bytes::from(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Counts {
+        n: u64,
+        m: Option<i64>,
+    }
+
+    #[test]
+    fn whole_floats_read_as_integers_and_fractions_are_refused() {
+        let c: Counts = parse_json(br#"{"n": 5216222.0, "m": -3.0}"#).expect("whole floats");
+        assert_eq!(
+            c,
+            Counts {
+                n: 5216222,
+                m: Some(-3)
+            }
+        );
+        let c: Counts = parse_json(br#"{"n": 7}"#).expect("plain");
+        assert_eq!(c, Counts { n: 7, m: None });
+        let err = parse_json::<Counts>(br#"{"n": 1.5}"#).expect_err("a fraction");
+        assert!(err.message.contains("invalid JSON body"), "{}", err.message);
+        let err = parse_json::<Counts>(br#"{"n": 1e30}"#).expect_err("too large");
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        parse_json::<Counts>(b"{").expect_err("malformed");
+    }
 }

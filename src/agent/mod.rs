@@ -95,8 +95,7 @@ fn bind_then_publish(path: &Path) -> std::io::Result<UnixListener> {
 
 async fn serve(args: AgentArgs) -> std::io::Result<()> {
     // Not dumpable: processes of the sandbox may not ptrace or read the agent's memory.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    nix::sys::prctl::set_dumpable(false).map_err(std::io::Error::from)?;
     let listener = match (args.listen_fd, &args.socket) {
         (Some(fd), _) => {
             // SAFETY: the runtime handed us this listening socket's descriptor.

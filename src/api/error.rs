@@ -18,6 +18,8 @@ pub enum ErrorCode {
     /// The sandbox was released (by its holder, or its lease ran out) while the request ran.
     Released,
     PayloadTooLarge,
+    /// The sandbox's runtime has no such operation (e.g. pause).
+    NotSupported,
     PoolExhausted,
     SandboxUnavailable,
     /// The node has too many open connections.
@@ -37,6 +39,7 @@ impl ErrorCode {
             Self::Conflict => 409,
             Self::Released => 410,
             Self::PayloadTooLarge => 413,
+            Self::NotSupported => 501,
             Self::PoolExhausted | Self::SandboxUnavailable | Self::Overloaded | Self::Draining => {
                 503
             }

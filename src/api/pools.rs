@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeKind {
     #[default]
@@ -118,37 +118,10 @@ impl PoolSpec {
         if self.disk_mb < 1 {
             return Err("`disk_mb` must be at least 1".into());
         }
-        if let Some(root) = &self.rootfs
-            && !root.starts_with('/')
-        {
-            return Err("`rootfs` must be an absolute path".into());
-        }
-        match (self.runtime, &self.image) {
-            (RuntimeKind::Containerd, None) => {
-                return Err("a `containerd` pool needs an `image`".into());
-            }
-            (RuntimeKind::Containerd, Some(image))
-                if image.is_empty()
-                    || image.len() > 512
-                    || image.chars().any(|c| c.is_whitespace() || c.is_control()) =>
-            {
-                return Err(format!("`image` {image:?} is not an image reference"));
-            }
-            (RuntimeKind::Containerd, Some(_)) if self.rootfs.is_some() => {
-                return Err(
-                    "`rootfs` is for `process` pools; a `containerd` pool uses `image`".into(),
-                );
-            }
-            (RuntimeKind::Process, Some(_)) => {
-                return Err("`image` needs `runtime = \"containerd\"`".into());
-            }
-            _ => {}
-        }
-        if self.read_only_root && self.runtime != RuntimeKind::Containerd {
-            return Err("`read_only_root` needs `runtime = \"containerd\"`".into());
-        }
-        for key in self.env.keys() {
-            super::sandboxes::validate_env_name(key)?;
+        // What only one runtime understands (`image`, `rootfs`, `read_only_root`) is checked by
+        // that runtime: `Runtime::validate`.
+        for (key, value) in &self.env {
+            super::sandboxes::validate_env(key, value)?;
         }
         Ok(())
     }

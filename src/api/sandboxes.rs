@@ -32,8 +32,8 @@ impl AcquireRequest {
         if count == 0 || count > MAX_ACQUIRE_COUNT {
             return Err(format!("`count` must be between 1 and {MAX_ACQUIRE_COUNT}"));
         }
-        for key in self.env.keys() {
-            validate_env_name(key)?;
+        for (key, value) in &self.env {
+            validate_env(key, value)?;
         }
         if self.labels.len() > 64 {
             return Err("at most 64 labels".into());
@@ -42,9 +42,13 @@ impl AcquireRequest {
     }
 }
 
-pub fn validate_env_name(key: &str) -> Result<(), String> {
+/// An environment variable a process can be given: a non-empty name without `=` or NUL, a
+/// value without NUL.
+pub fn validate_env(key: &str, value: &str) -> Result<(), String> {
     if key.is_empty() || key.contains('=') || key.contains('\0') {
         Err(format!("invalid environment variable name {key:?}"))
+    } else if value.contains('\0') {
+        Err(format!("environment variable {key} holds a NUL byte"))
     } else {
         Ok(())
     }

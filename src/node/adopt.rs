@@ -140,7 +140,7 @@ impl Manager {
             record.id.clone(),
             record.pool.clone(),
             record.runtime,
-            AgentClient::new(created.socket),
+            AgentClient::new(created.agent),
             record.created_at_ms,
         ));
         match tokio::time::timeout(ADOPT_PING_TIMEOUT, sb.agent.ping()).await {

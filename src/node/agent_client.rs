@@ -6,7 +6,6 @@
 //! later request between threads.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,13 +23,14 @@ use super::sandbox::CachedReply;
 use crate::api::ApiError;
 use crate::http::{self, Body};
 use crate::quiet_unix::QuietUnixStream;
+use crate::runtime::AgentAddress;
 use crate::util::MutexExt;
 
 /// Idle connections kept per sandbox.
 const MAX_IDLE: usize = 4;
 
 pub struct AgentClient {
-    socket: PathBuf,
+    address: AgentAddress,
     idle: Mutex<Vec<SendRequest<Body>>>,
 }
 
@@ -66,15 +66,16 @@ fn unreachable(e: impl std::fmt::Display) -> ApiError {
 }
 
 impl AgentClient {
-    pub fn new(socket: PathBuf) -> Self {
+    pub fn new(address: AgentAddress) -> Self {
         Self {
-            socket,
+            address,
             idle: Mutex::new(Vec::new()),
         }
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, ApiError> {
-        let stream = UnixStream::connect(&self.socket)
+        let AgentAddress::Unix(socket) = &self.address;
+        let stream = UnixStream::connect(socket)
             .await
             .and_then(|s| QuietUnixStream::new(s.into_std()?))
             .map_err(unreachable)?;

@@ -192,6 +192,9 @@ impl Manager {
     ) -> Result<Option<Arc<Pool>>, ApiError> {
         crate::api::pools::validate_pool_name(name).map_err(ApiError::bad_request)?;
         spec.validate().map_err(ApiError::bad_request)?;
+        self.runtime
+            .validate(&spec)
+            .map_err(ApiError::bad_request)?;
         let mut pools = self.pools.write_or_recover();
         if let Some(pool) = pools.get(name) {
             pool.set_spec(spec);
@@ -325,10 +328,7 @@ impl Manager {
     }
 
     pub async fn set_paused(&self, sb: &Sandbox, paused: bool) -> Result<(), ApiError> {
-        self.runtime
-            .set_paused(&sb.id, paused)
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.runtime.set_paused(&sb.id, paused).await?;
         sb.paused.store(paused, Ordering::Relaxed);
         Ok(())
     }

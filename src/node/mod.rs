@@ -27,10 +27,11 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::api::pools::RuntimeKind;
 use crate::runtime::Runtime;
 use crate::runtime::containerd::{ContainerdConfig, ContainerdRuntime};
-use crate::runtime::multi::Runtimes;
 use crate::runtime::process::{ProcessConfig, ProcessRuntime};
+use crate::runtime::registry::Runtimes;
 
 pub use config::{NodeArgs, NodeCommand};
 
@@ -81,8 +82,9 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
     let command = args.command;
     let settings = args.resolve()?;
     // Sandboxes' agents re-parent to us when their launcher exits, so we can reap them.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(error = %e, "cannot become a child subreaper; dead agents may linger as zombies");
+    }
 
     if command == Some(NodeCommand::Cleanup) {
         return cleanup(&settings).await;
@@ -175,7 +177,10 @@ async fn runtimes(settings: &config::Settings) -> Result<Runtimes, NodeError> {
     if let Err(reason) = &containerd {
         tracing::info!(%reason, "containerd runtime unavailable");
     }
-    Ok(Runtimes::new(Arc::new(process), containerd))
+    let mut runtime = Runtimes::new();
+    runtime.register(RuntimeKind::Process, Ok(Arc::new(process)));
+    runtime.register(RuntimeKind::Containerd, containerd);
+    Ok(runtime)
 }
 
 /// `arl node cleanup`: destroys every sandbox left on this state directory and forgets

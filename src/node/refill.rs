@@ -112,7 +112,7 @@ impl Manager {
                 id.clone(),
                 pool.name.clone(),
                 spec.runtime,
-                AgentClient::new(created.socket),
+                AgentClient::new(created.agent),
             ));
             match tokio::time::timeout(READY_TIMEOUT, sb.agent.ping()).await {
                 Ok(Ok(())) => Ok(sb),

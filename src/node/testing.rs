@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::api::PoolSpec;
 use crate::api::pools::RuntimeKind;
 use crate::http;
-use crate::runtime::{BoxFuture, Created, Runtime, RuntimeError};
+use crate::runtime::{AgentAddress, BoxFuture, Created, Runtime, RuntimeError};
 use crate::util::{MutexExt, random_id};
 
 struct FakeSandbox {
@@ -142,7 +142,7 @@ impl Runtime for FakeRuntime {
                 return Err(RuntimeError::Create("injected failure".into()));
             }
             Ok(Created {
-                socket: self.serve(id)?,
+                agent: AgentAddress::Unix(self.serve(id)?),
             })
         })
     }
@@ -194,7 +194,7 @@ impl Runtime for FakeRuntime {
             let live = self.live.lock_or_recover();
             match live.get(id) {
                 Some(sb) if !*sb.died.borrow() => Ok(Created {
-                    socket: sb.socket.clone(),
+                    agent: AgentAddress::Unix(sb.socket.clone()),
                 }),
                 _ => Err(RuntimeError::Adopt {
                     id: id.to_string(),

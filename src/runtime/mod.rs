@@ -1,54 +1,125 @@
 //! Runtimes turn a pool's spec into a running in-sandbox agent and tear it down.
 //!
 //! Everything above this trait (pools, router, API, metrics) is runtime-blind: a sandbox is an
-//! id and the Unix socket its agent listens on.
+//! id and the address its agent listens on. Backends register in a [`registry::Runtimes`] by
+//! kind; adding one is a module here and one `register` call at start-up.
 
 pub mod containerd;
-pub mod multi;
 pub mod process;
+pub mod registry;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::api::PoolSpec;
 use crate::api::pools::RuntimeKind;
+use crate::api::{ApiError, ErrorCode, PoolSpec};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The error of a backend, kept whole as the source of a [`RuntimeError`].
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, Error)]
 pub enum RuntimeError {
+    /// This node cannot make this kind of sandbox at all (no containerd, no user namespaces, ...).
     #[error("this host cannot run {runtime} sandboxes: {reason}")]
-    Unsupported {
+    Unavailable {
         runtime: &'static str,
         reason: String,
     },
+    /// The runtime has no such operation.
+    #[error("{runtime} sandboxes cannot {operation}")]
+    NotSupported {
+        runtime: &'static str,
+        operation: &'static str,
+    },
     #[error("creating a sandbox failed: {0}")]
     Create(String),
+    /// A creation or teardown ran past the runtime's time budget.
+    #[error("{runtime}: {operation} sandbox {id} took longer than {} s", budget.as_secs())]
+    OverBudget {
+        runtime: &'static str,
+        operation: &'static str,
+        id: String,
+        budget: Duration,
+    },
+    /// A sandbox an earlier daemon left cannot be vouched for.
     #[error("cannot take back sandbox {id}: {reason}")]
     Adopt { id: String, reason: String },
     #[error("destroying sandbox {id} failed: {reason}")]
     Destroy { id: String, reason: String },
-    #[error(transparent)]
-    Cgroup(#[from] process::cgroup::CgroupError),
-    #[error(transparent)]
-    Containerd(#[from] containerd::ContainerdError),
+    /// A failure inside a backend (its own error type is the source).
+    #[error("{runtime}: {source}")]
+    Backend {
+        runtime: &'static str,
+        #[source]
+        source: BackendError,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The wire shape of a runtime failure, at the edge of the API.
+impl From<RuntimeError> for ApiError {
+    fn from(err: RuntimeError) -> Self {
+        match err {
+            RuntimeError::NotSupported { .. } => {
+                ApiError::new(ErrorCode::NotSupported, err.to_string())
+            }
+            RuntimeError::Unavailable { .. }
+            | RuntimeError::Create(_)
+            | RuntimeError::Adopt { .. }
+            | RuntimeError::OverBudget { .. } => ApiError::unavailable(err.to_string()),
+            RuntimeError::Destroy { .. } | RuntimeError::Backend { .. } | RuntimeError::Io(_) => {
+                ApiError::internal(err.to_string())
+            }
+        }
+    }
+}
+
+/// Where the daemon reaches a sandbox's agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentAddress {
+    /// A Unix socket on this host (process and containerd sandboxes; pods through the
+    /// kubelet's pod directory).
+    Unix(PathBuf),
 }
 
 /// A sandbox the runtime has started.
 #[derive(Debug, Clone)]
 pub struct Created {
     /// Where the daemon reaches the sandbox's agent.
-    pub socket: PathBuf,
+    pub agent: AgentAddress,
+}
+
+/// How long a runtime's creations and teardowns may take before they count as failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budgets {
+    pub create: Duration,
+    pub destroy: Duration,
 }
 
 pub trait Runtime: Send + Sync + 'static {
     /// Short name for logs and metric labels.
     fn kind(&self) -> &'static str;
+
+    /// Checks what only this runtime knows about a pool's spec (the generic bounds are
+    /// `PoolSpec::validate`'s); the message says what to fix.
+    fn validate(&self, _spec: &PoolSpec) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Time budgets of this runtime's creations and teardowns.
+    fn budgets(&self) -> Budgets {
+        Budgets {
+            create: Duration::from_secs(60),
+            destroy: Duration::from_secs(30),
+        }
+    }
 
     fn create<'a>(
         &'a self,
@@ -65,9 +136,17 @@ pub trait Runtime: Send + Sync + 'static {
     /// Freezes or thaws every process of the sandbox.
     fn set_paused<'a>(
         &'a self,
-        id: &'a str,
-        paused: bool,
-    ) -> BoxFuture<'a, Result<(), RuntimeError>>;
+        _id: &'a str,
+        _paused: bool,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        let kind = self.kind();
+        Box::pin(async move {
+            Err(RuntimeError::NotSupported {
+                runtime: kind,
+                operation: "pause",
+            })
+        })
+    }
 
     /// Removes every sandbox of this state directory that the runtime does not hold (not
     /// created nor adopted by this daemon): what an earlier daemon left and nobody took back,
@@ -80,14 +159,14 @@ pub trait Runtime: Send + Sync + 'static {
     /// for; the caller destroys it.
     fn adopt<'a>(
         &'a self,
-        id: &'a str,
-        kind: RuntimeKind,
+        _id: &'a str,
+        _kind: RuntimeKind,
     ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
-        let _ = (id, kind);
+        let kind = self.kind();
         Box::pin(async move {
-            Err(RuntimeError::Unsupported {
-                runtime: self.kind(),
-                reason: "it cannot take back sandboxes after a restart".into(),
+            Err(RuntimeError::NotSupported {
+                runtime: kind,
+                operation: "be taken back after a restart",
             })
         })
     }

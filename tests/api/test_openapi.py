@@ -57,6 +57,9 @@ UNREACHABLE = {
     ("delete", "/v1/sandboxes/{id}/files", "500"),
     ("post", "/v1/sandboxes/{id}/pause", "500"),
     ("post", "/v1/sandboxes/{id}/resume", "500"),
+    # Every runtime built in today can pause; a runtime without a freezer answers 501.
+    ("post", "/v1/sandboxes/{id}/pause", "501"),
+    ("post", "/v1/sandboxes/{id}/resume", "501"),
 }
 
 # (method, path template, status, error code) documented but provoked elsewhere: a node none of

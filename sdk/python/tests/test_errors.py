@@ -95,6 +95,25 @@ def test_draining_is_retried_with_same_request_id() -> None:
         node.close()
 
 
+def test_overloaded_is_retried_and_released_is_final() -> None:
+    node = ScriptedNode([
+        (201, {"sandboxes": [SANDBOX]}),
+        (503, {"error": {"code": "overloaded", "message": "too many connections", "retryable": True}}),
+        (200, RESULT),
+        (410, {"error": {"code": "released", "message": "released while it ran", "retryable": False}}),
+    ])
+    try:
+        with arl.Client(node.url, retry_timeout=5) as c:
+            sb = c.sandbox()
+            assert sb.exec(["true"]).stdout == "ok\n"
+            with pytest.raises(arl.ArlError) as ei:
+                sb.exec(["true"])
+        assert (ei.value.status, ei.value.code, ei.value.retryable) == (410, "released", False)
+        assert len(node.bodies) == 4, "overloaded retried once, released not at all"
+    finally:
+        node.close()
+
+
 def test_draining_and_internal_raise_infra_error() -> None:
     node = ScriptedNode([
         (201, {"sandboxes": [SANDBOX]}),

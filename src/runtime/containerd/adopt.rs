@@ -7,7 +7,7 @@ use containerd_client::types::v1::Status as TaskStatus;
 use tokio::sync::watch;
 
 use super::{ContainerdRuntime, OWNER_LABEL, call, req, watch_task};
-use crate::runtime::{Created, RuntimeError};
+use crate::runtime::{AgentAddress, Created, RuntimeError};
 use crate::util::MutexExt;
 
 impl ContainerdRuntime {
@@ -60,6 +60,8 @@ impl ContainerdRuntime {
         let (tx, rx) = watch::channel(false);
         tokio::spawn(watch_task(self.client.tasks(), id.to_string(), tx));
         self.exits.lock_or_recover().insert(id.to_string(), rx);
-        Ok(Created { socket })
+        Ok(Created {
+            agent: AgentAddress::Unix(socket),
+        })
     }
 }

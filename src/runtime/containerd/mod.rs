@@ -39,7 +39,7 @@ mod remap;
 use image::Images;
 pub use image::RegistryOptions;
 
-use super::{BoxFuture, Created, Runtime, RuntimeError};
+use super::{AgentAddress, BoxFuture, Budgets, Created, Runtime, RuntimeError};
 use crate::api::pools::RuntimeKind;
 use crate::api::{NetworkMode, PoolSpec};
 use crate::util::MutexExt;
@@ -66,6 +66,15 @@ pub enum ContainerdError {
         call: &'static str,
         status: Box<Status>,
     },
+}
+
+impl From<ContainerdError> for RuntimeError {
+    fn from(err: ContainerdError) -> Self {
+        RuntimeError::Backend {
+            runtime: "containerd",
+            source: Box::new(err),
+        }
+    }
 }
 
 fn call(call: &'static str) -> impl FnOnce(Status) -> ContainerdError {
@@ -299,7 +308,9 @@ impl ContainerdRuntime {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        Ok(Created { socket })
+        Ok(Created {
+            agent: AgentAddress::Unix(socket),
+        })
     }
 
     /// The OCI runtime spec of a sandbox.
@@ -739,9 +750,38 @@ fn seccomp_profile() -> Value {
     })
 }
 
+/// The pool options a containerd sandbox understands: an image, never a root directory.
+pub fn validate_spec(spec: &PoolSpec) -> Result<(), String> {
+    let Some(image) = &spec.image else {
+        return Err("a `containerd` pool needs an `image`".into());
+    };
+    if image.is_empty()
+        || image.len() > 512
+        || image.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("`image` {image:?} is not an image reference"));
+    }
+    if spec.rootfs.is_some() {
+        return Err("`rootfs` is for `process` pools; a `containerd` pool uses `image`".into());
+    }
+    Ok(())
+}
+
 impl Runtime for ContainerdRuntime {
     fn kind(&self) -> &'static str {
         "containerd"
+    }
+
+    fn validate(&self, spec: &PoolSpec) -> Result<(), String> {
+        validate_spec(spec)
+    }
+
+    fn budgets(&self) -> Budgets {
+        Budgets {
+            // A creation may pull and unpack the image first.
+            create: Duration::from_secs(600),
+            destroy: Duration::from_secs(60),
+        }
     }
 
     fn create<'a>(

@@ -23,6 +23,15 @@ pub enum CgroupError {
     Busy(PathBuf),
 }
 
+impl From<CgroupError> for crate::runtime::RuntimeError {
+    fn from(err: CgroupError) -> Self {
+        crate::runtime::RuntimeError::Backend {
+            runtime: "process",
+            source: Box::new(err),
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
     move |source| CgroupError::Io {
         path: path.to_path_buf(),

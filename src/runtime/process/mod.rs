@@ -19,7 +19,7 @@ use tokio::io::unix::AsyncFd;
 
 use self::cgroup::{Cgroups, Limits};
 use self::init::InitConfig;
-use super::{BoxFuture, Created, Runtime, RuntimeError};
+use super::{AgentAddress, BoxFuture, Budgets, Created, Runtime, RuntimeError};
 use crate::api::PoolSpec;
 use crate::api::pools::RuntimeKind;
 use crate::util::MutexExt;
@@ -103,7 +103,7 @@ impl Slots {
 impl ProcessRuntime {
     /// Checks the host can run sandboxes and prepares the state directory.
     pub fn new(config: ProcessConfig) -> Result<Self, RuntimeError> {
-        let unsupported = |reason: String| RuntimeError::Unsupported {
+        let unsupported = |reason: String| RuntimeError::Unavailable {
             runtime: "process",
             reason,
         };
@@ -221,7 +221,9 @@ impl ProcessRuntime {
                 slot,
             },
         );
-        Ok(Created { socket })
+        Ok(Created {
+            agent: AgentAddress::Unix(socket),
+        })
     }
 
     async fn destroy_inner(&self, id: &str) -> Result<(), RuntimeError> {
@@ -282,6 +284,22 @@ impl ProcessRuntime {
     }
 }
 
+/// The pool options a process sandbox understands: a root filesystem directory, never an image.
+pub fn validate_spec(spec: &PoolSpec) -> Result<(), String> {
+    if spec.image.is_some() {
+        return Err("`image` needs `runtime = \"containerd\"`".into());
+    }
+    if spec.read_only_root {
+        return Err("`read_only_root` needs `runtime = \"containerd\"`".into());
+    }
+    if let Some(root) = &spec.rootfs
+        && !root.starts_with('/')
+    {
+        return Err("`rootfs` must be an absolute path".into());
+    }
+    Ok(())
+}
+
 impl ProcessRuntime {
     /// Takes back a sandbox an earlier daemon left: its agent must be the very process
     /// recorded (pid and start time, checked again once a pidfd pins it), with its socket.
@@ -334,13 +352,26 @@ impl ProcessRuntime {
                 slot,
             },
         );
-        Ok(Created { socket })
+        Ok(Created {
+            agent: AgentAddress::Unix(socket),
+        })
     }
 }
 
 impl Runtime for ProcessRuntime {
     fn kind(&self) -> &'static str {
         "process"
+    }
+
+    fn validate(&self, spec: &PoolSpec) -> Result<(), String> {
+        validate_spec(spec)
+    }
+
+    fn budgets(&self) -> Budgets {
+        Budgets {
+            create: Duration::from_secs(30),
+            destroy: Duration::from_secs(30),
+        }
     }
 
     fn create<'a>(
@@ -412,7 +443,7 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, RuntimeError> {
         .open(&path)?;
     // SAFETY: flock(2) on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(RuntimeError::Unsupported {
+        return Err(RuntimeError::Unavailable {
             runtime: "process",
             reason: format!(
                 "another arl node is using the state directory {} (give each daemon its own --state-dir)",

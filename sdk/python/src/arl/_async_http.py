@@ -1,5 +1,11 @@
-"""A small HTTP/1.1 client on asyncio streams: keep-alive pool per endpoint, Content-Length
-and chunked bodies, streamed responses, connection-level retries."""
+"""The asyncio client's socket layer, written by hand: connections on asyncio streams
+(TCP_NODELAY, a keep-alive pool per endpoint, tied to the event loop that opened them), sending
+a request, reading a response head and its body (Content-Length, chunked, or to the
+connection's end), and the few primitives the client needs (sleep, running calls concurrently,
+an acquisition that is awaited or entered).
+
+The code above this layer is the source the synchronous client is generated from
+(``scripts/unasync.py``); ``_sync_http`` offers the same names."""
 
 from __future__ import annotations
 
@@ -7,23 +13,39 @@ import asyncio
 import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable
-from typing import Any, BinaryIO
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
+from typing import Any, BinaryIO, Generic, Protocol, TypeVar
 
-from ._common import (
-    Endpoint,
-    RetryPolicy,
-    body_framing,
-    connection_error,
-    is_retryable_status,
-    loads,
-    parse_head,
-)
-from .errors import ArlError, InfraError, error_from_response
+from ._common import MAX_HEAD, MAX_LINE, Endpoint, ProtocolError, body_framing, chunk_size, parse_head
 
+__all__ = [
+    "AsyncAcquiring",
+    "AsyncConnectionPool",
+    "Body",
+    "CANCELLED",
+    "CONN_ERRORS",
+    "ReadTimeout",
+    "Response",
+    "acquiring",
+    "exchange",
+    "map_all",
+    "map_settled",
+    "sleep",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# A body is bytes, or a callable returning (readable file object, length) for streamed uploads;
+# the callable is invoked once per attempt so that a retry resends from the start.
 Body = bytes | Callable[[], tuple[BinaryIO, int]] | None
 
-_CONN_ERRORS = (OSError, EOFError, asyncio.LimitOverrunError, ValueError)
+# What a broken connection raises here (a timeout is an OSError too).
+CONN_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, asyncio.LimitOverrunError)
+# Exceptions that mean "the caller gave up".
+CANCELLED: tuple[type[BaseException], ...] = (asyncio.CancelledError,)
+
+sleep = asyncio.sleep
 
 if sys.version_info >= (3, 11):
     _timeout = asyncio.timeout
@@ -53,6 +75,55 @@ else:  # pragma: no cover - Python 3.10
             h.cancel()
 
 
+async def map_all(fn: Callable[[T], Awaitable[R]], items: Iterable[T]) -> list[R]:
+    """``fn`` of every item, run concurrently; results in order."""
+    return list(await asyncio.gather(*(fn(x) for x in items)))
+
+
+async def map_settled(fn: Callable[[T], Awaitable[Any]], items: Iterable[T]) -> list[Any]:
+    """``fn`` of every item, run concurrently: each one's result or the exception it raised."""
+    return list(await asyncio.gather(*(fn(x) for x in items), return_exceptions=True))
+
+
+class _AsyncContext(Protocol):
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, et: Any, ev: Any, tb: Any) -> None: ...
+
+
+C = TypeVar("C", bound=_AsyncContext)
+
+
+class AsyncAcquiring(Generic[C]):
+    """An acquisition under way: ``await`` it for the value, or enter it with ``async with``
+    to have the value released on exit."""
+
+    __slots__ = ("_coro", "_value")
+
+    def __init__(self, coro: Coroutine[Any, Any, C]) -> None:
+        self._coro = coro
+        self._value: C | None = None
+
+    def __await__(self) -> Generator[Any, None, C]:
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> C:
+        self._value = await self._coro
+        return self._value
+
+    async def __aexit__(self, et: Any, ev: Any, tb: Any) -> None:
+        if self._value is not None:
+            await self._value.__aexit__(et, ev, tb)
+
+
+def acquiring(coro: Coroutine[Any, Any, C]) -> AsyncAcquiring[C]:
+    return AsyncAcquiring(coro)
+
+
+class ReadTimeout(Exception):
+    """No response head within the request's timeout."""
+
+
 class _Conn:
     __slots__ = ("reader", "writer")
 
@@ -70,111 +141,167 @@ class _Conn:
         return not self.writer.is_closing() and not self.reader.at_eof()
 
 
-class _ReadTimeout(Exception):
-    pass
+async def _readline(r: asyncio.StreamReader) -> bytes:
+    try:
+        line = await r.readuntil(b"\n")
+    except asyncio.LimitOverrunError as e:
+        raise ProtocolError("header line too long") from e
+    except asyncio.IncompleteReadError as e:
+        raise EOFError("connection closed by the node") from e
+    if len(line) > MAX_LINE:
+        raise ProtocolError("header line too long")
+    return line
+
+
+async def _read_head(r: asyncio.StreamReader) -> bytes:
+    """A response's head, through its empty line, its lines ended by CRLF (bare LF accepted).
+
+    Once the status line is in, the rest of the head is usually buffered already and is taken in
+    one piece (line by line costs ~5 us more per response); that peeks at the stream's buffer,
+    a CPython detail: where it is missing, or the head is not whole yet, lines are read one by
+    one."""
+    first = await _readline(r)
+    buf = getattr(r, "_buffer", None)
+    if first.endswith(b"\r\n") and isinstance(buf, bytearray):
+        if buf.startswith(b"\r\n"):  # no header fields
+            return first + await r.readexactly(2)
+        end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
+        # (A head that ends lines with bare LF ends before that, maybe: read it line by line.)
+        if end >= 0 and buf.find(b"\n\n", 0, end) < 0:
+            return first + await r.readexactly(end + 4)
+    lines = [first.rstrip(b"\r\n")]
+    size = len(lines[0]) + 2
+    while True:
+        line = (await _readline(r)).rstrip(b"\r\n")
+        size += len(line) + 2
+        if size > MAX_HEAD:
+            raise ProtocolError("response head too long")
+        lines.append(line)
+        if not line:
+            return b"\r\n".join(lines) + b"\r\n"
 
 
 class Response:
-    """A response whose body is read by the caller (``read``, ``iter_chunks``)."""
+    """A response whose body is read by the caller (``read``, ``read_some``). Each read waits
+    at most the request's timeout."""
 
-    __slots__ = ("status", "headers", "_conn", "_length", "_chunked", "_chunk_left", "done", "keep_alive")
+    __slots__ = ("status", "headers", "_conn", "_timeout", "_length", "_chunked", "_chunk_left", "done", "keep_alive")
 
-    def __init__(self, status: int, headers: dict[str, str], conn: _Conn) -> None:
+    def __init__(self, status: int, headers: dict[str, str], conn: _Conn, timeout: float) -> None:
         self.status = status
         self.headers = headers
         self._conn = conn
+        self._timeout = timeout
         self._length, self._chunked, self.keep_alive = body_framing(status, headers)
         self._chunk_left = 0
         self.done = self._length == 0
 
+    def close(self) -> None:
+        """Drop the connection (a body not read to its end leaves it unusable)."""
+        self._conn.close()
+
     async def read(self) -> bytes:
+        """The rest of the body."""
         if self.done:
             return b""
-        r = self._conn.reader
-        if self._length is not None:
-            data = await r.readexactly(self._length)
-            self.done = True
-            return data
-        if not self._chunked:
-            data = await r.read()
-            self.done = True
-            self.keep_alive = False
-            return data
-        parts = []
-        async for c in self.iter_chunks():
-            parts.append(c)
-        return b"".join(parts)
+        async with _timeout(self._timeout):
+            r = self._conn.reader
+            if self._length is not None:
+                data = await r.readexactly(self._length)
+                self.done = True
+                return data
+            parts: list[bytes] = []
+            while True:
+                data = await self._read_some(262144)
+                if not data:
+                    return b"".join(parts)
+                parts.append(data)
 
     async def read_some(self, n: int = 262144) -> bytes:
-        """Return the next piece of body (``b""`` at the end)."""
+        """The next piece of body as it arrives (``b""`` at the end)."""
         if self.done:
             return b""
+        async with _timeout(self._timeout):
+            return await self._read_some(n)
+
+    async def _read_some(self, n: int) -> bytes:
         r = self._conn.reader
         if self._length is not None:
-            if self._length == 0:
-                self.done = True
-                return b""
             data = await r.read(min(n, self._length))
             if not data:
-                raise asyncio.IncompleteReadError(b"", self._length)
+                raise EOFError("connection closed in the middle of a response")
             self._length -= len(data)
-            if self._length == 0:
-                self.done = True
+            self.done = self._length == 0
             return data
-        if not self._chunked:
+        if not self._chunked:  # delimited by the connection's end
             data = await r.read(n)
             if not data:
                 self.done = True
                 self.keep_alive = False
             return data
         if self._chunk_left == 0:
-            line = await r.readuntil(b"\r\n")
-            size = int(line.split(b";", 1)[0].strip(), 16)
+            size = chunk_size(await _readline(r))
             if size == 0:
-                while (await r.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                while (await _readline(r)) not in (b"\r\n", b"\n"):  # trailers
                     pass
                 self.done = True
                 return b""
             self._chunk_left = size
         data = await r.read(min(n, self._chunk_left))
         if not data:
-            raise asyncio.IncompleteReadError(b"", self._chunk_left)
+            raise EOFError("connection closed in the middle of a chunk")
         self._chunk_left -= len(data)
-        if self._chunk_left == 0:
-            await r.readexactly(2)
+        if self._chunk_left == 0 and (await _readline(r)) not in (b"\r\n", b"\n"):
+            raise ProtocolError("chunk data not followed by a line end")
         return data
 
-    async def iter_chunks(self, n: int = 262144) -> AsyncIterator[bytes]:
-        while True:
-            data = await self.read_some(n)
-            if not data:
-                return
-            yield data
+
+async def exchange(conn: _Conn, head: str, body: Body, timeout: float) -> Response:
+    """Send a request (``head`` without its Content-Length and empty line) and read the final
+    response's head; interim 1xx responses are skipped."""
+    w = conn.writer
+    if body is None:
+        w.write((head + "\r\n").encode())
+    elif isinstance(body, bytes):
+        w.write((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    else:
+        f, length = body()
+        try:
+            w.write((head + f"Content-Length: {length}\r\n\r\n").encode())
+            while True:
+                chunk = f.read(262144)
+                if not chunk:
+                    break
+                w.write(chunk)
+                await w.drain()
+        finally:
+            f.close()
+    try:
+        async with _timeout(timeout):
+            while True:
+                status, hdrs = parse_head(await _read_head(conn.reader))
+                if not 100 <= status < 200:
+                    return Response(status, hdrs, conn, timeout)
+    except TimeoutError as e:
+        raise ReadTimeout() from e
 
 
-class AsyncTransport:
-    def __init__(
-        self,
-        token: str | None,
-        *,
-        connect_timeout: float = 5.0,
-        retry_timeout: float = 10.0,
-        max_idle: int = 512,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        self._auth = f"Authorization: Bearer {token}\r\n" if token else ""
+class AsyncConnectionPool:
+    """Idle keep-alive connections per endpoint. Connections belong to the event loop that
+    opened them: used from another loop, the pool starts afresh."""
+
+    def __init__(self, *, connect_timeout: float, ssl_context: ssl.SSLContext | None, max_idle: int | None) -> None:
         self.connect_timeout = connect_timeout
-        self.retry_timeout = retry_timeout
-        self.max_idle = max_idle
         self.ssl_context = ssl_context
+        self.max_idle = 512 if max_idle is None else max_idle
         self._idle: dict[Endpoint, list[_Conn]] = {}
-        self._hosts: dict[Endpoint, str] = {}
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def _get(self, ep: Endpoint) -> tuple[_Conn, bool]:
+    async def get(self, ep: Endpoint) -> tuple[_Conn, bool]:
+        """A connection to ``ep`` and whether it was reused (a reused one may turn out stale)."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # connections belong to the loop that opened them
+        if loop is not self._loop:
             self._idle.clear()
             self._loop = loop
         lst = self._idle.get(ep)
@@ -187,7 +314,7 @@ class AsyncTransport:
         if ep.scheme == "https":
             ctx = self.ssl_context or ssl.create_default_context()
         async with _timeout(self.connect_timeout):
-            reader, writer = await asyncio.open_connection(ep.host, ep.port, ssl=ctx, limit=1 << 20)
+            reader, writer = await asyncio.open_connection(ep.host, ep.port, ssl=ctx, limit=MAX_HEAD)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             try:
@@ -196,7 +323,9 @@ class AsyncTransport:
                 pass
         return _Conn(reader, writer), False
 
-    def _put(self, ep: Endpoint, conn: _Conn) -> None:
+    def put(self, ep: Endpoint, resp: Response) -> None:
+        """Keep the connection of a response read to its end for the next request."""
+        conn = resp._conn
         if self._closed:
             conn.close()
             return
@@ -217,211 +346,3 @@ class AsyncTransport:
                 await c.writer.wait_closed()
             except Exception:
                 pass
-
-    def _host(self, ep: Endpoint) -> str:
-        h = self._hosts.get(ep)
-        if h is None:
-            host = f"[{ep.host}]" if ":" in ep.host else ep.host
-            h = self._hosts[ep] = f"Host: {host}:{ep.port}\r\n"
-        return h
-
-    async def _attempt(
-        self,
-        conn: _Conn,
-        ep: Endpoint,
-        method: str,
-        path: str,
-        body: Body,
-        headers: dict[str, str] | None,
-        timeout: float,
-    ) -> Response:
-        head = f"{method} {path} HTTP/1.1\r\n{self._host(ep)}{self._auth}"
-        if headers:
-            for k, v in headers.items():
-                head += f"{k}: {v}\r\n"
-        w = conn.writer
-        if body is None:
-            if method in ("POST", "PUT"):
-                head += "Content-Length: 0\r\n"
-            w.write((head + "\r\n").encode())
-        elif isinstance(body, bytes):
-            w.write((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        else:
-            f, length = body()
-            try:
-                w.write((head + f"Content-Length: {length}\r\n\r\n").encode())
-                while True:
-                    chunk = f.read(262144)
-                    if not chunk:
-                        break
-                    w.write(chunk)
-                    await w.drain()
-            finally:
-                f.close()
-        try:
-            async with _timeout(timeout):
-                raw = await conn.reader.readuntil(b"\r\n\r\n")
-        except TimeoutError as e:
-            raise _ReadTimeout() from e
-        status, hdrs = parse_head(raw)
-        if status == 100:  # pragma: no cover - we never send Expect
-            return await self._attempt(conn, ep, method, path, None, headers, timeout)
-        return Response(status, hdrs, conn)
-
-    async def open(
-        self,
-        ep: Endpoint,
-        method: str,
-        path: str,
-        body: Body = None,
-        *,
-        headers: dict[str, str] | None = None,
-        timeout: float = 30.0,
-        context: str = "",
-        retry_timeout: float | None = None,
-    ) -> Response:
-        """Send a request; return the response with an unread body (finish with :meth:`done`)."""
-        policy: RetryPolicy | None = None
-        while True:
-            conn: _Conn | None = None
-            reused = False
-            try:
-                conn, reused = await self._get(ep)
-                resp = await self._attempt(conn, ep, method, path, body, headers, timeout)
-            except _ReadTimeout as e:
-                if conn is not None:
-                    conn.close()
-                raise InfraError(
-                    f"no response from {ep} within {timeout:.1f}s ({method} {path})",
-                    code="timeout", retryable=True, endpoint=ep.url,
-                ) from e
-            except _CONN_ERRORS as e:
-                if conn is not None:
-                    conn.close()
-                if reused:
-                    continue
-                if policy is None:
-                    policy = RetryPolicy(self.retry_timeout if retry_timeout is None else retry_timeout)
-                delay = policy.next_delay()
-                if delay is None:
-                    raise connection_error(e, ep.url) from e
-                await asyncio.sleep(delay)
-                continue
-            if resp.status < 300:
-                return resp
-            try:
-                async with _timeout(timeout):
-                    raw = await resp.read()
-            except (TimeoutError, *_CONN_ERRORS):
-                raw = b""
-                resp._conn.close()
-            else:
-                self.done(ep, resp)
-            err = _error(resp.status, raw, context, ep)
-            if is_retryable_status(err):
-                if policy is None:
-                    policy = RetryPolicy(self.retry_timeout if retry_timeout is None else retry_timeout)
-                delay = policy.next_delay()
-                if delay is not None:
-                    await asyncio.sleep(delay)
-                    continue
-            raise err
-
-    def done(self, ep: Endpoint, resp: Response) -> None:
-        if resp.done and resp.keep_alive:
-            self._put(ep, resp._conn)
-        else:
-            resp._conn.close()
-
-    async def request(
-        self,
-        ep: Endpoint,
-        method: str,
-        path: str,
-        body: Body = None,
-        *,
-        headers: dict[str, str] | None = None,
-        timeout: float = 30.0,
-        context: str = "",
-        retry_timeout: float | None = None,
-    ) -> tuple[int, bytes]:
-        policy: RetryPolicy | None = None
-        while True:
-            resp = await self.open(
-                ep, method, path, body, headers=headers, timeout=timeout, context=context,
-                retry_timeout=retry_timeout,
-            )
-            try:
-                async with _timeout(timeout):
-                    data = await resp.read()
-            except TimeoutError as e:
-                resp._conn.close()
-                raise InfraError(
-                    f"response from {ep} stalled ({method} {path})", code="timeout", retryable=True,
-                    endpoint=ep.url,
-                ) from e
-            except _CONN_ERRORS as e:
-                resp._conn.close()
-                if policy is None:
-                    policy = RetryPolicy(self.retry_timeout if retry_timeout is None else retry_timeout)
-                delay = policy.next_delay()
-                if delay is None:
-                    raise connection_error(e, ep.url) from e
-                await asyncio.sleep(delay)
-                continue
-            self.done(ep, resp)
-            return resp.status, data
-
-    async def request_json(
-        self,
-        ep: Endpoint,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        *,
-        timeout: float = 30.0,
-        context: str = "",
-        retry_timeout: float | None = None,
-    ) -> Any:
-        status, data = await self.request(
-            ep, method, path, body, headers=_JSON if body is not None else None, timeout=timeout,
-            context=context, retry_timeout=retry_timeout,
-        )
-        if status == 204 or not data:
-            return None
-        return loads(data)
-
-    async def iter_lines(self, ep: Endpoint, resp: Response, timeout: float) -> AsyncIterator[bytes]:
-        buf = b""
-        ok = False
-        try:
-            while True:
-                async with _timeout(timeout):
-                    chunk = await resp.read_some(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if b"\n" in buf:
-                    *lines, buf = buf.split(b"\n")
-                    for line in lines:
-                        if line.strip():
-                            yield line
-            if buf.strip():
-                yield buf
-            ok = True
-        finally:
-            if ok:
-                self.done(ep, resp)
-            else:
-                resp._conn.close()
-
-
-_JSON = {"Content-Type": "application/json"}
-
-
-def _error(status: int, raw: bytes, context: str, ep: Endpoint) -> ArlError:
-    try:
-        body: Any = loads(raw) if raw else None
-    except ValueError:
-        body = raw.decode("utf-8", "replace")
-    return error_from_response(status, body, context=context, endpoint=ep.url)

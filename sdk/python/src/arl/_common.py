@@ -7,14 +7,15 @@ import base64
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from .errors import ArlError, ExecTimeout, InfraError
-from .types import ExecResult
+from .errors import ArlError, ChecksumMismatch, ExecTimeout, InfraError, PoolExhausted, PoolNotFound
+from .types import ExecResult, FileInfo
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8420"
 DEFAULT_PORT = 8420
@@ -131,40 +132,146 @@ def resolve_config(
 
 # Most header lines accepted in one response head.
 MAX_HEADERS = 100
+# Longest status line or header line accepted from a node (and the sync read buffer's size).
+MAX_LINE = 65536
+# Longest response head.
+MAX_HEAD = 256 * 1024
+# Most digits of a Content-Length (as h11: more than a billion terabytes is not a length).
+_MAX_LENGTH_DIGITS = 20
 
 
 class ProtocolError(ValueError):
     """The peer does not speak HTTP/1.1 as expected."""
 
 
+# A whole response head (lines ended by CRLF): status line, header fields or obs-fold
+# continuation lines, the empty line. Field names are tokens; the status line's reason and
+# field values hold no NUL, CR, LF, VT or FF (RFC 9112; the same rules as h11). One match in C
+# checks a head far faster than a check per line in Python.
+_TCHAR = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"
+_TEXT = rb"[^\x00\n\r\x0b\x0c]"
+_HEAD_RE = re.compile(
+    rb"HTTP/1\.[0-9] [0-9]{3}(?: " + _TEXT + rb"*)?\r\n"
+    rb"(?:(?:" + _TCHAR + rb"+:|[ \t])" + _TEXT + rb"*\r\n)*"
+    rb"\r\n"
+)
+
+
 def parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
     """The status and headers (names lower-cased) of a response head: the status line and the
-    header lines, each ending in CRLF, and the empty line."""
-    lines = raw.decode("latin-1").split("\r\n")
-    first = lines[0]
-    code = first[9:12]
-    if not first.startswith("HTTP/1.") or len(first) < 12 or not (code.isascii() and code.isdigit()):
-        raise ProtocolError(f"not an HTTP/1.1 status line: {first[:40]!r}")
+    header lines, each ending in CRLF (or a bare LF), and the empty line.
+
+    A header repeated keeps every value, joined by ", " in order (RFC 9110 5.3); a repeated
+    Content-Length is refused (as is a malformed one, see :func:`body_framing`), since two
+    lengths leave the body's end in doubt. Continuation lines (obs-fold) join the previous
+    value with a space."""
+    if _HEAD_RE.fullmatch(raw) is None:
+        if b"\n" in raw.replace(b"\r\n", b""):  # bare LF line ends: make them CRLF, check again
+            raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if _HEAD_RE.fullmatch(raw) is None:
+            raise ProtocolError(_head_fault(raw))
+    text = raw.decode("latin-1")
+    lines = text.split("\r\n")
     if len(lines) > MAX_HEADERS + 3:  # status line, headers, and the two ends of the empty line
         raise ProtocolError("too many response headers")
-    hdrs: dict[str, str] = {}
-    for ln in lines[1:]:
-        if ln:
+    if "\r\n " in text or "\r\n\t" in text:
+        hdrs = _folded_fields(lines[1:-2])
+    else:
+        hdrs = {}
+        for ln in lines[1:-2]:
             k, _, v = ln.partition(":")
-            hdrs[k.strip().lower()] = v.strip()
-    return int(code), hdrs
+            k = k.lower()
+            v = v.strip(" \t")
+            if k in hdrs:
+                if k == "content-length":
+                    raise ProtocolError(f"duplicated Content-Length: {hdrs[k]!r} and {v!r}")
+                hdrs[k] += ", " + v
+            else:
+                hdrs[k] = v
+    status = int(lines[0][9:12])
+    if status < 100:
+        raise ProtocolError(f"status code {status} out of range")
+    return status, hdrs
+
+
+def _folded_fields(lines: list[str]) -> dict[str, str]:
+    """The header fields of a head with continuation lines (obs-fold), each replaced by a space
+    as h11 does: the folded value is stripped once, at its end."""
+    hdrs: dict[str, str] = {}
+    last = ""  # the last field's name,
+    last_line = ""  # its line,
+    before: str | None = None  # the values of that name before it,
+    folded: str | None = None  # and its value as received with its continuation lines
+    for ln in lines:
+        if ln[0] in " \t":
+            if not last:
+                raise ProtocolError("response head starts with a continuation line")
+            if folded is None:
+                folded = last_line.partition(":")[2].lstrip(" \t")
+            folded += " " + ln.lstrip(" \t")
+            v = folded.strip(" \t")
+            hdrs[last] = v if before is None else before + ", " + v
+            continue
+        k, _, v = ln.partition(":")
+        k = k.lower()
+        v = v.strip(" \t")
+        before = hdrs.get(k)
+        if before is None:
+            hdrs[k] = v
+        elif k == "content-length":
+            raise ProtocolError(f"duplicated Content-Length: {before!r} and {v!r}")
+        else:
+            hdrs[k] = before + ", " + v
+        last, last_line, folded = k, ln, None
+    return hdrs
+
+
+def _head_fault(raw: bytes) -> str:
+    """What is wrong with a head that the head pattern refused (for the error message)."""
+    lines = raw.split(b"\r\n")
+    first = lines[0]
+    if not re.fullmatch(rb"HTTP/1\.[0-9] [0-9]{3}(?: " + _TEXT + rb"*)?", first):
+        return f"not an HTTP/1.1 status line: {first[:40]!r}"
+    if not raw.endswith(b"\r\n\r\n"):
+        return "response head does not end with an empty line"
+    for ln in lines[1:-2]:
+        if not re.fullmatch(_TCHAR + rb"+:" + _TEXT + rb"*|[ \t]" + _TEXT + rb"*", ln):
+            return f"malformed header line: {ln[:60]!r}"
+    return "malformed response head"  # pragma: no cover - every refusal is one of the above
 
 
 def body_framing(status: int, headers: dict[str, str]) -> tuple[int | None, bool, bool]:
     """How an HTTP/1.1 response's body ends: (its length, or None; chunked; keep-alive after it).
-    ``headers`` have lower-case names."""
-    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+    ``headers`` have lower-case names. A Content-Length that is not a decimal number (or that
+    lists several values) and a transfer coding other than chunked are refused."""
+    te = headers.get("transfer-encoding")
+    chunked = False
+    if te is not None:
+        if te.lower() != "chunked":
+            raise ProtocolError(f"unsupported Transfer-Encoding: {te[:40]!r}")
+        chunked = True
     cl = headers.get("content-length")
-    length = int(cl) if cl is not None and not chunked else None
+    length: int | None = None
+    if cl is not None:
+        if not (cl.isascii() and cl.isdigit() and len(cl) <= _MAX_LENGTH_DIGITS):
+            if "," in cl:
+                raise ProtocolError(f"duplicated Content-Length: {cl[:40]!r}")
+            raise ProtocolError(f"malformed Content-Length: {cl[:40]!r}")
+        if not chunked:  # with both, chunked framing decides (RFC 9112 6.3)
+            length = int(cl)
     if status in (204, 304) or 100 <= status < 200:
         length = 0
+        chunked = False
     keep_alive = headers.get("connection", "").lower() != "close" and (chunked or length is not None)
     return length, chunked, keep_alive
+
+
+def chunk_size(line: bytes) -> int:
+    """The size on a chunk's size line (``1a;ext=v\\r\\n``)."""
+    digits = line.split(b";", 1)[0].strip(b" \t\r\n")
+    if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
+        raise ProtocolError(f"bad chunk size line: {line[:40]!r}")
+    return int(digits, 16)
 
 
 def file_query(path: str, **params: Any) -> str:
@@ -317,9 +424,13 @@ def _status_for_code(code: str) -> int:
         "unauthorized": 401,
         "forbidden": 403,
         "not_found": 404,
+        "method_not_allowed": 405,
+        "released": 410,
         "payload_too_large": 413,
+        "not_supported": 501,
         "pool_exhausted": 503,
         "sandbox_unavailable": 503,
+        "overloaded": 503,
         "draining": 503,
     }.get(code, 500)
 
@@ -357,8 +468,9 @@ def connection_error(exc: BaseException, endpoint: str) -> InfraError:
 
 
 def is_retryable_status(err: ArlError) -> bool:
-    """A 503 ``draining`` means the request was not executed: safe to retry (same request_id)."""
-    return err.status == 503 and err.code == "draining"
+    """A 503 ``draining`` or ``overloaded`` means the request was not executed: safe to retry
+    (same request_id)."""
+    return err.status == 503 and err.code in ("draining", "overloaded")
 
 
 class PoolView:
@@ -402,3 +514,51 @@ def candidate_order(
     cfg: Config, view: PoolView, pool: str, tried: set[Endpoint]
 ) -> list[Endpoint]:
     return [e for e in view.order(cfg.endpoints, pool, cfg.local) if e not in tried]
+
+
+def protocol_error(exc: ProtocolError, endpoint: str) -> InfraError:
+    """A response that is not HTTP/1.1 as expected: not retried (the node would answer the
+    same way again)."""
+    return InfraError(
+        f"bad response from {endpoint}: {exc}", code="protocol_error", retryable=False, endpoint=endpoint
+    )
+
+
+def best_error(errors: list[ArlError], pool: str) -> ArlError:
+    """The error to raise when no node could provide a sandbox: the most telling one."""
+    for cls in (PoolExhausted, InfraError, PoolNotFound):
+        for e in reversed(errors):
+            if isinstance(e, cls):
+                return e
+    return PoolExhausted(f"no node could provide a sandbox from pool {pool!r}", code="pool_exhausted", status=503)
+
+
+class HashingReader:
+    """A file object's reader that feeds what it reads to a hash (uploads checked end to end)."""
+
+    __slots__ = ("_f", "_h")
+
+    def __init__(self, f: Any, h: Any) -> None:
+        self._f = f
+        self._h = h
+
+    def read(self, n: int = -1) -> bytes:
+        b: bytes = self._f.read(n)
+        if b:
+            self._h.update(b)
+        return b
+
+    def close(self) -> None:
+        """Leaves the file open: the caller owns it (a retry reads it again)."""
+
+
+def mode_str(mode: int | None) -> str | None:
+    return None if mode is None else format(mode, "o")
+
+
+def verify_checksum(info: FileInfo, digest: str, path: str) -> None:
+    if info.sha256 and info.sha256 != digest:
+        raise ChecksumMismatch(
+            f"checksum mismatch for {path}: sent {digest}, node stored {info.sha256}",
+            code="checksum_mismatch",
+        )

@@ -1,44 +1,80 @@
-"""Synchronous HTTP/1.1 transport: a small client on blocking sockets (the sync twin of
-``_async_http``): keep-alive pool per endpoint, TCP_NODELAY, Content-Length and chunked
-bodies, streamed responses, connection-level retries (same request body, so the same
-request_id).
+"""The synchronous client's socket layer, written by hand: connections on blocking sockets
+(TCP_NODELAY, a keep-alive pool per endpoint, thread- and fork-safe), sending a request,
+reading a response head and its body (Content-Length, chunked, or to the connection's end),
+and the few primitives the generated code needs (sleep, running calls one after another).
+
+Everything above this layer (retries, error mapping, the client) is generated from the asyncio
+source by ``scripts/unasync.py``; this module and ``_async_http`` offer the same names.
 
 Not ``http.client``: it parses every response's headers with the ``email`` package, which costs
 about 0.1 ms per call, a tenth of a whole ``exec`` round trip."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Generator
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO, TypeVar, cast
 
-from ._common import (
-    Endpoint,
-    ProtocolError,
-    RetryPolicy,
-    body_framing,
-    connection_error,
-    is_retryable_status,
-    loads,
-    parse_head,
-)
-from .errors import ArlError, InfraError, error_from_response
+from ._common import MAX_HEAD, MAX_LINE, Endpoint, ProtocolError, body_framing, chunk_size, parse_head
+
+__all__ = [
+    "Body",
+    "CANCELLED",
+    "CONN_ERRORS",
+    "ConnectionPool",
+    "ReadTimeout",
+    "Response",
+    "acquiring",
+    "exchange",
+    "map_all",
+    "map_settled",
+    "sleep",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # A body is bytes, or a callable returning (readable file object, length) for streamed uploads;
 # the callable is invoked once per attempt so that a retry resends from the start.
 Body = bytes | Callable[[], tuple[BinaryIO, int]] | None
 
-# Longest status line or header line accepted from a node (and the read buffer's size).
-_MAX_LINE = 65536
-# Longest response head read line by line (when it did not arrive in one piece).
-_MAX_HEAD = 256 * 1024
+# What a broken connection raises here (a socket timeout is an OSError too).
+CONN_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
+# Exceptions that mean "the caller gave up" (none without an event loop).
+CANCELLED: tuple[type[BaseException], ...] = ()
+
+sleep = time.sleep
 
 
-_CONN_ERRORS = (OSError, EOFError, ValueError)
+def map_all(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``fn`` of every item, in order (the asyncio twin runs them concurrently)."""
+    return [fn(x) for x in items]
+
+
+def map_settled(fn: Callable[[T], Any], items: Iterable[T]) -> list[Any]:
+    """``fn`` of every item, each one's result or the exception it raised."""
+    out: list[Any] = []
+    for x in items:
+        try:
+            out.append(fn(x))
+        except Exception as e:
+            out.append(e)
+    return out
+
+
+def acquiring(value: T) -> T:
+    """The acquired value itself (the asyncio twin wraps an acquisition to be awaited or
+    entered with ``async with``)."""
+    return value
+
+
+class ReadTimeout(Exception):
+    """No response head within the request's timeout."""
 
 
 class _Conn:
@@ -46,7 +82,7 @@ class _Conn:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.file = sock.makefile("rb", buffering=_MAX_LINE)
+        self.file = cast(io.BufferedReader, sock.makefile("rb", buffering=MAX_LINE))
         self.timeout = sock.gettimeout()
 
     def set_timeout(self, timeout: float) -> None:
@@ -60,10 +96,6 @@ class _Conn:
             self.sock.close()
         except OSError:  # pragma: no cover
             pass
-
-
-class _ReadTimeout(Exception):
-    pass
 
 
 def _read_head(conn: _Conn) -> bytes:
@@ -82,7 +114,7 @@ def _read_head(conn: _Conn) -> bytes:
     while True:
         line = _readline(conn).rstrip(b"\r\n")
         size += len(line) + 2
-        if size > _MAX_HEAD:
+        if size > MAX_HEAD:
             raise ProtocolError("response head too long")
         lines.append(line)
         if not line:
@@ -90,16 +122,17 @@ def _read_head(conn: _Conn) -> bytes:
 
 
 def _readline(conn: _Conn) -> bytes:
-    line = conn.file.readline(_MAX_LINE + 1)
+    line = conn.file.readline(MAX_LINE + 1)
     if not line:
         raise EOFError("connection closed by the node")
-    if len(line) > _MAX_LINE:
+    if len(line) > MAX_LINE:
         raise ProtocolError("header line too long")
     return line
 
 
 class Response:
-    """A response whose body is read by the caller (``read``, ``read1``)."""
+    """A response whose body is read by the caller (``read``, ``read_some``). Each read waits
+    at most the request's timeout (the socket's)."""
 
     __slots__ = ("status", "headers", "_conn", "_length", "_chunked", "_chunk_left", "done", "keep_alive")
 
@@ -111,10 +144,12 @@ class Response:
         self._chunk_left = 0
         self.done = self._length == 0
 
-    def read(self, n: int | None = None) -> bytes:
-        """The rest of the body, or (with ``n``) up to ``n`` bytes of it (``b""`` at the end)."""
-        if n is not None:
-            return self.read1(n)
+    def close(self) -> None:
+        """Drop the connection (a body not read to its end leaves it unusable)."""
+        self._conn.close()
+
+    def read(self) -> bytes:
+        """The rest of the body."""
         if self.done:
             return b""
         if self._length is not None:
@@ -123,14 +158,14 @@ class Response:
                 raise EOFError("connection closed in the middle of a response")
             self.done = True
             return data
-        parts = []
+        parts: list[bytes] = []
         while True:
-            data = self.read1(262144)
+            data = self.read_some(262144)
             if not data:
                 return b"".join(parts)
             parts.append(data)
 
-    def read1(self, n: int = 262144) -> bytes:
+    def read_some(self, n: int = 262144) -> bytes:
         """The next piece of body as it arrives (``b""`` at the end)."""
         if self.done:
             return b""
@@ -149,12 +184,9 @@ class Response:
                 self.keep_alive = False
             return data
         if self._chunk_left == 0:
-            try:
-                size = int(_readline(self._conn).split(b";", 1)[0].strip(), 16)
-            except ValueError as e:
-                raise ProtocolError(f"bad chunk size: {e}") from e
+            size = chunk_size(_readline(self._conn))
             if size == 0:
-                while _readline(self._conn) != b"\r\n":  # trailers
+                while _readline(self._conn) not in (b"\r\n", b"\n"):  # trailers
                     pass
                 self.done = True
                 return b""
@@ -163,37 +195,57 @@ class Response:
         if not data:
             raise EOFError("connection closed in the middle of a chunk")
         self._chunk_left -= len(data)
-        if self._chunk_left == 0 and f.read(2) != b"\r\n":
-            raise ProtocolError("chunk not followed by CRLF")
+        if self._chunk_left == 0 and _readline(self._conn) not in (b"\r\n", b"\n"):
+            raise ProtocolError("chunk data not followed by a line end")
         return data
 
 
-class SyncTransport:
-    def __init__(
-        self,
-        token: str | None,
-        *,
-        connect_timeout: float = 5.0,
-        retry_timeout: float = 10.0,
-        max_idle: int = 64,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        self._auth = f"Authorization: Bearer {token}\r\n" if token else ""
+def exchange(conn: _Conn, head: str, body: Body, timeout: float) -> Response:
+    """Send a request (``head`` without its Content-Length and empty line) and read the final
+    response's head; interim 1xx responses are skipped."""
+    sock = conn.sock
+    conn.set_timeout(timeout)
+    if body is None:
+        sock.sendall((head + "\r\n").encode())
+    elif isinstance(body, bytes):
+        sock.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    else:
+        f, length = body()
+        try:
+            sock.sendall((head + f"Content-Length: {length}\r\n\r\n").encode())
+            while True:
+                chunk = f.read(262144)
+                if not chunk:
+                    break
+                sock.sendall(chunk)
+        finally:
+            f.close()
+    while True:
+        try:
+            status, hdrs = parse_head(_read_head(conn))
+        except TimeoutError as e:
+            raise ReadTimeout(str(e)) from e
+        if not 100 <= status < 200:
+            return Response(status, hdrs, conn)
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per endpoint, shared by threads; a forked child starts
+    with none (the parent's sockets are not its to use)."""
+
+    def __init__(self, *, connect_timeout: float, ssl_context: ssl.SSLContext | None, max_idle: int | None) -> None:
         self.connect_timeout = connect_timeout
-        self.retry_timeout = retry_timeout
-        self.max_idle = max_idle
         self.ssl_context = ssl_context
+        self.max_idle = 64 if max_idle is None else max_idle
         self._idle: dict[Endpoint, list[_Conn]] = {}
-        self._hosts: dict[Endpoint, str] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
 
-    # -- connection pool -------------------------------------------------------------------
-
-    def _get(self, ep: Endpoint) -> tuple[_Conn, bool]:
+    def get(self, ep: Endpoint) -> tuple[_Conn, bool]:
+        """A connection to ``ep`` and whether it was reused (a reused one may turn out stale)."""
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
+            if self._pid != os.getpid():
                 self._idle.clear()
                 self._pid = os.getpid()
             lst = self._idle.get(ep)
@@ -210,7 +262,9 @@ class SyncTransport:
             raise
         return _Conn(sock), False
 
-    def _put(self, ep: Endpoint, conn: _Conn) -> None:
+    def put(self, ep: Endpoint, resp: Response) -> None:
+        """Keep the connection of a response read to its end for the next request."""
+        conn = resp._conn
         with self._lock:
             if not self._closed:
                 lst = self._idle.setdefault(ep, [])
@@ -226,223 +280,3 @@ class SyncTransport:
             self._idle.clear()
         for c in conns:
             c.close()
-
-    # -- requests ------------------------------------------------------------------------------
-
-    def _host(self, ep: Endpoint) -> str:
-        h = self._hosts.get(ep)
-        if h is None:
-            host = f"[{ep.host}]" if ":" in ep.host else ep.host
-            h = self._hosts[ep] = f"Host: {host}:{ep.port}\r\n"
-        return h
-
-    def _attempt(
-        self,
-        conn: _Conn,
-        ep: Endpoint,
-        method: str,
-        path: str,
-        body: Body,
-        headers: dict[str, str] | None,
-        timeout: float,
-    ) -> Response:
-        head = f"{method} {path} HTTP/1.1\r\n{self._host(ep)}{self._auth}"
-        if headers:
-            for k, v in headers.items():
-                head += f"{k}: {v}\r\n"
-        sock = conn.sock
-        conn.set_timeout(timeout)
-        if body is None:
-            if method in ("POST", "PUT"):
-                head += "Content-Length: 0\r\n"
-            sock.sendall((head + "\r\n").encode())
-        elif isinstance(body, bytes):
-            sock.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        else:
-            f, length = body()
-            try:
-                sock.sendall((head + f"Content-Length: {length}\r\n\r\n").encode())
-                while True:
-                    chunk = f.read(262144)
-                    if not chunk:
-                        break
-                    sock.sendall(chunk)
-            finally:
-                f.close()
-        try:
-            status, hdrs = parse_head(_read_head(conn))
-        except TimeoutError as e:
-            raise _ReadTimeout(str(e)) from e
-        return Response(status, hdrs, conn)
-
-    def open(
-        self,
-        ep: Endpoint,
-        method: str,
-        path: str,
-        body: Body = None,
-        *,
-        headers: dict[str, str] | None = None,
-        timeout: float = 30.0,
-        context: str = "",
-        retry_timeout: float | None = None,
-    ) -> tuple[_Conn, Response]:
-        """Send a request and return the connection and the response with an unread body.
-
-        Raises the typed error for a non-2xx status. The caller must finish with
-        :meth:`done` (body fully read) or close the connection."""
-        policy: RetryPolicy | None = None
-        while True:
-            conn: _Conn | None = None
-            reused = False
-            try:
-                conn, reused = self._get(ep)
-                resp = self._attempt(conn, ep, method, path, body, headers, timeout)
-            except _ReadTimeout as e:
-                if conn is not None:
-                    conn.close()
-                raise InfraError(
-                    f"no response from {ep} within {timeout:.1f}s ({method} {path})",
-                    code="timeout",
-                    retryable=True,
-                    endpoint=ep.url,
-                ) from e
-            except _CONN_ERRORS as e:
-                if conn is not None:
-                    conn.close()
-                if reused:  # a stale keep-alive connection: retry at once on a fresh one
-                    continue
-                if policy is None:
-                    policy = RetryPolicy(self.retry_timeout if retry_timeout is None else retry_timeout)
-                delay = policy.next_delay()
-                if delay is None:
-                    raise connection_error(e, ep.url) from e
-                time.sleep(delay)
-                continue
-            status = resp.status
-            if status < 300:
-                return conn, resp
-            try:
-                raw = resp.read()
-            except _CONN_ERRORS:
-                raw = b""
-                conn.close()
-            else:
-                self.done(ep, conn, resp)
-            err = _error(status, raw, context, ep)
-            if is_retryable_status(err):
-                if policy is None:
-                    policy = RetryPolicy(self.retry_timeout if retry_timeout is None else retry_timeout)
-                delay = policy.next_delay()
-                if delay is not None:
-                    time.sleep(delay)
-                    continue
-            raise err
-
-    def done(self, ep: Endpoint, conn: _Conn, resp: Response) -> None:
-        if resp.keep_alive and resp.done:
-            self._put(ep, conn)
-        else:
-            conn.close()
-
-    def request(
-        self,
-        ep: Endpoint,
-        method: str,
-        path: str,
-        body: Body = None,
-        *,
-        headers: dict[str, str] | None = None,
-        timeout: float = 30.0,
-        context: str = "",
-        retry_timeout: float | None = None,
-    ) -> tuple[int, bytes]:
-        """Send a request and read the whole response body. A connection that drops while
-        the body is read is retried like a failed send."""
-        policy: RetryPolicy | None = None
-        while True:
-            conn, resp = self.open(
-                ep, method, path, body, headers=headers, timeout=timeout, context=context,
-                retry_timeout=retry_timeout,
-            )
-            try:
-                data = resp.read()
-            except TimeoutError as e:
-                conn.close()
-                raise InfraError(
-                    f"response from {ep} stalled ({method} {path})",
-                    code="timeout",
-                    retryable=True,
-                    endpoint=ep.url,
-                ) from e
-            except _CONN_ERRORS as e:
-                conn.close()
-                if policy is None:
-                    policy = RetryPolicy(self.retry_timeout if retry_timeout is None else retry_timeout)
-                delay = policy.next_delay()
-                if delay is None:
-                    raise connection_error(e, ep.url) from e
-                time.sleep(delay)
-                continue
-            self.done(ep, conn, resp)
-            return resp.status, data
-
-    def request_json(
-        self,
-        ep: Endpoint,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        *,
-        timeout: float = 30.0,
-        context: str = "",
-        retry_timeout: float | None = None,
-    ) -> Any:
-        status, data = self.request(
-            ep,
-            method,
-            path,
-            body,
-            headers=_JSON if body is not None else None,
-            timeout=timeout,
-            context=context,
-            retry_timeout=retry_timeout,
-        )
-        if status == 204 or not data:
-            return None
-        return loads(data)
-
-    def iter_lines(self, ep: Endpoint, conn: _Conn, resp: Response) -> Generator[bytes, None, None]:
-        """Yield complete lines of a streamed (chunked) body as they arrive."""
-        buf = b""
-        ok = False
-        try:
-            while True:
-                chunk = resp.read1(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if b"\n" in buf:
-                    *lines, buf = buf.split(b"\n")
-                    for line in lines:
-                        if line.strip():
-                            yield line
-            if buf.strip():
-                yield buf
-            ok = True
-        finally:
-            if ok:
-                self.done(ep, conn, resp)
-            else:
-                conn.close()
-
-
-_JSON = {"Content-Type": "application/json"}
-
-
-def _error(status: int, raw: bytes, context: str, ep: Endpoint) -> ArlError:
-    try:
-        body: Any = loads(raw) if raw else None
-    except ValueError:
-        body = raw.decode("utf-8", "replace")
-    return error_from_response(status, body, context=context, endpoint=ep.url)

@@ -1,4 +1,5 @@
-"""Synchronous client: :class:`Client` and :class:`Sandbox`."""
+# Generated from aio.py by scripts/unasync.py: do not edit; edit the source and run the script.
+"""The client: :class:`Client`, :class:`Sandbox` and :class:`SandboxList`."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import Any, BinaryIO
 from ._common import (
     Config,
     Endpoint,
+    HashingReader,
     PoolView,
     StreamAssembler,
     acquire_body,
+    best_error,
     check_timeout,
     dumps,
     exec_body,
@@ -22,30 +25,26 @@ from ._common import (
     file_query,
     files_body,
     loads,
+    mode_str,
     new_request_id,
     resolve_config,
+    verify_checksum,
 )
-from ._sync_http import SyncTransport
-from .errors import (
-    ArlError,
-    AuthError,
-    ChecksumMismatch,
-    InfraError,
-    NotFound,
-    PoolExhausted,
-    PoolNotFound,
-    SandboxNotFound,
-)
+from ._sync_http import CANCELLED, CONN_ERRORS, acquiring, map_all, map_settled
+from ._sync_transport import Transport
+from .errors import ArlError, AuthError, InfraError, NotFound, PoolExhausted, PoolNotFound, SandboxNotFound
 from .types import ExecResult, FileInfo, OutputChunk, PoolInfo, PoolSpec, SandboxInfo
 
 __all__ = ["Client", "Sandbox", "SandboxList"]
 
 _NDJSON = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
 _OCTET = {"Content-Type": "application/octet-stream"}
+# What a release on the way out of an exception may raise without hiding that exception.
+_QUIET_ON_EXIT: tuple[type[BaseException], ...] = (ArlError, *CANCELLED)
 
 
 class Client:
-    """Synchronous client of one or more ARL nodes.
+    """Client of one or more ARL nodes.
 
     Args:
         endpoints: node URLs (list or comma-separated string). Default: ``ARL_ENDPOINTS``, else
@@ -59,8 +58,9 @@ class Client:
         retry_timeout: how long connection-level failures are retried (same request_id).
         pool_cache_ttl: seconds the idle counts of other nodes are cached for routing.
 
-    Thread-safe: one client can be shared by many threads (each request takes its own
-    keep-alive connection from the pool).
+    Each request takes its own keep-alive connection from the client's pool: the synchronous
+    client can be shared by many threads; the asyncio one is used from one event loop. Close
+    it at the end (``with Client() as client:``).
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class Client:
         self._cfg: Config = resolve_config(endpoints, token, node_ip=node_ip, local_endpoint=local_endpoint)
         self.timeout = timeout
         self.retry_timeout = retry_timeout
-        self._t = SyncTransport(self._cfg.token, connect_timeout=connect_timeout, retry_timeout=retry_timeout)
+        self._t = Transport(self._cfg.token, connect_timeout=connect_timeout, retry_timeout=retry_timeout)
         self._view = PoolView(pool_cache_ttl)
 
     # -- configuration -------------------------------------------------------------------------
@@ -94,6 +94,7 @@ class Client:
     def close(self) -> None:
         """Close pooled connections. Sandboxes stay allocated."""
         self._t.close()
+
 
     def __enter__(self) -> Client:
         return self
@@ -125,12 +126,16 @@ class Client:
     def pools(self, endpoint: str | None = None) -> list[PoolInfo]:
         """Pools of every endpoint (or of one), each tagged with its ``endpoint``."""
         eps = [self._ep(endpoint)] if endpoint else self._cfg.endpoints
-        out: list[PoolInfo] = []
-        for ep in eps:
+
+        def one(ep: Endpoint) -> list[PoolInfo]:
             d = self._t.request_json(ep, "GET", "/v1/pools", timeout=self.timeout, context="pool")
             items = d.get("pools", [])
             self._view.update(ep, items)
-            out.extend(PoolInfo.from_json(p, ep.url) for p in items)
+            return [PoolInfo.from_json(p, ep.url) for p in items]
+
+        out: list[PoolInfo] = []
+        for part in map_all(one, eps):
+            out.extend(part)
         return out
 
     def pool(self, name: str, endpoint: str | None = None) -> PoolInfo:
@@ -178,16 +183,15 @@ class Client:
         idle_timeout: float | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> Sandbox:
-        """Acquire a warm sandbox from ``pool``. Use it as a context manager to release it on
-        exit::
+        """Acquire a warm sandbox from ``pool``; ``with`` releases it on exit::
 
             with client.sandbox("default") as sb:
-                print(sb.exec(["echo", "hi"]).stdout)
+                print((sb.exec(["echo", "hi"])).stdout)
 
         ``env`` is applied to every command; ``ttl`` (seconds) bounds the sandbox's lifetime;
         ``idle_timeout`` releases it after that long without requests.
         """
-        return self._acquire(pool, 1, env, ttl, idle_timeout, labels)[0]
+        return acquiring(self._acquire_one(pool, env, ttl, idle_timeout, labels))
 
     acquire = sandbox
 
@@ -203,9 +207,30 @@ class Client:
     ) -> SandboxList:
         """Acquire ``n`` sandboxes with one request to the best node; when no single node can
         provide them all, they are gathered one by one across the nodes (all or nothing).
-        Returns a list that is also a context manager releasing them all."""
+        Returns a list; ``with`` releases them all on exit."""
         if n < 1:
             raise ValueError("n must be >= 1")
+        return acquiring(self._acquire_many(pool, n, env, ttl, idle_timeout, labels))
+
+    def _acquire_one(
+        self,
+        pool: str,
+        env: Mapping[str, str] | None,
+        ttl: float | None,
+        idle_timeout: float | None,
+        labels: Mapping[str, str] | None,
+    ) -> Sandbox:
+        return (self._acquire(pool, 1, env, ttl, idle_timeout, labels))[0]
+
+    def _acquire_many(
+        self,
+        pool: str,
+        n: int,
+        env: Mapping[str, str] | None,
+        ttl: float | None,
+        idle_timeout: float | None,
+        labels: Mapping[str, str] | None,
+    ) -> SandboxList:
         try:
             return SandboxList(self._acquire(pool, n, env, ttl, idle_timeout, labels))
         except PoolExhausted:
@@ -215,7 +240,7 @@ class Client:
         got = SandboxList()
         try:
             for _ in range(n):
-                got.append(self._acquire(pool, 1, env, ttl, idle_timeout, labels)[0])
+                got.append(self._acquire_one(pool, env, ttl, idle_timeout, labels))
         except BaseException:
             got.release_all(raise_errors=False)
             raise
@@ -276,10 +301,10 @@ class Client:
                 continue
             self._view.took(ep, pool, count)
             return [Sandbox(self, ep, SandboxInfo.from_json(s, ep.url)) for s in d["sandboxes"]]
-        raise _best_error(errors, pool)
+        raise best_error(errors, pool)
 
     def _refresh_view(self, eps: list[Endpoint]) -> None:
-        for ep in self._view.stale(eps):
+        def one(ep: Endpoint) -> None:
             try:
                 d = self._t.request_json(ep, "GET", "/v1/pools", timeout=min(self.timeout, 2.0), retry_timeout=0.0)
                 self._view.update(ep, d.get("pools", []))
@@ -287,6 +312,8 @@ class Client:
                 raise
             except ArlError:
                 self._view.update(ep, None)
+
+        map_all(one, self._view.stale(eps))
 
     def attach(self, sandbox_id: str, endpoint: str | None = None) -> Sandbox:
         """Return a handle to an existing sandbox (looked up on ``endpoint``, else on every
@@ -311,19 +338,10 @@ class Client:
         return out
 
 
-def _best_error(errors: list[ArlError], pool: str) -> ArlError:
-    for cls in (PoolExhausted, InfraError, PoolNotFound):
-        for e in reversed(errors):
-            if isinstance(e, cls):
-                return e
-    return PoolExhausted(f"no node could provide a sandbox from pool {pool!r}", code="pool_exhausted", status=503)
-
-
 class Sandbox:
     """A sandbox acquired from a node. All calls go to the node that holds it.
 
-    Use as a context manager to release it on exit. ``id``, ``pool``, ``endpoint`` and
-    ``info`` describe it.
+    ``with`` releases it on exit. ``id``, ``pool``, ``endpoint`` and ``info`` describe it.
     """
 
     __slots__ = ("_c", "_t", "_ep", "info", "_base", "_exec_path", "_released")
@@ -369,7 +387,7 @@ class Sandbox:
         else:
             try:
                 self.release()
-            except ArlError:
+            except _QUIET_ON_EXIT:
                 pass  # keep the original exception
 
     # -- commands ------------------------------------------------------------------------------
@@ -394,9 +412,7 @@ class Sandbox:
         ``raise_on_timeout=True``). A non-zero exit code is returned, never raised.
         Connection failures are retried with the same ``request_id``: the command runs once.
         """
-        body = dumps(
-            exec_body(cmd, env, cwd, timeout, stdin, max_output_bytes, request_id or new_request_id())
-        )
+        body = dumps(exec_body(cmd, env, cwd, timeout, stdin, max_output_bytes, request_id or new_request_id()))
         d = self._t.request_json(
             self._ep, "POST", self._exec_path, body, timeout=exec_read_timeout(timeout), context="sandbox"
         )
@@ -425,23 +441,24 @@ class Sandbox:
                     print(item.data, end="")
                 else:
                     result = item
+
+        A stream cut midway is recovered: the same ``request_id`` is asked again and the
+        output not yet delivered follows, then the result.
         """
-        rid = request_id or new_request_id()
-        payload = exec_body(cmd, env, cwd, timeout, stdin, max_output_bytes, rid)
-        body = dumps(payload)
+        body = dumps(exec_body(cmd, env, cwd, timeout, stdin, max_output_bytes, request_id or new_request_id()))
         rt = exec_read_timeout(timeout)
         asm = StreamAssembler()
-        conn, resp = self._t.open(self._ep, "POST", self._exec_path, body, headers=_NDJSON, timeout=rt, context="sandbox")
-        lines = self._t.iter_lines(self._ep, conn, resp)
+        resp = self._t.open(self._ep, "POST", self._exec_path, body, headers=_NDJSON, timeout=rt, context="sandbox")
+        lines = self._t.iter_lines(self._ep, resp)
         broken: BaseException | None = None
         try:
             while True:
                 try:
-                    line = next(lines)
+                    line = lines.__next__()
                     item = asm.feed(loads(line), self._ep.url)
                 except StopIteration:
                     break
-                except (OSError, EOFError, ValueError) as e:
+                except CONN_ERRORS as e:
                     broken = e
                     break
                 if item is None:
@@ -477,9 +494,7 @@ class Sandbox:
         )
         return [FileInfo.from_json(f) for f in d.get("files", [])]
 
-    def write_file(
-        self, path: str, data: str | bytes | BinaryIO, *, mode: int | None = None
-    ) -> FileInfo:
+    def write_file(self, path: str, data: str | bytes | BinaryIO, *, mode: int | None = None) -> FileInfo:
         """Write one file with a raw upload (checksum-verified by the daemon for str/bytes).
         ``data`` may be a binary file object, which is streamed (it must be seekable to be
         retried)."""
@@ -487,34 +502,31 @@ class Sandbox:
             data = data.encode()
         if isinstance(data, (bytes, bytearray, memoryview)):
             raw = bytes(data)
-            digest = hashlib.sha256(raw).hexdigest()
-            q = file_query(path, mode=_mode(mode), sha256=digest)
+            q = file_query(path, mode=mode_str(mode), sha256=hashlib.sha256(raw).hexdigest())
             d = self._t.request_json(self._ep, "PUT", self._base + "/files" + q, raw, timeout=self._c.timeout, context="file")
             return FileInfo.from_json(d)
         return self._put_stream(path, data, mode)
 
     def _put_stream(self, path: str, f: BinaryIO, mode: int | None) -> FileInfo:
-        start = f.tell() if f.seekable() else None
-        if start is not None:
-            f.seek(0, os.SEEK_END)
-            length = f.tell() - start
-        else:
+        if not f.seekable():
             raise ValueError("write_file needs a seekable file object (or use upload())")
+        start = f.tell()
+        f.seek(0, os.SEEK_END)
+        length = f.tell() - start
         hasher: list[Any] = []
 
         def body() -> tuple[BinaryIO, int]:
             f.seek(start)
             h = hashlib.sha256()
             hasher[:] = [h]
-            return _HashingReader(f, h, close=False), length  # type: ignore[return-value]
+            return HashingReader(f, h), length  # type: ignore[return-value]
 
-        q = file_query(path, mode=_mode(mode))
-        status, raw = self._t.request(
-            self._ep, "PUT", self._base + "/files" + q, body, headers=_OCTET,
-            timeout=max(self._c.timeout, 300.0), context="file",
+        _, raw = self._t.request(
+            self._ep, "PUT", self._base + "/files" + file_query(path, mode=mode_str(mode)), body,
+            headers=_OCTET, timeout=max(self._c.timeout, 300.0), context="file",
         )
         info = FileInfo.from_json(loads(raw))
-        _verify(info, hasher[0].hexdigest(), path)
+        verify_checksum(info, hasher[0].hexdigest(), path)
         return info
 
     def upload(self, local: str | os.PathLike[str], remote: str, *, mode: int | None = None) -> FileInfo:
@@ -527,32 +539,30 @@ class Sandbox:
 
     def read_file(self, path: str) -> bytes:
         """Return a file's content."""
-        q = file_query(path)
-        status, data = self._t.request(self._ep, "GET", self._base + "/files" + q, timeout=self._c.timeout, context="file")
+        _, data = self._t.request(self._ep, "GET", self._base + "/files" + file_query(path), timeout=self._c.timeout, context="file")
         return data
 
     def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return self.read_file(path).decode(encoding)
+        return (self.read_file(path)).decode(encoding)
 
     def iter_file(self, path: str, chunk_size: int = 262144) -> Iterator[bytes]:
         """Yield a file's content in chunks as it is received."""
-        q = file_query(path)
-        conn, resp = self._t.open(
-            self._ep, "GET", self._base + "/files" + q, timeout=max(self._c.timeout, 300.0), context="file"
+        resp = self._t.open(
+            self._ep, "GET", self._base + "/files" + file_query(path), timeout=max(self._c.timeout, 300.0), context="file"
         )
         ok = False
         try:
             while True:
-                chunk = resp.read(chunk_size)
+                chunk = resp.read_some(chunk_size)
                 if not chunk:
                     break
                 yield chunk
             ok = True
         finally:
             if ok:
-                self._t.done(self._ep, conn, resp)
+                self._t.done(self._ep, resp)
             else:
-                conn.close()
+                resp.close()
 
     def download(self, remote: str, local: str | os.PathLike[str]) -> int:
         """Stream a file from the sandbox to ``local`` (written to a temporary file in the same
@@ -613,7 +623,7 @@ class Sandbox:
 
 
 class SandboxList(list):  # type: ignore[type-arg]
-    """A list of :class:`Sandbox` that releases them all when used as a context manager."""
+    """A list of :class:`Sandbox`; ``with`` releases them all on exit."""
 
     def __enter__(self) -> SandboxList:
         return self
@@ -622,42 +632,12 @@ class SandboxList(list):  # type: ignore[type-arg]
         self.release_all(raise_errors=et is None)
 
     def release_all(self, *, raise_errors: bool = True) -> None:
-        first: ArlError | None = None
-        for sb in self:
-            try:
-                sb.release()
-            except ArlError as e:
-                first = first or e
-        if first is not None and raise_errors:
-            raise first
+        """Release every sandbox (concurrently under asyncio); with ``raise_errors``, the first
+        failure is raised once all were tried."""
+        errs = [r for r in map_settled(_release, self) if isinstance(r, BaseException)]
+        if errs and raise_errors:
+            raise errs[0]
 
 
-class _HashingReader:
-    __slots__ = ("_f", "_h", "_close")
-
-    def __init__(self, f: BinaryIO, h: Any, close: bool) -> None:
-        self._f = f
-        self._h = h
-        self._close = close
-
-    def read(self, n: int = -1) -> bytes:
-        b = self._f.read(n)
-        if b:
-            self._h.update(b)
-        return b
-
-    def close(self) -> None:
-        if self._close:
-            self._f.close()
-
-
-def _mode(mode: int | None) -> str | None:
-    return None if mode is None else format(mode, "o")
-
-
-def _verify(info: FileInfo, digest: str, path: str) -> None:
-    if info.sha256 and info.sha256 != digest:
-        raise ChecksumMismatch(
-            f"checksum mismatch for {path}: sent {digest}, node stored {info.sha256}",
-            code="checksum_mismatch",
-        )
+def _release(sb: Sandbox) -> None:
+    sb.release()
