@@ -20,6 +20,11 @@ impl Manager {
         let this = self.clone();
         self.tasks.spawn(async move {
             this.runtime.exited(&sb.id).await;
+            // A shutting-down node leaves the dead to its shutdown (a stop destroys
+            // everything; after a hand-over the successor finds it dead and says so).
+            if this.is_draining() {
+                return;
+            }
             if this.forget(&sb.id).is_some() {
                 tracing::warn!(sandbox = %sb.id, pool = %sb.pool, "sandbox died");
                 this.metrics

@@ -184,7 +184,7 @@ async fn reuse_reset_returns_the_same_sandbox_and_a_failed_reset_replaces_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_leases_end_and_their_holder_is_told_why() {
     let fake = FakeRuntime::new();
-    let mgr = started(&fake, Records::disabled(), &[("p", spec(1, 3))]).await;
+    let mgr = started(&fake, Records::disabled(), &[("p", spec(1, 4))]).await;
     settled(&mgr, "p", 1).await;
     let mut req = acquire_req("p");
     req.ttl_seconds = Some(60);
