@@ -14,6 +14,7 @@
 pub mod exec;
 pub mod files;
 mod kept;
+pub mod oom;
 mod spawn;
 
 use std::os::fd::FromRawFd;
@@ -41,6 +42,10 @@ use crate::quiet_unix::QuietUnixStream;
 const SCRATCH_DIRS: &[&str] = &["/workspace", "/tmp", "/var/tmp", "/dev/shm", "/root"];
 /// How long `reset` waits for the processes it killed to be gone.
 const RESET_WAIT: Duration = Duration::from_secs(5);
+/// Blocking threads (file operations) of the agent, at most.
+const BLOCKING_THREADS: usize = 4;
+/// How long an idle blocking thread is kept: for the agent's life.
+const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
@@ -50,6 +55,10 @@ pub struct AgentArgs {
     /// A Unix socket path to bind.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// An open descriptor of the sandbox's memory cgroup counters (`memory.oom_control` or
+    /// `memory.events`), to tell OOM kills from other deaths.
+    #[arg(long)]
+    pub memory_events_fd: Option<i32>,
 }
 
 struct Agent {
@@ -60,9 +69,14 @@ struct Agent {
 }
 
 pub fn main(args: AgentArgs) -> i32 {
-    // One thread is plenty for one sandbox and keeps an idle agent small.
+    // One thread is plenty for one sandbox and keeps an idle agent small. File operations run
+    // on blocking threads: one is started now and idle ones never expire, so a sandbox whose
+    // pids limit is full still reads and writes files (tokio queues work to an existing
+    // thread when it cannot start another). Few, so the idle ones cost little.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .build()
     {
         Ok(rt) => rt,
@@ -71,6 +85,7 @@ pub fn main(args: AgentArgs) -> i32 {
             return 1;
         }
     };
+    drop(runtime.spawn_blocking(|| ()));
     match runtime.block_on(serve(args)) {
         Ok(()) => 0,
         Err(e) => {
@@ -109,7 +124,7 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
         }
     };
     let agent = Arc::new(Agent {
-        children: exec::Children::default(),
+        children: exec::Children::new(oom::OomCounter::open(args.memory_events_fd)),
         base_env: std::env::vars().collect(),
         kept: Arc::new(crate::node::once::OnceMap::new(kept::KEPT_RESULTS)),
     });

@@ -53,6 +53,9 @@ pub struct NodeArgs {
     /// Serve without a token file on a non-loopback address (anyone who reaches it can run code)
     #[arg(long, global = true, env = "ARL_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
+    /// Threads serving the HTTP API, each with its own event loop [default: the node's cores]
+    #[arg(long, global = true, env = "ARL_FRONT_THREADS")]
+    pub front_threads: Option<usize>,
     /// On SIGTERM, leave every sandbox running for the next daemon on this state directory
     /// (a restart or an upgrade) instead of destroying them all
     #[arg(long, global = true, env = "ARL_HANDOVER")]
@@ -84,6 +87,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     #[serde(default)]
     allow_unauthenticated: bool,
+    front_threads: Option<usize>,
     handover: Option<bool>,
     #[serde(default)]
     pools: BTreeMap<String, PoolSpec>,
@@ -102,6 +106,7 @@ pub struct Settings {
     pub registry: RegistryOptions,
     pub max_connections: usize,
     pub allow_unauthenticated: bool,
+    pub front_threads: usize,
     pub pools: BTreeMap<String, PoolSpec>,
     /// Whether SIGTERM hands the sandboxes over to the next daemon (else destroys them).
     pub handover: bool,
@@ -178,6 +183,11 @@ impl NodeArgs {
                 .unwrap_or(8192)
                 .max(1),
             allow_unauthenticated: self.allow_unauthenticated || file.allow_unauthenticated,
+            front_threads: self
+                .front_threads
+                .or(file.front_threads)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .clamp(1, 256),
             pools,
             handover: self.handover || file.handover.unwrap_or(false),
         })

@@ -19,19 +19,20 @@ impl Manager {
     pub(super) fn watch(self: &Arc<Self>, sb: Arc<Sandbox>) {
         let this = self.clone();
         self.tasks.spawn(async move {
-            this.runtime.exited(&sb.id).await;
+            let reason = this.runtime.exited(&sb.id).await;
             // A shutting-down node leaves the dead to its shutdown (a stop destroys
             // everything; after a hand-over the successor finds it dead and says so).
             if this.is_draining() {
                 return;
             }
             if this.forget(&sb.id).is_some() {
-                tracing::warn!(sandbox = %sb.id, pool = %sb.pool, "sandbox died");
+                tracing::warn!(sandbox = %sb.id, pool = %sb.pool, reason = reason.label(), "{reason}");
                 this.metrics
                     .sandbox_failures_total
-                    .with_label_values(&[sb.pool.as_str(), "died"])
+                    .with_label_values(&[sb.pool.as_str(), reason.label()])
                     .inc();
-                this.bury(&sb, "the sandbox died (its agent exited)");
+                sb.set_death(reason.to_string());
+                this.bury(&sb, &reason.to_string());
                 this.unaccount(&sb);
                 this.spawn_destroy(sb.id.clone());
             }

@@ -136,7 +136,8 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
         "arl node ready"
     );
     tokio::spawn(mgr.clone().housekeeping());
-    serve_front(listener, mgr.clone(), settings.max_connections).await?;
+    let shared = server::Shared::new(mgr.clone(), settings.max_connections);
+    serve_front(listener, shared, settings.front_threads).await?;
     let mode = if settings.handover {
         tracing::info!("shutting down: handing the sandboxes over to the next daemon");
         manager::ShutdownMode::HandOver
@@ -198,38 +199,63 @@ async fn cleanup(settings: &config::Settings) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// Serves the HTTP API until SIGTERM/SIGINT, on a thread of its own with a single-threaded
-/// runtime. A request then runs start to finish on one thread: with tokio's work-stealing
-/// runtime each request woke a second worker (and the one who answered the agent another),
-/// about 40 µs per exec on a 2-vCPU VM. Sandbox work (creation, teardown, refills) stays on the
-/// multi-threaded runtime (see `Manager::tasks`), so it never holds up a request.
+/// Serves the HTTP API until SIGTERM/SIGINT on `threads` threads, each with a single-threaded
+/// runtime accepting from the same listening socket. A request then runs start to finish on
+/// one thread: with tokio's work-stealing runtime each request woke a second worker (and the
+/// one who answered the agent another), about 40 µs per exec on a 2-vCPU VM. A connection stays
+/// on the thread that accepted it, so more threads serve more clients at once without adding
+/// to any one request. (One shared socket rather than `SO_REUSEPORT` listeners: with those, a
+/// second daemon started on the same port by mistake would silently take half the traffic.)
+/// Sandbox work (creation, teardown, refills) stays on the multi-threaded runtime (see
+/// `Manager::tasks`), so it never holds up a request.
 async fn serve_front(
     listener: std::net::TcpListener,
-    mgr: Arc<manager::Manager>,
-    max_connections: usize,
+    shared: Arc<server::Shared>,
+    threads: usize,
 ) -> Result<(), NodeError> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("arl-http".into())
-        .spawn(move || {
-            let served = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .and_then(|front| {
-                    front.block_on(async {
-                        let listener = tokio::net::TcpListener::from_std(listener)?;
-                        server::serve(listener, mgr, max_connections, shutdown_signal()).await;
-                        Ok(())
-                    })
-                });
-            let _ = done_tx.send(served);
-        })?;
-    match done_rx.await {
-        Ok(served) => Ok(served?),
-        Err(_) => Err(NodeError::Io(std::io::Error::other(
-            "the HTTP thread ended without a word",
-        ))),
+    let stop = tokio_util::sync::CancellationToken::new();
+    let threads = threads.max(1);
+    // Each thread says how it ended, once.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<std::io::Result<()>>(threads);
+    for n in 0..threads {
+        let listener = listener.try_clone()?;
+        let (shared, stop, done_tx) = (shared.clone(), stop.clone(), done_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("arl-http-{n}"))
+            .spawn(move || {
+                let served = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .and_then(|front| {
+                        front.block_on(async {
+                            let listener = tokio::net::TcpListener::from_std(listener)?;
+                            server::serve(listener, shared, stop).await;
+                            Ok(())
+                        })
+                    });
+                let _ = done_tx.blocking_send(served);
+            })?;
     }
+    drop((listener, done_tx));
+    let mut ended = Vec::with_capacity(threads);
+    tokio::select! {
+        () = shutdown_signal() => {}
+        // A front thread that ends on its own (it could not start) ends the node.
+        first = done_rx.recv() => ended.extend(first),
+    }
+    stop.cancel();
+    while ended.len() < threads {
+        match done_rx.recv().await {
+            Some(served) => ended.push(served),
+            None => {
+                return Err(NodeError::Io(std::io::Error::other(
+                    "an HTTP thread ended without a word",
+                )));
+            }
+        }
+    }
+    ended.into_iter().collect::<std::io::Result<()>>()?;
+    Ok(())
 }
 
 async fn shutdown_signal() {

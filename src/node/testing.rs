@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::api::PoolSpec;
 use crate::api::pools::RuntimeKind;
 use crate::http;
-use crate::runtime::{AgentAddress, BoxFuture, Created, Runtime, RuntimeError};
+use crate::runtime::{AgentAddress, BoxFuture, Created, ExitReason, Runtime, RuntimeError};
 use crate::util::{MutexExt, random_id};
 
 struct FakeSandbox {
@@ -159,7 +159,7 @@ impl Runtime for FakeRuntime {
         })
     }
 
-    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
+    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ExitReason> {
         let rx = self
             .live
             .lock_or_recover()
@@ -169,6 +169,7 @@ impl Runtime for FakeRuntime {
             if let Some(mut rx) = rx {
                 let _ = rx.wait_for(|dead| *dead).await;
             }
+            ExitReason::Unknown
         })
     }
 

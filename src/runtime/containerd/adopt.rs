@@ -57,8 +57,13 @@ impl ContainerdRuntime {
         if !socket.exists() {
             return Err(refuse("no agent socket"));
         }
-        let (tx, rx) = watch::channel(false);
-        tokio::spawn(watch_task(self.client.tasks(), id.to_string(), tx));
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(watch_task(
+            self.client.tasks(),
+            id.to_string(),
+            self.config.cgroup_parent.clone(),
+            tx,
+        ));
         self.exits.lock_or_recover().insert(id.to_string(), rx);
         Ok(Created {
             agent: AgentAddress::Unix(socket),
