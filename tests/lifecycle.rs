@@ -355,14 +355,24 @@ async fn daemon_kill9_then_restart_leaks_nothing(rt: Runtime) {
     d.kill9();
     assert!(
         pids.iter().all(|&p| alive(p)),
-        "sandboxes outlive a killed daemon until it restarts"
+        "sandboxes outlive a killed daemon"
     );
 
-    d.spawn().await;
+    // No successor: `arl node cleanup` removes everything the killed daemon left.
+    let out = std::process::Command::new(common::BIN)
+        .args(["node", "cleanup", "--state-dir"])
+        .arg(d.state_dir())
+        .args(["--cgroup-parent", &d.cgroup_parent])
+        .output()
+        .expect("arl node cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for &pid in &pids {
-        assert!(!alive(pid), "old agent {pid} survived the restart");
+        assert!(!alive(pid), "old agent {pid} survived the cleanup");
     }
-    d.wait_pool("default", 20, |s| s["idle"] == 3).await;
     let leftovers = d.leftovers();
     for id in &old {
         assert!(
@@ -370,6 +380,9 @@ async fn daemon_kill9_then_restart_leaks_nothing(rt: Runtime) {
             "{id} leaked: {leftovers:?}"
         );
     }
+
+    d.spawn().await;
+    d.wait_pool("default", 20, |s| s["idle"] == 3).await;
     let (status, body) = d
         .call(Method::GET, &format!("/v1/sandboxes/{held}"), None)
         .await;

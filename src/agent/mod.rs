@@ -13,6 +13,7 @@
 
 pub mod exec;
 pub mod files;
+mod kept;
 pub mod oom;
 mod spawn;
 
@@ -34,6 +35,7 @@ use crate::api::{
     ApiError, ExecEvent, ExecRequest, NDJSON, OUTCOME_HEADER, WriteFilesRequest, WriteFilesResponse,
 };
 use crate::http::{self, Body, ChannelBody, MAX_JSON_BODY, ndjson_line};
+use crate::node::once::{self, Claim};
 use crate::quiet_unix::QuietUnixStream;
 
 /// Directories `reset` empties.
@@ -62,6 +64,8 @@ pub struct AgentArgs {
 struct Agent {
     children: exec::Children,
     base_env: Vec<(String, String)>,
+    /// Results of execs by request id, for retries (also across restarts of the daemon).
+    kept: Arc<kept::KeptMap>,
 }
 
 pub fn main(args: AgentArgs) -> i32 {
@@ -122,6 +126,7 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
     let agent = Arc::new(Agent {
         children: exec::Children::new(oom::OomCounter::open(args.memory_events_fd)),
         base_env: std::env::vars().collect(),
+        kept: Arc::new(crate::node::once::OnceMap::new(kept::KEPT_RESULTS)),
     });
     // Subscribe to SIGCHLD before the first spawn so no exit is missed.
     let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
@@ -191,6 +196,56 @@ async fn exec_route(
     let streaming = http::wants_ndjson(&req);
     let exec_req: ExecRequest = http::read_json(req, MAX_JSON_BODY * 64).await?;
     exec_req.validate().map_err(ApiError::bad_request)?;
+    let Some(id) = exec_req.request_id.clone() else {
+        return exec_now(agent, exec_req, streaming).await;
+    };
+    // At most once per request id: a retry waits for the first run or gets its result.
+    let publish = match agent.kept.claim(&id) {
+        Claim::Done(kept) => return Ok(kept.answer(streaming)),
+        Claim::Wait(rx) => return once::wait(rx).await.map(|k| k.answer(streaming)),
+        Claim::Run(tx) => tx,
+    };
+    if streaming {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        spawn_streamed(agent.clone(), exec_req, tx);
+        let body = kept::tee(rx, publish, agent.kept.clone(), id);
+        return Ok(Response::builder()
+            .header(CONTENT_TYPE, NDJSON)
+            .body(body)
+            .unwrap_or_else(|_| http::error(ApiError::internal("response"))));
+    }
+    // Detached: the command and its kept result outlive the connection that asked.
+    let run = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let result = exec::run(
+                &agent.children,
+                &agent.base_env,
+                exec_req,
+                exec::Sink::Capture,
+            )
+            .await;
+            match &result {
+                Ok(result) => {
+                    let _ = publish.send(Some(kept::Kept::of(result)));
+                }
+                Err(_) => agent.kept.forget(&id),
+            }
+            result
+        })
+    };
+    let result = run
+        .await
+        .map_err(|e| ApiError::internal(format!("exec task failed: {e}")))??;
+    Ok(json_result(&result))
+}
+
+/// Runs an exec without a request id.
+async fn exec_now(
+    agent: &Arc<Agent>,
+    exec_req: ExecRequest,
+    streaming: bool,
+) -> Result<Response<Body>, ApiError> {
     if !streaming {
         let result = exec::run(
             &agent.children,
@@ -199,15 +254,32 @@ async fn exec_route(
             exec::Sink::Capture,
         )
         .await?;
-        let mut response = http::json(StatusCode::OK, &result);
-        response.headers_mut().insert(
-            OUTCOME_HEADER,
-            hyper::header::HeaderValue::from_static(result.outcome().as_str()),
-        );
-        return Ok(response);
+        return Ok(json_result(&result));
     }
     let (tx, body) = ChannelBody::channel(16);
-    let agent = agent.clone();
+    spawn_streamed(agent.clone(), exec_req, tx);
+    Ok(Response::builder()
+        .header(CONTENT_TYPE, NDJSON)
+        .body(body)
+        .unwrap_or_else(|_| http::error(ApiError::internal("response"))))
+}
+
+fn json_result(result: &crate::api::ExecResult) -> Response<Body> {
+    let mut response = http::json(StatusCode::OK, result);
+    response.headers_mut().insert(
+        OUTCOME_HEADER,
+        hyper::header::HeaderValue::from_static(result.outcome().as_str()),
+    );
+    response
+}
+
+/// Runs a streamed exec in a task of its own, its events and then its result (or error)
+/// sent as NDJSON lines.
+fn spawn_streamed(
+    agent: Arc<Agent>,
+    exec_req: ExecRequest,
+    tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, http::BoxError>>,
+) {
     tokio::spawn(async move {
         let event = match exec::run(
             &agent.children,
@@ -222,10 +294,6 @@ async fn exec_route(
         };
         let _ = tx.send(Ok(ndjson_line(&event))).await;
     });
-    Ok(Response::builder()
-        .header(CONTENT_TYPE, NDJSON)
-        .body(body)
-        .unwrap_or_else(|_| http::error(ApiError::internal("response"))))
 }
 
 async fn write_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -261,6 +329,8 @@ async fn read_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
 /// than lend it again).
 async fn reset(agent: &Arc<Agent>) -> Result<Response<Body>, ApiError> {
     exec::kill_all_but_self();
+    // The next lease's request ids start afresh.
+    agent.kept.clear();
     let deadline = tokio::time::Instant::now() + RESET_WAIT;
     loop {
         let reaped = agent.children.reaped.notified();

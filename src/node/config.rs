@@ -13,48 +13,62 @@ use crate::runtime::containerd::RegistryOptions;
 #[derive(Debug, clap::Args)]
 pub struct NodeArgs {
     /// Address of the HTTP API [default: 127.0.0.1:8420]
-    #[arg(long, env = "ARL_LISTEN")]
+    #[arg(long, global = true, env = "ARL_LISTEN")]
     pub listen: Option<String>,
     /// Config file (TOML, or JSON when it ends in .json) with settings and pools.
-    #[arg(long, env = "ARL_CONFIG")]
+    #[arg(long, global = true, env = "ARL_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where sandboxes' sockets and bookkeeping live [default: /run/arl]
-    #[arg(long, env = "ARL_STATE_DIR")]
+    #[arg(long, global = true, env = "ARL_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// File of bearer tokens, one per line; re-read when it changes. Without it the API is open.
-    #[arg(long, env = "ARL_TOKEN_FILE")]
+    #[arg(long, global = true, env = "ARL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Sandboxes created at once at most [default: 16]
-    #[arg(long, env = "ARL_CREATE_CONCURRENCY")]
+    #[arg(long, global = true, env = "ARL_CREATE_CONCURRENCY")]
     pub create_concurrency: Option<usize>,
     /// Name of ARL's cgroup in each hierarchy [default: arl]
-    #[arg(long, env = "ARL_CGROUP_PARENT")]
+    #[arg(long, global = true, env = "ARL_CGROUP_PARENT")]
     pub cgroup_parent: Option<String>,
     /// First host uid mapped into sandboxes (each gets 65536 ids) [default: 16777216]
-    #[arg(long, env = "ARL_UID_BASE")]
+    #[arg(long, global = true, env = "ARL_UID_BASE")]
     pub uid_base: Option<u32>,
     /// containerd's socket, for `containerd` pools [default: /run/containerd/containerd.sock]
-    #[arg(long, env = "ARL_CONTAINERD_SOCKET")]
+    #[arg(long, global = true, env = "ARL_CONTAINERD_SOCKET")]
     pub containerd_socket: Option<PathBuf>,
     /// A registry (`host[:port]`) that `containerd` pools pull from over plain HTTP; repeatable
     #[arg(
         long = "insecure-registry",
+        global = true,
         env = "ARL_INSECURE_REGISTRIES",
         value_delimiter = ','
     )]
     pub insecure_registries: Vec<String>,
     /// Registry credentials for pulls, as a Docker-style config.json (its `auths`)
-    #[arg(long, env = "ARL_REGISTRY_AUTH_FILE")]
+    #[arg(long, global = true, env = "ARL_REGISTRY_AUTH_FILE")]
     pub registry_auth_file: Option<PathBuf>,
     /// Client connections open at once at most; more are answered 503 `overloaded` [default: 8192]
-    #[arg(long, env = "ARL_MAX_CONNECTIONS")]
+    #[arg(long, global = true, env = "ARL_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
     /// Serve without a token file on a non-loopback address (anyone who reaches it can run code)
-    #[arg(long, env = "ARL_ALLOW_UNAUTHENTICATED")]
+    #[arg(long, global = true, env = "ARL_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
     /// Threads serving the HTTP API, each with its own event loop [default: the node's cores]
-    #[arg(long, env = "ARL_FRONT_THREADS")]
+    #[arg(long, global = true, env = "ARL_FRONT_THREADS")]
     pub front_threads: Option<usize>,
+    /// On SIGTERM, leave every sandbox running for the next daemon on this state directory
+    /// (a restart or an upgrade) instead of destroying them all
+    #[arg(long, global = true, env = "ARL_HANDOVER")]
+    pub handover: bool,
+    #[command(subcommand)]
+    pub command: Option<NodeCommand>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum NodeCommand {
+    /// Destroy every sandbox that a daemon on this state directory left running (after a
+    /// hand-over whose successor never came), then exit. Refused while a daemon runs there.
+    Cleanup,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -74,6 +88,7 @@ struct FileConfig {
     #[serde(default)]
     allow_unauthenticated: bool,
     front_threads: Option<usize>,
+    handover: Option<bool>,
     #[serde(default)]
     pools: BTreeMap<String, PoolSpec>,
 }
@@ -93,6 +108,8 @@ pub struct Settings {
     pub allow_unauthenticated: bool,
     pub front_threads: usize,
     pub pools: BTreeMap<String, PoolSpec>,
+    /// Whether SIGTERM hands the sandboxes over to the next daemon (else destroys them).
+    pub handover: bool,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, NodeError> {
@@ -172,6 +189,7 @@ impl NodeArgs {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
                 .clamp(1, 256),
             pools,
+            handover: self.handover || file.handover.unwrap_or(false),
         })
     }
 }

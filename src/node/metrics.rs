@@ -18,6 +18,7 @@ pub struct Metrics {
     pub http_seconds: HistogramVec,
     pub execs_total: CounterVec,
     pub sandbox_failures_total: CounterVec,
+    pub sandboxes_adopted_total: CounterVec,
     pub sandboxes: IntGaugeVec,
 }
 
@@ -66,6 +67,14 @@ impl Metrics {
                 &["pool", "reason"],
             )
             .expect("static counter definition"),
+            sandboxes_adopted_total: CounterVec::new(
+                Opts::new(
+                    "arl_sandboxes_adopted_total",
+                    "Sandboxes a predecessor daemon left, by what became of them at start-up (allocated, idle: taken back; lost: destroyed).",
+                ),
+                &["runtime", "state"],
+            )
+            .expect("static counter definition"),
             sandboxes: IntGaugeVec::new(
                 Opts::new("arl_sandboxes", "Sandboxes by pool and state."),
                 &["pool", "state"],
@@ -80,6 +89,7 @@ impl Metrics {
             Box::new(m.http_seconds.clone()),
             Box::new(m.execs_total.clone()),
             Box::new(m.sandbox_failures_total.clone()),
+            Box::new(m.sandboxes_adopted_total.clone()),
             Box::new(m.sandboxes.clone()),
         ] {
             m.registry.register(collector).expect("unique metric names");

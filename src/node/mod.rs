@@ -2,16 +2,25 @@
 //! API that hands them out and runs commands in them; the hot path never leaves this process
 //! and the sandboxes' agents.
 
+mod adopt;
 mod agent_client;
 mod auth;
 mod config;
+mod housekeeping;
+mod lease;
+#[cfg(test)]
+mod lease_tests;
 mod manager;
 mod metrics;
-mod once;
+pub(crate) mod once;
 mod pool;
+mod records;
+mod refill;
 mod routes;
 mod sandbox;
 mod server;
+#[cfg(test)]
+mod testing;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +33,7 @@ use crate::runtime::containerd::{ContainerdConfig, ContainerdRuntime};
 use crate::runtime::process::{ProcessConfig, ProcessRuntime};
 use crate::runtime::registry::Runtimes;
 
-pub use config::NodeArgs;
+pub use config::{NodeArgs, NodeCommand};
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -32,6 +41,10 @@ pub enum NodeError {
     Config(String),
     #[error(transparent)]
     Runtime(#[from] crate::runtime::RuntimeError),
+    #[error(transparent)]
+    Records(#[from] records::RecordError),
+    #[error("start-up: {0}")]
+    Start(#[from] adopt::StartError),
     #[error("token file: {0}")]
     Auth(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -66,12 +79,16 @@ pub fn main(args: NodeArgs) -> i32 {
 }
 
 async fn run(args: NodeArgs) -> Result<(), NodeError> {
+    let command = args.command;
     let settings = args.resolve()?;
     // Sandboxes' agents re-parent to us when their launcher exits, so we can reap them.
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!(error = %e, "cannot become a child subreaper; dead agents may linger as zombies");
     }
 
+    if command == Some(NodeCommand::Cleanup) {
+        return cleanup(&settings).await;
+    }
     // Bind first: a daemon that cannot serve must not touch any sandbox.
     let listener = std::net::TcpListener::bind(&settings.listen)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -79,6 +96,61 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
             addr: settings.listen.clone(),
             source,
         })?;
+    let runtime = runtimes(&settings).await?;
+    let records = records::Records::open(&settings.state_dir)?;
+    let auth = auth::Auth::new(settings.token_file.clone()).map_err(NodeError::Auth)?;
+    if !auth.enabled() {
+        let local = listener.local_addr()?;
+        if !local.ip().is_loopback() && !settings.allow_unauthenticated {
+            return Err(NodeError::Config(format!(
+                "refusing to serve an unauthenticated API on {local}: anyone who can reach it could run code in sandboxes; give --token-file, listen on a loopback address, or pass --allow-unauthenticated"
+            )));
+        }
+        tracing::warn!(
+            "NO AUTHENTICATION: no --token-file given, so anyone who can reach {} can run code in sandboxes",
+            settings.listen
+        );
+    }
+    let mgr = manager::Manager::new(
+        Arc::new(runtime),
+        auth,
+        settings.create_concurrency,
+        records,
+    );
+    let adopted = mgr.start(&settings.pools).await?;
+    if adopted != adopt::Adopted::default() {
+        tracing::info!(
+            allocated = adopted.allocated,
+            idle = adopted.idle,
+            lost = adopted.lost,
+            swept = adopted.swept,
+            "took back the sandboxes an earlier daemon left"
+        );
+    }
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        state_dir = %settings.state_dir.display(),
+        pools = settings.pools.len(),
+        runtime = mgr.runtime_kind(),
+        handover = settings.handover,
+        "arl node ready"
+    );
+    tokio::spawn(mgr.clone().housekeeping());
+    let shared = server::Shared::new(mgr.clone(), settings.max_connections);
+    serve_front(listener, shared, settings.front_threads).await?;
+    let mode = if settings.handover {
+        tracing::info!("shutting down: handing the sandboxes over to the next daemon");
+        manager::ShutdownMode::HandOver
+    } else {
+        tracing::info!("shutting down: destroying sandboxes");
+        manager::ShutdownMode::Stop
+    };
+    mgr.shutdown(mode).await;
+    Ok(())
+}
+
+/// The node's runtimes: always the process runtime; containerd when its socket answers.
+async fn runtimes(settings: &config::Settings) -> Result<Runtimes, NodeError> {
     let process = ProcessRuntime::new(ProcessConfig {
         state_dir: settings.state_dir.clone(),
         cgroup_parent: settings.cgroup_parent.clone(),
@@ -109,43 +181,21 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
     let mut runtime = Runtimes::new();
     runtime.register(RuntimeKind::Process, Ok(Arc::new(process)));
     runtime.register(RuntimeKind::Containerd, containerd);
-    let reclaimed = runtime.reclaim().await?;
-    if reclaimed > 0 {
-        tracing::warn!(
-            sandboxes = reclaimed,
-            "removed sandboxes left by an earlier daemon"
-        );
-    }
-    let auth = auth::Auth::new(settings.token_file.clone()).map_err(NodeError::Auth)?;
-    if !auth.enabled() {
-        let local = listener.local_addr()?;
-        if !local.ip().is_loopback() && !settings.allow_unauthenticated {
-            return Err(NodeError::Config(format!(
-                "refusing to serve an unauthenticated API on {local}: anyone who can reach it could run code in sandboxes; give --token-file, listen on a loopback address, or pass --allow-unauthenticated"
-            )));
-        }
-        tracing::warn!(
-            "NO AUTHENTICATION: no --token-file given, so anyone who can reach {} can run code in sandboxes",
-            settings.listen
-        );
-    }
-    let mgr = manager::Manager::new(Arc::new(runtime), auth, settings.create_concurrency);
-    for (name, spec) in &settings.pools {
-        mgr.put_pool(name, spec.clone())
-            .map_err(|e| NodeError::Config(format!("pool {name}: {}", e.message)))?;
-    }
+    Ok(runtime)
+}
+
+/// `arl node cleanup`: destroys every sandbox left on this state directory and forgets
+/// their records. The state directory's lock refuses it while a daemon runs there.
+async fn cleanup(settings: &config::Settings) -> Result<(), NodeError> {
+    let runtime = runtimes(settings).await?;
+    let records = records::Records::open(&settings.state_dir)?;
+    let n = runtime.reclaim().await?;
+    records.clear();
     tracing::info!(
-        listen = %listener.local_addr()?,
-        state_dir = %settings.state_dir.display(),
-        pools = settings.pools.len(),
-        runtime = mgr.runtime_kind(),
-        "arl node ready"
+        sandboxes = n,
+        "destroyed the sandboxes left on this state directory"
     );
-    tokio::spawn(mgr.clone().housekeeping());
-    let shared = server::Shared::new(mgr.clone(), settings.max_connections);
-    serve_front(listener, shared, settings.front_threads).await?;
-    tracing::info!("shutting down: destroying sandboxes");
-    mgr.shutdown().await;
+    println!("removed {n} sandboxes");
     Ok(())
 }
 

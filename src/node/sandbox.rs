@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use super::agent_client::AgentClient;
 use super::auth::Owner;
 use super::once::OnceMap;
+use crate::api::pools::RuntimeKind;
 use crate::api::{SandboxInfo, SandboxState, WORKSPACE};
 use crate::util::{MutexExt, now_ms};
 
@@ -23,6 +24,8 @@ const IDEMPOTENCY_ENTRIES: usize = 32;
 pub struct Sandbox {
     pub id: String,
     pub pool: String,
+    /// Which runtime made it (a successor daemon asks that one to adopt it).
+    pub runtime: RuntimeKind,
     pub created_at_ms: u64,
     pub agent: AgentClient,
     lease: Mutex<Option<Lease>>,
@@ -53,12 +56,24 @@ pub struct CachedReply {
 }
 
 impl Sandbox {
-    pub fn new(id: String, pool: String, agent: AgentClient) -> Self {
+    pub fn new(id: String, pool: String, runtime: RuntimeKind, agent: AgentClient) -> Self {
+        Self::with_creation_time(id, pool, runtime, agent, now_ms())
+    }
+
+    /// A sandbox made earlier (by a predecessor daemon, for an adopted one).
+    pub fn with_creation_time(
+        id: String,
+        pool: String,
+        runtime: RuntimeKind,
+        agent: AgentClient,
+        created_at_ms: u64,
+    ) -> Self {
         let now = now_ms();
         Self {
             id,
             pool,
-            created_at_ms: now,
+            runtime,
+            created_at_ms,
             agent,
             lease: Mutex::new(None),
             last_used_ms: AtomicU64::new(now),

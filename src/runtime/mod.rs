@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::api::pools::RuntimeKind;
 use crate::api::{ApiError, ErrorCode, PoolSpec};
 pub use exit::ExitReason;
 
@@ -48,6 +49,9 @@ pub enum RuntimeError {
         id: String,
         budget: Duration,
     },
+    /// A sandbox an earlier daemon left cannot be vouched for.
+    #[error("cannot take back sandbox {id}: {reason}")]
+    Adopt { id: String, reason: String },
     #[error("destroying sandbox {id} failed: {reason}")]
     Destroy { id: String, reason: String },
     /// A failure inside a backend (its own error type is the source).
@@ -70,6 +74,7 @@ impl From<RuntimeError> for ApiError {
             }
             RuntimeError::Unavailable { .. }
             | RuntimeError::Create(_)
+            | RuntimeError::Adopt { .. }
             | RuntimeError::OverBudget { .. } => ApiError::unavailable(err.to_string()),
             RuntimeError::Destroy { .. } | RuntimeError::Backend { .. } | RuntimeError::Io(_) => {
                 ApiError::internal(err.to_string())
@@ -145,6 +150,26 @@ pub trait Runtime: Send + Sync + 'static {
         })
     }
 
-    /// Removes what an earlier daemon on this host left behind; returns how many sandboxes.
+    /// Removes every sandbox of this state directory that the runtime does not hold (not
+    /// created nor adopted by this daemon): what an earlier daemon left and nobody took back,
+    /// or what a failed teardown left. Returns how many sandboxes.
     fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>>;
+
+    /// Takes back a sandbox that an earlier daemon on this state directory left running:
+    /// checks that it is the one that daemon made and that it is alive, and watches it again
+    /// (`exited`, `destroy`, `set_paused` work on it). An error means it cannot be vouched
+    /// for; the caller destroys it.
+    fn adopt<'a>(
+        &'a self,
+        _id: &'a str,
+        _kind: RuntimeKind,
+    ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+        let kind = self.kind();
+        Box::pin(async move {
+            Err(RuntimeError::NotSupported {
+                runtime: kind,
+                operation: "be taken back after a restart",
+            })
+        })
+    }
 }

@@ -131,6 +131,18 @@ impl Runtime for Runtimes {
         }
     }
 
+    fn adopt<'a>(
+        &'a self,
+        id: &'a str,
+        kind: RuntimeKind,
+    ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+        Box::pin(async move {
+            let created = self.get(kind)?.adopt(id, kind).await?;
+            self.owners.lock_or_recover().insert(id.to_string(), kind);
+            Ok(created)
+        })
+    }
+
     fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>> {
         Box::pin(async move {
             let mut n = 0;

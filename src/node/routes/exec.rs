@@ -52,7 +52,8 @@ pub async fn exec(
     let mut env = sb.lease().map(|l| l.env).unwrap_or_default();
     env.extend(std::mem::take(&mut exec_req.env));
     exec_req.env = env;
-    let request_id = exec_req.request_id.take();
+    // The agent keeps the result by request id too: it outlives a restart of the daemon.
+    let request_id = exec_req.request_id.clone();
     // The agent enforces the command's timeout; this only guards against a stuck agent.
     let deadline = Duration::from_millis(exec_req.timeout_ms()) + Duration::from_secs(5);
     let limit = exec_req.max_output() * 12 + (1 << 20);

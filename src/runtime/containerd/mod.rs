@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::watch;
 
+mod adopt;
 mod image;
 mod oci;
 mod remap;
@@ -43,6 +44,7 @@ pub use image::RegistryOptions;
 
 use super::{AgentAddress, BoxFuture, Budgets, Created, ExitReason, Runtime, RuntimeError};
 use crate::api::PoolSpec;
+use crate::api::pools::RuntimeKind;
 use crate::util::MutexExt;
 
 /// containerd namespace holding ARL's images and containers.
@@ -510,6 +512,16 @@ impl ContainerdRuntime {
         }
         ids.sort();
         ids.dedup();
+        // Sandboxes this daemon holds (created or adopted) stay, and so do the shifted image
+        // snapshots under them.
+        let holding = {
+            let exits = self.exits.lock_or_recover();
+            ids.retain(|id| !exits.contains_key(id));
+            !exits.is_empty()
+        };
+        if holding {
+            ids.retain(|id| !id.starts_with("arl-remap-"));
+        }
         // Shifted image snapshots go after the sandboxes' snapshots on top of them.
         let (remaps, ids): (Vec<String>, Vec<String>) =
             ids.into_iter().partition(|id| id.starts_with("arl-remap-"));
@@ -690,5 +702,13 @@ impl Runtime for ContainerdRuntime {
 
     fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>> {
         Box::pin(self.reclaim_inner())
+    }
+
+    fn adopt<'a>(
+        &'a self,
+        id: &'a str,
+        _kind: RuntimeKind,
+    ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+        Box::pin(self.adopt_inner(id))
     }
 }

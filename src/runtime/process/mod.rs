@@ -21,6 +21,7 @@ use self::cgroup::{Cgroups, Limits};
 use self::init::InitConfig;
 use super::{AgentAddress, BoxFuture, Budgets, Created, ExitReason, Runtime, RuntimeError};
 use crate::api::PoolSpec;
+use crate::api::pools::RuntimeKind;
 use crate::util::MutexExt;
 
 /// Host uids/gids each sandbox's user namespace maps (root inside is `uid_base` outside).
@@ -42,6 +43,9 @@ pub struct ProcessConfig {
 struct Meta {
     pid: i32,
     start_time: u64,
+    /// The sandbox's uid range (absent in records of older daemons: not adoptable).
+    #[serde(default)]
+    slot: Option<u32>,
 }
 
 struct Live {
@@ -76,6 +80,23 @@ impl Slots {
             self.next += 1;
             self.next - 1
         })
+    }
+
+    /// Takes a given slot (an adopted sandbox's); false when it is taken or out of range.
+    fn claim(&mut self, slot: u32) -> bool {
+        if slot >= MAX_SLOTS {
+            return false;
+        }
+        if slot < self.next {
+            let Some(pos) = self.free.iter().position(|&s| s == slot) else {
+                return false;
+            };
+            self.free.swap_remove(pos);
+            return true;
+        }
+        self.free.extend(self.next..slot);
+        self.next = slot + 1;
+        true
     }
 }
 
@@ -183,6 +204,7 @@ impl ProcessRuntime {
         let meta = Meta {
             pid,
             start_time: start_time(pid).unwrap_or(0),
+            slot: Some(slot),
         };
         fs::write(
             dir.join("meta.json"),
@@ -237,6 +259,11 @@ impl ProcessRuntime {
                 ids.push(entry.file_name().to_string_lossy().into_owned());
             }
         }
+        // Sandboxes this daemon holds (created or adopted) stay.
+        {
+            let live = self.live.lock_or_recover();
+            ids.retain(|id| !live.contains_key(id));
+        }
         // Only sandboxes recorded in our own state directory: a cgroup without a record there
         // belongs to another daemon sharing the cgroup parent, and is not ours to kill.
         for id in &ids {
@@ -272,6 +299,64 @@ pub fn validate_spec(spec: &PoolSpec) -> Result<(), String> {
         return Err("`rootfs` must be an absolute path".into());
     }
     Ok(())
+}
+
+impl ProcessRuntime {
+    /// Takes back a sandbox an earlier daemon left: its agent must be the very process
+    /// recorded (pid and start time, checked again once a pidfd pins it), with its socket.
+    async fn adopt_inner(&self, id: &str) -> Result<Created, RuntimeError> {
+        let refuse = |reason: &str| RuntimeError::Adopt {
+            id: id.to_string(),
+            reason: reason.to_string(),
+        };
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(refuse("not a sandbox id"));
+        }
+        if self.live.lock_or_recover().contains_key(id) {
+            return Err(refuse("already held"));
+        }
+        let dir = self.dir(id);
+        let meta: Meta = fs::read(dir.join("meta.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .ok_or_else(|| refuse("no readable meta.json"))?;
+        let slot = meta.slot.ok_or_else(|| refuse("no uid slot recorded"))?;
+        let socket = dir.join("agent.sock");
+        if !socket.exists() {
+            return Err(refuse("no agent socket"));
+        }
+        if start_time(meta.pid) != Some(meta.start_time) {
+            return Err(refuse("its agent is gone"));
+        }
+        let pidfd = pidfd_open(meta.pid)?;
+        // The pid might have been reused between the check and the open: the pidfd now pins
+        // whichever process it is, so check again.
+        if start_time(meta.pid) != Some(meta.start_time) {
+            return Err(refuse("its agent is gone"));
+        }
+        if !self.slots.lock_or_recover().claim(slot) {
+            return Err(refuse("its uid slot is taken"));
+        }
+        // SAFETY: the pidfd is owned by the AsyncFd from here on and never closed elsewhere.
+        let pidfd = match unsafe { AsyncFd::register(pidfd) } {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                self.slots.lock_or_recover().free.push(slot);
+                return Err(RuntimeError::Io(std::io::Error::other(e.to_string())));
+            }
+        };
+        self.live.lock_or_recover().insert(
+            id.to_string(),
+            Live {
+                pid: meta.pid,
+                pidfd,
+                slot,
+            },
+        );
+        Ok(Created {
+            agent: AgentAddress::Unix(socket),
+        })
+    }
 }
 
 impl Runtime for ProcessRuntime {
@@ -356,6 +441,14 @@ impl Runtime for ProcessRuntime {
 
     fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>> {
         Box::pin(self.reclaim_inner())
+    }
+
+    fn adopt<'a>(
+        &'a self,
+        id: &'a str,
+        _kind: RuntimeKind,
+    ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+        Box::pin(self.adopt_inner(id))
     }
 }
 
