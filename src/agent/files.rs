@@ -47,7 +47,7 @@ fn errno_error(e: Errno, path: &str) -> ApiError {
     }
 }
 
-fn io_error(e: std::io::Error, path: &str) -> ApiError {
+pub(super) fn io_error(e: std::io::Error, path: &str) -> ApiError {
     match e.raw_os_error() {
         Some(code) => errno_error(Errno::from_raw(code), path),
         None => ApiError::internal(format!("{path}: {e}")),
