@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod e2b;
 pub mod http;
 pub mod logging;
 pub mod node;

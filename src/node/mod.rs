@@ -2,15 +2,15 @@
 //! API that hands them out and runs commands in them; the hot path never leaves this process
 //! and the sandboxes' agents.
 
-mod agent_client;
-mod auth;
+pub(crate) mod agent_client;
+pub(crate) mod auth;
 mod config;
-mod manager;
+pub(crate) mod manager;
 mod metrics;
 mod once;
 mod pool;
 mod routes;
-mod sandbox;
+pub(crate) mod sandbox;
 mod server;
 
 use std::path::PathBuf;
@@ -78,6 +78,17 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
             addr: settings.listen.clone(),
             source,
         })?;
+    let e2b_listener = match &settings.e2b.listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| NodeError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let process = ProcessRuntime::new(ProcessConfig {
         state_dir: settings.state_dir.clone(),
         cgroup_parent: settings.cgroup_parent.clone(),
@@ -141,7 +152,14 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
         "arl node ready"
     );
     tokio::spawn(mgr.clone().housekeeping());
-    serve_front(listener, mgr.clone(), settings.max_connections).await?;
+    let e2b = match e2b_listener {
+        Some(listener) => {
+            tracing::info!(listen = %listener.local_addr()?, default_pool = %settings.e2b.default_pool, "E2B-compatible endpoint");
+            Some((listener, settings.e2b.front_config()))
+        }
+        None => None,
+    };
+    serve_front(listener, e2b, mgr.clone(), settings.max_connections).await?;
     tracing::info!("shutting down: destroying sandboxes");
     mgr.shutdown().await;
     Ok(())
@@ -154,6 +172,7 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
 /// multi-threaded runtime (see `Manager::tasks`), so it never holds up a request.
 async fn serve_front(
     listener: std::net::TcpListener,
+    e2b: Option<(std::net::TcpListener, crate::e2b::E2bConfig)>,
     mgr: Arc<manager::Manager>,
     max_connections: usize,
 ) -> Result<(), NodeError> {
@@ -167,6 +186,12 @@ async fn serve_front(
                 .and_then(|front| {
                     front.block_on(async {
                         let listener = tokio::net::TcpListener::from_std(listener)?;
+                        // The E2B front shares this thread (and so the agents' kept-alive
+                        // connections); it ends with the API's front.
+                        if let Some((e2b_listener, config)) = e2b {
+                            let e2b_listener = tokio::net::TcpListener::from_std(e2b_listener)?;
+                            tokio::spawn(crate::e2b::serve(e2b_listener, mgr.clone(), config));
+                        }
                         server::serve(listener, mgr, max_connections, shutdown_signal()).await;
                         Ok(())
                     })
