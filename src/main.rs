@@ -1,6 +1,6 @@
 //! `arl`: one binary for the node daemon, the in-sandbox agent and the command-line client.
 
-use arl::{agent, cli, node, runtime};
+use arl::{agent, cli, crd, node, operator, runtime};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -64,6 +64,14 @@ enum Command {
         #[command(flatten)]
         client: cli::ClientArgs,
     },
+    /// The cluster operator: per-node warm-pool quotas, Sandbox binding, status roll-up.
+    Operator(operator::OperatorArgs),
+    /// Print the CRD YAML (or write one file per CRD into a directory).
+    Crds {
+        /// Write `<name>.yaml` files here instead of printing one stream.
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
+    },
     /// Internal: builds one process-runtime sandbox (run by the daemon).
     #[command(hide = true)]
     SandboxInit { config: String },
@@ -75,10 +83,32 @@ fn cli_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
+fn crds(out_dir: Option<&std::path::Path>) -> i32 {
+    let result = match out_dir {
+        None => crd::all_yaml()
+            .map(|yaml| print!("{yaml}"))
+            .map_err(|e| e.to_string()),
+        Some(dir) => crd::all().iter().try_for_each(|c| {
+            let yaml = crd::to_yaml(c).map_err(|e| e.to_string())?;
+            let path = dir.join(crd::file_name(c));
+            std::fs::write(&path, yaml).map_err(|e| format!("{}: {e}", path.display()))
+        }),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("arl crds: {e}");
+            1
+        }
+    }
+}
+
 fn main() {
     let code = match Cli::parse().command {
         Command::Node(args) => node::main(args),
         Command::Agent(args) => agent::main(args),
+        Command::Operator(args) => operator::main(args),
+        Command::Crds { out_dir } => crds(out_dir.as_deref()),
         Command::SandboxInit { config } => runtime::process::init::main(&config),
         Command::Exec {
             sandbox,

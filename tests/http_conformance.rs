@@ -295,3 +295,34 @@ fn descendants(pid: i32) -> Vec<String> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_front_thread_serves() {
+    let d = Daemon::start(Options {
+        args: vec!["--front-threads".into(), "3".into()],
+        ..Options::default()
+    })
+    .await;
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+        .expect("tasks")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .filter(|c| c.starts_with("arl-http"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["arl-http-0", "arl-http-1", "arl-http-2"]);
+    // Many connections at once, each answered, whichever thread took it.
+    let calls = (0..32).map(|_| {
+        let port = d.port;
+        tokio::spawn(async move {
+            Daemon::attach(port)
+                .request_raw(Method::GET, "/v1/pools", None, None)
+                .await
+        })
+    });
+    for call in futures_util::future::join_all(calls).await {
+        let (status, _) = call.expect("task").expect("answer");
+        assert_eq!(status, StatusCode::OK);
+    }
+}

@@ -309,7 +309,8 @@ async fn fork_bomb_is_held_by_the_pids_limit(rt: Runtime) {
 
 async fn memory_hog_dies_alone(rt: Runtime) {
     let d = Daemon::start(Options {
-        config: Some("[pools.default]\nmin_idle = 2\nmemory_mb = 96\n".into()),
+        // Files count as memory too (the disk is a tmpfs), so the limit is memory + disk.
+        config: Some("[pools.default]\nmin_idle = 2\nmemory_mb = 96\ndisk_mb = 32\n".into()),
         ..Options::on(rt)
     })
     .await;
@@ -320,6 +321,7 @@ async fn memory_hog_dies_alone(rt: Runtime) {
         r["signal"], 9,
         "the hog (a 400 MiB buffer) is OOM-killed: {r}"
     );
+    assert_eq!(r["oom_killed"], true, "{r}");
     assert_eq!(
         d.sh(&hog, "echo agent alive").await["stdout"],
         "agent alive\n"

@@ -325,7 +325,7 @@ async fn killed_agent_is_replaced(rt: Runtime) {
     assert!(!alive(pid));
     let metrics = d.metrics_text().await;
     assert!(
-        metrics.contains(r#"arl_sandbox_failures_total{pool="default",reason="died"} 1"#),
+        metrics.contains(r#"arl_sandbox_failures_total{pool="default",reason="killed"} 1"#),
         "{metrics}"
     );
 }

@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+use super::oom::OomCounter;
 use super::spawn::{self, Spawned};
 use crate::api::{ApiError, ExecEvent, ExecRequest, ExecResult, WORKSPACE};
 use crate::http::{BoxError, ndjson_line};
@@ -36,9 +37,18 @@ pub struct Children {
     waiting: Mutex<HashMap<i32, oneshot::Sender<i32>>>,
     /// Told after every pass of [`reap`](Self::reap).
     pub reaped: Notify,
+    /// The sandbox's OOM-kill count, to tell the OOM killer's SIGKILL from others.
+    oom: OomCounter,
 }
 
 impl Children {
+    pub fn new(oom: OomCounter) -> Self {
+        Self {
+            oom,
+            ..Self::default()
+        }
+    }
+
     /// Reaps every exited child, handing statuses to their waiters. Returns whether any process
     /// is left: as PID 1 of the sandbox the agent is every process's parent or reaper, so none
     /// left means the sandbox holds nothing else.
@@ -115,6 +125,7 @@ pub async fn run(
     }
 
     let started = Instant::now();
+    let oom_kills_before = children.oom.count();
     let (child, exit_rx) = match children.spawn(|| spawn::spawn(&argv, &env, &cwd, stdin.is_some()))
     {
         Ok(spawned) => spawned,
@@ -180,6 +191,14 @@ pub async fn run(
     let (stderr, err_truncated) = err.await.unwrap_or_default();
     let status = status.unwrap_or(libc::SIGKILL);
     let (exit_code, signal) = decode_status(status);
+    // SIGKILL, or a shell's report of its child's (128 + 9), while the kernel counted an OOM
+    // kill in the sandbox. Concurrent commands of one sandbox share the count.
+    let oom_killed = exit_code == 128 + libc::SIGKILL
+        && !timed_out
+        && matches!(
+            (oom_kills_before, children.oom.count()),
+            (Some(before), Some(after)) if after > before
+        );
     Ok(ExecResult {
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
@@ -187,6 +206,7 @@ pub async fn run(
         signal,
         timed_out,
         truncated: out_truncated || err_truncated,
+        oom_killed,
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
     })
 }

@@ -38,13 +38,26 @@ fn errno_error(e: Errno, path: &str) -> ApiError {
         Errno::ENOTDIR => ApiError::bad_request(format!("{path}: a parent is not a directory")),
         Errno::EISDIR => ApiError::bad_request(format!("{path}: is a directory")),
         Errno::ENOSPC | Errno::EDQUOT => ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("{path}: the sandbox's disk is full"),
+            ErrorCode::InsufficientStorage,
+            match disk_limit_mib(path) {
+                Some(mib) => {
+                    format!("{path}: no space left on the sandbox's disk (its limit is {mib} MiB)")
+                }
+                None => format!("{path}: no space left on the sandbox's disk"),
+            },
         ),
         Errno::ENAMETOOLONG => ApiError::bad_request(format!("{path}: name too long")),
         Errno::EBUSY => ApiError::bad_request(format!("{path}: busy (a mount point?)")),
         other => ApiError::internal(format!("{path}: {other}")),
     }
+}
+
+/// Size of the filesystem holding `path` (or its nearest existing ancestor): the disk limit.
+fn disk_limit_mib(path: &str) -> Option<u64> {
+    std::path::Path::new(path).ancestors().find_map(|p| {
+        let st = nix::sys::statvfs::statvfs(p).ok()?;
+        Some((st.blocks() as u64).saturating_mul(st.fragment_size() as u64) >> 20)
+    })
 }
 
 pub(super) fn io_error(e: std::io::Error, path: &str) -> ApiError {
@@ -270,6 +283,21 @@ pub async fn write_stream(
         file.flush().await.map_err(|e| io_error(e, &display))
     }
     .await;
+    // A full disk is answered after the rest of the upload (read and dropped, within the file
+    // size bound): a reply before the body's end makes the sender see a broken connection
+    // instead of the 507.
+    if let Err(e) = &written
+        && e.code == ErrorCode::InsufficientStorage
+    {
+        while size <= MAX_FILE_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    size += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                _ => break,
+            }
+        }
+    }
     finish(staged, written, hasher, size, expected_sha256)
 }
 

@@ -16,6 +16,7 @@
 pub mod exec;
 pub mod files;
 mod fs;
+pub mod oom;
 mod spawn;
 
 use std::os::fd::FromRawFd;
@@ -43,6 +44,10 @@ use crate::quiet_unix::QuietUnixStream;
 const SCRATCH_DIRS: &[&str] = &["/workspace", "/tmp", "/var/tmp", "/dev/shm", "/root"];
 /// How long `reset` waits for the processes it killed to be gone.
 const RESET_WAIT: Duration = Duration::from_secs(5);
+/// Blocking threads (file operations) of the agent, at most.
+const BLOCKING_THREADS: usize = 4;
+/// How long an idle blocking thread is kept: for the agent's life.
+const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
@@ -52,6 +57,10 @@ pub struct AgentArgs {
     /// A Unix socket path to bind.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// An open descriptor of the sandbox's memory cgroup counters (`memory.oom_control` or
+    /// `memory.events`), to tell OOM kills from other deaths.
+    #[arg(long)]
+    pub memory_events_fd: Option<i32>,
 }
 
 struct Agent {
@@ -60,9 +69,14 @@ struct Agent {
 }
 
 pub fn main(args: AgentArgs) -> i32 {
-    // One thread is plenty for one sandbox and keeps an idle agent small.
+    // One thread is plenty for one sandbox and keeps an idle agent small. File operations run
+    // on blocking threads: one is started now and idle ones never expire, so a sandbox whose
+    // pids limit is full still reads and writes files (tokio queues work to an existing
+    // thread when it cannot start another). Few, so the idle ones cost little.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .build()
     {
         Ok(rt) => rt,
@@ -71,6 +85,7 @@ pub fn main(args: AgentArgs) -> i32 {
             return 1;
         }
     };
+    drop(runtime.spawn_blocking(|| ()));
     match runtime.block_on(serve(args)) {
         Ok(()) => 0,
         Err(e) => {
@@ -95,8 +110,7 @@ fn bind_then_publish(path: &Path) -> std::io::Result<UnixListener> {
 
 async fn serve(args: AgentArgs) -> std::io::Result<()> {
     // Not dumpable: processes of the sandbox may not ptrace or read the agent's memory.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    nix::sys::prctl::set_dumpable(false).map_err(std::io::Error::from)?;
     let listener = match (args.listen_fd, &args.socket) {
         (Some(fd), _) => {
             // SAFETY: the runtime handed us this listening socket's descriptor.
@@ -110,7 +124,7 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
         }
     };
     let agent = Arc::new(Agent {
-        children: exec::Children::default(),
+        children: exec::Children::new(oom::OomCounter::open(args.memory_events_fd)),
         base_env: std::env::vars().collect(),
     });
     // Subscribe to SIGCHLD before the first spawn so no exit is missed.

@@ -125,6 +125,30 @@ fn errno() -> c_int {
     unsafe { *libc::__errno_location() }
 }
 
+/// Makes the command the OOM killer's first choice, so a sandbox that runs out of memory loses
+/// a command and keeps its agent. Raising needs no privilege (lowering below 0 needs
+/// CAP_SYS_RESOURCE in the host's user namespace, which nothing in a sandbox has), so a command
+/// can at most come back to the agent's own score. Applies to this child only: a vfork child's
+/// score is not shared with the agent whose memory it borrows. Failure changes nothing else.
+///
+/// SAFETY (for callers): only in the spawned child; open, write and close are
+/// async-signal-safe.
+unsafe fn raise_oom_score() {
+    unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd >= 0 {
+            libc::write(fd, OOM_SCORE_ADJ.as_ptr().cast(), OOM_SCORE_ADJ.len());
+            libc::close(fd);
+        }
+    }
+}
+
+/// The highest OOM score adjustment: always killed before any process at 0.
+const OOM_SCORE_ADJ: &[u8] = b"1000";
+
 /// The child, between `clone` and `execve`. Returns only on failure (its value is the exit
 /// status; the errno is left in the plan).
 extern "C" fn child(plan: *mut c_void) -> c_int {
@@ -162,6 +186,7 @@ extern "C" fn child(plan: *mut c_void) -> c_int {
             plan.failure = errno();
             return 127;
         }
+        raise_oom_score();
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
@@ -318,6 +343,21 @@ mod tests {
         // A relative PATH entry is taken from the command's working directory.
         let (out, _) = run(&["sh", "-c", "echo ok"], &[("PATH", "bin")], "/").expect("spawn");
         assert_eq!(out, "ok\n");
+    }
+
+    #[test]
+    fn commands_are_the_oom_killers_first_choice_and_the_spawner_is_not() {
+        let before = std::fs::read_to_string("/proc/self/oom_score_adj").expect("own score");
+        let (out, code) = run(
+            &["cat", "/proc/self/oom_score_adj"],
+            &[("PATH", "/bin:/usr/bin")],
+            "/",
+        )
+        .expect("spawn cat");
+        assert_eq!((out.as_str(), code), ("1000\n", 0));
+        let after = std::fs::read_to_string("/proc/self/oom_score_adj").expect("own score");
+        assert_eq!(before, after);
+        assert_ne!(after.trim(), "1000");
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub enum ErrorCode {
     /// The sandbox was released (by its holder, or its lease ran out) while the request ran.
     Released,
     PayloadTooLarge,
+    /// The sandbox's disk (its writable layer) is full.
+    InsufficientStorage,
     /// The sandbox's runtime has no such operation (e.g. pause).
     NotSupported,
     PoolExhausted,
@@ -39,6 +41,7 @@ impl ErrorCode {
             Self::Conflict => 409,
             Self::Released => 410,
             Self::PayloadTooLarge => 413,
+            Self::InsufficientStorage => 507,
             Self::NotSupported => 501,
             Self::PoolExhausted | Self::SandboxUnavailable | Self::Overloaded | Self::Draining => {
                 503

@@ -103,6 +103,10 @@ pub struct ExecResult {
     pub timed_out: bool,
     /// Some output went past `max_output_bytes` and was dropped.
     pub truncated: bool,
+    /// The kernel's OOM killer ended the command (the sandbox's memory cgroup counted an OOM
+    /// kill while it ran, and it died of SIGKILL).
+    #[serde(default)]
+    pub oom_killed: bool,
     pub duration_ms: f64,
 }
 

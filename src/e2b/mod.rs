@@ -25,6 +25,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::http::Body;
@@ -52,22 +53,32 @@ pub struct E2bConfig {
     pub domain: Option<String>,
 }
 
-struct Front {
+/// The E2B front's state, shared by the node's front threads.
+pub struct Front {
     mgr: Arc<Manager>,
     config: E2bConfig,
     registry: state::Registry,
 }
 
-/// Serves the E2B front on `listener` for as long as the task runs (the node's HTTP thread
-/// drops it at shutdown, after the sandboxes' last requests have been drained by the API).
-pub async fn serve(listener: TcpListener, mgr: Arc<Manager>, config: E2bConfig) {
-    let front = Arc::new(Front {
-        mgr,
-        config,
-        registry: state::Registry::default(),
-    });
+impl Front {
+    pub fn new(mgr: Arc<Manager>, config: E2bConfig) -> Arc<Self> {
+        Arc::new(Self {
+            mgr,
+            config,
+            registry: state::Registry::default(),
+        })
+    }
+}
+
+/// Serves the E2B front on `listener` until `stop` (the node's shutdown; the sandboxes, and
+/// the commands in them, end with the node).
+pub async fn serve(listener: TcpListener, front: Arc<Front>, stop: CancellationToken) {
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "e2b accept failed");

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -31,7 +32,9 @@ const MAX_IDLE: usize = 4;
 
 pub struct AgentClient {
     address: AgentAddress,
-    idle: Mutex<Vec<SendRequest<Body>>>,
+    /// Kept-alive connections, each with the front thread whose runtime drives it: a request
+    /// takes only its own thread's, so no exec wakes another thread.
+    idle: Mutex<Vec<(ThreadId, SendRequest<Body>)>>,
 }
 
 /// A complete, bounded agent response.
@@ -89,19 +92,20 @@ impl AgentClient {
     }
 
     fn take_idle(&self) -> Option<SendRequest<Body>> {
+        let me = std::thread::current().id();
         let mut idle = self.idle.lock_or_recover();
-        while let Some(sender) = idle.pop() {
-            if sender.is_ready() {
-                return Some(sender);
-            }
-        }
-        None
+        // Closed connections go whoever finds them.
+        idle.retain(|(_, sender)| !sender.is_closed());
+        let mine = idle
+            .iter()
+            .rposition(|(thread, sender)| *thread == me && sender.is_ready())?;
+        Some(idle.swap_remove(mine).1)
     }
 
     fn put_idle(&self, sender: SendRequest<Body>) {
         let mut idle = self.idle.lock_or_recover();
         if idle.len() < MAX_IDLE && sender.is_ready() {
-            idle.push(sender);
+            idle.push((std::thread::current().id(), sender));
         }
     }
 

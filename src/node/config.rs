@@ -61,6 +61,9 @@ pub struct NodeArgs {
     /// The domain the E2B endpoint tells clients [default: the host they reached it on]
     #[arg(long, env = "ARL_E2B_DOMAIN")]
     pub e2b_domain: Option<String>,
+    /// Threads serving the HTTP API, each with its own event loop [default: the node's cores]
+    #[arg(long, env = "ARL_FRONT_THREADS")]
+    pub front_threads: Option<usize>,
 }
 
 /// Settings of the E2B-compatible endpoint.
@@ -99,6 +102,7 @@ struct FileConfig {
     e2b_listen: Option<String>,
     e2b_default_pool: Option<String>,
     e2b_domain: Option<String>,
+    front_threads: Option<usize>,
     #[serde(default)]
     pools: BTreeMap<String, PoolSpec>,
 }
@@ -117,6 +121,7 @@ pub struct Settings {
     pub max_connections: usize,
     pub allow_unauthenticated: bool,
     pub e2b: E2bSettings,
+    pub front_threads: usize,
     pub pools: BTreeMap<String, PoolSpec>,
 }
 
@@ -199,6 +204,11 @@ impl NodeArgs {
                     .unwrap_or_else(|| "default".into()),
                 domain: self.e2b_domain.or(file.e2b_domain),
             },
+            front_threads: self
+                .front_threads
+                .or(file.front_threads)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .clamp(1, 256),
             pools,
         })
     }

@@ -331,14 +331,15 @@ impl Manager {
     fn watch(self: &Arc<Self>, sb: Arc<Sandbox>) {
         let this = self.clone();
         self.tasks.spawn(async move {
-            this.runtime.exited(&sb.id).await;
+            let reason = this.runtime.exited(&sb.id).await;
             if this.forget(&sb.id).is_some() {
-                tracing::warn!(sandbox = %sb.id, pool = %sb.pool, "sandbox died");
+                tracing::warn!(sandbox = %sb.id, pool = %sb.pool, reason = reason.label(), "{reason}");
                 this.metrics
                     .sandbox_failures_total
-                    .with_label_values(&[sb.pool.as_str(), "died"])
+                    .with_label_values(&[sb.pool.as_str(), reason.label()])
                     .inc();
-                this.bury(&sb, "the sandbox died (its agent exited)");
+                sb.set_death(reason.to_string());
+                this.bury(&sb, &reason.to_string());
                 this.unaccount(&sb);
                 this.spawn_destroy(sb.id.clone());
             }

@@ -68,8 +68,9 @@ pub fn main(args: NodeArgs) -> i32 {
 async fn run(args: NodeArgs) -> Result<(), NodeError> {
     let settings = args.resolve()?;
     // Sandboxes' agents re-parent to us when their launcher exits, so we can reap them.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(error = %e, "cannot become a child subreaper; dead agents may linger as zombies");
+    }
 
     // Bind first: a daemon that cannot serve must not touch any sandbox.
     let listener = std::net::TcpListener::bind(&settings.listen)
@@ -155,55 +156,88 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
     let e2b = match e2b_listener {
         Some(listener) => {
             tracing::info!(listen = %listener.local_addr()?, default_pool = %settings.e2b.default_pool, "E2B-compatible endpoint");
-            Some((listener, settings.e2b.front_config()))
+            Some((
+                listener,
+                crate::e2b::Front::new(mgr.clone(), settings.e2b.front_config()),
+            ))
         }
         None => None,
     };
-    serve_front(listener, e2b, mgr.clone(), settings.max_connections).await?;
+    let shared = server::Shared::new(mgr.clone(), settings.max_connections);
+    serve_front(listener, e2b, shared, settings.front_threads).await?;
     tracing::info!("shutting down: destroying sandboxes");
     mgr.shutdown().await;
     Ok(())
 }
 
-/// Serves the HTTP API until SIGTERM/SIGINT, on a thread of its own with a single-threaded
-/// runtime. A request then runs start to finish on one thread: with tokio's work-stealing
-/// runtime each request woke a second worker (and the one who answered the agent another),
-/// about 40 µs per exec on a 2-vCPU VM. Sandbox work (creation, teardown, refills) stays on the
-/// multi-threaded runtime (see `Manager::tasks`), so it never holds up a request.
+/// Serves the HTTP API until SIGTERM/SIGINT on `threads` threads, each with a single-threaded
+/// runtime accepting from the same listening socket. A request then runs start to finish on
+/// one thread: with tokio's work-stealing runtime each request woke a second worker (and the
+/// one who answered the agent another), about 40 µs per exec on a 2-vCPU VM. A connection stays
+/// on the thread that accepted it, so more threads serve more clients at once without adding
+/// to any one request. (One shared socket rather than `SO_REUSEPORT` listeners: with those, a
+/// second daemon started on the same port by mistake would silently take half the traffic.)
+/// Sandbox work (creation, teardown, refills) stays on the multi-threaded runtime (see
+/// `Manager::tasks`), so it never holds up a request.
 async fn serve_front(
     listener: std::net::TcpListener,
-    e2b: Option<(std::net::TcpListener, crate::e2b::E2bConfig)>,
-    mgr: Arc<manager::Manager>,
-    max_connections: usize,
+    e2b: Option<(std::net::TcpListener, Arc<crate::e2b::Front>)>,
+    shared: Arc<server::Shared>,
+    threads: usize,
 ) -> Result<(), NodeError> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("arl-http".into())
-        .spawn(move || {
-            let served = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .and_then(|front| {
-                    front.block_on(async {
-                        let listener = tokio::net::TcpListener::from_std(listener)?;
-                        // The E2B front shares this thread (and so the agents' kept-alive
-                        // connections); it ends with the API's front.
-                        if let Some((e2b_listener, config)) = e2b {
-                            let e2b_listener = tokio::net::TcpListener::from_std(e2b_listener)?;
-                            tokio::spawn(crate::e2b::serve(e2b_listener, mgr.clone(), config));
-                        }
-                        server::serve(listener, mgr, max_connections, shutdown_signal()).await;
-                        Ok(())
-                    })
-                });
-            let _ = done_tx.send(served);
-        })?;
-    match done_rx.await {
-        Ok(served) => Ok(served?),
-        Err(_) => Err(NodeError::Io(std::io::Error::other(
-            "the HTTP thread ended without a word",
-        ))),
+    let stop = tokio_util::sync::CancellationToken::new();
+    let threads = threads.max(1);
+    // Each thread says how it ended, once.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<std::io::Result<()>>(threads);
+    for n in 0..threads {
+        let listener = listener.try_clone()?;
+        let e2b = match &e2b {
+            Some((l, front)) => Some((l.try_clone()?, front.clone())),
+            None => None,
+        };
+        let (shared, stop, done_tx) = (shared.clone(), stop.clone(), done_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("arl-http-{n}"))
+            .spawn(move || {
+                let served = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .and_then(|front| {
+                        front.block_on(async {
+                            let listener = tokio::net::TcpListener::from_std(listener)?;
+                            // The E2B front accepts on every front thread too; it stops with
+                            // the API's front.
+                            if let Some((e2b_listener, front)) = e2b {
+                                let e2b_listener = tokio::net::TcpListener::from_std(e2b_listener)?;
+                                tokio::spawn(crate::e2b::serve(e2b_listener, front, stop.clone()));
+                            }
+                            server::serve(listener, shared, stop).await;
+                            Ok(())
+                        })
+                    });
+                let _ = done_tx.blocking_send(served);
+            })?;
     }
+    drop((listener, e2b, done_tx));
+    let mut ended = Vec::with_capacity(threads);
+    tokio::select! {
+        () = shutdown_signal() => {}
+        // A front thread that ends on its own (it could not start) ends the node.
+        first = done_rx.recv() => ended.extend(first),
+    }
+    stop.cancel();
+    while ended.len() < threads {
+        match done_rx.recv().await {
+            Some(served) => ended.push(served),
+            None => {
+                return Err(NodeError::Io(std::io::Error::other(
+                    "an HTTP thread ended without a word",
+                )));
+            }
+        }
+    }
+    ended.into_iter().collect::<std::io::Result<()>>()?;
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -5,8 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use hyper::StatusCode;
+use tokio::sync::watch;
 
 use super::agent_client::AgentClient;
 use super::auth::Owner;
@@ -28,6 +31,8 @@ pub struct Sandbox {
     pub paused: AtomicBool,
     /// Exec results by request id, for retries.
     pub execs: OnceMap<String, CachedReply>,
+    /// Why the sandbox died, once its runtime has said.
+    death: watch::Sender<Option<String>>,
 }
 
 #[derive(Clone)]
@@ -59,7 +64,21 @@ impl Sandbox {
             last_used_ms: AtomicU64::new(now),
             paused: AtomicBool::new(false),
             execs: OnceMap::new(IDEMPOTENCY_ENTRIES),
+            death: watch::Sender::new(None),
         }
+    }
+
+    /// Records why the sandbox died (its runtime's words), for requests caught in the death.
+    pub fn set_death(&self, reason: String) {
+        self.death.send_replace(Some(reason));
+    }
+
+    /// Why the sandbox died, waiting up to `grace` for its runtime to say; `None` if it has not
+    /// died (as far as anyone knows by then).
+    pub async fn death(&self, grace: Duration) -> Option<String> {
+        let mut rx = self.death.subscribe();
+        let found = tokio::time::timeout(grace, rx.wait_for(|d| d.is_some())).await;
+        found.ok()?.ok()?.clone()
     }
 
     pub fn lease(&self) -> Option<Lease> {

@@ -1,7 +1,7 @@
-//! The node's HTTP front: accepts connections (at most `max_connections` at once), serves each
-//! request through [`routes`](super::routes) inside a span with its latency recorded, and
-//! drains on shutdown: the listener stays open, new work is answered 503 `draining`, and the
-//! front closes once the work already running has finished.
+//! The node's HTTP front: accepts connections (at most `max_connections` at once, over every
+//! front thread), serves each request through [`routes`](super::routes) inside a span with its
+//! latency recorded, and drains on shutdown: the listener stays open, new work is answered 503
+//! `draining`, and the front closes once the work already running has finished.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -29,24 +30,38 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client may take to send a request's head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Accepts connections until `shutdown` resolves, then drains (see the module's comment).
-pub async fn serve(
-    listener: TcpListener,
-    mgr: Arc<Manager>,
-    max_connections: usize,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
+/// What every front thread shares.
+pub struct Shared {
+    pub mgr: Arc<Manager>,
+    /// One permit per open connection, node-wide.
+    connections: Arc<Semaphore>,
+    /// Requests (and the commands they started) in flight; shutdown waits for them.
+    work: TaskTracker,
+}
+
+impl Shared {
+    pub fn new(mgr: Arc<Manager>, max_connections: usize) -> Arc<Self> {
+        Arc::new(Self {
+            mgr,
+            connections: Arc::new(Semaphore::new(max_connections.max(1))),
+            work: TaskTracker::new(),
+        })
+    }
+}
+
+/// One front thread's loop: accepts connections until `stop` is cancelled, then drains (see the
+/// module's comment).
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     let front = Front {
-        mgr,
-        connections: Arc::new(Semaphore::new(max_connections.max(1))),
-        work: TaskTracker::new(),
+        mgr: shared.mgr.clone(),
+        connections: shared.connections.clone(),
+        work: shared.work.clone(),
         graceful: hyper_util::server::graceful::GracefulShutdown::new(),
     };
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => front.accepted(accepted).await,
-            () = &mut shutdown => break,
+            () = stop.cancelled() => break,
         }
     }
     front.mgr.begin_drain();

@@ -5,6 +5,7 @@
 //! kind; adding one is a module here and one `register` call at start-up.
 
 pub mod containerd;
+pub mod exit;
 pub mod process;
 pub mod registry;
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::api::{ApiError, ErrorCode, PoolSpec};
+pub use exit::ExitReason;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -125,8 +127,8 @@ pub trait Runtime: Send + Sync + 'static {
     /// Stops every process of the sandbox and removes all it used. Idempotent.
     fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
 
-    /// Resolves when the sandbox has died on its own (or was destroyed).
-    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()>;
+    /// Resolves when the sandbox has died on its own (or was destroyed), with the cause.
+    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ExitReason>;
 
     /// Freezes or thaws every process of the sandbox.
     fn set_paused<'a>(

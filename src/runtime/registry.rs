@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{BoxFuture, Created, Runtime, RuntimeError};
+use super::{BoxFuture, Created, ExitReason, Runtime, RuntimeError};
 use crate::api::PoolSpec;
 use crate::api::pools::RuntimeKind;
 use crate::util::MutexExt;
@@ -113,10 +113,10 @@ impl Runtime for Runtimes {
         })
     }
 
-    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
+    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ExitReason> {
         match self.owner(id) {
             Some(runtime) => runtime.exited(id),
-            None => Box::pin(async {}),
+            None => Box::pin(async { ExitReason::Destroyed }),
         }
     }
 
@@ -186,7 +186,7 @@ mod tests {
         fn destroy<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
             Box::pin(async { Ok(()) })
         }
-        fn exited<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, ()> {
+        fn exited<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, ExitReason> {
             Box::pin(std::future::pending())
         }
         fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>> {

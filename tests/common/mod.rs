@@ -304,35 +304,7 @@ impl Daemon {
         token: Option<&str>,
         headers: &[(&str, &str)],
     ) -> Result<(StatusCode, Bytes), String> {
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost");
-        if let Some(t) = token {
-            builder = builder.header("authorization", format!("Bearer {t}"));
-        }
-        for (k, v) in headers {
-            builder = builder.header(*k, *v);
-        }
-        let req = builder
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| e.to_string())?;
-        let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, bytes))
+        request(self.port, method, path, body, token, headers).await
     }
 
     /// JSON request with the default token; returns the status and parsed body (Null if empty).
@@ -501,6 +473,68 @@ impl Daemon {
         }
         found
     }
+}
+
+/// One HTTP request to the daemon on `port` (for tasks that do not hold the `Daemon`).
+pub async fn request(
+    port: u16,
+    method: Method,
+    path: &str,
+    body: Option<Bytes>,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Result<(StatusCode, Bytes), String> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    if let Some(t) = token {
+        builder = builder.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let req = builder
+        .body(Full::new(body.unwrap_or_default()))
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, bytes))
+}
+
+/// An exec on the daemon at `port` with no token; the result (panics unless 200).
+pub async fn exec_on(port: u16, id: &str, req: Value) -> Value {
+    let body = Bytes::from(serde_json::to_vec(&req).expect("json"));
+    let (status, bytes) = request(
+        port,
+        Method::POST,
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(body),
+        None,
+        &[],
+    )
+    .await
+    .expect("exec request");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "exec: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    serde_json::from_slice(&bytes).expect("exec result")
 }
 
 /// `ctr -n arl <args>` stdout.

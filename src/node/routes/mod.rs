@@ -12,6 +12,7 @@ mod sandboxes;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, AUTHORIZATION, HeaderValue};
@@ -176,15 +177,42 @@ async fn v1(
         Route::Sandbox(id) => lookup(mgr, id, &owner).map(|sb| sandboxes::info(&sb)),
         Route::Exec(id) => {
             let sb = usable(mgr, id, &owner)?;
-            exec::exec(mgr, sb, owner, req, work).await
+            explain_death(&sb.clone(), exec::exec(mgr, sb, owner, req, work).await).await
         }
-        Route::Files(id) => files::files(usable(mgr, id, &owner)?, req).await,
-        Route::Reset(id) => sandboxes::reset(mgr, usable(mgr, id, &owner)?).await,
+        Route::Files(id) => {
+            let sb = usable(mgr, id, &owner)?;
+            explain_death(&sb.clone(), files::files(sb, req).await).await
+        }
+        Route::Reset(id) => {
+            let sb = usable(mgr, id, &owner)?;
+            explain_death(&sb.clone(), sandboxes::reset(mgr, sb).await).await
+        }
         Route::Pause(id) => sandboxes::set_paused(mgr, lookup(mgr, id, &owner)?, true).await,
         Route::Resume(id) => sandboxes::set_paused(mgr, lookup(mgr, id, &owner)?, false).await,
         Route::Healthz | Route::Readyz | Route::Metrics => {
             Err(ApiError::internal("health routes are not under /v1"))
         }
+    }
+}
+
+/// How long a request whose agent vanished waits for the death watch to learn why.
+const DEATH_GRACE: Duration = Duration::from_millis(500);
+
+/// A request caught in its sandbox's death says why the sandbox died ("the sandbox was
+/// OOM-killed"), not how the connection to its agent broke.
+async fn explain_death(
+    sb: &Sandbox,
+    result: Result<Response<Body>, ApiError>,
+) -> Result<Response<Body>, ApiError> {
+    match result {
+        Err(e) if e.code == ErrorCode::SandboxUnavailable => match sb.death(DEATH_GRACE).await {
+            Some(reason) => Err(ApiError::unavailable(format!(
+                "sandbox {}: {reason}",
+                sb.id
+            ))),
+            None => Err(e),
+        },
+        other => other,
     }
 }
 

@@ -38,7 +38,7 @@ mod remap;
 use image::Images;
 pub use image::RegistryOptions;
 
-use super::{AgentAddress, BoxFuture, Budgets, Created, Runtime, RuntimeError};
+use super::{AgentAddress, BoxFuture, Budgets, Created, ExitReason, Runtime, RuntimeError};
 use crate::api::{NetworkMode, PoolSpec};
 use crate::util::MutexExt;
 
@@ -112,8 +112,8 @@ pub struct ContainerdRuntime {
     dir: PathBuf,
     owner: String,
     exe: PathBuf,
-    /// Per live sandbox: becomes true when its task has exited.
-    exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// Per live sandbox: becomes the cause when its task has exited.
+    exits: Mutex<HashMap<String, watch::Receiver<Option<ExitReason>>>>,
     /// Sandboxes whose teardown after a failed creation failed too (containerd unreachable):
     /// retried before each creation, swept by `reclaim` at shutdown.
     orphans: Mutex<Vec<String>>,
@@ -274,8 +274,13 @@ impl ContainerdRuntime {
             .await
             .map_err(call("Tasks.Create"))?;
         // Wait is registered before Start, so even an instant exit is seen.
-        let (tx, rx) = watch::channel(false);
-        tokio::spawn(watch_task(self.client.tasks(), id.to_string(), tx));
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(watch_task(
+            self.client.tasks(),
+            id.to_string(),
+            self.config.cgroup_parent.clone(),
+            tx,
+        ));
         self.exits
             .lock_or_recover()
             .insert(id.to_string(), rx.clone());
@@ -294,7 +299,7 @@ impl ContainerdRuntime {
         let socket = dir.join("agent.sock");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !socket.exists() {
-            if *rx.borrow() {
+            if rx.borrow().is_some() {
                 return Err(RuntimeError::Create(format!(
                     "the agent exited at once in image {image}"
                 )));
@@ -388,6 +393,10 @@ impl ContainerdRuntime {
                  "options": ["nosuid", "nodev", "mode=1777", size(spec.disk_mb)]},
                 {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                  "options": ["nosuid", "nodev", "mode=1777", size(spec.disk_mb)]},
+                // The container's own cgroups, read-only: the agent reads its memory cgroup's
+                // OOM-kill count there to tell an OOM kill from other deaths.
+                {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                 "options": ["ro", "nosuid", "noexec", "nodev"]},
             ],
             "linux": {
                 "uidMappings": ids,
@@ -396,7 +405,7 @@ impl ContainerdRuntime {
                 "namespaces": namespaces,
                 "resources": {
                     "devices": [{"allow": false, "access": "rwm"}],
-                    "memory": {"limit": spec.memory_mb << 20},
+                    "memory": {"limit": memory_limit_bytes(spec)},
                     "pids": {"limit": spec.pids},
                     "cpu": {"quota": spec.cpu_millis * 100, "period": 100_000},
                 },
@@ -448,7 +457,8 @@ impl ContainerdRuntime {
         })?;
         match exit {
             Some(mut rx) => {
-                let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|e| *e)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|e| e.is_some()))
+                    .await;
             }
             None => {
                 let _ = tokio::time::timeout(
@@ -620,10 +630,24 @@ impl ContainerdRuntime {
     }
 }
 
-/// Signals `exited` when the task `id` exits. A broken Wait (containerd restarting: its tasks'
-/// shims keep running) is asked again, so a containerd restart does not kill every sandbox;
-/// the watcher ends when the task is gone or nobody listens any more.
-async fn watch_task(mut tasks: TasksClient<Channel>, id: String, exited: watch::Sender<bool>) {
+/// A container's memory limit: its processes' `memory_mb` plus the two tmpfs mounts
+/// (`/workspace` and `/tmp`, `disk_mb` each), whose pages are charged to the container's memory
+/// cgroup: with all added, a full tmpfs is ENOSPC to the writer, never an out-of-memory kill.
+fn memory_limit_bytes(spec: &PoolSpec) -> u64 {
+    spec.memory_mb
+        .saturating_add(spec.disk_mb.saturating_mul(2))
+        .saturating_mul(1 << 20)
+}
+
+/// Signals `exited` with the cause when the task `id` exits. A broken Wait (containerd
+/// restarting: its tasks' shims keep running) is asked again, so a containerd restart does not
+/// kill every sandbox; the watcher ends when the task is gone or nobody listens any more.
+async fn watch_task(
+    mut tasks: TasksClient<Channel>,
+    id: String,
+    cgroup_parent: String,
+    exited: watch::Sender<Option<ExitReason>>,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let wait = tasks.wait(req(
@@ -635,7 +659,13 @@ async fn watch_task(mut tasks: TasksClient<Channel>, id: String, exited: watch::
         ));
         tokio::select! {
             result = wait => match result {
-                Ok(_) => break,
+                Ok(reply) => {
+                    // The task's cgroup lives until its deletion: its OOM count is still there.
+                    let oom_kills = task_oom_kills(&cgroup_parent, &id);
+                    let reason = ExitReason::from_exit_status(reply.get_ref().exit_status, oom_kills);
+                    let _ = exited.send(Some(reason));
+                    return;
+                }
                 Err(s) if s.code() == Code::NotFound => break,
                 Err(s) => tracing::debug!(sandbox = %id, status = %s, "task wait broken; asking again"),
             },
@@ -647,7 +677,12 @@ async fn watch_task(mut tasks: TasksClient<Channel>, id: String, exited: watch::
         }
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
-    let _ = exited.send(true);
+    let _ = exited.send(Some(ExitReason::Unknown));
+}
+
+/// OOM kills counted in the task's memory cgroup (`cgroupsPath` of its spec).
+fn task_oom_kills(cgroup_parent: &str, id: &str) -> Option<u64> {
+    crate::runtime::process::cgroup::oom_kills_of(cgroup_parent, id)
 }
 
 /// Syscalls refused with EPERM: the same list as the process runtime's filter (new
@@ -802,11 +837,21 @@ impl Runtime for ContainerdRuntime {
         })
     }
 
-    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
+    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ExitReason> {
         let rx = self.exits.lock_or_recover().get(id).cloned();
         Box::pin(async move {
-            if let Some(mut rx) = rx {
-                let _ = rx.wait_for(|e| *e).await;
+            let Some(mut rx) = rx else {
+                return ExitReason::Destroyed;
+            };
+            let reason = match rx.wait_for(|e| e.is_some()).await {
+                Ok(reason) => reason.unwrap_or(ExitReason::Unknown),
+                Err(_) => ExitReason::Destroyed,
+            };
+            // `destroy` forgets the sandbox before it kills the task.
+            if self.exits.lock_or_recover().contains_key(id) {
+                reason
+            } else {
+                ExitReason::Destroyed
             }
         })
     }

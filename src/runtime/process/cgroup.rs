@@ -39,6 +39,39 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
     }
 }
 
+fn memory_events_name(placement: &Placement) -> &'static str {
+    match placement {
+        Placement::V1(_) => "memory.oom_control",
+        Placement::V2 => "memory.events",
+    }
+}
+
+fn read_oom_kills(file: &Path) -> Option<u64> {
+    crate::agent::oom::parse_oom_kills(&fs::read_to_string(file).ok()?)
+}
+
+/// OOM kills counted in the memory cgroup `<parent>/<id>` of whichever hierarchy holds the
+/// memory controller here (for cgroups made by others, e.g. an OCI runtime). `None` when that
+/// cgroup does not exist or counts nothing.
+pub fn oom_kills_of(parent: &str, id: &str) -> Option<u64> {
+    let mounts = mounts().ok()?;
+    let v1 = mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup" && m.options.split(',').any(|o| o == "memory"));
+    let (root, placement) = match v1 {
+        Some(m) => (m.point.clone(), Placement::V1(m.point.clone())),
+        None => (
+            mounts.iter().find(|m| m.fstype == "cgroup2")?.point.clone(),
+            Placement::V2,
+        ),
+    };
+    let file = root
+        .join(parent.trim_matches('/'))
+        .join(id)
+        .join(memory_events_name(&placement));
+    read_oom_kills(&file)
+}
+
 /// Limits applied to one sandbox.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -305,6 +338,18 @@ impl Cgroups {
             }
         }
         Ok(dirs.into_iter().map(|d| d.join("cgroup.procs")).collect())
+    }
+
+    /// The sandbox's memory counters file (it holds the `oom_kill` count).
+    pub fn memory_events(&self, id: &str) -> Option<PathBuf> {
+        let dir = self.dir_for(&self.memory, id)?;
+        Some(dir.join(memory_events_name(&self.memory)))
+    }
+
+    /// How many processes the OOM killer has killed in the sandbox; `None` when unknown (the
+    /// cgroup is gone, or the kernel does not count).
+    pub fn oom_kills(&self, id: &str) -> Option<u64> {
+        read_oom_kills(&self.memory_events(id)?)
     }
 
     /// Pids currently in the sandbox's cgroups.

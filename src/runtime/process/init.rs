@@ -40,6 +40,8 @@ pub struct InitConfig {
     pub disk_mb: u64,
     pub network: NetworkMode,
     pub rootfs: Option<PathBuf>,
+    /// The memory cgroup's counters file, handed to the agent open (to tell OOM kills).
+    pub memory_events: Option<PathBuf>,
 }
 
 /// Host system directories a default sandbox sees (copy-on-write, through overlays).
@@ -91,6 +93,13 @@ fn launch(cfg: &InitConfig) -> Result<i32, String> {
         .open(cfg.dir.join("agent.log"))
         .map_err(|e| format!("open agent log: {e}"))?;
     let devnull = fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    let memory_events = match &cfg.memory_events {
+        Some(path) => {
+            Some(fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    protect_agent_from_oom_killer();
 
     let (go_read, go_write) = pipe()?;
     let (status_read, status_write) = pipe()?;
@@ -115,6 +124,7 @@ fn launch(cfg: &InitConfig) -> Result<i32, String> {
         listener: listener_fd,
         log: log.as_raw_fd(),
         devnull: devnull.as_raw_fd(),
+        memory_events: memory_events.as_ref().map(|f| f.as_raw_fd()),
     };
     let child = Box::new(move || child_main(&child_cfg, fds));
     // SAFETY: this helper is single-threaded, so the cloned child owns a consistent copy of
@@ -153,6 +163,18 @@ struct ChildFds {
     listener: RawFd,
     log: RawFd,
     devnull: RawFd,
+    memory_events: Option<RawFd>,
+}
+
+/// Puts the agent (this helper's child) at OOM score adjustment 0, whatever the daemon's is:
+/// the agent raises every command it starts to +1000, so the OOM killer picks commands first.
+/// 0 and not -1000: lowering needs CAP_SYS_RESOURCE, which many hosts withhold from root, and
+/// where it is held, -1000 would also become the floor commands could lower themselves back to
+/// (a command at -1000 is never killed, and its sandbox would stall out of memory instead).
+/// Writing 0 with that capability pins the floor at 0. A failure (a daemon above 0 without the
+/// capability) leaves the agent where the daemon is, still below its commands.
+fn protect_agent_from_oom_killer() {
+    let _ = fs::write("/proc/self/oom_score_adj", "0");
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
@@ -189,13 +211,16 @@ fn setup(cfg: &InitConfig, fds: ChildFds) -> Result<Never, String> {
         loopback_up()?;
     }
     stdio(fds)?;
-    // The listener must survive exec; everything else of ours is close-on-exec.
-    // SAFETY: fcntl on an fd we own.
-    if unsafe { libc::fcntl(fds.listener, libc::F_SETFD, 0) } < 0 {
-        return Err(format!(
-            "keep listener: {}",
-            std::io::Error::last_os_error()
-        ));
+    // The listener (and the memory counters) must survive exec; everything else of ours is
+    // close-on-exec.
+    for fd in std::iter::once(fds.listener).chain(fds.memory_events) {
+        // SAFETY: fcntl on an fd we own.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+            return Err(format!(
+                "keep descriptor {fd}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
     }
     limit_core_dumps();
     drop_privileges()?;
@@ -458,9 +483,14 @@ fn drop_privileges() -> Result<(), String> {
 
 fn exec_agent(fds: ChildFds) -> Result<Never, String> {
     let listen = fds.listener.to_string();
-    let args: Vec<CString> = ["arl", "agent", "--listen-fd", &listen]
+    let events = fds.memory_events.map(|fd| fd.to_string());
+    let mut args: Vec<&str> = vec!["arl", "agent", "--listen-fd", &listen];
+    if let Some(events) = &events {
+        args.extend(["--memory-events-fd", events]);
+    }
+    let args: Vec<CString> = args
         .iter()
-        .map(|s| CString::new(*s).expect("static argument"))
+        .map(|s| CString::new(*s).expect("digits and static words have no NUL"))
         .collect();
     let env: Vec<CString> = [
         PATH_ENV,

@@ -19,7 +19,7 @@ use tokio::io::unix::AsyncFd;
 
 use self::cgroup::{Cgroups, Limits};
 use self::init::InitConfig;
-use super::{AgentAddress, BoxFuture, Budgets, Created, Runtime, RuntimeError};
+use super::{AgentAddress, BoxFuture, Budgets, Created, ExitReason, Runtime, RuntimeError};
 use crate::api::PoolSpec;
 use crate::util::MutexExt;
 
@@ -140,7 +140,7 @@ impl ProcessRuntime {
         let procs = self.cgroups.create(
             id,
             Limits {
-                memory_bytes: spec.memory_mb << 20,
+                memory_bytes: memory_limit_bytes(spec),
                 pids: spec.pids,
                 cpu_millis: spec.cpu_millis,
             },
@@ -156,6 +156,7 @@ impl ProcessRuntime {
             disk_mb: spec.disk_mb,
             network: spec.network,
             rootfs: spec.rootfs.as_ref().map(PathBuf::from),
+            memory_events: self.cgroups.memory_events(id),
         };
         let json =
             serde_json::to_string(&config).map_err(|e| RuntimeError::Create(e.to_string()))?;
@@ -317,12 +318,31 @@ impl Runtime for ProcessRuntime {
         Box::pin(self.destroy_inner(id))
     }
 
-    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
+    fn exited<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ExitReason> {
         let pidfd = self.live.lock_or_recover().get(id).map(|l| l.pidfd.clone());
         Box::pin(async move {
-            if let Some(pidfd) = pidfd {
-                let _ = pidfd.readable().await;
+            let Some(pidfd) = pidfd else {
+                return ExitReason::Destroyed;
+            };
+            let _ = pidfd.readable().await;
+            // `destroy` forgets the sandbox before it kills the agent.
+            if !self.live.lock_or_recover().contains_key(id) {
+                return ExitReason::Destroyed;
             }
+            // Read before `destroy` removes the cgroup; the status is peeked, not reaped
+            // (`destroy` reaps).
+            let oom_kills = self.cgroups.oom_kills(id);
+            let reason = match peek_exit(pidfd.get_ref()) {
+                Some((code, signal)) => ExitReason::classify(code, signal, oom_kills),
+                None => ExitReason::Unknown,
+            };
+            if reason != ExitReason::Destroyed && reason != ExitReason::Unknown {
+                let log = self.dir(id).join("agent.log");
+                if let Some(tail) = log_tail(&log) {
+                    tracing::info!(sandbox = %id, agent_log = %tail, "last lines of the dead agent's log");
+                }
+            }
+            reason
         })
     }
 
@@ -387,6 +407,52 @@ fn pidfd_kill(pidfd: &OwnedFd) {
             0,
         )
     };
+}
+
+/// The sandbox's memory limit: its processes' `memory_mb` plus its writable layer's `disk_mb`.
+/// The writable layer is a tmpfs, whose pages are charged to the sandbox's memory cgroup: with
+/// the two added, a full disk is ENOSPC to the writer and never an out-of-memory kill, and files
+/// never eat into the memory the pool promised its processes.
+fn memory_limit_bytes(spec: &PoolSpec) -> u64 {
+    spec.memory_mb
+        .saturating_add(spec.disk_mb)
+        .saturating_mul(1 << 20)
+}
+
+/// The exit status of a dead agent, left to be reaped: (exit code, or terminating signal).
+fn peek_exit(pidfd: &OwnedFd) -> Option<(Option<i32>, Option<i32>)> {
+    // SAFETY: waitid on a pidfd with a zeroed siginfo; WNOWAIT leaves the child waitable.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let rc = libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        if rc != 0 || info.si_pid() == 0 {
+            return None;
+        }
+        let status = info.si_status();
+        match info.si_code {
+            libc::CLD_EXITED => Some((Some(status), None)),
+            libc::CLD_KILLED | libc::CLD_DUMPED => Some((None, Some(status))),
+            _ => None,
+        }
+    }
+}
+
+/// The last lines of a dead agent's log (what it said before it went), bounded.
+fn log_tail(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(1024))).ok()?;
+    let mut bytes = Vec::new();
+    file.take(1024).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_string())
 }
 
 /// Collects the exit status of a dead agent (the daemon is their subreaper).

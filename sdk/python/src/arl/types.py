@@ -23,6 +23,8 @@ class ExecResult:
     ``duration`` is in seconds (``duration_ms`` in milliseconds). ``exit_code`` is
     ``128 + signal`` when the process was killed by a signal (``signal`` is then set).
     ``truncated`` is ``True`` when stdout or stderr hit the output cap.
+    ``oom_killed`` is ``True`` when the kernel's OOM killer ended the command (the
+    sandbox itself lives on).
     """
 
     stdout: str
@@ -32,6 +34,7 @@ class ExecResult:
     timed_out: bool = False
     truncated: bool = False
     signal: int | None = None
+    oom_killed: bool = False
 
     @property
     def duration_ms(self) -> float:
@@ -52,6 +55,7 @@ class ExecResult:
             bool(d.get("timed_out", False)),
             bool(d.get("truncated", False)),
             d.get("signal"),
+            bool(d.get("oom_killed", False)),
         )
 
 
