@@ -119,7 +119,7 @@ impl From<ApiError> for RpcError {
             ErrorCode::Forbidden => Code::PermissionDenied,
             ErrorCode::NotFound => Code::NotFound,
             ErrorCode::Conflict => Code::AlreadyExists,
-            ErrorCode::PayloadTooLarge => Code::ResourceExhausted,
+            ErrorCode::PayloadTooLarge | ErrorCode::InsufficientStorage => Code::ResourceExhausted,
             ErrorCode::NotSupported | ErrorCode::MethodNotAllowed => Code::Unimplemented,
             ErrorCode::Released
             | ErrorCode::PoolExhausted

@@ -311,6 +311,11 @@ async fn create(front: &Arc<Front>, req: Request<Incoming>) -> Answer {
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::internal("acquire returned no sandbox"))?;
+    // Forget the sandboxes that went away meanwhile (expired, released through the node API),
+    // so the front's own records stay as many as the live sandboxes.
+    front
+        .registry
+        .retain(|id, owner| front.mgr.sandbox(id, owner).is_ok());
     // A retried create (same idempotency key) gets the first one's token back.
     let sandbox = match front.registry.get(&info.id) {
         Some(existing) => existing,

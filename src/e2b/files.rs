@@ -25,7 +25,9 @@ const MAX_PARTS: usize = 1000;
 /// 507 → not enough space, ...).
 fn error(err: ApiError) -> Response<Body> {
     let status = match err.code {
-        ErrorCode::PayloadTooLarge => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorCode::PayloadTooLarge | ErrorCode::InsufficientStorage => {
+            StatusCode::INSUFFICIENT_STORAGE
+        }
         code => StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
     };
     http::json(
