@@ -12,6 +12,8 @@ cargo clippy --locked --all-targets -- -D warnings
 cargo build --locked
 # containerd in the background (if not running) and the registry-free test image.
 scripts/containerd.sh
+# The image: the FROM-scratch target packs the static binary; it must run.
+scripts/docker-image.sh
 cargo test --locked
 # The build names its target (a static binary, see .cargo/config.toml), so it lands under it.
 export ARL_BIN="$PWD/target/${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}/debug/arl"

@@ -10,6 +10,10 @@
 //! `arl crds` prints the CRD YAML generated from these types; `crds/` holds the same text, and
 //! a test fails when the two differ.
 
+// kube's `printcolumn(name = .., type_ = ..)` repeats keys that this lint takes for duplicated
+// attributes.
+#![allow(clippy::duplicated_attributes)]
+
 mod common;
 mod sandbox;
 mod shard;

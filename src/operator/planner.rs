@@ -427,13 +427,10 @@ fn settle(slots: &mut [Slot], total: u64) {
         sum -= 1;
         gaps.push(slots, i);
     }
-    loop {
-        let (Some((from, over)), Some((to, under))) = (
-            Gaps::top(&mut gaps.above, slots),
-            Gaps::top(&mut gaps.below, slots),
-        ) else {
-            break;
-        };
+    while let (Some((from, over)), Some((to, under))) = (
+        Gaps::top(&mut gaps.above, slots),
+        Gaps::top(&mut gaps.below, slots),
+    ) {
         if over < 1.0 - EPSILON || under < 1.0 - EPSILON || from == to {
             break;
         }

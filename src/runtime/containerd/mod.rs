@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -27,19 +27,21 @@ use containerd_client::services::v1::{
 use containerd_client::tonic::metadata::MetadataValue;
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
-use serde_json::{Value, json};
+
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::watch;
 
 mod image;
 mod remap;
+mod seccomp;
+mod spec;
 
 use image::Images;
 pub use image::RegistryOptions;
 
 use super::{AgentAddress, BoxFuture, Budgets, Created, ExitReason, Runtime, RuntimeError};
-use crate::api::{NetworkMode, PoolSpec};
+use crate::api::PoolSpec;
 use crate::util::MutexExt;
 
 /// containerd namespace holding ARL's images and containers.
@@ -234,7 +236,16 @@ impl ContainerdRuntime {
             .prepare_snapshot(id, &parent, self.labels(id, &[]), Some(&lease))
             .await?;
 
-        let oci = self.oci_spec(id, spec, &dir);
+        let oci = spec::oci_spec(
+            &spec::Inputs {
+                id,
+                host_id: self.host_id,
+                exe: &self.exe,
+                run_dir: &dir,
+                cgroup_parent: &self.config.cgroup_parent,
+            },
+            spec,
+        );
         let container = Container {
             id: id.to_string(),
             labels: self.labels(id, &[]),
@@ -313,112 +324,6 @@ impl ContainerdRuntime {
         }
         Ok(Created {
             agent: AgentAddress::Unix(socket),
-        })
-    }
-
-    /// The OCI runtime spec of a sandbox.
-    fn oci_spec(&self, id: &str, spec: &PoolSpec, dir: &Path) -> Value {
-        let mut namespaces = vec![
-            json!({"type": "pid"}),
-            json!({"type": "ipc"}),
-            json!({"type": "uts"}),
-            json!({"type": "mount"}),
-        ];
-        // A user namespace: root inside is an unprivileged host uid.
-        namespaces.push(json!({"type": "user"}));
-        if spec.network == NetworkMode::None {
-            namespaces.push(json!({"type": "network"}));
-        }
-        // sysfs can be mounted only in a network namespace of the user namespace's own.
-        let sys = if spec.network == NetworkMode::None {
-            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
-                   "options": ["nosuid", "noexec", "nodev", "ro"]})
-        } else {
-            json!({"destination": "/sys", "type": "bind", "source": "/sys",
-                   "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
-        };
-        let ids = json!([{"containerID": 0, "hostID": self.host_id, "size": remap::IDS}]);
-        // The pool's env is not baked in: it reaches each exec through the lease (late binding).
-        let env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"];
-        let caps = [
-            "CAP_CHOWN",
-            "CAP_DAC_OVERRIDE",
-            "CAP_FSETID",
-            "CAP_FOWNER",
-            "CAP_MKNOD",
-            "CAP_NET_RAW",
-            "CAP_SETGID",
-            "CAP_SETUID",
-            "CAP_SETFCAP",
-            "CAP_SETPCAP",
-            "CAP_NET_BIND_SERVICE",
-            "CAP_SYS_CHROOT",
-            "CAP_KILL",
-            "CAP_AUDIT_WRITE",
-        ];
-        let size = |mb: u64| format!("size={}m", mb.max(1));
-        json!({
-            "ociVersion": "1.0.2",
-            "process": {
-                "terminal": false,
-                "user": {"uid": 0, "gid": 0},
-                "args": [AGENT_PATH, "agent", "--socket", format!("{RUN_DIR}/agent.sock")],
-                "env": env,
-                "cwd": "/",
-                "capabilities": {
-                    "bounding": caps, "effective": caps, "permitted": caps,
-                },
-                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-                "noNewPrivileges": true,
-            },
-            "root": {"path": "rootfs", "readonly": spec.read_only_root},
-            "hostname": "sandbox",
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc",
-                 "options": ["nosuid", "noexec", "nodev"]},
-                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-                {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-                 "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-                 "options": ["nosuid", "noexec", "nodev"]},
-                sys,
-                {"destination": AGENT_PATH, "type": "bind", "source": self.exe,
-                 "options": ["rbind", "ro", "nosuid", "nodev"]},
-                {"destination": RUN_DIR, "type": "bind", "source": dir,
-                 "options": ["rbind", "rw", "nosuid", "nodev", "noexec"]},
-                {"destination": "/workspace", "type": "tmpfs", "source": "tmpfs",
-                 "options": ["nosuid", "nodev", "mode=1777", size(spec.disk_mb)]},
-                {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-                 "options": ["nosuid", "nodev", "mode=1777", size(spec.disk_mb)]},
-                // The container's own cgroups, read-only: the agent reads its memory cgroup's
-                // OOM-kill count there to tell an OOM kill from other deaths.
-                {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-                 "options": ["ro", "nosuid", "noexec", "nodev"]},
-            ],
-            "linux": {
-                "uidMappings": ids,
-                "gidMappings": ids,
-                "cgroupsPath": format!("/{}/{id}", self.config.cgroup_parent),
-                "namespaces": namespaces,
-                "resources": {
-                    "devices": [{"allow": false, "access": "rwm"}],
-                    "memory": {"limit": memory_limit_bytes(spec)},
-                    "pids": {"limit": spec.pids},
-                    "cpu": {"quota": spec.cpu_millis * 100, "period": 100_000},
-                },
-                "maskedPaths": [
-                    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
-                    "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                    "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
-                ],
-                "seccomp": seccomp_profile(),
-                "readonlyPaths": [
-                    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
-                ],
-            },
         })
     }
 
@@ -630,15 +535,6 @@ impl ContainerdRuntime {
     }
 }
 
-/// A container's memory limit: its processes' `memory_mb` plus the two tmpfs mounts
-/// (`/workspace` and `/tmp`, `disk_mb` each), whose pages are charged to the container's memory
-/// cgroup: with all added, a full tmpfs is ENOSPC to the writer, never an out-of-memory kill.
-fn memory_limit_bytes(spec: &PoolSpec) -> u64 {
-    spec.memory_mb
-        .saturating_add(spec.disk_mb.saturating_mul(2))
-        .saturating_mul(1 << 20)
-}
-
 /// Signals `exited` with the cause when the task `id` exits. A broken Wait (containerd
 /// restarting: its tasks' shims keep running) is asked again, so a containerd restart does not
 /// kill every sandbox; the watcher ends when the task is gone or nobody listens any more.
@@ -683,94 +579,6 @@ async fn watch_task(
 /// OOM kills counted in the task's memory cgroup (`cgroupsPath` of its spec).
 fn task_oom_kills(cgroup_parent: &str, id: &str) -> Option<u64> {
     crate::runtime::process::cgroup::oom_kills_of(cgroup_parent, id)
-}
-
-/// Syscalls refused with EPERM: the same list as the process runtime's filter (new
-/// namespaces, mounts, kernel modules, BPF, keyrings, ptrace, io_uring, clock and system
-/// administration).
-const DENIED: &[&str] = &[
-    "unshare",
-    "setns",
-    "mount",
-    "umount2",
-    "pivot_root",
-    "fsopen",
-    "fsconfig",
-    "fsmount",
-    "fspick",
-    "move_mount",
-    "open_tree",
-    "mount_setattr",
-    "kexec_load",
-    "kexec_file_load",
-    "init_module",
-    "finit_module",
-    "delete_module",
-    "reboot",
-    "swapon",
-    "swapoff",
-    "acct",
-    "syslog",
-    "iopl",
-    "ioperm",
-    "settimeofday",
-    "clock_settime",
-    "clock_adjtime",
-    "adjtimex",
-    "quotactl",
-    "vhangup",
-    "bpf",
-    "perf_event_open",
-    "userfaultfd",
-    "keyctl",
-    "add_key",
-    "request_key",
-    "ptrace",
-    "process_vm_readv",
-    "process_vm_writev",
-    "open_by_handle_at",
-    "name_to_handle_at",
-    "io_uring_setup",
-    "io_uring_enter",
-    "io_uring_register",
-    "fanotify_init",
-];
-
-/// The OCI seccomp section: allow by default, refuse [`DENIED`] and `clone` with any
-/// namespace flag (EPERM), and `clone3` (ENOSYS, whose flags a filter cannot inspect; the C
-/// library falls back to `clone`).
-fn seccomp_profile() -> Value {
-    let architectures: &[&str] = if cfg!(target_arch = "aarch64") {
-        &["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
-    } else {
-        &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
-    };
-    let mut syscalls = vec![
-        json!({"names": DENIED, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}),
-        json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS}),
-    ];
-    for flag in [
-        libc::CLONE_NEWUSER,
-        libc::CLONE_NEWNS,
-        libc::CLONE_NEWPID,
-        libc::CLONE_NEWNET,
-        libc::CLONE_NEWIPC,
-        libc::CLONE_NEWUTS,
-        libc::CLONE_NEWCGROUP,
-    ] {
-        let flag = flag as u64;
-        syscalls.push(json!({
-            "names": ["clone"],
-            "action": "SCMP_ACT_ERRNO",
-            "errnoRet": libc::EPERM,
-            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
-        }));
-    }
-    json!({
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": architectures,
-        "syscalls": syscalls,
-    })
 }
 
 /// The pool options a containerd sandbox understands: an image, never a root directory.
