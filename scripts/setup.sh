@@ -23,4 +23,4 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e './sdk/python[test]' pyyaml jsonschema openapi-spec-validator \
-  'schemathesis==4.32.5' 'kubernetes-validate==1.37.0'
+  'schemathesis==4.32.5' 'kubernetes-validate==1.37.0' 'e2b==2.63.0' 'e2b-code-interpreter==2.11.5'

@@ -21,5 +21,7 @@ export ARL_BIN="$PWD/target/${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}/debu
 .venv/bin/python sdk/python/scripts/unasync.py --check
 .venv/bin/python -m pytest sdk/python/tests -q
 .venv/bin/python -m pytest tests/api -q
+# The real PyPI `e2b` SDK against the node's E2B-compatible endpoint.
+.venv/bin/python -m pytest tests/e2b -q
 # Property-based: schemathesis against a token-protected daemon (bounded to a minute).
 tests/api/schemathesis.sh

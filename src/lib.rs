@@ -15,6 +15,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod crd;
+pub mod e2b;
 pub mod http;
 pub mod logging;
 pub mod node;

@@ -27,6 +27,9 @@ pub enum Sink {
     Capture,
     /// Sent as NDJSON lines as it comes.
     Stream(mpsc::Sender<Result<Bytes, BoxError>>),
+    /// Like `Stream`, opened by a `{"type":"started","pid":N}` line, so that the caller can
+    /// signal the command while it runs (see [`signal`]).
+    StreamWithPid(mpsc::Sender<Result<Bytes, BoxError>>),
 }
 
 #[derive(Default)]
@@ -68,6 +71,11 @@ impl Children {
         drop(waiting);
         self.reaped.notify_waiters();
         left
+    }
+
+    /// Whether `pid` is a command this agent started and has not reaped yet.
+    pub fn is_running(&self, pid: i32) -> bool {
+        self.waiting.lock_or_recover().contains_key(&pid)
     }
 
     /// Spawns under the reaper's lock, so the exit cannot be reaped before it is awaited.
@@ -150,6 +158,11 @@ pub async fn run(
     let (exited_tx, exited_rx) = watch::channel(false);
     let stream_tx = match &sink {
         Sink::Stream(tx) => Some(tx.clone()),
+        Sink::StreamWithPid(tx) => {
+            let started = serde_json::json!({"type": "started", "pid": pid});
+            let _ = tx.send(Ok(ndjson_line(&started))).await;
+            Some(tx.clone())
+        }
         Sink::Capture => None,
     };
     let out = tokio::spawn(pump(
@@ -365,6 +378,22 @@ fn take_utf8(buf: &mut Vec<u8>) -> String {
     let text = String::from_utf8_lossy(buf).into_owned();
     *buf = rest;
     text
+}
+
+/// Signals a running command: SIGKILL stops its whole tree (as a timeout does), any other
+/// signal goes to its process group. False when `pid` is not a running command of this agent
+/// (nothing else, the agent least of all, may be signalled this way).
+pub fn signal(children: &Children, pid: i32, signal: i32) -> bool {
+    if pid <= 1 || !children.is_running(pid) {
+        return false;
+    }
+    if signal == libc::SIGKILL {
+        kill_tree(pid);
+    } else {
+        // SAFETY: kill(2) on the process group of a command the agent started.
+        unsafe { libc::kill(-pid, signal) };
+    }
+    true
 }
 
 /// Stops then kills a process and all its descendants (and its process group).

@@ -60,7 +60,7 @@ fn disk_limit_mib(path: &str) -> Option<u64> {
     })
 }
 
-fn io_error(e: std::io::Error, path: &str) -> ApiError {
+pub(super) fn io_error(e: std::io::Error, path: &str) -> ApiError {
     match e.raw_os_error() {
         Some(code) => errno_error(Errno::from_raw(code), path),
         None => ApiError::internal(format!("{path}: {e}")),

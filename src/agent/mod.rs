@@ -9,10 +9,13 @@
 //! | `POST /files` | several files in one call |
 //! | `GET /files?path=` | streamed file read |
 //! | `DELETE /files?path=` | remove a file |
+//! | `POST /fs/{stat,list,mkdir,move,remove}` | file-system operations beyond transfer |
+//! | `POST /signal` | signal a running command, by the pid a streamed exec reported |
 //! | `POST /reset` | kill every process but the agent, empty the scratch directories |
 
 pub mod exec;
 pub mod files;
+mod fs;
 mod kept;
 pub mod oom;
 mod spawn;
@@ -32,7 +35,8 @@ use tokio::net::UnixListener;
 
 use crate::api::files::MAX_BATCH_BYTES;
 use crate::api::{
-    ApiError, ExecEvent, ExecRequest, NDJSON, OUTCOME_HEADER, WriteFilesRequest, WriteFilesResponse,
+    ApiError, ExecEvent, ExecRequest, NDJSON, OUTCOME_HEADER, REPORT_PID_HEADER, SignalRequest,
+    WriteFilesRequest, WriteFilesResponse,
 };
 use crate::http::{self, Body, ChannelBody, MAX_JSON_BODY, ndjson_line};
 use crate::node::once::{self, Claim};
@@ -174,6 +178,8 @@ async fn route(agent: &Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
         (&Method::DELETE, "/files") => required_path(&req)
             .and_then(|p| files::remove(&p))
             .map(|()| http::no_content()),
+        (&Method::POST, op) if op.starts_with("/fs/") => fs_route(req).await,
+        (&Method::POST, "/signal") => signal(agent, req).await,
         (&Method::POST, "/reset") => reset(agent).await,
         _ => Err(ApiError::not_found(format!(
             "no agent route {} {}",
@@ -194,10 +200,11 @@ async fn exec_route(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let streaming = http::wants_ndjson(&req);
+    let report_pid = req.headers().contains_key(REPORT_PID_HEADER);
     let exec_req: ExecRequest = http::read_json(req, MAX_JSON_BODY * 64).await?;
     exec_req.validate().map_err(ApiError::bad_request)?;
     let Some(id) = exec_req.request_id.clone() else {
-        return exec_now(agent, exec_req, streaming).await;
+        return exec_now(agent, exec_req, streaming, report_pid).await;
     };
     // At most once per request id: a retry waits for the first run or gets its result.
     let publish = match agent.kept.claim(&id) {
@@ -207,7 +214,7 @@ async fn exec_route(
     };
     if streaming {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        spawn_streamed(agent.clone(), exec_req, tx);
+        spawn_streamed(agent.clone(), exec_req, tx, report_pid);
         let body = kept::tee(rx, publish, agent.kept.clone(), id);
         return Ok(Response::builder()
             .header(CONTENT_TYPE, NDJSON)
@@ -245,6 +252,7 @@ async fn exec_now(
     agent: &Arc<Agent>,
     exec_req: ExecRequest,
     streaming: bool,
+    report_pid: bool,
 ) -> Result<Response<Body>, ApiError> {
     if !streaming {
         let result = exec::run(
@@ -257,7 +265,7 @@ async fn exec_now(
         return Ok(json_result(&result));
     }
     let (tx, body) = ChannelBody::channel(16);
-    spawn_streamed(agent.clone(), exec_req, tx);
+    spawn_streamed(agent.clone(), exec_req, tx, report_pid);
     Ok(Response::builder()
         .header(CONTENT_TYPE, NDJSON)
         .body(body)
@@ -274,18 +282,23 @@ fn json_result(result: &crate::api::ExecResult) -> Response<Body> {
 }
 
 /// Runs a streamed exec in a task of its own, its events and then its result (or error)
-/// sent as NDJSON lines.
+/// sent as NDJSON lines; `report_pid` first sends the command's pid.
 fn spawn_streamed(
     agent: Arc<Agent>,
     exec_req: ExecRequest,
     tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, http::BoxError>>,
+    report_pid: bool,
 ) {
     tokio::spawn(async move {
         let event = match exec::run(
             &agent.children,
             &agent.base_env,
             exec_req,
-            exec::Sink::Stream(tx.clone()),
+            if report_pid {
+                exec::Sink::StreamWithPid(tx.clone())
+            } else {
+                exec::Sink::Stream(tx.clone())
+            },
         )
         .await
         {
@@ -320,6 +333,50 @@ async fn read_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
         .header(CONTENT_LENGTH, size)
         .body(body)
         .unwrap_or_else(|_| http::error(ApiError::internal("response"))))
+}
+
+/// `POST /fs/{op}`: the file-system operations of [`fs`], JSON in and out.
+async fn fs_route(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    use crate::api::fs::{EntryList, MoveRequest, PathRequest};
+    let op = req.uri().path().trim_start_matches("/fs/").to_string();
+    if op == "move" {
+        let body: MoveRequest = http::read_json(req, MAX_JSON_BODY).await?;
+        let (from, to) = (fs::resolve(&body.source)?, fs::resolve(&body.destination)?);
+        return Ok(http::json(StatusCode::OK, &fs::rename(&from, &to)?));
+    }
+    let body: PathRequest = http::read_json(req, MAX_JSON_BODY).await?;
+    let path = fs::resolve(&body.path)?;
+    match op.as_str() {
+        "stat" => Ok(http::json(StatusCode::OK, &fs::stat(&path)?)),
+        "mkdir" => Ok(http::json(StatusCode::OK, &fs::make_dir(&path)?)),
+        "remove" => fs::remove(&path).map(|()| http::no_content()),
+        "list" => {
+            let entries = fs::list(&path, body.depth.unwrap_or(1))?;
+            Ok(http::json(StatusCode::OK, &EntryList { entries }))
+        }
+        other => Err(ApiError::not_found(format!(
+            "no file-system operation {other:?}"
+        ))),
+    }
+}
+
+/// `POST /signal {"pid", "signal"}`: 204, or 404 when `pid` is not a running command.
+async fn signal(agent: &Arc<Agent>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let body: SignalRequest = http::read_json(req, MAX_JSON_BODY).await?;
+    if !(1..=64).contains(&body.signal) {
+        return Err(ApiError::bad_request(format!(
+            "signal {} is not a signal number",
+            body.signal
+        )));
+    }
+    if exec::signal(&agent.children, body.pid, body.signal) {
+        Ok(http::no_content())
+    } else {
+        Err(ApiError::not_found(format!(
+            "no running command with pid {}",
+            body.pid
+        )))
+    }
 }
 
 /// Kills every process but the agent, waits until they are gone, and empties the scratch

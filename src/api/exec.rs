@@ -160,3 +160,12 @@ pub enum ExecEvent {
     Result(ExecResult),
     Error { error: super::ApiError },
 }
+
+/// The agent's `POST /signal`: a signal for a running command, by the pid its streamed exec
+/// reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    pub pid: i32,
+    pub signal: i32,
+}

@@ -53,6 +53,15 @@ pub struct NodeArgs {
     /// Serve without a token file on a non-loopback address (anyone who reaches it can run code)
     #[arg(long, global = true, env = "ARL_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
+    /// Address of the E2B-compatible endpoint (control plane and envd on one port) [default: off]
+    #[arg(long, env = "ARL_E2B_LISTEN")]
+    pub e2b_listen: Option<String>,
+    /// The pool E2B's default template `base` names [default: default]
+    #[arg(long, env = "ARL_E2B_DEFAULT_POOL")]
+    pub e2b_default_pool: Option<String>,
+    /// The domain the E2B endpoint tells clients [default: the host they reached it on]
+    #[arg(long, env = "ARL_E2B_DOMAIN")]
+    pub e2b_domain: Option<String>,
     /// Threads serving the HTTP API, each with its own event loop [default: the node's cores]
     #[arg(long, global = true, env = "ARL_FRONT_THREADS")]
     pub front_threads: Option<usize>,
@@ -71,6 +80,23 @@ pub enum NodeCommand {
     Cleanup,
 }
 
+/// Settings of the E2B-compatible endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct E2bSettings {
+    pub listen: Option<String>,
+    pub default_pool: String,
+    pub domain: Option<String>,
+}
+
+impl E2bSettings {
+    pub fn front_config(&self) -> crate::e2b::E2bConfig {
+        crate::e2b::E2bConfig {
+            default_pool: self.default_pool.clone(),
+            domain: self.domain.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -87,6 +113,9 @@ struct FileConfig {
     max_connections: Option<usize>,
     #[serde(default)]
     allow_unauthenticated: bool,
+    e2b_listen: Option<String>,
+    e2b_default_pool: Option<String>,
+    e2b_domain: Option<String>,
     front_threads: Option<usize>,
     handover: Option<bool>,
     #[serde(default)]
@@ -106,6 +135,7 @@ pub struct Settings {
     pub registry: RegistryOptions,
     pub max_connections: usize,
     pub allow_unauthenticated: bool,
+    pub e2b: E2bSettings,
     pub front_threads: usize,
     pub pools: BTreeMap<String, PoolSpec>,
     /// Whether SIGTERM hands the sandboxes over to the next daemon (else destroys them).
@@ -183,6 +213,14 @@ impl NodeArgs {
                 .unwrap_or(8192)
                 .max(1),
             allow_unauthenticated: self.allow_unauthenticated || file.allow_unauthenticated,
+            e2b: E2bSettings {
+                listen: self.e2b_listen.or(file.e2b_listen),
+                default_pool: self
+                    .e2b_default_pool
+                    .or(file.e2b_default_pool)
+                    .unwrap_or_else(|| "default".into()),
+                domain: self.e2b_domain.or(file.e2b_domain),
+            },
             front_threads: self
                 .front_threads
                 .or(file.front_threads)

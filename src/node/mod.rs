@@ -3,21 +3,21 @@
 //! and the sandboxes' agents.
 
 mod adopt;
-mod agent_client;
-mod auth;
+pub(crate) mod agent_client;
+pub(crate) mod auth;
 mod config;
 mod housekeeping;
 mod lease;
 #[cfg(test)]
 mod lease_tests;
-mod manager;
+pub(crate) mod manager;
 mod metrics;
 pub(crate) mod once;
 mod pool;
 mod records;
 mod refill;
 mod routes;
-mod sandbox;
+pub(crate) mod sandbox;
 mod server;
 #[cfg(test)]
 mod testing;
@@ -96,6 +96,17 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
             addr: settings.listen.clone(),
             source,
         })?;
+    let e2b_listener = match &settings.e2b.listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| NodeError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let runtime = runtimes(&settings).await?;
     let records = records::Records::open(&settings.state_dir)?;
     let auth = auth::Auth::new(settings.token_file.clone()).map_err(NodeError::Auth)?;
@@ -136,8 +147,18 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
         "arl node ready"
     );
     tokio::spawn(mgr.clone().housekeeping());
+    let e2b = match e2b_listener {
+        Some(listener) => {
+            tracing::info!(listen = %listener.local_addr()?, default_pool = %settings.e2b.default_pool, "E2B-compatible endpoint");
+            Some((
+                listener,
+                crate::e2b::Front::new(mgr.clone(), settings.e2b.front_config()),
+            ))
+        }
+        None => None,
+    };
     let shared = server::Shared::new(mgr.clone(), settings.max_connections);
-    serve_front(listener, shared, settings.front_threads).await?;
+    serve_front(listener, e2b, shared, settings.front_threads).await?;
     let mode = if settings.handover {
         tracing::info!("shutting down: handing the sandboxes over to the next daemon");
         manager::ShutdownMode::HandOver
@@ -210,6 +231,7 @@ async fn cleanup(settings: &config::Settings) -> Result<(), NodeError> {
 /// `Manager::tasks`), so it never holds up a request.
 async fn serve_front(
     listener: std::net::TcpListener,
+    e2b: Option<(std::net::TcpListener, Arc<crate::e2b::Front>)>,
     shared: Arc<server::Shared>,
     threads: usize,
 ) -> Result<(), NodeError> {
@@ -219,6 +241,10 @@ async fn serve_front(
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<std::io::Result<()>>(threads);
     for n in 0..threads {
         let listener = listener.try_clone()?;
+        let e2b = match &e2b {
+            Some((l, front)) => Some((l.try_clone()?, front.clone())),
+            None => None,
+        };
         let (shared, stop, done_tx) = (shared.clone(), stop.clone(), done_tx.clone());
         std::thread::Builder::new()
             .name(format!("arl-http-{n}"))
@@ -229,6 +255,12 @@ async fn serve_front(
                     .and_then(|front| {
                         front.block_on(async {
                             let listener = tokio::net::TcpListener::from_std(listener)?;
+                            // The E2B front accepts on every front thread too; it stops with
+                            // the API's front.
+                            if let Some((e2b_listener, front)) = e2b {
+                                let e2b_listener = tokio::net::TcpListener::from_std(e2b_listener)?;
+                                tokio::spawn(crate::e2b::serve(e2b_listener, front, stop.clone()));
+                            }
                             server::serve(listener, shared, stop).await;
                             Ok(())
                         })
@@ -236,7 +268,7 @@ async fn serve_front(
                 let _ = done_tx.blocking_send(served);
             })?;
     }
-    drop((listener, done_tx));
+    drop((listener, e2b, done_tx));
     let mut ended = Vec::with_capacity(threads);
     tokio::select! {
         () = shutdown_signal() => {}
