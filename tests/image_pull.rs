@@ -385,7 +385,11 @@ async fn a_missing_tag_or_registry_is_a_clear_pool_error() {
     for (pool, image) in [("missing", &missing), ("unreachable", &unreachable)] {
         let s = d.wait_pool(pool, 30, |s| !s["last_error"].is_null()).await;
         let err = s["last_error"].as_str().unwrap_or_default();
-        assert!(err.starts_with(&format!("pull {image}:")), "{err}");
+        // The runtime that failed, then what it was doing.
+        assert!(
+            err.starts_with(&format!("containerd: pull {image}:")),
+            "{err}"
+        );
         let (status, body) = d
             .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": pool})))
             .await;
