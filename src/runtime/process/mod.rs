@@ -266,6 +266,7 @@ impl ProcessRuntime {
         }
         // Only sandboxes recorded in our own state directory: a cgroup without a record there
         // belongs to another daemon sharing the cgroup parent, and is not ours to kill.
+        let mut killed = Vec::new();
         for id in &ids {
             let dir = self.dir(id);
             if let Ok(bytes) = fs::read(dir.join("meta.json"))
@@ -274,13 +275,14 @@ impl ProcessRuntime {
             {
                 // SAFETY: kill(2) of a pid whose start time proves it is still our agent.
                 unsafe { libc::kill(meta.pid, libc::SIGKILL) };
+                killed.push(meta.pid);
             }
             self.cgroups.remove(id).await?;
             if dir.exists() {
                 fs::remove_dir_all(&dir)?;
             }
         }
-        reap_children();
+        reap_killed(&killed);
         Ok(ids.len())
     }
 }
@@ -562,14 +564,14 @@ fn reap(pidfd: &OwnedFd) {
     }
 }
 
-/// Reaps any exited agents re-parented to us (after a reclaim).
-fn reap_children() {
-    loop {
-        // SAFETY: non-blocking waitpid for any child.
-        let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
-        if pid <= 0 {
-            break;
-        }
+/// Reaps the agents a reclaim killed (re-parented to us, the subreaper), each by its pid. Never
+/// `waitpid(-1)`: that would also take the exit status of a child someone else waits for, such
+/// as a `sandbox-init` launcher tokio is awaiting, and fail that creation with ECHILD.
+fn reap_killed(pids: &[i32]) {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    for &pid in pids {
+        // Dead by now (its cgroups are empty); ECHILD when it was not our child.
+        let _ = waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
     }
 }
 
@@ -579,4 +581,50 @@ fn start_time(pid: i32) -> Option<u64> {
     // The command name may contain spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod reap_tests {
+    use super::*;
+
+    /// A reclaim must not take the exit status of a child that someone else waits for.
+    #[tokio::test]
+    async fn a_reclaim_leaves_other_childrens_exit_status_alone() {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("the process runtime's tests run as root (scripts/test.sh)");
+        }
+        let state = std::env::temp_dir().join(format!("arl-reap-test-{}", std::process::id()));
+        let runtime = ProcessRuntime::new(ProcessConfig {
+            state_dir: state.clone(),
+            cgroup_parent: format!("arl-reap-test-{}", std::process::id()),
+            uid_base: 1 << 24,
+        })
+        .expect("process runtime");
+        // A stale sandbox directory gives the reclaim something to do.
+        fs::create_dir_all(state.join("sandboxes").join("sb-stale")).expect("stale dir");
+        let mut child = tokio::process::Command::new("/bin/sh")
+            .args(["-c", "exit 7"])
+            .spawn()
+            .expect("spawn");
+        let pid = child.id().expect("pid");
+        // Wait until it is a zombie: its exit status is there for the taking.
+        let zombie = || {
+            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        };
+        for _ in 0..5000 {
+            if zombie() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(zombie(), "the child never exited");
+        assert_eq!(runtime.reclaim().await.expect("reclaim"), 1);
+        let status = child.wait().await.expect("its status is still ours");
+        assert_eq!(status.code(), Some(7));
+        let _ = fs::remove_dir_all(&state);
+    }
 }
