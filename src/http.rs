@@ -189,6 +189,33 @@ pub fn ndjson_line<T: Serialize>(value: &T) -> Bytes {
     Bytes::from(line)
 }
 
+/// A finished exec replayed as the NDJSON stream it would have been: its output as one
+/// `stdout` and one `stderr` event, then the result without the output (for retries).
+pub fn ndjson_replay(result: &crate::api::ExecResult) -> Response<Body> {
+    use crate::api::{ExecEvent, ExecResult, NDJSON};
+    let mut lines = Vec::new();
+    if !result.stdout.is_empty() {
+        lines.extend_from_slice(&ndjson_line(&ExecEvent::Stdout {
+            data: result.stdout.clone(),
+        }));
+    }
+    if !result.stderr.is_empty() {
+        lines.extend_from_slice(&ndjson_line(&ExecEvent::Stderr {
+            data: result.stderr.clone(),
+        }));
+    }
+    let done = ExecResult {
+        stdout: String::new(),
+        stderr: String::new(),
+        ..result.clone()
+    };
+    lines.extend_from_slice(&ndjson_line(&ExecEvent::Result(done)));
+    Response::builder()
+        .header(header::CONTENT_TYPE, NDJSON)
+        .body(full(lines))
+        .unwrap_or_else(|_| error(ApiError::internal("response")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,12 +9,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hyper::header::CONTENT_TYPE;
 use hyper::{Response, StatusCode};
 use tokio::sync::{mpsc, watch};
 
-use crate::api::{ApiError, ErrorCode, ExecEvent, ExecResult, NDJSON, OUTCOME_HEADER};
-use crate::http::{self, Body, BoxError, ChannelBody, ndjson_line};
+use crate::api::{ApiError, ErrorCode, ExecEvent, ExecResult, OUTCOME_HEADER};
+use crate::http::{self, Body, BoxError, ChannelBody};
 use crate::node::once::OnceMap;
 
 /// Results kept per sandbox.
@@ -61,27 +60,7 @@ impl Kept {
             );
             return response;
         }
-        let mut lines = Vec::new();
-        if !result.stdout.is_empty() {
-            lines.extend_from_slice(&ndjson_line(&ExecEvent::Stdout {
-                data: result.stdout.clone(),
-            }));
-        }
-        if !result.stderr.is_empty() {
-            lines.extend_from_slice(&ndjson_line(&ExecEvent::Stderr {
-                data: result.stderr.clone(),
-            }));
-        }
-        let done = ExecResult {
-            stdout: String::new(),
-            stderr: String::new(),
-            ..(**result).clone()
-        };
-        lines.extend_from_slice(&ndjson_line(&ExecEvent::Result(done)));
-        Response::builder()
-            .header(CONTENT_TYPE, NDJSON)
-            .body(http::full(lines))
-            .unwrap_or_else(|_| http::error(ApiError::internal("response")))
+        http::ndjson_replay(result)
     }
 }
 

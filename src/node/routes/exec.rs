@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{ACCEPT, CONTENT_TYPE};
+use hyper::header::ACCEPT;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::watch;
 
@@ -22,7 +22,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::api::{
     ApiError, ErrorCode, ExecEvent, ExecOutcome, ExecRequest, ExecResult, NDJSON, OUTCOME_HEADER,
 };
-use crate::http::{self, Body, ChannelBody, ndjson_line};
+use crate::http::{self, Body, ChannelBody};
 use crate::node::agent_client::{AGENT_TIMEOUT, agent_request, passthrough, reply};
 use crate::node::auth::Owner;
 use crate::node::manager::Manager;
@@ -184,27 +184,7 @@ fn answer(cached: CachedReply, streaming: bool) -> Response<Body> {
         Ok(result) if streaming && cached.status.is_success() => result,
         _ => return reply(cached),
     };
-    let mut lines = Vec::new();
-    if !result.stdout.is_empty() {
-        lines.extend_from_slice(&ndjson_line(&ExecEvent::Stdout {
-            data: result.stdout.clone(),
-        }));
-    }
-    if !result.stderr.is_empty() {
-        lines.extend_from_slice(&ndjson_line(&ExecEvent::Stderr {
-            data: result.stderr.clone(),
-        }));
-    }
-    let done = ExecResult {
-        stdout: String::new(),
-        stderr: String::new(),
-        ..result
-    };
-    lines.extend_from_slice(&ndjson_line(&ExecEvent::Result(done)));
-    Response::builder()
-        .header(CONTENT_TYPE, NDJSON)
-        .body(http::full(lines))
-        .unwrap_or_else(|_| http::error(ApiError::internal("response")))
+    http::ndjson_replay(&result)
 }
 
 /// Starts a streaming exec and relays its events.
