@@ -244,6 +244,17 @@ impl Manager {
         self.sandboxes.write_or_recover().remove(id)
     }
 
+    /// Forgets a sandbox that went away and remembers why, in one step as lookups see it: a
+    /// request finds the sandbox or its grave, never neither (which would read as "released").
+    pub(super) fn forget_and_bury(&self, sb: &Sandbox, reason: &str) -> bool {
+        let mut sandboxes = self.sandboxes.write_or_recover();
+        if sandboxes.remove(&sb.id).is_none() {
+            return false;
+        }
+        self.bury(sb, reason);
+        true
+    }
+
     /// Remembers why an allocated sandbox went away, for its holder's next request.
     pub(super) fn bury(&self, sb: &Sandbox, reason: &str) {
         let Some(lease) = sb.lease() else { return };
