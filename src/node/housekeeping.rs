@@ -25,13 +25,15 @@ impl Manager {
             if this.is_draining() {
                 return;
             }
-            if this.forget_and_bury(&sb, &reason.to_string()) {
-                sb.set_death(reason.to_string());
-                tracing::warn!(sandbox = %sb.id, pool = %sb.pool, reason = reason.label(), "{reason}");
+            let counted = || {
                 this.metrics
                     .sandbox_failures_total
                     .with_label_values(&[sb.pool.as_str(), reason.label()])
                     .inc();
+                sb.set_death(reason.to_string());
+            };
+            if this.forget_and_bury(&sb, &reason.to_string(), counted) {
+                tracing::warn!(sandbox = %sb.id, pool = %sb.pool, reason = reason.label(), "{reason}");
                 this.unaccount(&sb);
                 this.spawn_destroy(sb.id.clone());
             }

@@ -246,11 +246,14 @@ impl Manager {
 
     /// Forgets a sandbox that went away and remembers why, in one step as lookups see it: a
     /// request finds the sandbox or its grave, never neither (which would read as "released").
-    pub(super) fn forget_and_bury(&self, sb: &Sandbox, reason: &str) -> bool {
+    /// `first` runs once it is forgotten and before the grave shows, so that whatever it records
+    /// (metrics, the cause) is there by the time anyone is told.
+    pub(super) fn forget_and_bury(&self, sb: &Sandbox, reason: &str, first: impl FnOnce()) -> bool {
         let mut sandboxes = self.sandboxes.write_or_recover();
         if sandboxes.remove(&sb.id).is_none() {
             return false;
         }
+        first();
         self.bury(sb, reason);
         true
     }
