@@ -236,10 +236,10 @@ fn new_lease(owner: Owner, spec: &PoolSpec, req: &AcquireRequest) -> Lease {
         expires_at_ms: req
             .ttl_seconds
             .or(spec.max_lifetime_seconds)
-            .map(|s| now + s * 1000),
+            .map(|s| now.saturating_add(s.saturating_mul(1000))),
         idle_timeout_ms: req
             .idle_timeout_seconds
             .or(spec.idle_timeout_seconds)
-            .map(|s| s * 1000),
+            .map(|s| s.saturating_mul(1000)),
     }
 }

@@ -328,7 +328,7 @@ impl Cgroups {
             && let Some(dir) = self.dir_for(cpu, id)
         {
             let period = 100_000u64;
-            let quota = (limits.cpu_millis * period / 1000).max(1000);
+            let quota = (limits.cpu_millis.saturating_mul(period) / 1000).max(1000);
             match cpu {
                 Placement::V1(_) => {
                     write(dir.clone(), "cpu.cfs_period_us", period.to_string())?;
