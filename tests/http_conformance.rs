@@ -303,15 +303,24 @@ async fn every_front_thread_serves() {
         ..Options::default()
     })
     .await;
-    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
-        .expect("tasks")
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
-        .filter(|c| c.starts_with("arl-http"))
-        .collect();
-    names.sort();
-    assert_eq!(names, ["arl-http-0", "arl-http-1", "arl-http-2"]);
+    // A thread names itself once it first runs, which under load can be a moment after the
+    // node answers.
+    let names = || {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+            .expect("tasks")
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|c| c.trim().to_string())
+            .filter(|c| c.starts_with("arl-http"))
+            .collect();
+        names.sort();
+        names
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while names().len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(names(), ["arl-http-0", "arl-http-1", "arl-http-2"]);
     // Many connections at once, each answered, whichever thread took it.
     let calls = (0..32).map(|_| {
         let port = d.port;
