@@ -25,7 +25,10 @@ impl Manager {
             if this.is_draining() {
                 return;
             }
+            // Logged before the sandbox leaves the map: a holder's next request can then
+            // already read the reason in the log as well as in its 503.
             let counted = || {
+                tracing::warn!(sandbox = %sb.id, pool = %sb.pool, reason = reason.label(), "{reason}");
                 this.metrics
                     .sandbox_failures_total
                     .with_label_values(&[sb.pool.as_str(), reason.label()])
@@ -33,7 +36,6 @@ impl Manager {
                 sb.set_death(reason.to_string());
             };
             if this.forget_and_bury(&sb, &reason.to_string(), counted) {
-                tracing::warn!(sandbox = %sb.id, pool = %sb.pool, reason = reason.label(), "{reason}");
                 this.unaccount(&sb);
                 this.spawn_destroy(sb.id.clone());
             }
