@@ -72,6 +72,9 @@ enum Command {
         #[arg(long)]
         out_dir: Option<std::path::PathBuf>,
     },
+    /// Internal: copies this binary to DEST (the init container of a sandbox pod runs it).
+    #[command(hide = true)]
+    InstallAgent { dest: std::path::PathBuf },
     /// Internal: builds one process-runtime sandbox (run by the daemon).
     #[command(hide = true)]
     SandboxInit { config: String },
@@ -109,6 +112,7 @@ fn main() {
         Command::Agent(args) => agent::main(args),
         Command::Operator(args) => operator::main(args),
         Command::Crds { out_dir } => crds(out_dir.as_deref()),
+        Command::InstallAgent { dest } => runtime::kubernetes::install::main(&dest),
         Command::SandboxInit { config } => runtime::process::init::main(&config),
         Command::Exec {
             sandbox,

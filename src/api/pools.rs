@@ -11,6 +11,8 @@ pub enum RuntimeKind {
     Process,
     /// Containers from images in containerd's store (namespace `arl`).
     Containerd,
+    /// Pods on this node of a Kubernetes cluster (`arl node --kubernetes`).
+    Kubernetes,
 }
 
 impl RuntimeKind {
@@ -18,6 +20,7 @@ impl RuntimeKind {
         match self {
             Self::Process => "process",
             Self::Containerd => "containerd",
+            Self::Kubernetes => "kubernetes",
         }
     }
 }
@@ -64,6 +67,10 @@ pub struct PoolSpec {
     /// Mount the image's root filesystem read-only (`containerd` pools; `/workspace` and
     /// `/tmp` stay writable).
     pub read_only_root: bool,
+    /// The pod template of a `kubernetes` pool (metadata and spec, as in a Deployment; its
+    /// first container runs the agent), instead of `image`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<serde_json::Value>,
     pub env: BTreeMap<String, String>,
     pub idle_timeout_seconds: Option<u64>,
     pub max_lifetime_seconds: Option<u64>,
@@ -84,6 +91,7 @@ impl Default for PoolSpec {
             rootfs: None,
             image: None,
             read_only_root: false,
+            template: None,
             env: BTreeMap::new(),
             idle_timeout_seconds: None,
             max_lifetime_seconds: None,

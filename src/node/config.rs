@@ -69,8 +69,49 @@ pub struct NodeArgs {
     /// (a restart or an upgrade) instead of destroying them all
     #[arg(long, global = true, env = "ARL_HANDOVER")]
     pub handover: bool,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     #[command(subcommand)]
     pub command: Option<NodeCommand>,
+}
+
+/// Cluster mode: sandbox pods on this node, quotas from this node's WarmPoolShards.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// Run in a Kubernetes cluster: `kubernetes` pools make pods on this node, and this node's
+    /// WarmPoolShards set the pools (the API server from the in-cluster config or KUBECONFIG)
+    #[arg(long, global = true, env = "ARL_KUBERNETES")]
+    pub kubernetes: bool,
+    /// This node's name (the DaemonSet sets it from the downward API)
+    #[arg(long, global = true, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where the kubelet keeps pod volumes, as mounted into the daemon
+    #[arg(
+        long,
+        global = true,
+        env = "ARL_KUBELET_PODS_DIR",
+        default_value = "/var/lib/kubelet/pods"
+    )]
+    pub kubelet_pods_dir: PathBuf,
+    /// The namespace of sandbox pods and of the WarmPoolShards this node serves
+    #[arg(
+        long,
+        global = true,
+        env = "ARL_SANDBOX_NAMESPACE",
+        default_value = "arl-sandboxes"
+    )]
+    pub sandbox_namespace: String,
+    /// The ARL image sandbox pods copy the agent from (the DaemonSet's own image)
+    #[arg(
+        long,
+        global = true,
+        env = "ARL_AGENT_IMAGE",
+        default_value = "arl:latest"
+    )]
+    pub agent_image: String,
+    /// This install's name on sandbox pods' labels (installs on one node ignore each other's)
+    #[arg(long, global = true, env = "ARL_INSTANCE", default_value = "arl")]
+    pub instance: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
@@ -140,6 +181,8 @@ pub struct Settings {
     pub pools: BTreeMap<String, PoolSpec>,
     /// Whether SIGTERM hands the sandboxes over to the next daemon (else destroys them).
     pub handover: bool,
+    /// Cluster mode, when on.
+    pub cluster: Option<ClusterArgs>,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, NodeError> {
@@ -228,6 +271,17 @@ impl NodeArgs {
                 .clamp(1, 256),
             pools,
             handover: self.handover || file.handover.unwrap_or(false),
+            cluster: match self.cluster.kubernetes {
+                true => {
+                    if self.cluster.node_name.as_deref().is_none_or(str::is_empty) {
+                        return Err(NodeError::Config(
+                            "--kubernetes needs the node's name (--node-name or NODE_NAME)".into(),
+                        ));
+                    }
+                    Some(self.cluster)
+                }
+                false => None,
+            },
         })
     }
 }

@@ -5,6 +5,7 @@
 mod adopt;
 pub(crate) mod agent_client;
 pub(crate) mod auth;
+mod cluster;
 mod config;
 mod housekeeping;
 mod lease;
@@ -52,6 +53,8 @@ pub enum NodeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("cluster mode: {0}")]
+    Cluster(#[from] cluster::ClusterError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -202,6 +205,13 @@ async fn runtimes(settings: &config::Settings) -> Result<Runtimes, NodeError> {
     let mut runtime = Runtimes::new();
     runtime.register(RuntimeKind::Process, Ok(Arc::new(process)));
     runtime.register(RuntimeKind::Containerd, containerd);
+    let kubernetes = match &settings.cluster {
+        Some(cluster) => {
+            Ok(Arc::new(cluster::kubernetes_runtime(cluster).await?) as Arc<dyn Runtime>)
+        }
+        None => Err("not in cluster mode (start the node with --kubernetes)".to_string()),
+    };
+    runtime.register(RuntimeKind::Kubernetes, kubernetes);
     Ok(runtime)
 }
 

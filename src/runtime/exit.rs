@@ -14,6 +14,10 @@ pub enum ExitReason {
     Killed { signal: i32 },
     /// The daemon tore the sandbox down itself.
     Destroyed,
+    /// The node evicted the sandbox's pod (memory or disk pressure, a drain).
+    Evicted,
+    /// Someone else deleted the sandbox's pod.
+    Deleted,
     /// The sandbox is gone and its runtime cannot say why.
     Unknown,
 }
@@ -44,6 +48,8 @@ impl ExitReason {
             Self::AgentExited { .. } => "agent_exited",
             Self::Killed { .. } => "killed",
             Self::Destroyed => "destroyed",
+            Self::Evicted => "evicted",
+            Self::Deleted => "deleted",
             Self::Unknown => "died",
         }
     }
@@ -68,6 +74,11 @@ impl fmt::Display for ExitReason {
                     .unwrap_or_default()
             ),
             Self::Destroyed => write!(f, "the sandbox was destroyed by the node"),
+            Self::Evicted => write!(f, "the sandbox died: the node evicted its pod"),
+            Self::Deleted => write!(
+                f,
+                "the sandbox died: its pod was deleted by someone other than this node's daemon"
+            ),
             Self::Unknown => write!(f, "the sandbox died (its agent is gone; cause unknown)"),
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod containerd;
 pub mod exit;
+pub mod kubernetes;
 pub mod process;
 pub mod registry;
 

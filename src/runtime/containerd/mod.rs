@@ -608,6 +608,11 @@ pub fn validate_spec(spec: &PoolSpec) -> Result<(), String> {
     if spec.rootfs.is_some() {
         return Err("`rootfs` is for `process` pools; a `containerd` pool uses `image`".into());
     }
+    if spec.template.is_some() {
+        return Err(
+            "`template` is for `kubernetes` pools; a `containerd` pool uses `image`".into(),
+        );
+    }
     Ok(())
 }
 

@@ -295,6 +295,9 @@ pub fn validate_spec(spec: &PoolSpec) -> Result<(), String> {
     if spec.read_only_root {
         return Err("`read_only_root` needs `runtime = \"containerd\"`".into());
     }
+    if spec.template.is_some() {
+        return Err("`template` needs `runtime = \"kubernetes\"`".into());
+    }
     if let Some(root) = &spec.rootfs
         && !root.starts_with('/')
     {
