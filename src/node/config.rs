@@ -82,6 +82,9 @@ pub struct ClusterArgs {
     /// WarmPoolShards set the pools (the API server from the in-cluster config or KUBECONFIG)
     #[arg(long, global = true, env = "ARL_KUBERNETES")]
     pub kubernetes: bool,
+    /// A kubeconfig file for the API server [default: the in-cluster config, else KUBECONFIG]
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name (the DaemonSet sets it from the downward API)
     #[arg(long, global = true, env = "NODE_NAME")]
     pub node_name: Option<String>,

@@ -11,14 +11,36 @@ use crate::runtime::kubernetes::{KubernetesConfig, KubernetesRuntime};
 pub enum ClusterError {
     #[error("no Kubernetes API configuration (in-cluster or KUBECONFIG): {0}")]
     Client(#[source] kube::Error),
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
 }
 
 /// The node's `kubernetes` runtime, on the API server of the in-cluster config or KUBECONFIG.
 pub async fn kubernetes_runtime(args: &ClusterArgs) -> Result<KubernetesRuntime, ClusterError> {
-    let client = kube::Client::try_default()
-        .await
-        .map_err(ClusterError::Client)?;
+    let client = client(args).await?;
     Ok(KubernetesRuntime::new(client, runtime_config(args)))
+}
+
+/// A client of the API server: from `--kubeconfig` when given, else in-cluster or KUBECONFIG.
+pub async fn client(args: &ClusterArgs) -> Result<kube::Client, ClusterError> {
+    let Some(path) = &args.kubeconfig else {
+        return kube::Client::try_default()
+            .await
+            .map_err(ClusterError::Client);
+    };
+    let kubeconfig_error = |source| ClusterError::Kubeconfig {
+        path: path.display().to_string(),
+        source,
+    };
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .map_err(kubeconfig_error)?;
+    kube::Client::try_from(config).map_err(ClusterError::Client)
 }
 
 fn runtime_config(args: &ClusterArgs) -> KubernetesConfig {

@@ -1,0 +1,153 @@
+//! The real `arl node --kubernetes` against the test kubelet (`tests/kubelet/`): sandbox pods
+//! are created through the API, their agents run as process sandboxes with their sockets in
+//! the pods' emptyDirs, and acquire → exec → files → release run end to end over the
+//! kubernetes runtime, with no API request on the hot path. A pod that dies or is deleted by
+//! someone else is replaced.
+
+mod common;
+mod kubelet;
+
+use common::{BIN, Daemon, Options};
+use hyper::{Method, StatusCode};
+use kubelet::TestKubelet;
+use serde_json::json;
+
+const POOL: &str = "[pools.pods]\nruntime = \"kubernetes\"\nimage = \"registry.example/task:1\"\nmin_idle = 2\nmax = 8\nreuse = \"reset\"\n";
+
+async fn start() -> (std::sync::Arc<TestKubelet>, Daemon) {
+    let kubelet = TestKubelet::start(BIN).await;
+    let daemon = Daemon::start(Options {
+        config: Some(POOL.into()),
+        args: kubelet::node_args(&kubelet),
+        ..Options::default()
+    })
+    .await;
+    daemon.wait_pool("pods", 60, |s| s["idle"] == 2).await;
+    (kubelet, daemon)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_exec_files_release_through_pods_without_touching_the_api() {
+    let (kubelet, daemon) = start().await;
+    // The pods the daemon made: pinned to the node, the agent injected, hardened.
+    let pods = kubelet.running_pods();
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    let pod = kubelet.pod(&pods[0]).expect("pod");
+    assert_eq!(pod["spec"]["nodeName"], kubelet::NODE);
+    assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+    assert_eq!(
+        pod["spec"]["initContainers"][0]["command"][1],
+        "install-agent"
+    );
+    assert_eq!(
+        pod["metadata"]["labels"]["arl.infra.io/node"],
+        kubelet::NODE
+    );
+
+    let before = kubelet.requests();
+    let id = daemon.acquire("pods").await;
+    let out = daemon
+        .exec(&id, json!({"cmd": ["sh", "-c", "echo hello from $$"]}))
+        .await;
+    assert_eq!(out["exit_code"], 0, "{out}");
+    assert!(
+        out["stdout"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("hello from ")),
+        "{out}"
+    );
+    assert_eq!(
+        daemon.put_file(&id, "notes/a.txt", b"pod data").await,
+        StatusCode::OK
+    );
+    let (status, body) = daemon
+        .request_raw(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/files?path=notes/a.txt"),
+            None,
+            None,
+        )
+        .await
+        .expect("get file");
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"pod data"[..]));
+    let out = daemon
+        .exec(&id, json!({"cmd": ["cat", "/workspace/notes/a.txt"]}))
+        .await;
+    assert_eq!(out["stdout"], "pod data", "{out}");
+    // Reuse `reset`: the release puts the pod back; nothing on the way asked the API server.
+    assert_eq!(daemon.release(&id).await, StatusCode::NO_CONTENT);
+    daemon.wait_pool("pods", 30, |s| s["idle"] == 2).await;
+    let during: Vec<_> = kubelet.seen().into_iter().skip(before).collect();
+    assert!(
+        during.is_empty(),
+        "acquire, exec, files and release sent API requests: {during:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_or_deleted_pod_is_replaced_and_its_holder_told() {
+    let (kubelet, daemon) = start().await;
+    let id = daemon.acquire("pods").await;
+    let held = format!("arl-{id}");
+    let idle: Vec<String> = kubelet
+        .running_pods()
+        .into_iter()
+        .filter(|p| *p != held)
+        .collect();
+    assert_eq!(idle.len(), 1, "one idle pod left: {idle:?}");
+    daemon.wait_pool("pods", 30, |s| s["idle"] == 2).await;
+
+    // The held pod's agent dies: its holder hears why, and the pod is deleted.
+    kubelet.kill_agent(&held);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let err = loop {
+        let (status, body) = daemon
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(json!({"cmd": ["true"]})),
+            )
+            .await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the death went unseen"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(err["error"]["retryable"], true, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("killed"),
+        "{err}"
+    );
+    kubelet
+        .until("the dead pod deleted", 30, |k| k.pod(&held).is_none())
+        .await;
+
+    // An idle pod deleted by someone else: replaced, and the pool is whole again.
+    kubelet.delete_pod(&idle[0]);
+    kubelet
+        .until("a replacement pod", 60, |k| {
+            let running = k.running_pods();
+            running.len() >= 2 && !running.contains(&idle[0])
+        })
+        .await;
+    daemon.wait_pool("pods", 60, |s| s["idle"] == 2).await;
+    let metrics = daemon.metrics_text().await;
+    assert!(
+        metrics.contains("arl_sandbox_failures_total{pool=\"pods\",reason=\"deleted\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_daemon_deletes_its_pods() {
+    let (kubelet, mut daemon) = start().await;
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
+    assert!(kubelet.pods().is_empty(), "pods left: {:?}", kubelet.pods());
+}
