@@ -115,6 +115,14 @@ pub struct ClusterArgs {
     /// This install's name on sandbox pods' labels (installs on one node ignore each other's)
     #[arg(long, global = true, env = "ARL_INSTANCE", default_value = "arl")]
     pub instance: String,
+    /// How often, at most, each shard's status is written (milliseconds)
+    #[arg(
+        long,
+        global = true,
+        env = "ARL_SHARD_STATUS_INTERVAL_MS",
+        default_value_t = 3000
+    )]
+    pub shard_status_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
@@ -206,7 +214,8 @@ impl NodeArgs {
             None => FileConfig::default(),
         };
         let mut pools = file.pools;
-        if pools.is_empty() {
+        // In a cluster the node's shards name its pools; alone, it starts with one.
+        if pools.is_empty() && !self.cluster.kubernetes {
             pools.insert("default".to_string(), PoolSpec::default());
         }
         for (name, spec) in &pools {

@@ -150,6 +150,9 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
         "arl node ready"
     );
     tokio::spawn(mgr.clone().housekeeping());
+    if let Some(cluster) = &settings.cluster {
+        cluster::start(mgr.clone(), cluster).await?;
+    }
     let e2b = match e2b_listener {
         Some(listener) => {
             tracing::info!(listen = %listener.local_addr()?, default_pool = %settings.e2b.default_pool, "E2B-compatible endpoint");

@@ -24,6 +24,8 @@ use tokio::sync::mpsc;
 
 pub const NAMESPACE: &str = "arl-sandboxes";
 pub const NODE: &str = "test-node";
+/// Images whose name starts so cannot be pulled (the pod stays `Pending`, `ErrImagePull`).
+pub const UNPULLABLE: &str = "unpullable.example/";
 const SHARDS: &str = "/apis/arl.infra.io/v1alpha1/namespaces/arl-sandboxes/warmpoolshards";
 const PODS: &str = "/api/v1/namespaces/arl-sandboxes/pods";
 
@@ -44,6 +46,8 @@ pub struct Seen {
     pub path: String,
     pub query: String,
     pub body: Value,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 impl Seen {
@@ -295,6 +299,7 @@ impl TestKubelet {
             path: path.clone(),
             query: query.clone(),
             body: body.clone(),
+            at: Instant::now(),
         });
         let (code, reply) = match (path.as_str(), &method) {
             (PODS, &Method::GET) | (SHARDS, &Method::GET) => {
@@ -405,6 +410,17 @@ impl TestKubelet {
             .as_str()
             .unwrap_or_default()
             .to_string();
+        let container = pod["spec"]["containers"][0]["name"].clone();
+        let image = pod["spec"]["containers"][0]["image"].as_str().unwrap_or("");
+        if image.starts_with(UNPULLABLE) {
+            self.set_status(
+                &name,
+                json!({"phase": "Pending", "containerStatuses": [{"name": container, "image": image,
+                    "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {
+                    "reason": "ErrImagePull", "message": format!("pull {image}: not found")}}}]}),
+            );
+            return;
+        }
         let dir = self
             .pods_dir
             .join(&uid)
@@ -443,7 +459,6 @@ impl TestKubelet {
             }
             st.agents.insert(name.clone(), pid);
         }
-        let container = pod["spec"]["containers"][0]["name"].clone();
         self.set_status(
             &name,
             json!({"phase": "Running", "containerStatuses": [{"name": container, "image": "x",

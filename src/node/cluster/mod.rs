@@ -1,7 +1,16 @@
 //! Cluster mode (`arl node --kubernetes`): the node's `kubernetes` runtime and, from this
-//! node's WarmPoolShards, its pools.
+//! node's WarmPoolShards, its pools (`shards.rs`).
 
+pub mod shards;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Api;
 use thiserror::Error;
+
+use super::manager::Manager;
+use crate::crd::WarmPoolShard;
 
 use super::config::ClusterArgs;
 use crate::runtime::kubernetes::pod::PodContext;
@@ -53,4 +62,21 @@ fn runtime_config(args: &ClusterArgs) -> KubernetesConfig {
         },
         pods_dir: args.kubelet_pods_dir.clone(),
     }
+}
+
+/// Starts serving this node's shards: their pools, and their status written back.
+pub async fn start(
+    mgr: Arc<Manager>,
+    args: &ClusterArgs,
+) -> Result<Arc<shards::ShardSync>, ClusterError> {
+    let client = client(args).await?;
+    let api: Api<WarmPoolShard> = Api::namespaced(client, &args.sandbox_namespace);
+    let sync = shards::ShardSync::new(
+        mgr,
+        api,
+        args.node_name.clone().unwrap_or_default(),
+        Duration::from_millis(args.shard_status_interval_ms.max(100)),
+    );
+    tokio::spawn(sync.clone().run());
+    Ok(sync)
 }
