@@ -105,6 +105,8 @@ pub fn error_reason(message: &str) -> &'static str {
 struct Served {
     pool: String,
     generation: i64,
+    /// The spec applied, so that the shard's own status updates change nothing.
+    spec: WarmPoolShardSpec,
 }
 
 pub struct ShardSync {
@@ -189,6 +191,14 @@ impl ShardSync {
         if spec.node_name != self.node {
             return;
         }
+        if self
+            .served
+            .lock_or_recover()
+            .get(&name)
+            .is_some_and(|s| s.spec == *spec)
+        {
+            return;
+        }
         let result = pool_spec(spec).and_then(|pool| {
             self.mgr
                 .put_pool(&spec.pool_name, pool)
@@ -202,6 +212,7 @@ impl ShardSync {
                     Served {
                         pool: spec.pool_name.clone(),
                         generation: spec.pool_generation,
+                        spec: spec.clone(),
                     },
                 );
             }
@@ -251,9 +262,10 @@ impl ShardSync {
                 .await
             {
                 Ok(_) => {
+                    // Remembered before counted: whoever sees the count sees it written.
+                    self.written.lock_or_recover().insert(name, status);
                     self.writes
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.written.lock_or_recover().insert(name, status);
                 }
                 Err(e) => {
                     tracing::warn!(shard = %name, error = %e, "writing the shard's status failed")
@@ -310,7 +322,12 @@ impl ShardSync {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::AcquireRequest;
     use crate::crd::SandboxDefinition;
+    use crate::node::auth::Auth;
+    use crate::node::records::Records;
+    use crate::node::testing::FakeRuntime;
+    use kube::client::Body;
 
     fn shard(quota: i32) -> WarmPoolShardSpec {
         WarmPoolShardSpec {
@@ -365,5 +382,117 @@ mod tests {
             "Unschedulable"
         );
         assert_eq!(error_reason("agent did not start"), "CreateFailed");
+    }
+
+    /// Polls `cond` until it holds; fails the test after 5 s.
+    async fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// On kube's mock service: the status goes out once per change, from the ticker only; a
+    /// burst of 1,000 acquires (each released, reuse `reset`) writes nothing, and the next
+    /// round writes it once with the demand it made.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_writes_come_from_the_ticker_once_per_change_never_from_acquires() {
+        let (service, mut handle) =
+            tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+        let client = kube::Client::new(service, "arl-sandboxes");
+        let mut object = WarmPoolShard::new("py-n1", shard(2));
+        object.metadata.namespace = Some("arl-sandboxes".into());
+        let reply = serde_json::to_vec(&object).expect("json");
+        let patches: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let seen = patches.clone();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                assert_eq!(request.method(), http::Method::PATCH);
+                assert_eq!(
+                    request.uri().path(),
+                    "/apis/arl.infra.io/v1alpha1/namespaces/arl-sandboxes/warmpoolshards/py-n1/status"
+                );
+                let body = request.into_body().collect_bytes().await.expect("body");
+                seen.lock_or_recover()
+                    .push(serde_json::from_slice(&body).expect("patch"));
+                send.send_response(
+                    http::Response::builder()
+                        .body(Body::from(reply.clone()))
+                        .expect("response"),
+                );
+            }
+        });
+        let fake = FakeRuntime::new();
+        let mgr = Manager::new(
+            fake.clone(),
+            Auth::new(None).expect("auth"),
+            16,
+            Records::disabled(),
+        );
+        mgr.start(&BTreeMap::new()).await.expect("start");
+        let sync = ShardSync::new(
+            mgr.clone(),
+            Api::namespaced(client, "arl-sandboxes"),
+            "n1".into(),
+            Duration::from_secs(3600),
+        );
+        sync.apply(&object);
+        let idle = |n: usize| {
+            mgr.pool_view("py")
+                .is_ok_and(|v| v.status.idle == n && v.status.starting == 0)
+        };
+        eventually("2 idle", || idle(2)).await;
+        // The ticker's first round writes the status once; nothing changes, nothing more.
+        let ticker = tokio::spawn(sync.clone().status_loop());
+        eventually("the first write", || {
+            sync.writes.load(std::sync::atomic::Ordering::Relaxed) == 1
+        })
+        .await;
+        assert_eq!(patches.lock_or_recover()[0]["status"]["idle"], 2);
+        sync.write_changed().await;
+        assert_eq!(
+            patches.lock_or_recover().len(),
+            1,
+            "an unchanged status is not written"
+        );
+
+        for _ in 0..1000 {
+            let got = mgr
+                .acquire(
+                    None,
+                    AcquireRequest {
+                        pool: "py".into(),
+                        count: None,
+                        env: Default::default(),
+                        labels: Default::default(),
+                        ttl_seconds: None,
+                        idle_timeout_seconds: None,
+                        request_id: None,
+                    },
+                )
+                .await
+                .expect("acquire");
+            mgr.release(&got[0].id, &None).expect("release");
+        }
+        assert_eq!(
+            patches.lock_or_recover().len(),
+            1,
+            "1,000 acquires caused status writes"
+        );
+        assert_eq!(sync.writes.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // The resets end (misses made a few more sandboxes, which stay warm).
+        eventually("the resets done", || {
+            mgr.pool_view("py")
+                .is_ok_and(|v| v.status.starting == 0 && v.status.idle >= 2)
+        })
+        .await;
+        sync.write_changed().await;
+        let patches = patches.lock_or_recover().clone();
+        assert_eq!(patches.len(), 2);
+        let demand = &patches[1]["status"]["demand"];
+        assert_eq!(demand["acquiresPerMinute"], 1000, "{demand}");
+        assert_eq!(patches[1]["status"]["observedPoolGeneration"], 3);
+        ticker.abort();
     }
 }
