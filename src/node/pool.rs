@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -33,6 +33,8 @@ pub struct PoolState {
     allocated: usize,
     failures_in_row: u32,
     last_error: Option<String>,
+    /// When the latest creation failed.
+    last_failure: Option<Instant>,
     deleted: bool,
 }
 
@@ -179,6 +181,7 @@ impl PoolState {
 
     pub fn creation_failed(&mut self, message: String) {
         self.failures_in_row = self.failures_in_row.saturating_add(1);
+        self.last_failure = Some(Instant::now());
         self.last_error = Some(message);
     }
 }
@@ -229,9 +232,14 @@ impl Pool {
         }
     }
 
-    /// How long to wait before retrying after consecutive create failures.
+    /// How much longer to wait before retrying after consecutive create failures: the
+    /// back-off counts from the latest failure, so a failure that comes in while the refill
+    /// waits out an earlier one's back-off extends the wait.
     pub fn backoff(&self) -> Option<Duration> {
-        backoff(self.state().failures_in_row)
+        let st = self.state();
+        let wait = backoff(st.failures_in_row)?;
+        let since = st.last_failure.map_or(wait, |at| at.elapsed());
+        wait.checked_sub(since).filter(|left| !left.is_zero())
     }
 }
 
@@ -286,5 +294,22 @@ mod tests {
         assert_eq!(backoff(1), Some(Duration::from_millis(100)));
         assert_eq!(backoff(2), Some(Duration::from_millis(200)));
         assert_eq!(backoff(30), Some(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn the_backoff_counts_from_the_latest_failure() {
+        let pool = Pool::new("p".into(), PoolSpec::default());
+        assert_eq!(pool.backoff(), None);
+        pool.state().creation_failed("one".into());
+        pool.state().creation_failed("two".into());
+        let left = pool.backoff().expect("waiting");
+        assert!(left <= Duration::from_millis(200), "{left:?}");
+        // Waited out: none left. A new failure starts a longer wait from now.
+        pool.state().last_failure = Instant::now().checked_sub(Duration::from_secs(1));
+        assert_eq!(pool.backoff(), None);
+        pool.state().creation_failed("three".into());
+        assert!(pool.backoff().is_some());
+        pool.state().creation_succeeded();
+        assert_eq!(pool.backoff(), None);
     }
 }

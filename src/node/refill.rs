@@ -31,11 +31,16 @@ impl Manager {
                 tokio::time::sleep(Duration::from_millis(BURST_QUIET_MS - since)).await;
             }
             // After failures, wait before trying again.
-            if let Some(delay) = pool.backoff() {
+            while let Some(delay) = pool.backoff() {
                 tokio::time::sleep(delay).await;
             }
             if self.is_draining() || pool.state().is_deleted() {
                 return;
+            }
+            // A cordoned node makes nothing new; an uncordon wakes the loop.
+            if self.is_cordoned() {
+                pool.refill.notified().await;
+                continue;
             }
             let wanted = pool.state().reserve_refill(spec.min_idle, spec.max);
             for _ in 0..wanted {
