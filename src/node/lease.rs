@@ -65,6 +65,12 @@ impl Manager {
                 "the node is shutting down",
             ));
         }
+        if self.is_cordoned() {
+            return Err(ApiError::new(
+                ErrorCode::Draining,
+                "the node is cordoned: acquire from another node",
+            ));
+        }
         let started = Instant::now();
         let pool = self.pool(&req.pool)?;
         let spec = pool.spec();
@@ -185,17 +191,16 @@ impl Manager {
         // (the HTTP front's, for a release) and uses a kept-alive connection.
         self.background.spawn(async move {
             let reset = this.reset_agent(&sb).await;
-            let joined = if reset.is_ok() {
+            if reset.is_ok() {
                 sb.set_lease(None);
                 sb.execs.clear();
-                this.add_idle(&pool, Some(sb.clone()), false)
+                // Recorded idle before it shows idle, so whoever sees it idle finds its record
+                // (a pool deleted meanwhile destroys it, and its record goes first).
+                this.records.save(&sb);
+                this.add_idle(&pool, Some(sb.clone()), false);
             } else {
                 this.add_idle(&pool, None, false);
                 this.spawn_destroy(sb.id.clone());
-                false
-            };
-            if joined {
-                this.records.save(&sb);
             }
             pool.refill.notify_one();
         });
