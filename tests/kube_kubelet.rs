@@ -2,7 +2,8 @@
 //! are created through the API, their agents run as process sandboxes with their sockets in
 //! the pods' emptyDirs, and acquire → exec → files → release run end to end over the
 //! kubernetes runtime, with no API request on the hot path. A pod that dies or is deleted by
-//! someone else is replaced.
+//! someone else is replaced. A SIGTERM hands every pod to the next daemon, leases and all; a
+//! cordoned node lends nothing new and replaces nothing, while its leases run on.
 
 mod common;
 mod kubelet;
@@ -145,9 +146,85 @@ async fn a_dead_or_deleted_pod_is_replaced_and_its_holder_told() {
     );
 }
 
+/// Pod creations the API server has seen.
+fn creations(kubelet: &TestKubelet) -> usize {
+    kubelet
+        .seen()
+        .iter()
+        .filter(|s| s.method == Method::POST && s.path.ends_with("/pods"))
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopping_daemon_deletes_its_pods() {
+async fn a_sigterm_hands_the_pods_over_and_the_successor_keeps_their_leases() {
     let (kubelet, mut daemon) = start().await;
+    let id = daemon.acquire("pods").await;
+    assert_eq!(
+        daemon.put_file(&id, "kept.txt", b"still here").await,
+        StatusCode::OK
+    );
+    daemon.wait_pool("pods", 30, |s| s["idle"] == 2).await;
+    let pods = kubelet.running_pods();
+    assert_eq!(pods.len(), 3, "{pods:?}");
+
+    // A rolling upgrade: SIGTERM leaves every pod running; the next daemon takes them back.
     assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
-    assert!(kubelet.pods().is_empty(), "pods left: {:?}", kubelet.pods());
+    assert_eq!(kubelet.running_pods(), pods, "pods were touched on SIGTERM");
+    let made = creations(&kubelet);
+    daemon.spawn().await;
+    daemon
+        .wait_pool("pods", 30, |s| s["idle"] == 2 && s["allocated"] == 1)
+        .await;
+    let out = daemon
+        .exec(&id, json!({"cmd": ["cat", "/workspace/kept.txt"]}))
+        .await;
+    assert_eq!(out["stdout"], "still here", "{out}");
+    assert_eq!(kubelet.running_pods(), pods, "the successor replaced pods");
+    assert_eq!(creations(&kubelet), made, "the successor created pods");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordoned_node_refuses_new_leases_and_replaces_no_evicted_pod_but_leases_run_on() {
+    let (kubelet, daemon) = start().await;
+    let id = daemon.acquire("pods").await;
+    daemon.wait_pool("pods", 30, |s| s["idle"] == 2).await;
+    let made = creations(&kubelet);
+
+    kubelet.set_unschedulable(true);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let ready = loop {
+        let (status, body) = daemon.call(Method::GET, "/readyz", None).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz stayed {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(ready["error"]["code"], "draining", "{ready}");
+    let (status, body) = daemon
+        .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "pods"})))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["retryable"], true, "{body}");
+    // `kubectl drain` evicts the idle pods: none is replaced; the lease runs on.
+    let held = format!("arl-{id}");
+    for pod in kubelet.running_pods() {
+        if pod != held {
+            kubelet.delete_pod(&pod);
+        }
+    }
+    daemon.wait_pool("pods", 30, |s| s["idle"] == 0).await;
+    let out = daemon.exec(&id, json!({"cmd": ["true"]})).await;
+    assert_eq!(out["exit_code"], 0, "{out}");
+    assert_eq!(creations(&kubelet), made, "a cordoned node created pods");
+    assert_eq!(kubelet.running_pods(), vec![held]);
+
+    // Uncordoned: warm and ready again.
+    kubelet.set_unschedulable(false);
+    daemon.wait_pool("pods", 60, |s| s["idle"] == 2).await;
+    let (status, _) = daemon.call(Method::GET, "/readyz", None).await;
+    assert_eq!(status, StatusCode::OK);
 }

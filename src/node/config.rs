@@ -66,7 +66,7 @@ pub struct NodeArgs {
     #[arg(long, global = true, env = "ARL_FRONT_THREADS")]
     pub front_threads: Option<usize>,
     /// On SIGTERM, leave every sandbox running for the next daemon on this state directory
-    /// (a restart or an upgrade) instead of destroying them all
+    /// (a restart or an upgrade) instead of destroying them all; always so with --kubernetes
     #[arg(long, global = true, env = "ARL_HANDOVER")]
     pub handover: bool,
     #[command(flatten)]
@@ -282,7 +282,8 @@ impl NodeArgs {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
                 .clamp(1, 256),
             pools,
-            handover: self.handover || file.handover.unwrap_or(false),
+            // In a cluster a SIGTERM is a rolling upgrade: the successor takes the pods over.
+            handover: self.handover || file.handover.unwrap_or(false) || self.cluster.kubernetes,
             cluster: match self.cluster.kubernetes {
                 true => {
                     if self.cluster.node_name.as_deref().is_none_or(str::is_empty) {

@@ -481,3 +481,50 @@ async fn acquire_release_expiry_and_death_race_without_skewing_counts() {
     idle.sort();
     assert_eq!(idle, fake.live());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordoned_node_refuses_new_leases_and_stops_refilling_but_leases_run_on() {
+    let fake = FakeRuntime::new();
+    let mgr = started(&fake, Records::disabled(), &[("p", spec(2, 8))]).await;
+    settled(&mgr, "p", 2).await;
+    let held = mgr.acquire(ALICE, acquire_req("p")).await.expect("acquire");
+    settled(&mgr, "p", 2).await;
+    let creates = fake.creates.load(Ordering::Relaxed);
+
+    assert!(mgr.set_cordoned(true));
+    assert!(!mgr.set_cordoned(true), "already cordoned");
+    let err = mgr
+        .acquire(BOB, acquire_req("p"))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code, ErrorCode::Draining);
+    assert!(err.retryable);
+    assert!(mgr.unready_reason().is_some_and(|r| r.contains("cordoned")));
+    // The lease runs on; the idle sandboxes that die are not replaced.
+    assert!(mgr.sandbox(&held[0].id, &ALICE).is_ok());
+    for id in fake.live() {
+        if id != held[0].id {
+            fake.kill(&id);
+        }
+    }
+    eventually("the dead idle ones gone", || status(&mgr, "p").idle == 0).await;
+    mgr.release(&held[0].id, &ALICE).expect("release");
+    eventually("the release done", || status(&mgr, "p").total == 0).await;
+    assert_eq!(
+        fake.creates.load(Ordering::Relaxed),
+        creates,
+        "a cordoned node refilled"
+    );
+
+    // Uncordoned: warm again and serving.
+    assert!(mgr.set_cordoned(false));
+    settled(&mgr, "p", 2).await;
+    assert!(mgr.unready_reason().is_none());
+    assert_eq!(
+        mgr.acquire(BOB, acquire_req("p"))
+            .await
+            .expect("acquire")
+            .len(),
+        1
+    );
+}

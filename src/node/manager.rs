@@ -6,7 +6,7 @@
 //! a small file: creation and destruction run in background tasks.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -73,6 +73,9 @@ pub struct Manager {
     pub auth: Auth,
     /// Cancelled when the node starts shutting down: refills stop, new work is refused.
     pub shutdown: CancellationToken,
+    /// The node is cordoned (cluster mode): refills stop and acquires are refused, but
+    /// leases run on and the node comes back when it is uncordoned.
+    cordoned: AtomicBool,
 }
 
 impl Manager {
@@ -96,6 +99,7 @@ impl Manager {
             metrics: Metrics::new(),
             auth,
             shutdown: CancellationToken::new(),
+            cordoned: AtomicBool::new(false),
         })
     }
 
@@ -116,11 +120,31 @@ impl Manager {
         }
     }
 
-    /// Why the node cannot serve new work right now, if it cannot: it is draining, or every
-    /// pool has no idle sandbox and its last creation failed.
+    /// True while the node is cordoned.
+    pub fn is_cordoned(&self) -> bool {
+        self.cordoned.load(Ordering::Relaxed)
+    }
+
+    /// Marks the node cordoned (refills stop, acquires are refused) or not (refills resume).
+    /// Returns whether that changed anything.
+    pub fn set_cordoned(&self, cordoned: bool) -> bool {
+        if self.cordoned.swap(cordoned, Ordering::Relaxed) == cordoned {
+            return false;
+        }
+        for pool in snapshot(&self.pools) {
+            pool.refill.notify_one();
+        }
+        true
+    }
+
+    /// Why the node cannot serve new work right now, if it cannot: it is draining or
+    /// cordoned, or every pool has no idle sandbox and its last creation failed.
     pub fn unready_reason(&self) -> Option<String> {
         if self.is_draining() {
             return Some("the node is shutting down".into());
+        }
+        if self.is_cordoned() {
+            return Some("the node is cordoned: it takes no new sandbox leases".into());
         }
         let pools = snapshot(&self.pools);
         let mut failing = Vec::new();

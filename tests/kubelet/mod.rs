@@ -28,6 +28,34 @@ pub const NODE: &str = "test-node";
 pub const UNPULLABLE: &str = "unpullable.example/";
 const SHARDS: &str = "/apis/arl.infra.io/v1alpha1/namespaces/arl-sandboxes/warmpoolshards";
 const PODS: &str = "/api/v1/namespaces/arl-sandboxes/pods";
+const NODES: &str = "/api/v1/nodes";
+
+/// The kinds of object the server keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Pods,
+    Shards,
+    Nodes,
+}
+
+impl Kind {
+    fn of(path: &str) -> Option<Self> {
+        match path {
+            PODS => Some(Self::Pods),
+            SHARDS => Some(Self::Shards),
+            NODES => Some(Self::Nodes),
+            _ => None,
+        }
+    }
+
+    fn list(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Pods => ("v1", "PodList"),
+            Self::Shards => ("arl.infra.io/v1alpha1", "WarmPoolShardList"),
+            Self::Nodes => ("v1", "NodeList"),
+        }
+    }
+}
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -61,6 +89,7 @@ struct State {
     version: u64,
     pods: Collection,
     shards: Collection,
+    nodes: Collection,
     /// The agent pid of each running pod.
     agents: BTreeMap<String, i32>,
     seen: Vec<Seen>,
@@ -101,6 +130,16 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
+impl State {
+    fn collection(&mut self, kind: Kind) -> &mut Collection {
+        match kind {
+            Kind::Pods => &mut self.pods,
+            Kind::Shards => &mut self.shards,
+            Kind::Nodes => &mut self.nodes,
+        }
+    }
+}
+
 impl TestKubelet {
     /// Starts the server (on the calling Tokio runtime) and makes this process the reaper of
     /// the agents it starts.
@@ -134,6 +173,7 @@ impl TestKubelet {
             state: Mutex::new(State::default()),
             bin: bin.to_string(),
         });
+        kubelet.set_unschedulable(false);
         let server = kubelet.clone();
         tokio::spawn(async move {
             loop {
@@ -215,19 +255,33 @@ impl TestKubelet {
         {
             shard["status"] = old["status"].clone();
         }
-        Self::store(&mut st, false, kind, shard);
+        Self::store(&mut st, Kind::Shards, kind, shard);
+    }
+
+    /// The node's `spec.unschedulable`, as `kubectl cordon` / `uncordon` set it.
+    pub fn set_unschedulable(&self, unschedulable: bool) {
+        let node = json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": NODE, "uid": "uid-node"},
+            "spec": {"unschedulable": unschedulable}});
+        let mut st = self.lock();
+        let kind = if st.nodes.objects.is_empty() {
+            "ADDED"
+        } else {
+            "MODIFIED"
+        };
+        Self::store(&mut st, Kind::Nodes, kind, node);
     }
 
     /// Deletes a WarmPoolShard.
     pub fn delete_shard(&self, name: &str) {
         let mut st = self.lock();
         if let Some(shard) = st.shards.objects.get(name).cloned() {
-            Self::store(&mut st, false, "DELETED", shard);
+            Self::store(&mut st, Kind::Shards, "DELETED", shard);
         }
     }
 
     /// Records a change and streams it to the watches of its collection.
-    fn store(st: &mut State, pod: bool, kind: &str, mut object: Value) -> Value {
+    fn store(st: &mut State, which: Kind, kind: &str, mut object: Value) -> Value {
         st.version += 1;
         let version = st.version;
         object["metadata"]["resourceVersion"] = json!(version.to_string());
@@ -235,7 +289,7 @@ impl TestKubelet {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let collection = if pod { &mut st.pods } else { &mut st.shards };
+        let collection = st.collection(which);
         if kind == "DELETED" {
             collection.objects.remove(&name);
         } else {
@@ -267,7 +321,7 @@ impl TestKubelet {
             let mut st = self.lock();
             let pod = st.pods.objects.get(name).cloned()?;
             let pid = st.agents.remove(name);
-            Self::store(&mut st, true, "DELETED", pod.clone());
+            Self::store(&mut st, Kind::Pods, "DELETED", pod.clone());
             (pod, pid)
         };
         if let Some(pid) = pid {
@@ -302,24 +356,23 @@ impl TestKubelet {
             at: Instant::now(),
         });
         let (code, reply) = match (path.as_str(), &method) {
-            (PODS, &Method::GET) | (SHARDS, &Method::GET) => {
-                let pods = path == PODS;
+            (_, &Method::GET) if Kind::of(&path).is_some() => {
+                let which = Kind::of(&path).expect("a collection");
                 if params.get("watch").map(String::as_str) == Some("true") {
                     let since = params
                         .get("resourceVersion")
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(0);
-                    return self.watch(pods, since);
+                    return self.watch(which, since);
                 }
-                let st = self.lock();
-                let collection = if pods { &st.pods } else { &st.shards };
-                let kind = if pods { "PodList" } else { "WarmPoolShardList" };
-                let items: Vec<&Value> = collection.objects.values().collect();
+                let mut st = self.lock();
+                let version = st.version.to_string();
+                let items: Vec<Value> = st.collection(which).objects.values().cloned().collect();
+                let (api_version, kind) = which.list();
                 (
                     200,
-                    json!({"apiVersion": if pods {"v1"} else {"arl.infra.io/v1alpha1"},
-                           "kind": kind, "metadata": {"resourceVersion": st.version.to_string()},
-                           "items": items}),
+                    json!({"apiVersion": api_version, "kind": kind,
+                           "metadata": {"resourceVersion": version}, "items": items}),
                 )
             }
             (PODS, &Method::POST) => self.create_pod(body),
@@ -341,11 +394,11 @@ impl TestKubelet {
     }
 
     /// A streamed watch: the events after `since`, then each new one as it happens.
-    fn watch(&self, pods: bool, since: u64) -> Response<Body> {
+    fn watch(&self, which: Kind, since: u64) -> Response<Body> {
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         {
             let mut st = self.lock();
-            let collection = if pods { &mut st.pods } else { &mut st.shards };
+            let collection = st.collection(which);
             for (version, line) in &collection.events {
                 if *version > since {
                     let _ = tx.send(Bytes::from(line.clone()));
@@ -389,7 +442,7 @@ impl TestKubelet {
             pod["metadata"]["uid"] = json!(format!("{slot:08x}-0000-4000-8000-{tail}"));
             pod["metadata"]["creationTimestamp"] = json!("2026-12-01T00:00:00Z");
             pod["status"] = json!({"phase": "Pending"});
-            let stored = Self::store(&mut st, true, "ADDED", pod);
+            let stored = Self::store(&mut st, Kind::Pods, "ADDED", pod);
             (stored, slot)
         };
         let (pod, slot) = stored;
@@ -483,7 +536,7 @@ impl TestKubelet {
             return;
         };
         pod["status"] = status;
-        Self::store(&mut st, true, "MODIFIED", pod);
+        Self::store(&mut st, Kind::Pods, "MODIFIED", pod);
     }
 
     fn pod_item(&self, method: &Method, name: &str) -> (u16, Value) {
@@ -534,7 +587,7 @@ impl TestKubelet {
                         status,
                     );
                 }
-                let stored = Self::store(&mut st, false, "MODIFIED", shard);
+                let stored = Self::store(&mut st, Kind::Shards, "MODIFIED", shard);
                 (200, stored)
             }
             _ => (405, status(405, "MethodNotAllowed", "not here")),

@@ -1,12 +1,17 @@
-//! Cluster mode (`arl node --kubernetes`): the node's `kubernetes` runtime and, from this
-//! node's WarmPoolShards, its pools (`shards.rs`).
+//! Cluster mode (`arl node --kubernetes`): the node's `kubernetes` runtime; from this
+//! node's WarmPoolShards, its pools (`shards.rs`); from its Node object, whether it is
+//! cordoned (`watch_node`).
 
 pub mod shards;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Node;
 use kube::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event, watcher};
 use thiserror::Error;
 
 use super::manager::Manager;
@@ -70,13 +75,52 @@ pub async fn start(
     args: &ClusterArgs,
 ) -> Result<Arc<shards::ShardSync>, ClusterError> {
     let client = client(args).await?;
-    let api: Api<WarmPoolShard> = Api::namespaced(client, &args.sandbox_namespace);
+    let node = args.node_name.clone().unwrap_or_default();
+    let api: Api<WarmPoolShard> = Api::namespaced(client.clone(), &args.sandbox_namespace);
     let sync = shards::ShardSync::new(
-        mgr,
+        mgr.clone(),
         api,
-        args.node_name.clone().unwrap_or_default(),
+        node.clone(),
         Duration::from_millis(args.shard_status_interval_ms.max(100)),
     );
     tokio::spawn(sync.clone().run());
+    tokio::spawn(watch_node(mgr, Api::all(client), node));
     Ok(sync)
+}
+
+/// Follows this node's `spec.unschedulable`: a cordoned node (`kubectl cordon`, or the first
+/// step of `kubectl drain`) stops refilling, turns `/readyz` 503 and refuses new acquires as
+/// retryable, while the sandboxes lent out run on; an uncordon brings it back. A `kubectl
+/// drain` then evicts the sandbox pods itself (skipping this DaemonSet's pod), and as the
+/// node makes nothing new, nothing evicted is replaced.
+pub async fn watch_node(mgr: Arc<Manager>, api: Api<Node>, node: String) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    loop {
+        let event = tokio::select! {
+            () = mgr.shutdown.cancelled() => return,
+            event = stream.next() => event,
+        };
+        let Some(event) = event else { return };
+        let object = match event {
+            Ok(Event::Apply(object) | Event::InitApply(object)) => object,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching this node failed; retrying");
+                continue;
+            }
+        };
+        let cordoned = object
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        if mgr.set_cordoned(cordoned) {
+            if cordoned {
+                tracing::info!(%node, "node cordoned: no refills, no new leases; leases run on");
+            } else {
+                tracing::info!(%node, "node uncordoned: refilling and serving again");
+            }
+        }
+    }
 }

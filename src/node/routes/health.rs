@@ -15,7 +15,7 @@ pub fn healthz() -> Response<Body> {
 pub fn readyz(mgr: &Manager) -> Response<Body> {
     match mgr.unready_reason() {
         None => http::json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
-        Some(reason) if mgr.is_draining() => {
+        Some(reason) if mgr.is_draining() || mgr.is_cordoned() => {
             http::error(ApiError::new(ErrorCode::Draining, reason))
         }
         Some(reason) => http::error(ApiError::unavailable(reason)),
