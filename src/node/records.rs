@@ -21,9 +21,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::sync::Arc;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
