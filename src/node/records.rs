@@ -76,6 +76,8 @@ pub struct StoredLease {
     pub expires_at_ms: Option<u64>,
     #[serde(default)]
     pub idle_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl StoredLease {
@@ -87,6 +89,7 @@ impl StoredLease {
             acquired_at_ms: lease.acquired_at_ms,
             expires_at_ms: lease.expires_at_ms,
             idle_timeout_ms: lease.idle_timeout_ms,
+            request_id: lease.request_id.clone(),
         }
     }
 
@@ -106,6 +109,7 @@ impl StoredLease {
             acquired_at_ms: self.acquired_at_ms,
             expires_at_ms: self.expires_at_ms,
             idle_timeout_ms: self.idle_timeout_ms,
+            request_id: self.request_id.clone(),
         })
     }
 }
@@ -130,6 +134,8 @@ struct LeaseView<'a> {
     acquired_at_ms: u64,
     expires_at_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
 }
 
 impl<'a> RecordView<'a> {
@@ -152,6 +158,7 @@ impl<'a> RecordView<'a> {
                 acquired_at_ms: lease.acquired_at_ms,
                 expires_at_ms: lease.expires_at_ms,
                 idle_timeout_ms: lease.idle_timeout_ms,
+                request_id: lease.request_id.as_deref(),
             }),
         }
     }
@@ -413,6 +420,7 @@ mod tests {
                 acquired_at_ms: 6,
                 expires_at_ms: Some(9),
                 idle_timeout_ms: None,
+                request_id: Some("r-1".into()),
             })),
         };
         let idle = Record {
@@ -459,8 +467,13 @@ mod tests {
             acquired_at_ms: 1,
             expires_at_ms: None,
             idle_timeout_ms: Some(4),
+            request_id: Some("retry-me".into()),
         };
-        for lease in [Some(&lease), None] {
+        let without_request = Lease {
+            request_id: None,
+            ..lease.clone()
+        };
+        for lease in [Some(&lease), Some(&without_request), None] {
             let record = Record {
                 id: "sb-9".into(),
                 pool: "p".into(),
@@ -504,6 +517,7 @@ mod tests {
             acquired_at_ms: 0,
             expires_at_ms: None,
             idle_timeout_ms: None,
+            request_id: None,
         };
         assert!(stored.to_lease().is_none());
     }
