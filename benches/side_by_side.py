@@ -154,7 +154,7 @@ def rust_half(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     path = out / "rust.json"
     bench_args = ["--json", str(path)] + (["--quick"] if args.quick else [])
     # Quick mode builds in the dev profile, which the tests have built already.
-    cmd = ["cargo", "test" if args.quick else "bench", "--bench", "side_by_side", "--", *bench_args]
+    cmd = ["cargo", "test" if args.quick else "bench", "--locked", "--bench", "side_by_side", "--", *bench_args]
     print("$", " ".join(cmd), flush=True)
     env = {**os.environ, "ARL_BIN": str(arl_binary())}
     subprocess.run(cmd, cwd=ROOT, check=True, env=env)
@@ -525,7 +525,7 @@ def docker_peers(res: Results, docker: Docker, short: int) -> None:
         subprocess.run([docker.cli, "rm", "-f", name], capture_output=True)
 
 
-def swerex(res: Results, n: int, short: int, docker: Docker | None, docker_reason: str) -> None:
+def swerex(res: Results, short: int, quick: bool, docker: Docker | None, docker_reason: str) -> None:
     """SWE-ReX's `execute` (a new process per command) and bash-session commands, with its
     local runtime (in-process, no isolation) and its docker deployment (a server in a container,
     over HTTP)."""
@@ -578,6 +578,8 @@ def swerex(res: Results, n: int, short: int, docker: Docker | None, docker_reaso
         return
 
     def in_docker() -> None:
+        if quick and not (PEERS_WORK / "swerex.tar").exists():
+            raise RuntimeError("skipped in quick mode: its image (mmdebstrap, ~30 s) is built by scripts/setup-peers.sh without --no-swerex-image")
         docker.image(SWEREX_IMAGE, PEERS_WORK / "swerex.tar")
         asyncio.run(measure(DockerDeployment(image=SWEREX_IMAGE, pull="never", startup_timeout=120), "docker", short))
 
@@ -781,7 +783,7 @@ def main() -> int:
         else:
             for key, label in (("peer.docker_exec", "docker exec"), ("peer.docker_api", "docker Engine API exec")):
                 res.missing(key, label, docker_reason)
-        swerex(res, n, short, docker, docker_reason)
+        swerex(res, short, args.quick, docker, docker_reason)
     finally:
         if node is not None:
             node.stop()

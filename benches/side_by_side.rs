@@ -11,7 +11,7 @@
 //! * the front: 64-client throughput and single-client exec latency with `--front-threads` 1
 //!   and 2, alternating, against the floor server in the same rounds.
 //!
-//! `cargo bench --bench side_by_side -- [--quick] [--json PATH]`; `--quick` runs a few
+//! `cargo bench --bench side_by_side -- [--quick] [--json PATH] [--only front]`; `--quick` runs a few
 //! iterations of each (CI: `cargo test --bench side_by_side -- --quick ...` in the dev profile).
 
 #[path = "common.rs"]
@@ -143,7 +143,15 @@ fn main() {
     let mut report = Report::default();
     let load_before = loadavg();
 
-    floors_and_exec(&plan, &mut report);
+    // `--only front` runs just the front comparison (for profiling the front).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    if only != Some("front") {
+        floors_and_exec(&plan, &mut report);
+    }
     front_threads(&plan, &mut report);
 
     let out = json!({

@@ -32,7 +32,9 @@ pkgs=(bubblewrap containerd runc busybox-static)
 ensure_packages "${pkgs[@]}"
 
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check "$SWEREX"
+# swe-rex 1.4.0 imports aiohttp in its remote runtime (the docker deployment's client) without
+# declaring it.
+.venv/bin/pip install -q --disable-pip-version-check "$SWEREX" aiohttp
 
 mkdir -p "$WORK"
 if [ ! -s "$WORK/busybox.tar" ]; then
