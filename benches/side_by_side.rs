@@ -679,6 +679,38 @@ fn throughput(plan: &Plan, report: &mut Report, c: &mut Client, daemon: &Daemon,
 // ------------------------------------------------------------------------------------------
 // The front: 1 vs 2 threads
 
+/// CPU seconds of each thread of a process, by thread name.
+fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        // After the name: state(3) ... utime(14) stime(15).
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let tick = |i: usize| {
+            f.get(i - 3)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let secs = (tick(14) + tick(15)) / hz;
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, t)) => *t += secs,
+            None => out.push((name, secs)),
+        }
+    }
+    out
+}
+
 /// Two daemons, `--front-threads 1` and `2`, each with 64 busy clients and then one, taken in
 /// turn with the floor server in every round, so load on the machine hits all alike.
 fn front_threads(plan: &Plan, report: &mut Report) {
@@ -716,7 +748,36 @@ fn front_threads(plan: &Plan, report: &mut Report) {
             .enumerate()
         {
             let p = if i < 2 { &paths[i] } else { &floor_paths };
+            let pid = daemons.get(i).map(|(_, d)| d.pid);
+            let before = pid.map(thread_cpu).unwrap_or_default();
             let r = hammer(addr, p, plan.window);
+            if let Some(pid) = pid {
+                // Whether the connections (and so the work) spread over the front threads.
+                let after = thread_cpu(pid);
+                let per_thread: Vec<String> = after
+                    .iter()
+                    .filter(|(name, _)| name.starts_with("arl-http"))
+                    .map(|(name, t)| {
+                        let t0 = before
+                            .iter()
+                            .find(|(n, _)| n == name)
+                            .map_or(0.0, |(_, t0)| *t0);
+                        format!(
+                            "{name} {:.0} us/exec",
+                            (t - t0) / r.calls.max(1) as f64 * 1e6
+                        )
+                    })
+                    .collect();
+                let total: f64 = after.iter().map(|(_, t)| t).sum::<f64>()
+                    - before.iter().map(|(_, t)| t).sum::<f64>();
+                println!(
+                    "  {}: {:.0}/s; daemon CPU {:.0} us/exec, front threads: {}",
+                    daemons[i].0,
+                    r.rate,
+                    total / r.calls.max(1) as f64 * 1e6,
+                    per_thread.join(", ")
+                );
+            }
             rates[i].push(r.rate);
             calls[i] += r.calls;
             rate_lat[i].extend(r.lat);
