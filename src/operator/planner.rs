@@ -302,31 +302,43 @@ fn plan_pool(nodes: &[&NodeInfo], remaining: &[Resources], pool: &PoolInfo) -> P
 }
 
 /// Sets each slot's real-valued target: `clamp(λ·w, lo, hi)` with `λ` chosen so the targets sum
-/// to `total` (bisection; `total ≤ Σ hi` and `Σ lo ≤ total` hold).
+/// to `total` (`total ≤ Σ hi` and `Σ lo ≤ total` hold). The sum is piecewise linear in `λ`,
+/// bending where a slot leaves its `lo` (at `lo/w`) or reaches its `hi` (at `hi/w`): walking
+/// those points in order finds `λ` exactly, in `O(n log n)`.
 fn water_fill(slots: &mut [Slot], weights: &[f64], total: f64) {
-    let sum_at = |lambda: f64, slots: &[Slot]| -> f64 {
-        slots
-            .iter()
-            .zip(weights)
-            .map(|(s, w)| (lambda * w).clamp(f64::from(s.lo), f64::from(s.hi)))
-            .sum()
-    };
-    let mut low = 0.0;
-    let mut high = slots
-        .iter()
-        .zip(weights)
-        .map(|(s, w)| f64::from(s.hi) / w)
-        .fold(0.0, f64::max);
-    for _ in 0..100 {
-        let mid = (low + high) / 2.0;
-        if sum_at(mid, slots) < total {
-            low = mid;
-        } else {
-            high = mid;
+    // (λ at the bend, the slot's weight, +1 when it starts growing / -1 when it stops).
+    let mut bends: Vec<(f64, f64, f64, f64)> = Vec::with_capacity(2 * slots.len());
+    let mut fixed = 0.0; // the sum of the slots not growing at the current λ
+    for (s, &w) in slots.iter().zip(weights) {
+        let (lo, hi) = (f64::from(s.lo), f64::from(s.hi));
+        fixed += lo;
+        if hi > lo {
+            bends.push((lo / w, w, lo, 1.0));
+            bends.push((hi / w, w, hi, -1.0));
         }
     }
+    bends.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Between bends the sum is `fixed + slope·λ`.
+    let mut slope = 0.0;
+    let mut lambda = 0.0;
+    for &(at, w, bound, sign) in &bends {
+        if slope > 0.0 && fixed + slope * at >= total {
+            break;
+        }
+        lambda = at;
+        if sign > 0.0 {
+            fixed -= bound;
+            slope += w;
+        } else {
+            fixed += bound;
+            slope -= w;
+        }
+    }
+    if slope > EPSILON {
+        lambda = ((total - fixed) / slope).max(lambda);
+    }
     for (slot, w) in slots.iter_mut().zip(weights) {
-        slot.target = (high * w).clamp(f64::from(slot.lo), f64::from(slot.hi));
+        slot.target = (lambda * w).clamp(f64::from(slot.lo), f64::from(slot.hi));
     }
 }
 
