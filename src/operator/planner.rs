@@ -233,19 +233,15 @@ pub fn plan(nodes: &[NodeInfo], pools: &[PoolInfo]) -> Plan {
     order.sort_by(|a, b| a.key.cmp(&b.key));
     let mut plans = Vec::with_capacity(order.len());
     for pool in order {
-        let pool_plan = plan_pool(&nodes, &remaining, pool);
-        for (i, node) in nodes.iter().enumerate() {
-            if let Some(&q) = pool_plan.quotas.get(&node.name) {
-                remaining[i] = remaining[i].minus(pool.per_sandbox.times(q));
-            }
-        }
-        plans.push(pool_plan);
+        plans.push(plan_pool(&nodes, &mut remaining, pool));
     }
     Plan { pools: plans }
 }
 
 /// One eligible node during planning.
 struct Slot<'a> {
+    /// The node's index in the planning order (and in `remaining`).
+    node: usize,
     name: &'a str,
     lo: u32,
     hi: u32,
@@ -253,7 +249,8 @@ struct Slot<'a> {
     quota: u32,
 }
 
-fn plan_pool(nodes: &[&NodeInfo], remaining: &[Resources], pool: &PoolInfo) -> PoolPlan {
+/// Plans one pool and takes what its quotas need from each node's `remaining` resources.
+fn plan_pool(nodes: &[&NodeInfo], remaining: &mut [Resources], pool: &PoolInfo) -> PoolPlan {
     let replicas = u64::from(pool.replicas);
     let mut slots: Vec<Slot> = Vec::new();
     let mut weights: Vec<f64> = Vec::new();
@@ -265,6 +262,7 @@ fn plan_pool(nodes: &[&NodeInfo], remaining: &[Resources], pool: &PoolInfo) -> P
         let hi = pool.max_per_node.map_or(room, |m| room.min(u64::from(m)));
         let hi = u32::try_from(hi).unwrap_or(u32::MAX);
         slots.push(Slot {
+            node: i,
             name: &node.name,
             lo: pool.min_per_node.min(hi),
             hi,
@@ -288,6 +286,9 @@ fn plan_pool(nodes: &[&NodeInfo], remaining: &[Resources], pool: &PoolInfo) -> P
         slot.quota = current.clamp(slot.lo, slot.hi);
     }
     settle(&mut slots, total);
+    for slot in &slots {
+        remaining[slot.node] = remaining[slot.node].minus(pool.per_sandbox.times(slot.quota));
+    }
     PoolPlan {
         key: pool.key.clone(),
         quotas: slots

@@ -407,7 +407,7 @@ proptest! {
     ) {
         let mut slots: Vec<Slot> = bounds
             .iter()
-            .map(|&(lo, extra, _)| Slot { name: "n", lo, hi: lo + extra, target: 0.0, quota: 0 })
+            .map(|&(lo, extra, _)| Slot { node: 0, name: "n", lo, hi: lo + extra, target: 0.0, quota: 0 })
             .collect();
         let weights: Vec<f64> = bounds.iter().map(|&(_, _, p)| f64::from(1u32 << p)).collect();
         let lo: f64 = slots.iter().map(|s| f64::from(s.lo)).sum();
