@@ -42,11 +42,13 @@ fn main() {
     let mut c = daemon.client();
     c.wait_idle("proc", 1, Duration::from_secs(60));
     c.wait_idle("pods", 4, Duration::from_secs(120));
-    // The watches (pods, shards, node) are open; from here on nothing may reach the API.
-    let before = kube.requests();
-
     let proc_id = c.acquire("proc");
     let pod_id = c.acquire("pods");
+    // The pod lent out is replaced in the background (a refill: one pod created); once the
+    // pool is whole again, nothing may reach the API: the watches are open, and acquires,
+    // execs and releases (reuse `reset`) never call it.
+    c.wait_idle("pods", 4, Duration::from_secs(60));
+    let before = kube.requests();
     let proc_path = format!("/v1/sandboxes/{proc_id}/exec");
     let pod_path = format!("/v1/sandboxes/{pod_id}/exec");
     time_execs(&mut c, &proc_path, WARMUP, None);

@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The per-node daemon: warm pools, HTTP API, metrics.
-    Node(node::NodeArgs),
+    Node(Box<node::NodeArgs>),
     /// The in-sandbox agent (started by runtimes, not by hand).
     Agent(agent::AgentArgs),
     /// Run a command in a sandbox you hold.
@@ -108,7 +108,7 @@ fn crds(out_dir: Option<&std::path::Path>) -> i32 {
 
 fn main() {
     let code = match Cli::parse().command {
-        Command::Node(args) => node::main(args),
+        Command::Node(args) => node::main(*args),
         Command::Agent(args) => agent::main(args),
         Command::Operator(args) => operator::main(args),
         Command::Crds { out_dir } => crds(out_dir.as_deref()),

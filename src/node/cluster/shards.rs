@@ -100,6 +100,9 @@ pub fn error_reason(message: &str) -> &'static str {
     }
 }
 
+/// When, and how many acquires and misses a pool had counted by then.
+type Sample = (Instant, u64, u64);
+
 /// A shard served by this node: its object's name and the pool it feeds.
 #[derive(Debug, Clone)]
 struct Served {
@@ -118,7 +121,7 @@ pub struct ShardSync {
     /// The status last written per shard.
     written: Mutex<HashMap<String, WarmPoolShardStatus>>,
     /// Acquire counts sampled per pool, for the demand figures.
-    samples: Mutex<HashMap<String, VecDeque<(Instant, u64, u64)>>>,
+    samples: Mutex<HashMap<String, VecDeque<Sample>>>,
     /// Status writes so far (for tests and metrics).
     pub writes: std::sync::atomic::AtomicU64,
 }
