@@ -54,6 +54,12 @@ pub struct Record {
     /// Absent while the sandbox is idle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<StoredLease>,
+    /// Frozen when recorded: a successor thaws it to check its agent, then freezes it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// The snapshot it was forked from, which must outlive it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 /// A lease on disk: the owner as the hex digest of its token (never the token itself).
@@ -112,6 +118,8 @@ impl Record {
             runtime: sb.runtime,
             created_at_ms: sb.created_at_ms,
             lease: sb.lease().as_ref().map(StoredLease::from_lease),
+            paused: sb.paused.load(std::sync::atomic::Ordering::SeqCst),
+            base: sb.base(),
         }
     }
 }
@@ -322,6 +330,8 @@ mod tests {
                 expires_at_ms: Some(9),
                 idle_timeout_ms: None,
             })),
+            paused: true,
+            base: Some("snap-1".into()),
         };
         let idle = Record {
             id: "sb-2".into(),
