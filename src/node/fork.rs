@@ -108,7 +108,7 @@ impl Manager {
             ));
         }
         let store = self.snapshots()?;
-        let _pending = store.pend(snap);
+        let _pending = store.pend(snap)?;
         let pool = self.pool(&snap.meta.pool).map_err(|_| {
             ApiError::new(
                 ErrorCode::Conflict,

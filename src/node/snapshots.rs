@@ -79,6 +79,14 @@ impl Snapshot {
 /// Holds a snapshot for a fork in the making: it is not removed meanwhile.
 pub struct Pending<'a>(&'a Snapshot);
 
+impl<'a> Pending<'a> {
+    /// The hold an ephemeral snapshot is added with (`Snapshots::add`), to be dropped once its
+    /// forks are made (or failed).
+    pub fn take_over(snap: &'a Snapshot) -> Self {
+        Pending(snap)
+    }
+}
+
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         self.0.pending.fetch_sub(1, SeqCst);
@@ -176,6 +184,11 @@ impl Snapshots {
         fs::write(dir.join("meta.json"), bytes)
             .map_err(|e| ApiError::internal(format!("writing the snapshot's record: {e}")))?;
         let snap = std::sync::Arc::new(snapshot(meta, owner, dir));
+        if snap.meta.ephemeral {
+            // Held from its first moment for the forks it is taken for (`Pending::take_over`):
+            // nothing may collect it before they are made.
+            snap.pending.store(1, SeqCst);
+        }
         self.entries
             .lock_or_recover()
             .insert(snap.meta.id.clone(), snap.clone());
@@ -216,10 +229,20 @@ impl Snapshots {
         chain
     }
 
-    /// Holds a snapshot while forks are made from it.
-    pub fn pend<'a>(&self, snap: &'a Snapshot) -> Pending<'a> {
-        snap.pending.fetch_add(1, SeqCst);
-        Pending(snap)
+    /// Holds a snapshot while forks are made from it; fails if it was removed meanwhile.
+    /// Counted under the store's lock, where a removal looks at the count.
+    pub fn pend<'a>(&self, snap: &'a Snapshot) -> Result<Pending<'a>, ApiError> {
+        let entries = self.entries.lock_or_recover();
+        match entries.get(&snap.meta.id) {
+            Some(s) if std::ptr::eq(&**s, snap) => {
+                snap.pending.fetch_add(1, SeqCst);
+                Ok(Pending(snap))
+            }
+            _ => Err(ApiError::not_found(format!(
+                "snapshot {} was deleted",
+                snap.meta.id
+            ))),
+        }
     }
 
     pub fn list(&self, owner: &Owner) -> Vec<std::sync::Arc<Snapshot>> {
@@ -249,19 +272,35 @@ impl Snapshots {
 
     /// Removes a snapshot nothing stands on (`in_use` says which do, beyond forks pending
     /// and snapshots stacked on it). Returns false when it is in use.
+    ///
+    /// `in_use` looks at the live sandboxes and at this store, so it is asked without the
+    /// store's lock. A fork that begins after it answered is pending (counted under the lock,
+    /// checked below) until its sandboxes are live, so it is seen either way; one that begins
+    /// after the removal finds the snapshot gone (`pend`).
     pub fn remove_if_unused(&self, id: &str, in_use: &dyn Fn(&str) -> bool) -> bool {
+        let unused = |entries: &HashMap<String, std::sync::Arc<Snapshot>>| {
+            entries.get(id).map(|s| {
+                s.pending.load(SeqCst) == 0
+                    && !entries
+                        .values()
+                        .any(|o| o.meta.parent.as_deref() == Some(id))
+            })
+        };
+        match unused(&self.entries.lock_or_recover()) {
+            None => return true,
+            Some(false) => return false,
+            Some(true) => {}
+        }
+        if in_use(id) {
+            return false;
+        }
         let removed = {
             let mut entries = self.entries.lock_or_recover();
-            let Some(s) = entries.get(id) else {
-                return true;
-            };
-            let stacked = entries
-                .values()
-                .any(|o| o.meta.parent.as_deref() == Some(id));
-            if stacked || s.pending.load(SeqCst) > 0 || in_use(id) {
-                return false;
+            match unused(&entries) {
+                None => return true,
+                Some(false) => return false,
+                Some(true) => entries.remove(id),
             }
-            entries.remove(id)
         };
         if let Some(s) = removed {
             remove_dir(&s.dir);

@@ -12,6 +12,7 @@ use crate::http::{self, Body, MAX_JSON_BODY};
 use crate::node::auth::Owner;
 use crate::node::manager::Manager;
 use crate::node::sandbox::Sandbox;
+use crate::node::snapshots::Pending;
 
 /// A fork's options; an empty body forks one with the defaults.
 async fn fork_request(req: Request<Incoming>) -> Result<ForkRequest, ApiError> {
@@ -42,7 +43,9 @@ pub async fn fork_sandbox(
 ) -> Result<Response<Body>, ApiError> {
     let fork = fork_request(req).await?;
     let snap = mgr.take_snapshot(&sb, owner, true).await?;
+    let held = Pending::take_over(&snap);
     let result = mgr.fork(owner, &snap, fork).await;
+    drop(held);
     if result.is_err() {
         mgr.collect_snapshots();
     }
