@@ -295,5 +295,6 @@ fn fork_lease(owner: Owner, spec: &PoolSpec, snap: &Snapshot, req: &ForkRequest)
             .idle_timeout_seconds
             .or(spec.idle_timeout_seconds)
             .map(|s| s.saturating_mul(1000)),
+        request_id: None,
     }
 }
