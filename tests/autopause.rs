@@ -11,23 +11,37 @@ use common::{Daemon, Options, Runtime};
 use hyper::Method;
 use serde_json::json;
 
-fn auto_pausing(after: u64) -> Options {
+crate::on_every_runtime!(
+    an_idle_sandbox_is_frozen_and_the_next_request_thaws_it,
+    a_paused_sandbox_survives_a_restart_still_paused,
+);
+
+fn auto_pausing(rt: Runtime, after: u64) -> Options {
     Options {
         config: Some(format!(
             "[pools.default]\nmin_idle = 1\nmax = 4\nauto_pause_after_seconds = {after}\n"
         )),
-        ..Options::on(Runtime::Process)
+        ..Options::on(rt)
     }
 }
 
-/// The freezer's word on the sandbox: v2's `cgroup.events` or v1's `freezer.state`.
+/// The freezer's word on the sandbox's agent, whichever runtime made it: v1's `freezer.state`
+/// or v2's `cgroup.events` of the cgroup `/proc/<pid>/cgroup` names.
 fn frozen(d: &Daemon, id: &str) -> bool {
-    common::cgroup_roots().iter().any(|root| {
-        let dir = root.join(&d.cgroup_parent).join(id);
-        std::fs::read_to_string(dir.join("cgroup.events"))
-            .is_ok_and(|e| e.lines().any(|l| l == "frozen 1"))
-            || std::fs::read_to_string(dir.join("freezer.state"))
-                .is_ok_and(|s| s.trim() == "FROZEN")
+    let pid = d.agent_pid(id);
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    cgroups.lines().any(|line| {
+        let path = line
+            .splitn(3, ':')
+            .nth(2)
+            .unwrap_or("")
+            .trim_start_matches('/');
+        common::cgroup_roots().iter().any(|root| {
+            let dir = root.join(path);
+            std::fs::read_to_string(dir.join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN")
+                || std::fs::read_to_string(dir.join("cgroup.events"))
+                    .is_ok_and(|e| e.lines().any(|l| l == "frozen 1"))
+        })
     })
 }
 
@@ -55,9 +69,8 @@ async fn wait_until(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_sandbox_is_frozen_and_the_next_request_thaws_it() {
-    let d = Daemon::start(auto_pausing(1)).await;
+async fn an_idle_sandbox_is_frozen_and_the_next_request_thaws_it(rt: Runtime) {
+    let d = Daemon::start(auto_pausing(rt, 1)).await;
     let id = d.acquire("default").await;
     start_ticker(&d, &id).await;
     d.wait_pool("default", 10, |s| s["paused"] == 1).await;
@@ -105,7 +118,7 @@ async fn an_idle_sandbox_is_frozen_and_the_next_request_thaws_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_command_is_never_frozen_under_itself() {
-    let d = Daemon::start(auto_pausing(1)).await;
+    let d = Daemon::start(auto_pausing(Runtime::Process, 1)).await;
     let id = d.acquire("default").await;
     let started = Instant::now();
     // Runs past the idle time: the sandbox is in use all along.
@@ -120,11 +133,10 @@ async fn a_running_command_is_never_frozen_under_itself() {
     assert_eq!(d.pool_status("default").await["paused"], 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_sandbox_survives_a_restart_still_paused() {
+async fn a_paused_sandbox_survives_a_restart_still_paused(rt: Runtime) {
     let mut d = Daemon::start(Options {
         config: Some("[pools.default]\nmin_idle = 1\nmax = 4\n".into()),
-        ..Options::on(Runtime::Process)
+        ..Options::on(rt)
     })
     .await;
     let id = d.acquire("default").await;
