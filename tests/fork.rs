@@ -216,7 +216,13 @@ async fn forks_start_with_the_parents_files_and_diverge_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forking_a_live_sandbox_leaves_no_snapshot_behind() {
-    let d = Daemon::start(options(Runtime::Process, &[])).await;
+    // A pool that reuses released sandboxes: a fork is destroyed all the same (it stands on
+    // its parent's files), so its snapshot goes.
+    let d = Daemon::start(Options {
+        config: Some("[pools.default]\nmin_idle = 1\nmax = 8\nreuse = \"reset\"\n".into()),
+        ..Options::on(Runtime::Process)
+    })
+    .await;
     let parent = acquire_with_env(&d).await;
     out(&d, &parent, "echo live > /workspace/f").await;
     let forks = fork(&d, &format!("/v1/sandboxes/{parent}/fork"), 3).await;
