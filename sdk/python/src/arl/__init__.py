@@ -51,7 +51,7 @@ from .errors import (
     RemoteFileNotFound,
     SandboxNotFound,
 )
-from .types import ExecResult, FileInfo, OutputChunk, PoolInfo, PoolSpec, PoolStatus, SandboxInfo
+from .types import ExecResult, FileInfo, OutputChunk, PoolInfo, PoolSpec, PoolStatus, SandboxInfo, SnapshotInfo
 
 __version__ = "0.1.0"
 
@@ -65,6 +65,7 @@ __all__ = [
     "ExecResult",
     "OutputChunk",
     "SandboxInfo",
+    "SnapshotInfo",
     "PoolInfo",
     "PoolSpec",
     "PoolStatus",
