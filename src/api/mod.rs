@@ -8,6 +8,7 @@ pub mod files;
 pub mod fs;
 pub mod pools;
 pub mod sandboxes;
+pub mod sessions;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use exec::{ExecEvent, ExecOutcome, ExecRequest, ExecResult, SignalRequest};

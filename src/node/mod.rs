@@ -21,6 +21,7 @@ pub(crate) mod sandbox;
 mod server;
 #[cfg(test)]
 mod testing;
+pub mod trajectory;
 
 use std::path::PathBuf;
 use std::sync::Arc;

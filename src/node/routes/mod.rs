@@ -9,6 +9,8 @@ mod files;
 mod health;
 mod pools;
 mod sandboxes;
+mod sessions;
+mod trajectory;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -40,6 +42,10 @@ pub enum Route<'a> {
     Reset(&'a str),
     Pause(&'a str),
     Resume(&'a str),
+    Sessions(&'a str),
+    Session(&'a str, &'a str),
+    SessionRun(&'a str, &'a str),
+    Trajectory(&'a str),
 }
 
 impl<'a> Route<'a> {
@@ -59,6 +65,10 @@ impl<'a> Route<'a> {
             ["v1", "sandboxes", id, "reset"] => Self::Reset(id),
             ["v1", "sandboxes", id, "pause"] => Self::Pause(id),
             ["v1", "sandboxes", id, "resume"] => Self::Resume(id),
+            ["v1", "sandboxes", id, "sessions"] => Self::Sessions(id),
+            ["v1", "sandboxes", id, "sessions", sid] => Self::Session(id, sid),
+            ["v1", "sandboxes", id, "sessions", sid, "run"] => Self::SessionRun(id, sid),
+            ["v1", "sandboxes", id, "trajectory"] => Self::Trajectory(id),
             _ => return None,
         })
     }
@@ -78,17 +88,27 @@ impl<'a> Route<'a> {
             Self::Reset(_) => "/v1/sandboxes/{id}/reset",
             Self::Pause(_) => "/v1/sandboxes/{id}/pause",
             Self::Resume(_) => "/v1/sandboxes/{id}/resume",
+            Self::Sessions(_) => "/v1/sandboxes/{id}/sessions",
+            Self::Session(..) => "/v1/sandboxes/{id}/sessions/{sid}",
+            Self::SessionRun(..) => "/v1/sandboxes/{id}/sessions/{sid}/run",
+            Self::Trajectory(_) => "/v1/sandboxes/{id}/trajectory",
         }
     }
 
     /// The methods the resource declares (also in `docs/openapi.yaml`).
     pub fn methods(&self) -> &'static [Method] {
         match self {
-            Self::Healthz | Self::Readyz | Self::Metrics | Self::Pools => &[Method::GET],
+            Self::Healthz | Self::Readyz | Self::Metrics | Self::Pools | Self::Trajectory(_) => {
+                &[Method::GET]
+            }
             Self::Pool(_) => &[Method::GET, Method::PUT, Method::DELETE],
-            Self::Sandboxes => &[Method::GET, Method::POST],
-            Self::Sandbox(_) => &[Method::GET, Method::DELETE],
-            Self::Exec(_) | Self::Reset(_) | Self::Pause(_) | Self::Resume(_) => &[Method::POST],
+            Self::Sandboxes | Self::Sessions(_) => &[Method::GET, Method::POST],
+            Self::Sandbox(_) | Self::Session(..) => &[Method::GET, Method::DELETE],
+            Self::Exec(_)
+            | Self::Reset(_)
+            | Self::Pause(_)
+            | Self::Resume(_)
+            | Self::SessionRun(..) => &[Method::POST],
             Self::Files(_) => &[Method::GET, Method::PUT, Method::POST, Method::DELETE],
         }
     }
@@ -187,6 +207,19 @@ async fn v1(
             let sb = usable(mgr, id, &owner)?;
             explain_death(&sb.clone(), sandboxes::reset(mgr, sb).await).await
         }
+        Route::Sessions(id) => {
+            let sb = usable(mgr, id, &owner)?;
+            explain_death(&sb.clone(), sessions::collection(sb, req).await).await
+        }
+        Route::Session(id, sid) => {
+            let sb = usable(mgr, id, &owner)?;
+            explain_death(&sb.clone(), sessions::one(sb, sid, req).await).await
+        }
+        Route::SessionRun(id, sid) => {
+            let sb = usable(mgr, id, &owner)?;
+            explain_death(&sb.clone(), sessions::run(mgr, sb, sid, req, work).await).await
+        }
+        Route::Trajectory(id) => lookup(mgr, id, &owner).map(|sb| trajectory::export(&sb)),
         Route::Pause(id) => sandboxes::set_paused(mgr, lookup(mgr, id, &owner)?, true).await,
         Route::Resume(id) => sandboxes::set_paused(mgr, lookup(mgr, id, &owner)?, false).await,
         Route::Healthz | Route::Readyz | Route::Metrics => {
@@ -267,6 +300,10 @@ mod tests {
             "/v1/sandboxes/s/reset",
             "/v1/sandboxes/s/pause",
             "/v1/sandboxes/s/resume",
+            "/v1/sandboxes/s/sessions",
+            "/v1/sandboxes/s/sessions/shell-1",
+            "/v1/sandboxes/s/sessions/shell-1/run",
+            "/v1/sandboxes/s/trajectory",
         ] {
             let route = Route::parse(path).expect(path);
             assert!(!route.methods().is_empty(), "{path}");
