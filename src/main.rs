@@ -64,6 +64,19 @@ enum Command {
         #[command(flatten)]
         client: cli::ClientArgs,
     },
+    /// Persistent shell and Python sessions in a sandbox you hold.
+    Session {
+        #[command(subcommand)]
+        action: cli::SessionAction,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Print what was done in a sandbox (JSON lines).
+    Trajectory {
+        sandbox: String,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
     /// The cluster operator: per-node warm-pool quotas, Sandbox binding, status roll-up.
     Operator(operator::OperatorArgs),
     /// Print the CRD YAML (or write one file per CRD into a directory).
@@ -119,6 +132,8 @@ fn main() {
         Command::Acquire { pool, env, client } => cli::main(cli::acquire(&client, &pool, env)),
         Command::Release { sandbox, client } => cli::main(cli::release(&client, &sandbox)),
         Command::Pools { client } => cli::main(cli::pools(&client)),
+        Command::Session { action, client } => cli::main(cli::session(&client, action)),
+        Command::Trajectory { sandbox, client } => cli::main(cli::trajectory(&client, &sandbox)),
         Command::Sandboxes { client } => cli::main(cli::sandboxes(&client)),
     };
     std::process::exit(code);
