@@ -89,6 +89,18 @@ impl Children {
         waiting.insert(child.pid, tx);
         Ok((child, rx))
     }
+
+    /// Like [`spawn`](Self::spawn), for a start that hands back only the pid.
+    pub(super) fn spawn_pid(
+        &self,
+        start: impl FnOnce() -> std::io::Result<i32>,
+    ) -> std::io::Result<(i32, oneshot::Receiver<i32>)> {
+        let mut waiting = self.waiting.lock_or_recover();
+        let pid = start()?;
+        let (tx, rx) = oneshot::channel();
+        waiting.insert(pid, tx);
+        Ok((pid, rx))
+    }
 }
 
 /// Runs one exec to completion.

@@ -14,12 +14,14 @@
 //! | `POST /reset` | kill every process but the agent, empty the scratch directories |
 //! | `GET, POST /sessions`, `GET, DELETE /sessions/{sid}` | persistent shell and Python sessions |
 //! | `POST /sessions/{sid}/run` | one command in a session (JSON, or NDJSON like exec) |
+//! | `GET /pty` | an interactive terminal: upgrades to a WebSocket |
 
 pub mod exec;
 pub mod files;
 mod fs;
 mod kept;
 pub mod oom;
+mod pty;
 mod session;
 mod session_frame;
 mod session_routes;
@@ -171,6 +173,7 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -189,6 +192,7 @@ async fn route(agent: &Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
         (&Method::POST, op) if op.starts_with("/fs/") => fs_route(req).await,
         (&Method::POST, "/signal") => signal(agent, req).await,
         (&Method::POST, "/reset") => reset(agent).await,
+        (&Method::GET, "/pty") => pty::route(agent, req).await,
         (_, path) if path == "/sessions" || path.starts_with("/sessions/") => {
             session_routes::route(agent, req).await
         }

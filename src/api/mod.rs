@@ -7,6 +7,7 @@ pub mod exec;
 pub mod files;
 pub mod fs;
 pub mod pools;
+pub mod pty;
 pub mod sandboxes;
 pub mod sessions;
 

@@ -56,7 +56,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         mgr: shared.mgr.clone(),
         connections: shared.connections.clone(),
         work: shared.work.clone(),
-        graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+        closing: CancellationToken::new(),
+        open: TaskTracker::new(),
     };
     loop {
         tokio::select! {
@@ -79,8 +80,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         }
     }
     drop(listener);
+    front.closing.cancel();
+    front.open.close();
     tokio::select! {
-        () = front.graceful.shutdown() => {}
+        () = front.open.wait() => {}
         () = tokio::time::sleep(CLOSE_TIMEOUT) => tracing::warn!("connections still open after the drain; closing them"),
     }
 }
@@ -91,7 +94,10 @@ struct Front {
     connections: Arc<Semaphore>,
     /// Requests (and the commands they started) in flight; shutdown waits for them.
     work: TaskTracker,
-    graceful: hyper_util::server::graceful::GracefulShutdown,
+    /// Cancelled when the open connections are to close (each after its request in flight).
+    closing: CancellationToken,
+    /// The open connections (upgraded ones, such as terminals, are no longer among them).
+    open: TaskTracker,
 }
 
 impl Front {
@@ -130,10 +136,19 @@ impl Front {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(io, service);
-        let conn = self.graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
+            .serve_connection(io, service)
+            // The PTY's WebSocket takes its connection over.
+            .with_upgrades();
+        let closing = self.closing.clone();
+        self.open.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = closing.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
             drop(permit);
         });
     }

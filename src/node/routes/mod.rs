@@ -8,6 +8,7 @@ mod exec;
 mod files;
 mod health;
 mod pools;
+mod pty;
 mod sandboxes;
 mod sessions;
 mod trajectory;
@@ -46,6 +47,7 @@ pub enum Route<'a> {
     Session(&'a str, &'a str),
     SessionRun(&'a str, &'a str),
     Trajectory(&'a str),
+    Pty(&'a str),
 }
 
 impl<'a> Route<'a> {
@@ -69,6 +71,7 @@ impl<'a> Route<'a> {
             ["v1", "sandboxes", id, "sessions", sid] => Self::Session(id, sid),
             ["v1", "sandboxes", id, "sessions", sid, "run"] => Self::SessionRun(id, sid),
             ["v1", "sandboxes", id, "trajectory"] => Self::Trajectory(id),
+            ["v1", "sandboxes", id, "pty"] => Self::Pty(id),
             _ => return None,
         })
     }
@@ -92,15 +95,19 @@ impl<'a> Route<'a> {
             Self::Session(..) => "/v1/sandboxes/{id}/sessions/{sid}",
             Self::SessionRun(..) => "/v1/sandboxes/{id}/sessions/{sid}/run",
             Self::Trajectory(_) => "/v1/sandboxes/{id}/trajectory",
+            Self::Pty(_) => "/v1/sandboxes/{id}/pty",
         }
     }
 
     /// The methods the resource declares (also in `docs/openapi.yaml`).
     pub fn methods(&self) -> &'static [Method] {
         match self {
-            Self::Healthz | Self::Readyz | Self::Metrics | Self::Pools | Self::Trajectory(_) => {
-                &[Method::GET]
-            }
+            Self::Healthz
+            | Self::Readyz
+            | Self::Metrics
+            | Self::Pools
+            | Self::Trajectory(_)
+            | Self::Pty(_) => &[Method::GET],
             Self::Pool(_) => &[Method::GET, Method::PUT, Method::DELETE],
             Self::Sandboxes | Self::Sessions(_) => &[Method::GET, Method::POST],
             Self::Sandbox(_) | Self::Session(..) => &[Method::GET, Method::DELETE],
@@ -220,6 +227,10 @@ async fn v1(
             explain_death(&sb.clone(), sessions::run(mgr, sb, sid, req, work).await).await
         }
         Route::Trajectory(id) => lookup(mgr, id, &owner).map(|sb| trajectory::export(&sb)),
+        Route::Pty(id) => {
+            let sb = usable(mgr, id, &owner)?;
+            explain_death(&sb.clone(), pty::open(sb, req).await).await
+        }
         Route::Pause(id) => sandboxes::set_paused(mgr, lookup(mgr, id, &owner)?, true).await,
         Route::Resume(id) => sandboxes::set_paused(mgr, lookup(mgr, id, &owner)?, false).await,
         Route::Healthz | Route::Readyz | Route::Metrics => {
@@ -304,6 +315,7 @@ mod tests {
             "/v1/sandboxes/s/sessions/shell-1",
             "/v1/sandboxes/s/sessions/shell-1/run",
             "/v1/sandboxes/s/trajectory",
+            "/v1/sandboxes/s/pty",
         ] {
             let route = Route::parse(path).expect(path);
             assert!(!route.methods().is_empty(), "{path}");
