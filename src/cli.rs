@@ -17,6 +17,8 @@ use crate::api::{
 };
 use crate::http::{self, Body};
 
+pub mod shell;
+
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
     /// Node endpoints, comma-separated; the first is used.

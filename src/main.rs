@@ -71,6 +71,12 @@ enum Command {
         #[command(flatten)]
         client: cli::ClientArgs,
     },
+    /// An interactive terminal in a sandbox you hold (exits with the shell's status).
+    Shell {
+        sandbox: String,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
     /// Print what was done in a sandbox (JSON lines).
     Trajectory {
         sandbox: String,
@@ -133,6 +139,7 @@ fn main() {
         Command::Release { sandbox, client } => cli::main(cli::release(&client, &sandbox)),
         Command::Pools { client } => cli::main(cli::pools(&client)),
         Command::Session { action, client } => cli::main(cli::session(&client, action)),
+        Command::Shell { sandbox, client } => cli::main(cli::shell::shell(&client, &sandbox)),
         Command::Trajectory { sandbox, client } => cli::main(cli::trajectory(&client, &sandbox)),
         Command::Sandboxes { client } => cli::main(cli::sandboxes(&client)),
     };
