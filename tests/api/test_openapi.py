@@ -1004,6 +1004,21 @@ def test_sessions(api: Api, sandbox: str) -> None:
     assert steps[0]["action"] == "session_open" and steps[-1]["action"] == "session_close"
 
 
+def test_pty(api: Api, sandbox: str) -> None:
+    # RFC 6455's example key and its digest.
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    api.call("GET", "/v1/sandboxes/{id}/pty", id=sandbox, headers=upgrade, query={"cols": "100", "rows": "30"},
+             expect=101)
+    assert api.last.headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert api.last.headers["upgrade"].lower() == "websocket"
+    api.call("GET", "/v1/sandboxes/{id}/pty", id=sandbox, expect=400, code="bad_request")
+    api.call("GET", "/v1/sandboxes/{id}/pty", id=sandbox, headers=upgrade, query={"cols": "0"}, expect=400,
+             code="bad_request")
+    api.call("GET", "/v1/sandboxes/{id}/pty", id=sandbox, headers={**upgrade, "Sec-WebSocket-Version": "8"},
+             expect=400, code="bad_request")
+
+
 def test_sandbox_routes_refuse_other_tokens_and_unknown_ids(api: Api, contract: Contract, sandbox: str) -> None:
     for method, template in sandbox_operations(contract):
         kw = SAMPLE.get((method, template), {})
