@@ -43,7 +43,9 @@ _MIME = [
     ("image/jpeg", "_repr_jpeg_"),
     ("application/json", "_repr_json_"),
 ]
-# A representation larger than this is left out of the bundle (the repr always stays).
+# Representations beyond this many bytes in all are left out of the bundle (the repr always
+# stays); a repr, an exception's message and its traceback are cut at _MAX_REPR each, so the
+# result line stays well within the agent's bound on it.
 _MAX_MIME = 8 << 20
 _MAX_REPR = 1 << 20
 _globals = {"__name__": "__main__", "__builtins__": builtins}
@@ -78,6 +80,7 @@ def _bundle(value):
             got = got[0]
         data[mime] = got
     out = {}
+    room = _MAX_MIME
     for mime, got in data.items():
         if isinstance(got, (bytes, bytearray)):
             got = base64.b64encode(bytes(got)).decode("ascii")
@@ -85,17 +88,27 @@ def _bundle(value):
             text = json.dumps(got)
         except (TypeError, ValueError):
             continue
-        if len(text) <= _MAX_MIME:
+        if len(text) <= room:
             out[mime] = got
+            room -= len(text)
     return out
+
+
+def _cut(text):
+    return text if len(text) <= _MAX_REPR else text[:_MAX_REPR] + "..."
+
 
 
 def _error(exc):
     # Without the helper's own frames: the traceback is the snippet's.
     te = traceback.TracebackException(type(exc), exc, exc.__traceback__)
     te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename != _HELPER])
-    text = "".join(te.format()).rstrip("\n").split("\n")
-    return {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text}
+    text = _cut("".join(te.format()).rstrip("\n")).split("\n")
+    try:
+        evalue = _cut(str(exc))
+    except Exception:
+        evalue = "<unprintable>"
+    return {"ename": type(exc).__name__, "evalue": evalue, "traceback": text}
 
 
 def _run(code):
@@ -116,9 +129,7 @@ def _run(code):
             _running = False
             if value is not None:
                 builtins._ = value
-                text = repr(value)
-                if len(text) > _MAX_REPR:
-                    text = text[:_MAX_REPR] + "..."
+                text = _cut(repr(value))
                 result["value"] = text
                 bundle = _bundle(value)
                 if bundle:
