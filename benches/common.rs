@@ -152,7 +152,7 @@ pub fn remove_stale_cgroup_parents() {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(pid) = name
                 .strip_prefix("arl-bench-")
-                .and_then(|p| p.parse::<u32>().ok())
+                .and_then(|p| p.split('-').next()?.parse::<u32>().ok())
             else {
                 continue;
             };
@@ -336,7 +336,13 @@ impl Daemon {
         let port = free_port();
         // Our own cgroup parent: a daemon reclaims (kills) sandboxes it finds under its
         // parent at start, so sharing "arl" with another daemon on this machine would hurt.
-        let cgroup_parent = format!("arl-bench-{}", std::process::id());
+        // (A second daemon of the same bench gets a parent of its own too: a daemon's stop
+        // counts whatever is left under its parent as leaked.)
+        static STARTED: AtomicU64 = AtomicU64::new(0);
+        let cgroup_parent = match STARTED.fetch_add(1, Ordering::Relaxed) {
+            0 => format!("arl-bench-{}", std::process::id()),
+            n => format!("arl-bench-{}-{n}", std::process::id()),
+        };
         remove_stale_cgroup_parents();
         let user_args: Vec<String> = std::env::var("ARL_BENCH_NODE_ARGS")
             .map(|s| s.split_whitespace().map(str::to_string).collect())
@@ -883,7 +889,7 @@ impl Drop for Floor {
 
 /// Runs `/bin/true` and waits for it, the cheapest way a server can: `posix_spawn` + `waitpid`
 /// (std's `Command` forks in a static binary, copying the page tables, which would flatter ARL).
-fn spawn_true() -> std::io::Result<i32> {
+pub fn spawn_true() -> std::io::Result<i32> {
     let path = c"/bin/true";
     let argv = [path.as_ptr().cast_mut(), std::ptr::null_mut()];
     let envp = [std::ptr::null_mut()];

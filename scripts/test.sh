@@ -25,3 +25,8 @@ export ARL_BIN="$PWD/target/${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}/debu
 .venv/bin/python -m pytest tests/e2b -q
 # Property-based: schemathesis against a token-protected daemon (bounded to a minute).
 tests/api/schemathesis.sh
+# The side-by-side bench in quick mode (a few iterations of each measurement, the Rust half in
+# the dev profile): it fails unless every floor, ARL measurement and peer produced a number.
+# SWE-ReX's docker image (mmdebstrap, ~30 s) is left to full runs; quick mode says so.
+scripts/setup-peers.sh --no-swerex-image
+.venv/bin/python benches/side_by_side.py --quick --check

@@ -322,7 +322,7 @@ async fn every_front_thread_serves() {
     }
     assert_eq!(names(), ["arl-http-0", "arl-http-1", "arl-http-2"]);
     // Many connections at once, each answered, whichever thread took it.
-    let calls = (0..32).map(|_| {
+    let calls = (0..96).map(|_| {
         let port = d.port;
         tokio::spawn(async move {
             Daemon::attach(port)
@@ -333,5 +333,25 @@ async fn every_front_thread_serves() {
     for call in futures_util::future::join_all(calls).await {
         let (status, _) = call.expect("task").expect("answer");
         assert_eq!(status, StatusCode::OK);
+    }
+    // And they spread over the threads: each thread has a listener of its own in one
+    // SO_REUSEPORT group, so every thread accepted some of the 96 (by the kernel's hash of
+    // the connections' ports, all on one of 3 threads has odds of ~1e-16). With one shared
+    // listener, the first thread to wake took whole bursts.
+    let metrics = d.metrics_text().await;
+    for thread in 0..3 {
+        let accepted: f64 = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "arl_http_connections_total{{thread=\"{thread}\"}} "
+                ))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(
+            accepted > 0.0,
+            "front thread {thread} accepted no connection:\n{metrics}"
+        );
     }
 }

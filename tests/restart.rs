@@ -88,12 +88,18 @@ fn agent_pids(d: &Daemon, rt: Runtime) -> Vec<i32> {
 async fn restart_keeps_leases(rt: Runtime, handover: bool) {
     let mut d = Daemon::start(options(rt, handover)).await;
     d.wait_pool("default", 30, |s| s["idle"] == 2).await;
+    let acquire = json!({
+        "pool": "default",
+        "env": {"EPISODE": "7"},
+        "labels": {"run": "r1"},
+        "request_id": "acquire-1",
+    });
     let (status, body) = d
         .call_as(
             Some(ALICE),
             Method::POST,
             "/v1/sandboxes",
-            Some(json!({"pool": "default", "env": {"EPISODE": "7"}, "labels": {"run": "r1"}})),
+            Some(acquire.clone()),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -178,6 +184,14 @@ async fn restart_keeps_leases(rt: Runtime, handover: bool) {
     assert_eq!(body["labels"]["run"], "r1");
     let (status, _) = exec_as(&d, BOB, &id, json!({"cmd": ["true"]})).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // The acquire retried with its request id gets the same sandbox, not a second one.
+    let (status, body) = d
+        .call_as(Some(ALICE), Method::POST, "/v1/sandboxes", Some(acquire))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["sandboxes"][0]["id"], id.as_str(), "{body}");
+    assert_eq!(d.pool_status("default").await["allocated"], 1);
 
     // The retried command gets the first run's result; it ran once.
     let (status, body) = exec_as(&d, ALICE, &id, long).await;

@@ -30,7 +30,7 @@ pub struct Adopted {
 }
 
 enum Outcome {
-    Allocated,
+    Allocated(Arc<Sandbox>),
     Idle,
     Lost,
 }
@@ -68,12 +68,29 @@ impl Manager {
         let records = self.records.load();
         let outcomes = join_all(records.into_iter().map(|r| self.adopt(r))).await;
         let mut adopted = Adopted::default();
+        let mut acquisitions: BTreeMap<_, Vec<(u64, String)>> = BTreeMap::new();
         for outcome in outcomes {
             match outcome {
-                Outcome::Allocated => adopted.allocated += 1,
+                Outcome::Allocated(sb) => {
+                    adopted.allocated += 1;
+                    if let Some(lease) = sb.lease()
+                        && let Some(request_id) = lease.request_id
+                    {
+                        acquisitions
+                            .entry((lease.owner, request_id))
+                            .or_default()
+                            .push((lease.acquired_at_ms, sb.id.clone()));
+                    }
+                }
                 Outcome::Idle => adopted.idle += 1,
                 Outcome::Lost => adopted.lost += 1,
             }
+        }
+        // An acquire retried with its request id after the restart gets the same sandboxes.
+        for (key, mut taken) in acquisitions {
+            taken.sort();
+            self.acquisitions
+                .remember(key, taken.into_iter().map(|(_, id)| id).collect());
         }
         adopted.swept = self.runtime.reclaim().await.map_err(StartError::Sweep)?;
         for pool in new_pools {
@@ -93,9 +110,9 @@ impl Manager {
                     .sandboxes_adopted_total
                     .with_label_values(&[runtime, state])
                     .inc();
-                self.watch(sb);
+                self.watch(sb.clone());
                 if leased {
-                    Outcome::Allocated
+                    Outcome::Allocated(sb)
                 } else {
                     Outcome::Idle
                 }

@@ -241,5 +241,6 @@ fn new_lease(owner: Owner, spec: &PoolSpec, req: &AcquireRequest) -> Lease {
             .idle_timeout_seconds
             .or(spec.idle_timeout_seconds)
             .map(|s| s.saturating_mul(1000)),
+        request_id: req.request_id.clone(),
     }
 }

@@ -2,7 +2,8 @@
 //! templates, status codes and fixed outcome words; never sandbox ids or user strings.
 
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -16,6 +17,8 @@ pub struct Metrics {
     pub exec_seconds: HistogramVec,
     pub create_seconds: HistogramVec,
     pub http_seconds: HistogramVec,
+    /// Connections each front thread accepted: shows whether they spread over the threads.
+    pub http_connections_total: IntCounterVec,
     pub execs_total: CounterVec,
     pub sandbox_failures_total: CounterVec,
     pub sandboxes_adopted_total: CounterVec,
@@ -54,6 +57,14 @@ impl Metrics {
                 "HTTP request latency by route template and status code.",
                 &["route", "code"],
             ),
+            http_connections_total: IntCounterVec::new(
+                Opts::new(
+                    "arl_http_connections_total",
+                    "Connections accepted by each front thread of the HTTP API.",
+                ),
+                &["thread"],
+            )
+            .expect("static counter definition"),
             execs_total: CounterVec::new(
                 Opts::new(
                     "arl_execs_total",
@@ -87,6 +98,7 @@ impl Metrics {
             Box::new(m.exec_seconds.clone()),
             Box::new(m.create_seconds.clone()),
             Box::new(m.http_seconds.clone()),
+            Box::new(m.http_connections_total.clone()),
             Box::new(m.execs_total.clone()),
             Box::new(m.sandbox_failures_total.clone()),
             Box::new(m.sandboxes_adopted_total.clone()),

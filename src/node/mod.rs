@@ -10,6 +10,7 @@ mod housekeeping;
 mod lease;
 #[cfg(test)]
 mod lease_tests;
+mod listen;
 pub(crate) mod manager;
 mod metrics;
 pub(crate) mod once;
@@ -90,29 +91,31 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
     if command == Some(NodeCommand::Cleanup) {
         return cleanup(&settings).await;
     }
-    // Bind first: a daemon that cannot serve must not touch any sandbox.
-    let listener = std::net::TcpListener::bind(&settings.listen)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|source| NodeError::Bind {
+    // Bind first: a daemon that cannot serve must not touch any sandbox. One listener per
+    // front thread (see `listen`).
+    let threads = settings.front_threads.max(1);
+    let listeners =
+        listen::listeners(&settings.listen, threads).map_err(|source| NodeError::Bind {
             addr: settings.listen.clone(),
             source,
         })?;
-    let e2b_listener = match &settings.e2b.listen {
+    let e2b_listeners = match &settings.e2b.listen {
         Some(addr) => Some(
-            std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|source| NodeError::Bind {
-                    addr: addr.clone(),
-                    source,
-                })?,
+            listen::listeners(addr, threads).map_err(|source| NodeError::Bind {
+                addr: addr.clone(),
+                source,
+            })?,
         ),
         None => None,
     };
+    let local = listeners
+        .first()
+        .ok_or_else(|| NodeError::Config("no listener".into()))?
+        .local_addr()?;
     let runtime = runtimes(&settings).await?;
     let records = records::Records::open(&settings.state_dir)?;
     let auth = auth::Auth::new(settings.token_file.clone()).map_err(NodeError::Auth)?;
     if !auth.enabled() {
-        let local = listener.local_addr()?;
         if !local.ip().is_loopback() && !settings.allow_unauthenticated {
             return Err(NodeError::Config(format!(
                 "refusing to serve an unauthenticated API on {local}: anyone who can reach it could run code in sandboxes; give --token-file, listen on a loopback address, or pass --allow-unauthenticated"
@@ -140,7 +143,8 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
         );
     }
     tracing::info!(
-        listen = %listener.local_addr()?,
+        listen = %local,
+        front_threads = threads,
         state_dir = %settings.state_dir.display(),
         pools = settings.pools.len(),
         runtime = mgr.runtime_kind(),
@@ -148,18 +152,20 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
         "arl node ready"
     );
     tokio::spawn(mgr.clone().housekeeping());
-    let e2b = match e2b_listener {
-        Some(listener) => {
-            tracing::info!(listen = %listener.local_addr()?, default_pool = %settings.e2b.default_pool, "E2B-compatible endpoint");
+    let e2b = match e2b_listeners {
+        Some(listeners) => {
+            if let Some(first) = listeners.first() {
+                tracing::info!(listen = %first.local_addr()?, default_pool = %settings.e2b.default_pool, "E2B-compatible endpoint");
+            }
             Some((
-                listener,
+                listeners,
                 crate::e2b::Front::new(mgr.clone(), settings.e2b.front_config()),
             ))
         }
         None => None,
     };
     let shared = server::Shared::new(mgr.clone(), settings.max_connections);
-    serve_front(listener, e2b, shared, settings.front_threads).await?;
+    serve_front(listeners, e2b, shared).await?;
     let mode = if settings.handover {
         tracing::info!("shutting down: handing the sandboxes over to the next daemon");
         manager::ShutdownMode::HandOver
@@ -221,31 +227,32 @@ async fn cleanup(settings: &config::Settings) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// Serves the HTTP API until SIGTERM/SIGINT on `threads` threads, each with a single-threaded
-/// runtime accepting from the same listening socket. A request then runs start to finish on
-/// one thread: with tokio's work-stealing runtime each request woke a second worker (and the
-/// one who answered the agent another), about 40 µs per exec on a 2-vCPU VM. A connection stays
-/// on the thread that accepted it, so more threads serve more clients at once without adding
-/// to any one request. (One shared socket rather than `SO_REUSEPORT` listeners: with those, a
-/// second daemon started on the same port by mistake would silently take half the traffic.)
-/// Sandbox work (creation, teardown, refills) stays on the multi-threaded runtime (see
-/// `Manager::tasks`), so it never holds up a request.
+/// Serves the HTTP API until SIGTERM/SIGINT on one thread per listener, each with a
+/// single-threaded runtime accepting from its own listener (the kernel spreads connections over
+/// them, see `listen`). A request then runs start to finish on one thread: with tokio's
+/// work-stealing runtime each request woke a second worker (and the one who answered the agent
+/// another), about 40 µs per exec on a 2-vCPU VM. A connection stays on the thread that accepted
+/// it, so more threads serve more clients at once without adding to any one request. Sandbox
+/// work (creation, teardown, refills) stays on the multi-threaded runtime (see `Manager::tasks`),
+/// so it never holds up a request.
 async fn serve_front(
-    listener: std::net::TcpListener,
-    e2b: Option<(std::net::TcpListener, Arc<crate::e2b::Front>)>,
+    listeners: Vec<std::net::TcpListener>,
+    e2b: Option<(Vec<std::net::TcpListener>, Arc<crate::e2b::Front>)>,
     shared: Arc<server::Shared>,
-    threads: usize,
 ) -> Result<(), NodeError> {
     let stop = tokio_util::sync::CancellationToken::new();
-    let threads = threads.max(1);
+    let threads = listeners.len();
+    let (mut e2b_listeners, e2b_front): (Vec<Option<std::net::TcpListener>>, _) = match e2b {
+        Some((l, front)) => (l.into_iter().map(Some).collect(), Some(front)),
+        None => (Vec::new(), None),
+    };
     // Each thread says how it ended, once.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<std::io::Result<()>>(threads);
-    for n in 0..threads {
-        let listener = listener.try_clone()?;
-        let e2b = match &e2b {
-            Some((l, front)) => Some((l.try_clone()?, front.clone())),
-            None => None,
-        };
+    for (n, listener) in listeners.into_iter().enumerate() {
+        let e2b = e2b_listeners
+            .get_mut(n)
+            .and_then(Option::take)
+            .zip(e2b_front.clone());
         let (shared, stop, done_tx) = (shared.clone(), stop.clone(), done_tx.clone());
         std::thread::Builder::new()
             .name(format!("arl-http-{n}"))
@@ -256,20 +263,20 @@ async fn serve_front(
                     .and_then(|front| {
                         front.block_on(async {
                             let listener = tokio::net::TcpListener::from_std(listener)?;
-                            // The E2B front accepts on every front thread too; it stops with
-                            // the API's front.
+                            // The E2B front has a listener on every front thread too; it stops
+                            // with the API's front.
                             if let Some((e2b_listener, front)) = e2b {
                                 let e2b_listener = tokio::net::TcpListener::from_std(e2b_listener)?;
                                 tokio::spawn(crate::e2b::serve(e2b_listener, front, stop.clone()));
                             }
-                            server::serve(listener, shared, stop).await;
+                            server::serve(listener, shared, stop, n).await;
                             Ok(())
                         })
                     });
                 let _ = done_tx.blocking_send(served);
             })?;
     }
-    drop((listener, e2b, done_tx));
+    drop(done_tx);
     let mut ended = Vec::with_capacity(threads);
     tokio::select! {
         () = shutdown_signal() => {}

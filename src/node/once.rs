@@ -56,15 +56,26 @@ impl<K: Hash + Eq + Clone, V: Clone> OnceMap<K, V> {
             }
         }
         let (tx, rx) = watch::channel(None);
+        self.insert(&mut inner, key.clone(), rx);
+        Claim::Run(tx)
+    }
+
+    fn insert(&self, inner: &mut Inner<K, V>, key: K, rx: watch::Receiver<Option<V>>) {
         if inner.by_key.insert(key.clone(), rx).is_none() {
-            inner.order.push_back(key.clone());
+            inner.order.push_back(key);
         }
         while inner.order.len() > self.capacity {
             if let Some(old) = inner.order.pop_front() {
                 inner.by_key.remove(&old);
             }
         }
-        Claim::Run(tx)
+    }
+
+    /// Records a result obtained elsewhere (a predecessor's, after a restart) as done.
+    pub fn remember(&self, key: K, value: V) {
+        let (_, rx) = watch::channel(Some(value));
+        let mut inner = self.lock();
+        self.insert(&mut inner, key, rx);
     }
 
     /// Forgets a key whose work failed without effect, so a retry runs it.

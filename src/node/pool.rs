@@ -270,6 +270,7 @@ mod tests {
             acquired_at_ms: 0,
             expires_at_ms: None,
             idle_timeout_ms: None,
+            request_id: None,
         };
         assert_eq!(st.lease(2, 3, &lease).err(), Some(Exhausted { idle: 0 }));
         assert_eq!((st.starting, st.allocated), (0, 2));

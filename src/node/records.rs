@@ -14,11 +14,16 @@
 //! A record is written when a sandbox joins a pool (created, or reset for reuse) and when its
 //! lease begins; it is removed before the sandbox is destroyed or reset. Nothing is written on
 //! exec: the idle deadline of an adopted lease starts again at adoption.
+//!
+//! Each record's file stays open from its first write to its removal, so the write on the
+//! acquire path is one `pwrite` (no path lookup, no open and close), and the line is
+//! serialized from borrowed fields without copying the lease.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -27,6 +32,7 @@ use super::auth::Owner;
 use super::sandbox::{Lease, Sandbox};
 use crate::api::PoolSpec;
 use crate::api::pools::RuntimeKind;
+use crate::util::MutexExt;
 
 #[derive(Debug, Error)]
 pub enum RecordError {
@@ -70,6 +76,8 @@ pub struct StoredLease {
     pub expires_at_ms: Option<u64>,
     #[serde(default)]
     pub idle_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl StoredLease {
@@ -81,6 +89,7 @@ impl StoredLease {
             acquired_at_ms: lease.acquired_at_ms,
             expires_at_ms: lease.expires_at_ms,
             idle_timeout_ms: lease.idle_timeout_ms,
+            request_id: lease.request_id.clone(),
         }
     }
 
@@ -100,7 +109,58 @@ impl StoredLease {
             acquired_at_ms: self.acquired_at_ms,
             expires_at_ms: self.expires_at_ms,
             idle_timeout_ms: self.idle_timeout_ms,
+            request_id: self.request_id.clone(),
         })
+    }
+}
+
+/// A record's line serialized straight from the sandbox (the same JSON as [`Record`]).
+#[derive(Serialize)]
+struct RecordView<'a> {
+    id: &'a str,
+    pool: &'a str,
+    runtime: RuntimeKind,
+    created_at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<LeaseView<'a>>,
+}
+
+#[derive(Serialize)]
+struct LeaseView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
+    env: &'a BTreeMap<String, String>,
+    labels: &'a BTreeMap<String, String>,
+    acquired_at_ms: u64,
+    expires_at_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+}
+
+impl<'a> RecordView<'a> {
+    fn new(
+        id: &'a str,
+        pool: &'a str,
+        runtime: RuntimeKind,
+        created_at_ms: u64,
+        lease: Option<&'a Lease>,
+    ) -> Self {
+        Self {
+            id,
+            pool,
+            runtime,
+            created_at_ms,
+            lease: lease.map(|lease| LeaseView {
+                owner: lease.owner.map(hex::encode),
+                env: &lease.env,
+                labels: &lease.labels,
+                acquired_at_ms: lease.acquired_at_ms,
+                expires_at_ms: lease.expires_at_ms,
+                idle_timeout_ms: lease.idle_timeout_ms,
+                request_id: lease.request_id.as_deref(),
+            }),
+        }
     }
 }
 
@@ -119,6 +179,8 @@ impl Record {
 /// The records directory; `None` keeps nothing (unit tests of the lease core).
 pub struct Records {
     dir: Option<PathBuf>,
+    /// The open file of each record, by sandbox id.
+    open: std::sync::Mutex<HashMap<String, Arc<fs::File>>>,
 }
 
 /// Pools created through the API are kept under `records/pools/<name>.json`, so their
@@ -149,7 +211,10 @@ impl Records {
                 path: pools,
                 source,
             })?;
-        Ok(Self { dir: Some(dir) })
+        Ok(Self {
+            dir: Some(dir),
+            open: Default::default(),
+        })
     }
 
     /// Keeps a pool created or changed through the API.
@@ -203,7 +268,10 @@ impl Records {
 
     #[cfg(test)]
     pub fn disabled() -> Self {
-        Self { dir: None }
+        Self {
+            dir: None,
+            open: Default::default(),
+        }
     }
 
     fn path(dir: &Path, id: &str) -> PathBuf {
@@ -212,35 +280,65 @@ impl Records {
 
     /// Writes (or replaces) the record of a sandbox: one line, written in place.
     pub fn put(&self, record: &Record) -> Result<(), RecordError> {
-        let Some(dir) = &self.dir else { return Ok(()) };
-        let write = || -> std::io::Result<()> {
-            // serde_json escapes newlines inside strings: the record is exactly one line.
-            let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-            line.push(b'\n');
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(Self::path(dir, &record.id))?;
-            file.write_all_at(&line, 0)
-        };
-        write().map_err(|source| RecordError::Write {
-            id: record.id.clone(),
-            source,
-        })
+        // serde_json escapes newlines inside strings: the record is exactly one line.
+        self.write_line(&record.id, || serde_json::to_vec(record))
     }
 
     /// Writes a sandbox's current record, logging (not failing) when the disk refuses: the
     /// sandbox works on, only a successor could not take it back.
     pub fn save(&self, sb: &Sandbox) {
-        if let Err(e) = self.put(&Record::of(sb)) {
+        let lease = sb.lease();
+        let view = RecordView::new(
+            &sb.id,
+            &sb.pool,
+            sb.runtime,
+            sb.created_at_ms,
+            lease.as_ref(),
+        );
+        if let Err(e) = self.write_line(&sb.id, || serde_json::to_vec(&view)) {
             tracing::warn!(sandbox = %sb.id, error = %e, "sandbox record not saved");
         }
     }
 
+    fn write_line(
+        &self,
+        id: &str,
+        serialize: impl FnOnce() -> serde_json::Result<Vec<u8>>,
+    ) -> Result<(), RecordError> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let write = || -> std::io::Result<()> {
+            let mut line = serialize().map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            self.file(dir, id)?.write_all_at(&line, 0)
+        };
+        write().map_err(|source| RecordError::Write {
+            id: id.to_string(),
+            source,
+        })
+    }
+
+    /// The record's open file, opened (and created) on its first write.
+    fn file(&self, dir: &Path, id: &str) -> std::io::Result<Arc<fs::File>> {
+        if let Some(file) = self.open.lock_or_recover().get(id) {
+            return Ok(file.clone());
+        }
+        let file = Arc::new(
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(Self::path(dir, id))?,
+        );
+        self.open
+            .lock_or_recover()
+            .insert(id.to_string(), file.clone());
+        Ok(file)
+    }
+
     pub fn remove(&self, id: &str) {
         let Some(dir) = &self.dir else { return };
+        self.open.lock_or_recover().remove(id);
         match fs::remove_file(Self::path(dir, id)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -285,6 +383,7 @@ impl Records {
     /// Forgets every record (`arl node cleanup`, and a stop that destroyed everything).
     pub fn clear(&self) {
         let Some(dir) = &self.dir else { return };
+        self.open.lock_or_recover().clear();
         for dir in [dir.clone(), dir.join(POOLS)] {
             if let Ok(entries) = fs::read_dir(dir) {
                 for entry in entries.flatten() {
@@ -321,6 +420,7 @@ mod tests {
                 acquired_at_ms: 6,
                 expires_at_ms: Some(9),
                 idle_timeout_ms: None,
+                request_id: Some("r-1".into()),
             })),
         };
         let idle = Record {
@@ -359,6 +459,56 @@ mod tests {
     }
 
     #[test]
+    fn the_borrowed_view_writes_the_same_line_as_a_record() {
+        let lease = Lease {
+            owner: Some([3u8; 32]),
+            env: [("K".to_string(), "v\nw".to_string())].into(),
+            labels: [("l".to_string(), "m".to_string())].into(),
+            acquired_at_ms: 1,
+            expires_at_ms: None,
+            idle_timeout_ms: Some(4),
+            request_id: Some("retry-me".into()),
+        };
+        let without_request = Lease {
+            request_id: None,
+            ..lease.clone()
+        };
+        for lease in [Some(&lease), Some(&without_request), None] {
+            let record = Record {
+                id: "sb-9".into(),
+                pool: "p".into(),
+                runtime: RuntimeKind::Process,
+                created_at_ms: 2,
+                lease: lease.map(StoredLease::from_lease),
+            };
+            let view = RecordView::new("sb-9", "p", RuntimeKind::Process, 2, lease);
+            let line = serde_json::to_vec(&view).expect("view");
+            assert_eq!(line, serde_json::to_vec(&record).expect("record"));
+            let parsed: Record = serde_json::from_slice(&line).expect("parse");
+            assert_eq!(parsed, record);
+        }
+    }
+
+    #[test]
+    fn a_removed_record_is_written_afresh_not_through_its_old_file() {
+        let dir = temp_dir();
+        let records = Records::open(&dir).expect("open");
+        let idle = Record {
+            id: "sb-5".into(),
+            pool: "p".into(),
+            runtime: RuntimeKind::Process,
+            created_at_ms: 1,
+            lease: None,
+        };
+        records.put(&idle).expect("put");
+        records.remove("sb-5");
+        assert!(records.load().is_empty());
+        records.put(&idle).expect("put again");
+        assert_eq!(records.load(), vec![idle]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_malformed_owner_digest_is_no_lease() {
         let stored = StoredLease {
             owner: Some("zz".into()),
@@ -367,6 +517,7 @@ mod tests {
             acquired_at_ms: 0,
             expires_at_ms: None,
             idle_timeout_ms: None,
+            request_id: None,
         };
         assert!(stored.to_lease().is_none());
     }

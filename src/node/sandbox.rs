@@ -49,6 +49,8 @@ pub struct Lease {
     pub acquired_at_ms: u64,
     pub expires_at_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
+    /// The acquire's `request_id`: a retry after a restart still gets this sandbox.
+    pub request_id: Option<String>,
 }
 
 /// A finished exec's reply, as the agent sent it.

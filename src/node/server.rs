@@ -50,9 +50,19 @@ impl Shared {
 }
 
 /// One front thread's loop: accepts connections until `stop` is cancelled, then drains (see the
-/// module's comment).
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+/// module's comment). `thread` names the thread in the metrics.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    thread: usize,
+) {
     let front = Front {
+        accepted: shared
+            .mgr
+            .metrics
+            .http_connections_total
+            .with_label_values(&[thread.to_string().as_str()]),
         mgr: shared.mgr.clone(),
         connections: shared.connections.clone(),
         work: shared.work.clone(),
@@ -89,6 +99,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
 }
 
 struct Front {
+    /// This thread's count of accepted connections.
+    accepted: prometheus::IntCounter,
     mgr: Arc<Manager>,
     /// One permit per open connection.
     connections: Arc<Semaphore>,
@@ -111,6 +123,7 @@ impl Front {
                 return;
             }
         };
+        self.accepted.inc();
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {

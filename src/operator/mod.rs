@@ -7,6 +7,7 @@
 //!   (with [`rollup`] for `WarmPool.status` and [`binding`] for Sandboxes);
 //! - [`apply`]: the writes, with conflict retries;
 //! - [`lease`]: leader election on a Lease;
+//! - [`health`]: the probes and metrics endpoint;
 //! - [`run`]: watches, the pass loop, the process.
 //!
 //! Tasks are not the operator's: the daemon of the node a Task's Sandbox is bound to runs it.
@@ -15,6 +16,7 @@ pub mod apply;
 pub mod binding;
 pub mod convert;
 pub mod desired;
+pub mod health;
 pub mod lease;
 pub mod planner;
 pub mod rollup;
@@ -46,6 +48,13 @@ pub struct OperatorArgs {
     /// Seconds a Lease lasts without renewal.
     #[arg(long, env = "ARL_LEASE_SECONDS", default_value_t = 15)]
     pub lease_seconds: u64,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[arg(
+        long,
+        env = "ARL_OPERATOR_HEALTH_LISTEN",
+        default_value = "0.0.0.0:8081"
+    )]
+    pub health_listen: std::net::SocketAddr,
 }
 
 /// `arl operator`.
@@ -76,7 +85,7 @@ pub fn main(args: OperatorArgs) -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(run::run(lease, options)) {
+    match runtime.block_on(run::run(lease, options, args.health_listen)) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("{e}");

@@ -233,19 +233,15 @@ pub fn plan(nodes: &[NodeInfo], pools: &[PoolInfo]) -> Plan {
     order.sort_by(|a, b| a.key.cmp(&b.key));
     let mut plans = Vec::with_capacity(order.len());
     for pool in order {
-        let pool_plan = plan_pool(&nodes, &remaining, pool);
-        for (i, node) in nodes.iter().enumerate() {
-            if let Some(&q) = pool_plan.quotas.get(&node.name) {
-                remaining[i] = remaining[i].minus(pool.per_sandbox.times(q));
-            }
-        }
-        plans.push(pool_plan);
+        plans.push(plan_pool(&nodes, &mut remaining, pool));
     }
     Plan { pools: plans }
 }
 
 /// One eligible node during planning.
 struct Slot<'a> {
+    /// The node's index in the planning order (and in `remaining`).
+    node: usize,
     name: &'a str,
     lo: u32,
     hi: u32,
@@ -253,7 +249,8 @@ struct Slot<'a> {
     quota: u32,
 }
 
-fn plan_pool(nodes: &[&NodeInfo], remaining: &[Resources], pool: &PoolInfo) -> PoolPlan {
+/// Plans one pool and takes what its quotas need from each node's `remaining` resources.
+fn plan_pool(nodes: &[&NodeInfo], remaining: &mut [Resources], pool: &PoolInfo) -> PoolPlan {
     let replicas = u64::from(pool.replicas);
     let mut slots: Vec<Slot> = Vec::new();
     let mut weights: Vec<f64> = Vec::new();
@@ -265,6 +262,7 @@ fn plan_pool(nodes: &[&NodeInfo], remaining: &[Resources], pool: &PoolInfo) -> P
         let hi = pool.max_per_node.map_or(room, |m| room.min(u64::from(m)));
         let hi = u32::try_from(hi).unwrap_or(u32::MAX);
         slots.push(Slot {
+            node: i,
             name: &node.name,
             lo: pool.min_per_node.min(hi),
             hi,
@@ -288,6 +286,9 @@ fn plan_pool(nodes: &[&NodeInfo], remaining: &[Resources], pool: &PoolInfo) -> P
         slot.quota = current.clamp(slot.lo, slot.hi);
     }
     settle(&mut slots, total);
+    for slot in &slots {
+        remaining[slot.node] = remaining[slot.node].minus(pool.per_sandbox.times(slot.quota));
+    }
     PoolPlan {
         key: pool.key.clone(),
         quotas: slots
@@ -302,31 +303,43 @@ fn plan_pool(nodes: &[&NodeInfo], remaining: &[Resources], pool: &PoolInfo) -> P
 }
 
 /// Sets each slot's real-valued target: `clamp(λ·w, lo, hi)` with `λ` chosen so the targets sum
-/// to `total` (bisection; `total ≤ Σ hi` and `Σ lo ≤ total` hold).
+/// to `total` (`total ≤ Σ hi` and `Σ lo ≤ total` hold). The sum is piecewise linear in `λ`,
+/// bending where a slot leaves its `lo` (at `lo/w`) or reaches its `hi` (at `hi/w`): walking
+/// those points in order finds `λ` exactly, in `O(n log n)`.
 fn water_fill(slots: &mut [Slot], weights: &[f64], total: f64) {
-    let sum_at = |lambda: f64, slots: &[Slot]| -> f64 {
-        slots
-            .iter()
-            .zip(weights)
-            .map(|(s, w)| (lambda * w).clamp(f64::from(s.lo), f64::from(s.hi)))
-            .sum()
-    };
-    let mut low = 0.0;
-    let mut high = slots
-        .iter()
-        .zip(weights)
-        .map(|(s, w)| f64::from(s.hi) / w)
-        .fold(0.0, f64::max);
-    for _ in 0..100 {
-        let mid = (low + high) / 2.0;
-        if sum_at(mid, slots) < total {
-            low = mid;
-        } else {
-            high = mid;
+    // (λ at the bend, the slot's weight, +1 when it starts growing / -1 when it stops).
+    let mut bends: Vec<(f64, f64, f64, f64)> = Vec::with_capacity(2 * slots.len());
+    let mut fixed = 0.0; // the sum of the slots not growing at the current λ
+    for (s, &w) in slots.iter().zip(weights) {
+        let (lo, hi) = (f64::from(s.lo), f64::from(s.hi));
+        fixed += lo;
+        if hi > lo {
+            bends.push((lo / w, w, lo, 1.0));
+            bends.push((hi / w, w, hi, -1.0));
         }
     }
+    bends.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Between bends the sum is `fixed + slope·λ`.
+    let mut slope = 0.0;
+    let mut lambda = 0.0;
+    for &(at, w, bound, sign) in &bends {
+        if slope > 0.0 && fixed + slope * at >= total {
+            break;
+        }
+        lambda = at;
+        if sign > 0.0 {
+            fixed -= bound;
+            slope += w;
+        } else {
+            fixed += bound;
+            slope -= w;
+        }
+    }
+    if slope > EPSILON {
+        lambda = ((total - fixed) / slope).max(lambda);
+    }
     for (slot, w) in slots.iter_mut().zip(weights) {
-        slot.target = (high * w).clamp(f64::from(slot.lo), f64::from(slot.hi));
+        slot.target = (lambda * w).clamp(f64::from(slot.lo), f64::from(slot.hi));
     }
 }
 

@@ -18,6 +18,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::apply::{Written, apply};
 use super::desired::{PassOptions, Snapshot, changes};
+use super::health::{self, Health};
 use super::lease::{Elector, LeaseConfig};
 use crate::crd::{Sandbox, WarmPool, WarmPoolShard};
 
@@ -34,6 +35,12 @@ pub enum OperatorError {
     Config(#[source] kube::Error),
     #[error("the watch of {0} never became ready")]
     NotReady(&'static str),
+    #[error("the health endpoint could not listen on {addr}: {source}")]
+    Health {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Leadership as the pass sees it: when this replica last renewed the Lease.
@@ -103,8 +110,20 @@ fn snapshot(
     }
 }
 
-/// Runs the operator until SIGTERM/SIGINT.
-pub async fn run(lease: LeaseConfig, options: PassOptions) -> Result<(), OperatorError> {
+/// Runs the operator until SIGTERM/SIGINT, with its probes and metrics on `health_addr`.
+pub async fn run(
+    lease: LeaseConfig,
+    options: PassOptions,
+    health_addr: std::net::SocketAddr,
+) -> Result<(), OperatorError> {
+    let health = Health::new(RESYNC);
+    let listener = health::bind(health_addr)
+        .await
+        .map_err(|source| OperatorError::Health {
+            addr: health_addr,
+            source,
+        })?;
+    tokio::spawn(health::serve(listener, health.clone()));
     let client = Client::try_default().await.map_err(OperatorError::Config)?;
     let notify = Arc::new(Notify::new());
     let pools = store(Api::<WarmPool>::all(client.clone()), notify.clone(), |p| {
@@ -140,23 +159,27 @@ pub async fn run(lease: LeaseConfig, options: PassOptions) -> Result<(), Operato
         }
     }
     info!("watches ready");
+    health.set_watches_ready();
 
     let (leader_tx, leadership) = watch::channel(None);
     let mut elector = Elector::new(client.clone(), lease.clone());
     let elector_notify = notify.clone();
     let period = lease.retry_period();
+    let election_health = health.clone();
     let election = tokio::spawn(
         async move {
             loop {
                 let was = elector.is_leader();
                 match elector.tick().await {
                     Ok(true) => {
+                        election_health.leader.set(1);
                         let _ = leader_tx.send(Some(Instant::now()));
                         if !was {
                             elector_notify.notify_one();
                         }
                     }
                     Ok(false) => {
+                        election_health.leader.set(0);
                         let _ = leader_tx.send(None);
                     }
                     Err(e) => warn!(error = %e, "lease round failed"),
@@ -179,13 +202,25 @@ pub async fn run(lease: LeaseConfig, options: PassOptions) -> Result<(), Operato
             _ = tokio::time::sleep(RESYNC) => {}
             _ = shutdown_signal() => break,
         }
+        health.turned();
         tokio::time::sleep(DEBOUNCE).await;
+        let started = Instant::now();
         let snap = snapshot(&pools, &shards, &nodes, &sandboxes);
         let span = info_span!("pass", pools = snap.pools.len(), shards = snap.shards.len());
         if let Some(written) = pass_if_leader(&client, &snap, &leadership, lease.duration, &options)
             .instrument(span)
             .await
         {
+            health.passes.inc();
+            health.pass_seconds.observe(started.elapsed().as_secs_f64());
+            health
+                .writes
+                .with_label_values(&["ok"])
+                .inc_by(u64::from(written.writes));
+            health
+                .writes
+                .with_label_values(&["failed"])
+                .inc_by(u64::from(written.failed));
             if written.writes > 0 || written.failed > 0 {
                 info!(
                     writes = written.writes,

@@ -393,3 +393,48 @@ fn demand_tilts_the_split() {
         BTreeMap::from([("a".into(), 10), ("b".into(), 2)])
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// The water level is exact: the targets sum to the total, stay within their bounds, and
+    /// every slot strictly between its bounds sits at the same level `target / weight`, with
+    /// slots held at `lo` above it and slots at `hi` below it.
+    #[test]
+    fn water_fill_finds_the_level(
+        bounds in prop::collection::vec((0u32..20, 0u32..40, 0u32..6), 1..40),
+        share in 0.0f64..=1.0,
+    ) {
+        let mut slots: Vec<Slot> = bounds
+            .iter()
+            .map(|&(lo, extra, _)| Slot { node: 0, name: "n", lo, hi: lo + extra, target: 0.0, quota: 0 })
+            .collect();
+        let weights: Vec<f64> = bounds.iter().map(|&(_, _, p)| f64::from(1u32 << p)).collect();
+        let lo: f64 = slots.iter().map(|s| f64::from(s.lo)).sum();
+        let hi: f64 = slots.iter().map(|s| f64::from(s.hi)).sum();
+        let total = (lo + share * (hi - lo)).round();
+        water_fill(&mut slots, &weights, total);
+        let sum: f64 = slots.iter().map(|s| s.target).sum();
+        prop_assert!((sum - total).abs() < 1e-6, "sum {sum} total {total}");
+        let free: Vec<f64> = slots
+            .iter()
+            .zip(&weights)
+            .filter(|(s, _)| s.target > f64::from(s.lo) + 1e-9 && s.target < f64::from(s.hi) - 1e-9)
+            .map(|(s, w)| s.target / w)
+            .collect();
+        for (s, w) in slots.iter().zip(&weights) {
+            prop_assert!(s.target >= f64::from(s.lo) - 1e-9 && s.target <= f64::from(s.hi) + 1e-9);
+            for level in &free {
+                if s.target <= f64::from(s.lo) + 1e-9 && s.hi > s.lo {
+                    prop_assert!(f64::from(s.lo) / w >= level - 1e-9);
+                }
+                if s.target >= f64::from(s.hi) - 1e-9 && s.hi > s.lo {
+                    prop_assert!(f64::from(s.hi) / w <= level + 1e-9);
+                }
+            }
+        }
+        if let Some(first) = free.first() {
+            prop_assert!(free.iter().all(|l| (l - first).abs() < 1e-6), "{free:?}");
+        }
+    }
+}
