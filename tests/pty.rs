@@ -65,6 +65,31 @@ async fn control(ws: &mut Ws, message: Value) {
         .expect("send control");
 }
 
+/// Waits (through exec, with a deadline) until a process whose command line is `args` runs in
+/// the terminal's foreground process group: a Ctrl-C sent earlier could reach the shell
+/// between two commands, which shells do not pass on.
+async fn wait_in_foreground(d: &Daemon, id: &str, args: &str) {
+    let probe = format!(
+        "for p in /proc/[0-9]*; do if [ \"$(tr '\\0' ' ' < $p/cmdline 2>/dev/null)\" = '{args} ' ]; then \
+         set -- $(sed 's/.*) //' $p/stat); [ \"$3\" = \"$6\" ] && echo foreground; fi; done"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = d.sh(id, &probe).await;
+        if r["stdout"]
+            .as_str()
+            .is_some_and(|s| s.contains("foreground"))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{args:?} never ran in the foreground: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The exit message and the close that follows it.
 async fn exit_status(ws: &mut Ws) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -97,7 +122,10 @@ async fn a_terminal_echoes_resizes_interrupts_and_exits(rt: Runtime) {
     let mut ws = connect(&d, &id, "cols=100&rows=30").await;
     let mut seen = String::new();
 
-    type_in(&mut ws, "echo hello-$((40+2))\n").await;
+    // A prompt only the shell can print (typed, it reads `${P}dy`): the shell waits for input
+    // when it shows. Keys typed while an interrupt is being handled may be dropped, as on any
+    // terminal, so the tests type after an interrupt once the prompt is back.
+    type_in(&mut ws, "P=rea; PS1=\"${P}dy> \"; echo hello-$((40+2))\n").await;
     read_until(&mut ws, &mut seen, "hello-42").await;
     type_in(&mut ws, "stty size; echo size-$((1+1))\n").await;
     let before = read_until(&mut ws, &mut seen, "size-2").await;
@@ -112,13 +140,15 @@ async fn a_terminal_echoes_resizes_interrupts_and_exits(rt: Runtime) {
     let started = Instant::now();
     type_in(
         &mut ws,
-        "echo started-$((1+2)); sleep 30; echo after-$((2+3))\n",
+        "echo started-$((1+2)); sleep 31; echo after-$((2+3))\n",
     )
     .await;
     read_until(&mut ws, &mut seen, "started-3").await;
+    wait_in_foreground(&d, &id, "sleep 31").await;
     type_in(&mut ws, "\x03").await;
+    let mut before = read_until(&mut ws, &mut seen, "ready> ").await;
     type_in(&mut ws, "echo alive-$((3+4))\n").await;
-    let before = read_until(&mut ws, &mut seen, "alive-7").await;
+    before += &read_until(&mut ws, &mut seen, "alive-7").await;
     assert!(
         !before.contains("after-5"),
         "the list was interrupted: {before:?}"
@@ -128,13 +158,15 @@ async fn a_terminal_echoes_resizes_interrupts_and_exits(rt: Runtime) {
     // So does a signal message, sent to the terminal's foreground process group.
     type_in(
         &mut ws,
-        "echo again-$((1+5)); sleep 30; echo after-$((3+3))\n",
+        "echo again-$((1+5)); sleep 32; echo after-$((3+3))\n",
     )
     .await;
     read_until(&mut ws, &mut seen, "again-6").await;
+    wait_in_foreground(&d, &id, "sleep 32").await;
     control(&mut ws, json!({"type": "signal", "signal": "INT"})).await;
+    let mut before = read_until(&mut ws, &mut seen, "ready> ").await;
     type_in(&mut ws, "echo alive-$((4+4))\n").await;
-    let before = read_until(&mut ws, &mut seen, "alive-8").await;
+    before += &read_until(&mut ws, &mut seen, "alive-8").await;
     assert!(!before.contains("after-6"), "{before:?}");
     assert!(started.elapsed() < Duration::from_secs(20));
 
