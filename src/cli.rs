@@ -13,7 +13,8 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::api::{
-    AcquireRequest, ErrorBody, ExecEvent, ExecRequest, NDJSON, PoolList, SandboxList,
+    AcquireRequest, ErrorBody, ExecEvent, ExecRequest, ForkRequest, NDJSON, PoolList, SandboxList,
+    SnapshotInfo, SnapshotList,
 };
 use crate::http::{self, Body};
 
@@ -504,6 +505,78 @@ pub async fn trajectory(args: &ClientArgs, sandbox: &str) -> Result<i32, CliErro
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(&bytes);
     let _ = out.flush();
+    Ok(0)
+}
+
+pub async fn pause(args: &ClientArgs, id: &str, paused: bool) -> Result<i32, CliError> {
+    let action = if paused { "pause" } else { "resume" };
+    Client::connect(args)
+        .await?
+        .send(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/{action}"),
+            None,
+            false,
+        )
+        .await?;
+    Ok(0)
+}
+
+pub async fn snapshot(args: &ClientArgs, id: &str) -> Result<i32, CliError> {
+    let mut client = Client::connect(args).await?;
+    let snap: SnapshotInfo = client
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/snapshots"),
+            None::<&()>,
+        )
+        .await?;
+    println!("{}", snap.id);
+    Ok(0)
+}
+
+pub async fn snapshots(args: &ClientArgs) -> Result<i32, CliError> {
+    let mut client = Client::connect(args).await?;
+    let list: SnapshotList = client
+        .call(Method::GET, "/v1/snapshots", None::<&()>)
+        .await?;
+    println!(
+        "{:<24} {:<16} {:<22} {:>12} {:>6}",
+        "SNAPSHOT", "POOL", "FROM", "BYTES", "FORKS"
+    );
+    for s in list.snapshots {
+        println!(
+            "{:<24} {:<16} {:<22} {:>12} {:>6}",
+            s.id, s.pool, s.sandbox, s.bytes, s.forks
+        );
+    }
+    Ok(0)
+}
+
+pub async fn delete_snapshot(args: &ClientArgs, id: &str) -> Result<i32, CliError> {
+    Client::connect(args)
+        .await?
+        .send(Method::DELETE, &format!("/v1/snapshots/{id}"), None, false)
+        .await?;
+    Ok(0)
+}
+
+/// Forks from a snapshot (`snap-…`) or straight from a live sandbox.
+pub async fn fork(args: &ClientArgs, from: &str, count: usize) -> Result<i32, CliError> {
+    let mut client = Client::connect(args).await?;
+    let path = if from.starts_with("snap-") {
+        format!("/v1/snapshots/{from}/fork")
+    } else {
+        format!("/v1/sandboxes/{from}/fork")
+    };
+    let req = ForkRequest {
+        count: Some(count),
+        ..ForkRequest::default()
+    };
+    let list: SandboxList = client.call(Method::POST, &path, Some(&req)).await?;
+    for s in list.sandboxes {
+        println!("{}", s.id);
+    }
     Ok(0)
 }
 

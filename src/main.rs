@@ -83,6 +83,43 @@ enum Command {
         #[command(flatten)]
         client: cli::ClientArgs,
     },
+    /// Freeze a sandbox you hold (any later exec or file call thaws it).
+    Pause {
+        sandbox: String,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Thaw a paused sandbox.
+    Resume {
+        sandbox: String,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Snapshot a sandbox's files; prints the snapshot's id.
+    Snapshot {
+        sandbox: String,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// List your snapshots.
+    Snapshots {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Delete a snapshot.
+    DeleteSnapshot {
+        snapshot: String,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Fork new sandboxes from a snapshot (`snap-…`) or a live sandbox (`sb-…`); prints their ids.
+    Fork {
+        from: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
     /// The cluster operator: per-node warm-pool quotas, Sandbox binding, status roll-up.
     Operator(operator::OperatorArgs),
     /// Print the CRD YAML (or write one file per CRD into a directory).
@@ -141,6 +178,18 @@ fn main() {
         Command::Session { action, client } => cli::main(cli::session(&client, action)),
         Command::Shell { sandbox, client } => cli::main(cli::shell::shell(&client, &sandbox)),
         Command::Trajectory { sandbox, client } => cli::main(cli::trajectory(&client, &sandbox)),
+        Command::Pause { sandbox, client } => cli::main(cli::pause(&client, &sandbox, true)),
+        Command::Resume { sandbox, client } => cli::main(cli::pause(&client, &sandbox, false)),
+        Command::Snapshot { sandbox, client } => cli::main(cli::snapshot(&client, &sandbox)),
+        Command::Snapshots { client } => cli::main(cli::snapshots(&client)),
+        Command::DeleteSnapshot { snapshot, client } => {
+            cli::main(cli::delete_snapshot(&client, &snapshot))
+        }
+        Command::Fork {
+            from,
+            count,
+            client,
+        } => cli::main(cli::fork(&client, &from, count)),
         Command::Sandboxes { client } => cli::main(cli::sandboxes(&client)),
     };
     std::process::exit(code);

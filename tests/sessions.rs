@@ -366,9 +366,17 @@ async fn python_sessions_keep_their_variables_and_report_values_and_errors() {
     let r = run(&d, &id, &py, "raise ValueError('v' * 40_000_000)").await;
     assert_eq!(r["error"]["ename"], "ValueError");
     let evalue = r["error"]["evalue"].as_str().unwrap_or_default();
-    assert!(evalue.len() <= (1 << 20) + 3 && evalue.ends_with("..."), "{}", evalue.len());
+    assert!(
+        evalue.len() <= (1 << 20) + 3 && evalue.ends_with("..."),
+        "{}",
+        evalue.len()
+    );
     let r = run(&d, &id, &py, "'w' * 40_000_000").await;
-    assert!(r["value"].as_str().is_some_and(|v| v.len() <= (1 << 20) + 3));
+    assert!(
+        r["value"]
+            .as_str()
+            .is_some_and(|v| v.len() <= (1 << 20) + 3)
+    );
     assert_eq!(run(&d, &id, &py, "x").await["value"], "42");
 
     // Python sessions are isolated from each other.

@@ -70,6 +70,10 @@ pub struct AgentArgs {
     /// `memory.events`), to tell OOM kills from other deaths.
     #[arg(long)]
     pub memory_events_fd: Option<i32>,
+    /// A descriptor of the sandbox's writable layers, held open for the daemon's snapshots
+    /// (it reaches them through this process); the agent never uses it.
+    #[arg(long)]
+    pub layers_fd: Option<i32>,
 }
 
 struct Agent {
@@ -136,6 +140,11 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
             return Err(std::io::Error::other("give --listen-fd or --socket"));
         }
     };
+    if let Some(fd) = args.layers_fd {
+        // Kept open for the agent's life, but not passed to the commands it starts.
+        // SAFETY: fcntl on a descriptor the runtime handed us.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let agent = Arc::new(Agent {
         children: exec::Children::new(oom::OomCounter::open(args.memory_events_fd)),
         base_env: std::env::vars().collect(),

@@ -10,12 +10,14 @@ pub mod pools;
 pub mod pty;
 pub mod sandboxes;
 pub mod sessions;
+pub mod snapshots;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use exec::{ExecEvent, ExecOutcome, ExecRequest, ExecResult, SignalRequest};
 pub use files::{FileContent, FileInfo, WriteFilesRequest, WriteFilesResponse};
 pub use pools::{NetworkMode, PoolList, PoolSpec, PoolStatus, PoolView, ReusePolicy};
 pub use sandboxes::{AcquireRequest, SandboxInfo, SandboxList, SandboxState};
+pub use snapshots::{ForkRequest, SnapshotInfo, SnapshotList};
 
 /// Media type of streamed exec output: one JSON [`ExecEvent`] per line.
 pub const NDJSON: &str = "application/x-ndjson";

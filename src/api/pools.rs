@@ -42,6 +42,9 @@ pub enum NetworkMode {
     Host,
 }
 
+/// The longest idle time before an auto-pause: a year.
+pub const MAX_AUTO_PAUSE_SECONDS: u64 = 365 * 24 * 3600;
+
 /// What a pool's sandboxes look like and how many to keep warm.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -67,6 +70,9 @@ pub struct PoolSpec {
     pub env: BTreeMap<String, String>,
     pub idle_timeout_seconds: Option<u64>,
     pub max_lifetime_seconds: Option<u64>,
+    /// Freeze a leased sandbox (no CPU, memory kept) once no request has touched it for this
+    /// long; the next request thaws it first.
+    pub auto_pause_after_seconds: Option<u64>,
 }
 
 impl Default for PoolSpec {
@@ -87,6 +93,7 @@ impl Default for PoolSpec {
             env: BTreeMap::new(),
             idle_timeout_seconds: None,
             max_lifetime_seconds: None,
+            auto_pause_after_seconds: None,
         }
     }
 }
@@ -118,6 +125,13 @@ impl PoolSpec {
         if self.disk_mb < 1 {
             return Err("`disk_mb` must be at least 1".into());
         }
+        if let Some(after) = self.auto_pause_after_seconds
+            && !(1..=MAX_AUTO_PAUSE_SECONDS).contains(&after)
+        {
+            return Err(format!(
+                "`auto_pause_after_seconds` must be between 1 and {MAX_AUTO_PAUSE_SECONDS}"
+            ));
+        }
         // What only one runtime understands (`image`, `rootfs`, `read_only_root`) is checked by
         // that runtime: `Runtime::validate`.
         for (key, value) in &self.env {
@@ -131,6 +145,9 @@ impl PoolSpec {
 pub struct PoolStatus {
     pub idle: usize,
     pub allocated: usize,
+    /// Allocated sandboxes that are paused (frozen), by their holder or for idleness.
+    #[serde(default)]
+    pub paused: usize,
     pub starting: usize,
     pub total: usize,
     pub ready: bool,

@@ -148,6 +148,7 @@ impl Manager {
             Some(stored) => Some(stored.to_lease().ok_or("its lease record is malformed")?),
             None => None,
         };
+        // The runtime thaws a paused sandbox to vouch for it; frozen again below.
         let created = self
             .runtime
             .adopt(&record.id, record.runtime)
@@ -164,6 +165,14 @@ impl Manager {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(format!("its agent does not answer: {}", e.message)),
             Err(_) => return Err("its agent does not answer".into()),
+        }
+        sb.set_base(record.base.clone());
+        if record.paused && lease.is_some() {
+            self.runtime
+                .set_paused(&record.id, true)
+                .await
+                .map_err(|e| format!("it cannot be paused again: {e}"))?;
+            sb.paused.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         // The idle deadline starts again now: uses while no daemon was there went unseen.
         let leased = lease.is_some();

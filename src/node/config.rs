@@ -50,6 +50,12 @@ pub struct NodeArgs {
     /// Client connections open at once at most; more are answered 503 `overloaded` [default: 8192]
     #[arg(long, global = true, env = "ARL_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Snapshots kept on this node at most [default: 64]
+    #[arg(long, global = true, env = "ARL_MAX_SNAPSHOTS")]
+    pub max_snapshots: Option<usize>,
+    /// MiB of file data all snapshots on this node may hold [default: 8192]
+    #[arg(long, global = true, env = "ARL_SNAPSHOT_MB")]
+    pub snapshot_mb: Option<u64>,
     /// Serve without a token file on a non-loopback address (anyone who reaches it can run code)
     #[arg(long, global = true, env = "ARL_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
@@ -111,6 +117,8 @@ struct FileConfig {
     insecure_registries: Vec<String>,
     registry_auth_file: Option<PathBuf>,
     max_connections: Option<usize>,
+    max_snapshots: Option<usize>,
+    snapshot_mb: Option<u64>,
     #[serde(default)]
     allow_unauthenticated: bool,
     e2b_listen: Option<String>,
@@ -134,6 +142,7 @@ pub struct Settings {
     pub containerd_socket: PathBuf,
     pub registry: RegistryOptions,
     pub max_connections: usize,
+    pub snapshots: super::snapshots::Limits,
     pub allow_unauthenticated: bool,
     pub e2b: E2bSettings,
     pub front_threads: usize,
@@ -212,6 +221,14 @@ impl NodeArgs {
                 .or(file.max_connections)
                 .unwrap_or(8192)
                 .max(1),
+            snapshots: super::snapshots::Limits {
+                count: self.max_snapshots.or(file.max_snapshots).unwrap_or(64),
+                bytes: self
+                    .snapshot_mb
+                    .or(file.snapshot_mb)
+                    .unwrap_or(8192)
+                    .saturating_mul(1 << 20),
+            },
             allow_unauthenticated: self.allow_unauthenticated || file.allow_unauthenticated,
             e2b: E2bSettings {
                 listen: self.e2b_listen.or(file.e2b_listen),

@@ -1,5 +1,5 @@
 //! Housekeeping: the death watch that replaces a sandbox whose agent dies, lease expiry
-//! (lifetime and idleness) and health checks of idle sandboxes.
+//! (lifetime and idleness), auto-pauses (`pause.rs`) and health checks of idle sandboxes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +50,10 @@ impl Manager {
         loop {
             tick.tick().await;
             round += 1;
-            self.expire_leases(now_ms());
+            let now = now_ms();
+            self.expire_leases(now);
+            self.auto_pause_idle(now);
+            self.collect_snapshots();
             if round.is_multiple_of(HEALTH_CHECK_ROUNDS) {
                 self.check_idle();
             }

@@ -167,6 +167,9 @@ impl Manager {
             let keep = reuse == ReusePolicy::Reset
                 && !st.is_deleted()
                 && !sb.paused.load(Ordering::Relaxed)
+                // A fork stands on its snapshot (the parent's files, even outside what a reset
+                // wipes): never handed to another lease.
+                && sb.base().is_none()
                 && !self.is_draining();
             st.end_lease(keep);
             keep

@@ -6,7 +6,6 @@
 //! a small file: creation and destruction run in background tasks.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -69,6 +68,8 @@ pub struct Manager {
     pub(super) tasks: tokio::runtime::Handle,
     /// Each sandbox's pool and lease on disk, for a successor daemon.
     pub(super) records: Records,
+    /// The node's snapshots (absent in unit tests of the lease core).
+    pub(super) snapshots: std::sync::OnceLock<super::snapshots::Snapshots>,
     pub metrics: Metrics,
     pub auth: Auth,
     /// Cancelled when the node starts shutting down: refills stop, new work is refused.
@@ -93,6 +94,7 @@ impl Manager {
             background: TaskTracker::new(),
             tasks: tokio::runtime::Handle::current(),
             records,
+            snapshots: std::sync::OnceLock::new(),
             metrics: Metrics::new(),
             auth,
             shutdown: CancellationToken::new(),
@@ -152,12 +154,17 @@ impl Manager {
 
     pub fn pool_views(&self) -> Vec<PoolView> {
         let pools = snapshot(&self.pools);
+        let paused = self.paused_counts();
         let mut views: Vec<PoolView> = pools
             .iter()
-            .map(|p| PoolView {
-                name: p.name.clone(),
-                spec: p.spec(),
-                status: p.status(),
+            .map(|p| {
+                let mut status = p.status();
+                status.paused = paused.get(&p.name).copied().unwrap_or(0);
+                PoolView {
+                    name: p.name.clone(),
+                    spec: p.spec(),
+                    status,
+                }
             })
             .collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
@@ -166,10 +173,12 @@ impl Manager {
 
     pub fn pool_view(&self, name: &str) -> Result<PoolView, ApiError> {
         let pool = self.pool(name)?;
+        let mut status = pool.status();
+        status.paused = self.paused_counts().get(name).copied().unwrap_or(0);
         Ok(PoolView {
             name: pool.name.clone(),
             spec: pool.spec(),
-            status: pool.status(),
+            status,
         })
     }
 
@@ -222,6 +231,9 @@ impl Manager {
             .remove(name)
             .ok_or_else(|| ApiError::not_found(format!("no pool named {name:?}")))?;
         self.records.remove_pool(name);
+        if let Some(store) = self.snapshots.get() {
+            store.doom_pool(name);
+        }
         let idle = pool.state().delete();
         pool.refill.notify_one();
         for sb in idle {
@@ -341,10 +353,9 @@ impl Manager {
         out
     }
 
-    pub async fn set_paused(&self, sb: &Sandbox, paused: bool) -> Result<(), ApiError> {
-        self.runtime.set_paused(&sb.id, paused).await?;
-        sb.paused.store(paused, Ordering::Relaxed);
-        Ok(())
+    /// Whether the sandbox is still in the live map (not released, not dead).
+    pub(super) fn is_live(&self, id: &str) -> bool {
+        self.sandboxes.read_or_recover().contains_key(id)
     }
 
     /// Updates the per-state gauges (called when metrics are scraped).
@@ -354,6 +365,7 @@ impl Manager {
                 ("idle", view.status.idle),
                 ("allocated", view.status.allocated),
                 ("starting", view.status.starting),
+                ("paused", view.status.paused),
             ] {
                 self.metrics
                     .sandboxes
@@ -404,6 +416,9 @@ impl Manager {
             Err(e) => tracing::warn!(error = %e, "final sweep failed"),
         }
         self.records.clear();
+        if let Some(store) = self.snapshots.get() {
+            store.clear();
+        }
         tracing::info!(sandboxes = n, "all sandboxes destroyed");
     }
 }

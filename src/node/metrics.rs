@@ -17,6 +17,9 @@ pub struct Metrics {
     pub exec_seconds: HistogramVec,
     pub create_seconds: HistogramVec,
     pub http_seconds: HistogramVec,
+    pub pause_seconds: HistogramVec,
+    pub snapshot_seconds: HistogramVec,
+    pub fork_seconds: HistogramVec,
     /// Connections each front thread accepted: shows whether they spread over the threads.
     pub http_connections_total: IntCounterVec,
     pub execs_total: CounterVec,
@@ -56,6 +59,21 @@ impl Metrics {
                 "arl_http_request_seconds",
                 "HTTP request latency by route template and status code.",
                 &["route", "code"],
+            ),
+            pause_seconds: histogram(
+                "arl_pause_seconds",
+                "Time to freeze (pause) or thaw (resume) a sandbox; cause is explicit (its holder asked) or auto (idleness, or a request to a paused sandbox).",
+                &["action", "cause"],
+            ),
+            snapshot_seconds: histogram(
+                "arl_snapshot_seconds",
+                "Time to snapshot a sandbox's writable state.",
+                &["pool"],
+            ),
+            fork_seconds: histogram(
+                "arl_fork_seconds",
+                "Time to fork sandboxes from a snapshot, all of one request.",
+                &["pool"],
             ),
             http_connections_total: IntCounterVec::new(
                 Opts::new(
@@ -98,6 +116,9 @@ impl Metrics {
             Box::new(m.exec_seconds.clone()),
             Box::new(m.create_seconds.clone()),
             Box::new(m.http_seconds.clone()),
+            Box::new(m.pause_seconds.clone()),
+            Box::new(m.snapshot_seconds.clone()),
+            Box::new(m.fork_seconds.clone()),
             Box::new(m.http_connections_total.clone()),
             Box::new(m.execs_total.clone()),
             Box::new(m.sandbox_failures_total.clone()),

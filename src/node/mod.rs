@@ -6,6 +6,7 @@ mod adopt;
 pub(crate) mod agent_client;
 pub(crate) mod auth;
 mod config;
+mod fork;
 mod housekeeping;
 mod lease;
 #[cfg(test)]
@@ -14,12 +15,14 @@ mod listen;
 pub(crate) mod manager;
 mod metrics;
 pub(crate) mod once;
+pub(crate) mod pause;
 mod pool;
 mod records;
 mod refill;
 mod routes;
 pub(crate) mod sandbox;
 mod server;
+mod snapshots;
 #[cfg(test)]
 mod testing;
 pub mod trajectory;
@@ -132,6 +135,10 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
         settings.create_concurrency,
         records,
     );
+    mgr.set_snapshots(snapshots::Snapshots::open(
+        &settings.state_dir,
+        settings.snapshots,
+    )?);
     let adopted = mgr.start(&settings.pools).await?;
     if adopted != adopt::Adopted::default() {
         tracing::info!(
@@ -219,6 +226,7 @@ async fn cleanup(settings: &config::Settings) -> Result<(), NodeError> {
     let records = records::Records::open(&settings.state_dir)?;
     let n = runtime.reclaim().await?;
     records.clear();
+    snapshots::Snapshots::open(&settings.state_dir, settings.snapshots)?.clear();
     tracing::info!(
         sandboxes = n,
         "destroyed the sandboxes left on this state directory"

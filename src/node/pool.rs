@@ -125,6 +125,22 @@ impl PoolState {
         Ok((taken, missing))
     }
 
+    /// Reserves room for `count` forks, created for a lease (ended by
+    /// [`finish_lease_starts`](Self::finish_lease_starts)). `Exhausted::idle` says how many
+    /// more the pool has room for.
+    pub fn reserve_forks(&mut self, count: usize, max: usize) -> Result<(), Exhausted> {
+        let room = if self.deleted {
+            0
+        } else {
+            max.saturating_sub(self.total())
+        };
+        if room < count {
+            return Err(Exhausted { idle: room });
+        }
+        self.starting += count;
+        Ok(())
+    }
+
     /// The creations reserved by [`lease`](Self::lease) ended: the `created` sandboxes (at
     /// most `reserved`) begin `lease` and are now allocated.
     pub fn finish_lease_starts(
@@ -222,6 +238,7 @@ impl Pool {
         PoolStatus {
             idle: st.idle.len(),
             allocated: st.allocated,
+            paused: 0,
             starting: st.starting,
             total: st.total(),
             ready: st.idle.len() >= spec.min_idle.min(spec.max.saturating_sub(st.allocated)),

@@ -60,6 +60,12 @@ pub struct Record {
     /// Absent while the sandbox is idle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<StoredLease>,
+    /// Frozen when recorded: a successor thaws it to check its agent, then freezes it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// The snapshot it was forked from, which must outlive it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 /// A lease on disk: the owner as the hex digest of its token (never the token itself).
@@ -123,6 +129,10 @@ struct RecordView<'a> {
     created_at_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     lease: Option<LeaseView<'a>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    paused: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -151,6 +161,8 @@ impl<'a> RecordView<'a> {
             pool,
             runtime,
             created_at_ms,
+            paused: false,
+            base: None,
             lease: lease.map(|lease| LeaseView {
                 owner: lease.owner.map(hex::encode),
                 env: &lease.env,
@@ -172,6 +184,8 @@ impl Record {
             runtime: sb.runtime,
             created_at_ms: sb.created_at_ms,
             lease: sb.lease().as_ref().map(StoredLease::from_lease),
+            paused: sb.paused.load(std::sync::atomic::Ordering::SeqCst),
+            base: sb.base(),
         }
     }
 }
@@ -288,13 +302,17 @@ impl Records {
     /// sandbox works on, only a successor could not take it back.
     pub fn save(&self, sb: &Sandbox) {
         let lease = sb.lease();
-        let view = RecordView::new(
-            &sb.id,
-            &sb.pool,
-            sb.runtime,
-            sb.created_at_ms,
-            lease.as_ref(),
-        );
+        let view = RecordView {
+            paused: sb.paused.load(std::sync::atomic::Ordering::SeqCst),
+            base: sb.base(),
+            ..RecordView::new(
+                &sb.id,
+                &sb.pool,
+                sb.runtime,
+                sb.created_at_ms,
+                lease.as_ref(),
+            )
+        };
         if let Err(e) = self.write_line(&sb.id, || serde_json::to_vec(&view)) {
             tracing::warn!(sandbox = %sb.id, error = %e, "sandbox record not saved");
         }
@@ -422,6 +440,8 @@ mod tests {
                 idle_timeout_ms: None,
                 request_id: Some("r-1".into()),
             })),
+            paused: true,
+            base: Some("snap-1".into()),
         };
         let idle = Record {
             id: "sb-2".into(),
@@ -473,15 +493,27 @@ mod tests {
             request_id: None,
             ..lease.clone()
         };
-        for lease in [Some(&lease), Some(&without_request), None] {
+        let cases = [
+            (Some(&lease), false, None),
+            (Some(&lease), true, Some("snap-2")),
+            (Some(&without_request), false, Some("snap-3")),
+            (None, false, None),
+        ];
+        for (lease, paused, base) in cases {
             let record = Record {
                 id: "sb-9".into(),
                 pool: "p".into(),
                 runtime: RuntimeKind::Process,
                 created_at_ms: 2,
                 lease: lease.map(StoredLease::from_lease),
+                paused,
+                base: base.map(str::to_string),
             };
-            let view = RecordView::new("sb-9", "p", RuntimeKind::Process, 2, lease);
+            let view = RecordView {
+                paused,
+                base: base.map(str::to_string),
+                ..RecordView::new("sb-9", "p", RuntimeKind::Process, 2, lease)
+            };
             let line = serde_json::to_vec(&view).expect("view");
             assert_eq!(line, serde_json::to_vec(&record).expect("record"));
             let parsed: Record = serde_json::from_slice(&line).expect("parse");
@@ -499,6 +531,8 @@ mod tests {
             runtime: RuntimeKind::Process,
             created_at_ms: 1,
             lease: None,
+            paused: false,
+            base: None,
         };
         records.put(&idle).expect("put");
         records.remove("sb-5");

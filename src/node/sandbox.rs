@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use std::time::Duration;
 
@@ -33,6 +33,14 @@ pub struct Sandbox {
     /// Last time a request touched it (ms since the epoch).
     last_used_ms: AtomicU64,
     pub paused: AtomicBool,
+    /// Requests under way (`pause::InUse` guards): a sandbox in use is never auto-paused.
+    pub(super) in_use: AtomicUsize,
+    /// Set while an auto-pause decides, so a request arriving meanwhile waits for it and thaws.
+    pub(super) pausing: AtomicBool,
+    /// Serialises freezing and thawing.
+    pub(super) pause_lock: tokio::sync::Mutex<()>,
+    /// The snapshot it was forked from, if any.
+    base: Mutex<Option<String>>,
     /// Exec results by request id, for retries.
     pub execs: OnceMap<String, CachedReply>,
     /// Why the sandbox died, once its runtime has said.
@@ -83,6 +91,10 @@ impl Sandbox {
             lease: Mutex::new(None),
             last_used_ms: AtomicU64::new(now),
             paused: AtomicBool::new(false),
+            in_use: AtomicUsize::new(0),
+            pausing: AtomicBool::new(false),
+            pause_lock: tokio::sync::Mutex::new(()),
+            base: Mutex::new(None),
             execs: OnceMap::new(IDEMPOTENCY_ENTRIES),
             death: watch::Sender::new(None),
             trajectory: Trajectory::default(),
@@ -100,6 +112,14 @@ impl Sandbox {
         let mut rx = self.death.subscribe();
         let found = tokio::time::timeout(grace, rx.wait_for(|d| d.is_some())).await;
         found.ok()?.ok()?.clone()
+    }
+
+    pub fn base(&self) -> Option<String> {
+        self.base.lock_or_recover().clone()
+    }
+
+    pub fn set_base(&self, base: Option<String>) {
+        *self.base.lock_or_recover() = base;
     }
 
     pub fn lease(&self) -> Option<Lease> {

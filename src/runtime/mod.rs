@@ -10,7 +10,7 @@ pub mod process;
 pub mod registry;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -61,6 +61,11 @@ pub enum RuntimeError {
         #[source]
         source: BackendError,
     },
+    /// A snapshot would be larger than the bytes allowed to it.
+    #[error(
+        "the sandbox's writable state is over the {limit} bytes left for snapshots on this node"
+    )]
+    TooLarge { limit: u64 },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -71,6 +76,9 @@ impl From<RuntimeError> for ApiError {
         match err {
             RuntimeError::NotSupported { .. } => {
                 ApiError::new(ErrorCode::NotSupported, err.to_string())
+            }
+            RuntimeError::TooLarge { .. } => {
+                ApiError::new(ErrorCode::PayloadTooLarge, err.to_string())
             }
             RuntimeError::Unavailable { .. }
             | RuntimeError::Create(_)
@@ -146,6 +154,41 @@ pub trait Runtime: Send + Sync + 'static {
             Err(RuntimeError::NotSupported {
                 runtime: kind,
                 operation: "pause",
+            })
+        })
+    }
+
+    /// Copies the sandbox's writable state (its files, never its processes) into `dest`, a
+    /// directory that does not exist yet, to be stacked under forks; at most `limit` bytes.
+    /// The caller has frozen the sandbox. Returns the bytes copied.
+    fn snapshot<'a>(
+        &'a self,
+        _id: &'a str,
+        _dest: &'a Path,
+        _limit: u64,
+    ) -> BoxFuture<'a, Result<u64, RuntimeError>> {
+        let kind = self.kind();
+        Box::pin(async move {
+            Err(RuntimeError::NotSupported {
+                runtime: kind,
+                operation: "snapshot",
+            })
+        })
+    }
+
+    /// Creates a sandbox whose writable state starts as the snapshots in `base` (top first,
+    /// each one `snapshot`'s `dest`), copy-on-write where the runtime can.
+    fn fork<'a>(
+        &'a self,
+        _id: &'a str,
+        _spec: &'a PoolSpec,
+        _base: &'a [PathBuf],
+    ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+        let kind = self.kind();
+        Box::pin(async move {
+            Err(RuntimeError::NotSupported {
+                runtime: kind,
+                operation: "fork",
             })
         })
     }

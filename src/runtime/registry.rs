@@ -89,6 +89,47 @@ impl Runtime for Runtimes {
         })
     }
 
+    fn fork<'a>(
+        &'a self,
+        id: &'a str,
+        spec: &'a PoolSpec,
+        base: &'a [std::path::PathBuf],
+    ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+        Box::pin(async move {
+            let runtime = self.get(spec.runtime)?;
+            self.owners
+                .lock_or_recover()
+                .insert(id.to_string(), spec.runtime);
+            let budget = runtime.budgets().create;
+            match tokio::time::timeout(budget, runtime.fork(id, spec, base)).await {
+                Ok(created) => created,
+                Err(_) => Err(RuntimeError::OverBudget {
+                    runtime: runtime.kind(),
+                    operation: "forking",
+                    id: id.to_string(),
+                    budget,
+                }),
+            }
+        })
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        id: &'a str,
+        dest: &'a std::path::Path,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<u64, RuntimeError>> {
+        match self.owner(id) {
+            Some(runtime) => runtime.snapshot(id, dest, limit),
+            None => Box::pin(async move {
+                Err(RuntimeError::Destroy {
+                    id: id.to_string(),
+                    reason: "no runtime holds it".into(),
+                })
+            }),
+        }
+    }
+
     fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
             let result = match self.owner(id) {
@@ -137,7 +178,13 @@ impl Runtime for Runtimes {
         kind: RuntimeKind,
     ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
         Box::pin(async move {
-            let created = self.get(kind)?.adopt(id, kind).await?;
+            let runtime = self.get(kind)?;
+            // A paused sandbox is thawed to be vouched for (its agent must answer); the caller
+            // freezes it again. Always, not only when its record says paused: a daemon that
+            // died between a freeze and its record left it frozen all the same. Thawing a
+            // running sandbox does nothing.
+            let _ = runtime.set_paused(id, false).await;
+            let created = runtime.adopt(id, kind).await?;
             self.owners.lock_or_recover().insert(id.to_string(), kind);
             Ok(created)
         })

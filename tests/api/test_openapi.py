@@ -62,6 +62,17 @@ UNREACHABLE = {
     ("post", "/v1/sandboxes/{id}/resume", "501"),
     ("post", "/v1/sandboxes/{id}/sessions", "500"),
     ("post", "/v1/sandboxes/{id}/sessions/{sid}/run", "500"),
+    # Snapshots: `internal` needs a broken host (a copy that fails midway); every runtime built
+    # in can snapshot and fork, and every node keeps snapshots, so `not_supported` never comes.
+    ("post", "/v1/sandboxes/{id}/snapshots", "500"),
+    ("post", "/v1/sandboxes/{id}/fork", "500"),
+    ("post", "/v1/snapshots/{id}/fork", "500"),
+    ("post", "/v1/sandboxes/{id}/snapshots", "501"),
+    ("post", "/v1/sandboxes/{id}/fork", "501"),
+    ("post", "/v1/snapshots/{id}/fork", "501"),
+    ("get", "/v1/snapshots", "501"),
+    ("get", "/v1/snapshots/{id}", "501"),
+    ("delete", "/v1/snapshots/{id}", "501"),
 }
 
 # (method, path template, status, error code) documented but provoked elsewhere: a node none of
@@ -70,6 +81,10 @@ UNREACHABLE_CODES = {
     ("get", "/readyz", "503", "sandbox_unavailable"),
     # A file over 4 GiB: too large to send in a test (a full disk is 507, tested).
     ("put", "/v1/sandboxes/{id}/files", "413", "payload_too_large"),
+    # A fork whose sandbox cannot be created: the pool's sandboxes are made the same way, so a
+    # snapshot of that pool cannot be taken in the first place.
+    ("post", "/v1/sandboxes/{id}/fork", "503", "sandbox_unavailable"),
+    ("post", "/v1/snapshots/{id}/fork", "503", "sandbox_unavailable"),
 }
 
 # Operations that start new work: a draining node refuses them with `503 draining`.
@@ -84,6 +99,9 @@ NEW_WORK = {
     ("post", "/v1/sandboxes/{id}/resume"),
     ("post", "/v1/sandboxes/{id}/sessions"),
     ("post", "/v1/sandboxes/{id}/sessions/{sid}/run"),
+    ("post", "/v1/sandboxes/{id}/snapshots"),
+    ("post", "/v1/sandboxes/{id}/fork"),
+    ("post", "/v1/snapshots/{id}/fork"),
 }
 
 
@@ -319,6 +337,9 @@ class Node:
             "--config", str(self.dir / "config.toml"),
             "--token-file", str(self.dir / "tokens"),
             "--uid-base", str(self.uid_base),
+            # Small snapshot bounds, so that tests reach them.
+            "--max-snapshots", "2",
+            "--snapshot-mb", "1",
         ]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -511,6 +532,8 @@ SAMPLE: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/v1/sandboxes/{id}/files"): {"json_body": {"files": {"sample.txt": "x"}}},
     ("post", "/v1/sandboxes/{id}/sessions"): {"json_body": {"kind": "shell"}},
     ("post", "/v1/sandboxes/{id}/sessions/{sid}/run"): {"json_body": {"code": "true"}},
+    ("post", "/v1/sandboxes/{id}/fork"): {"json_body": {"count": 1}},
+    ("post", "/v1/snapshots/{id}/fork"): {"json_body": {"count": 1}},
 }
 
 
@@ -602,10 +625,12 @@ def test_pools(api: Api) -> None:
     assert view["spec"]["env"] == {"POOL_VAR": "from-pool", "POOL_ONLY": "pool"}
     api.call("GET", "/v1/pools/{name}", name="no-such-pool", expect=404, code="not_found")
 
-    spec = {"min_idle": 0, "max": 3, "memory_mb": 128, "reuse": "reset", "env": {"A": "1"}, "idle_timeout_seconds": 60}
+    spec = {"min_idle": 0, "max": 3, "memory_mb": 128, "reuse": "reset", "env": {"A": "1"}, "idle_timeout_seconds": 60,
+            "auto_pause_after_seconds": 30}
     view = api.call("PUT", "/v1/pools/{name}", name="api-test", json_body=spec, expect=200, valid_request=True)
     assert view["name"] == "api-test"
     assert view["spec"]["memory_mb"] == 128 and view["spec"]["reuse"] == "reset"
+    assert view["spec"]["auto_pause_after_seconds"] == 30 and view["status"]["paused"] == 0
     # A PUT replaces the whole spec: omitted fields go back to their defaults.
     view = api.call("PUT", "/v1/pools/{name}", name="api-test", json_body={"min_idle": 0, "max": 2},
                     expect=200, valid_request=True)
@@ -620,6 +645,7 @@ def test_pools(api: Api) -> None:
         ("api-test", {"max": 0}),
         ("api-test", {"memory_mb": 8}),
         ("api-test", {"rootfs": "relative/dir"}),
+        ("api-test", {"auto_pause_after_seconds": 0}),
     ]:
         api.call("PUT", "/v1/pools/{name}", name=name, json_body=body, expect=400, code="bad_request")
     for body in [{"maxx": 3}, {"runtime": "vm"}, {"max": -1}, {"network": "bridge"}, {"env": {"A": 1}}]:
@@ -796,23 +822,134 @@ def test_exec_ndjson_stream(api: Api, sandbox: str) -> None:
     api.call("POST", "/v1/sandboxes/{id}/exec", id=sandbox, raw=b"nope", headers=ndjson, expect=400)
 
 
+def paused_in(api: Api, pool: str) -> int:
+    return int(api.call("GET", "/v1/pools/{name}", name=pool, expect=200)["status"]["paused"])
+
+
 def test_pause_resume(api: Api, sandbox: str) -> None:
+    api.sh(sandbox, "echo kept > /tmp/p")
     for _ in range(2):  # idempotent
         info = api.call("POST", "/v1/sandboxes/{id}/pause", id=sandbox, expect=200)
         assert info["id"] == sandbox
-    # Every route that needs the sandbox's agent refuses; the others work.
-    for method, template in sandbox_operations(api.contract):
-        # The trajectory is the node's own record: it needs no agent.
-        if template == "/v1/sandboxes/{id}" or template.endswith(("/pause", "/resume", "/trajectory")):
-            continue
-        api.call(method.upper(), template, id=sandbox, expect=409, code="conflict",
-                 **SAMPLE.get((method, template), {}))
-    api.exec(sandbox, {"cmd": ["true"]}, headers={"Accept": NDJSON}, expect=409, code="conflict")
+    assert paused_in(api, "default") == 1
     assert api.call("GET", "/v1/sandboxes/{id}", id=sandbox, expect=200)["id"] == sandbox
+    assert paused_in(api, "default") == 1
+    # Every route that needs the sandbox's agent thaws it first, transparently.
+    assert api.sh(sandbox, "cat /tmp/p")["stdout"] == "kept\n"
+    assert paused_in(api, "default") == 0
+    api.call("POST", "/v1/sandboxes/{id}/pause", id=sandbox, expect=200)
+    events = api.exec(sandbox, {"cmd": ["cat", "/tmp/p"]}, headers={"Accept": NDJSON})
+    assert events[-1]["exit_code"] == 0 and "kept" in "".join(e.get("data", "") for e in events)
+    api.call("POST", "/v1/sandboxes/{id}/pause", id=sandbox, expect=200)
+    assert api.call("GET", "/v1/sandboxes/{id}/files", id=sandbox, query={"path": "/tmp/p"}, expect=200) == b"kept\n"
+    api.call("POST", "/v1/sandboxes/{id}/pause", id=sandbox, expect=200)
+    api.call("POST", "/v1/sandboxes/{id}/reset", id=sandbox, expect=200)
+    api.call("POST", "/v1/sandboxes/{id}/pause", id=sandbox, expect=200)
     for _ in range(2):
         info = api.call("POST", "/v1/sandboxes/{id}/resume", id=sandbox, expect=200)
         assert info["id"] == sandbox
+    assert paused_in(api, "default") == 0
     assert api.sh(sandbox, "echo back")["stdout"] == "back\n"
+
+
+def wait_gone(api: Api, snapshot: str) -> None:
+    deadline = time.monotonic() + 10
+    while api.node.request("GET", f"/v1/snapshots/{snapshot}").status != 404:
+        assert time.monotonic() < deadline, f"snapshot {snapshot} never went"
+        time.sleep(0.02)
+
+
+def test_snapshots_and_forks(api: Api) -> None:
+    parent = api.acquire("default", env={"FROM": "parent"})
+    try:
+        api.sh(parent, "echo snap > /workspace/f")
+        snap = api.call("POST", "/v1/sandboxes/{id}/snapshots", id=parent, expect=201)
+        sid = snap["id"]
+        assert sid.startswith("snap-") and snap["sandbox"] == parent and snap["pool"] == "default"
+        assert snap["forks"] == 0 and snap["bytes"] > 0 and "parent" not in snap
+        assert api.call("GET", "/v1/snapshots/{id}", id=sid, expect=200)["id"] == sid
+        assert [s["id"] for s in api.call("GET", "/v1/snapshots", expect=200)["snapshots"]] == [sid]
+        assert api.call("GET", "/v1/snapshots", token=api.node.other_token, expect=200)["snapshots"] == []
+        for method, template, kw in [("GET", "/v1/snapshots/{id}", {}), ("DELETE", "/v1/snapshots/{id}", {}),
+                                     ("POST", "/v1/snapshots/{id}/fork", {"json_body": {"count": 1}})]:
+            api.call(method, template, id=sid, token=api.node.other_token, expect=403, code="forbidden", **kw)
+            api.call(method, template, id="snap-0000000000000000", expect=404, code="not_found", **kw)
+
+        req = {"count": 2, "env": {"X": "1"}, "labels": {"branch": "b"}, "ttl_seconds": 600}
+        forks = api.call("POST", "/v1/snapshots/{id}/fork", id=sid, json_body=req, expect=201,
+                         valid_request=True)["sandboxes"]
+        assert len(forks) == 2
+        for f in forks:
+            assert f["state"] == "allocated" and f["pool"] == "default" and f["labels"] == {"branch": "b"}
+            assert f["expires_at_ms"] == f["acquired_at_ms"] + 600_000
+        assert api.sh(forks[0]["id"], "cat f; echo $FROM $X")["stdout"] == "snap\nparent 1\n"
+        api.sh(forks[0]["id"], "echo changed > f")
+        assert api.sh(forks[1]["id"], "cat f")["stdout"] == "snap\n"
+        assert api.sh(parent, "cat f")["stdout"] == "snap\n"
+        # No body: one fork.
+        forks += api.call("POST", "/v1/snapshots/{id}/fork", id=sid, expect=201)["sandboxes"]
+        assert api.call("GET", "/v1/snapshots/{id}", id=sid, expect=200)["forks"] == 3
+        api.call("DELETE", "/v1/snapshots/{id}", id=sid, expect=409, code="conflict")
+
+        # A snapshot of a fork stacks on its parent's; this node keeps at most 2.
+        second = api.call("POST", "/v1/sandboxes/{id}/snapshots", id=forks[0]["id"], expect=201)
+        assert second["parent"] == sid
+        api.call("POST", "/v1/sandboxes/{id}/snapshots", id=parent, expect=409, code="conflict")
+        api.call("POST", "/v1/sandboxes/{id}/fork", id=parent, expect=409, code="conflict")
+        api.call("DELETE", "/v1/snapshots/{id}", id=second["id"], expect=204)
+        for f in forks:
+            api.release(f["id"])
+        api.call("DELETE", "/v1/snapshots/{id}", id=sid, expect=204)
+        api.call("DELETE", "/v1/snapshots/{id}", id=sid, expect=404, code="not_found")
+
+        # Straight from a live sandbox: the snapshot taken on the way is not listed.
+        live = api.call("POST", "/v1/sandboxes/{id}/fork", id=parent, json_body={"count": 1}, expect=201,
+                        valid_request=True)["sandboxes"]
+        assert api.sh(live[0]["id"], "cat f")["stdout"] == "snap\n"
+        assert api.call("GET", "/v1/snapshots", expect=200)["snapshots"] == []
+        api.release(live[0]["id"])
+
+        for bad in [{"count": 0}, {"count": 1025}, {"bogus": 1}, {"count": "1"},
+                    {"labels": {str(i): "x" for i in range(65)}}]:
+            api.call("POST", "/v1/sandboxes/{id}/fork", id=parent, json_body=bad, expect=400, code="bad_request",
+                     valid_request=False)
+            api.call("POST", "/v1/snapshots/{id}/fork", id="snap-0000000000000000", json_body=bad, expect=400,
+                     code="bad_request", valid_request=False)
+        api.call("POST", "/v1/sandboxes/{id}/fork", id=parent, json_body={"env": {"A=B": "x"}}, expect=400,
+                 code="bad_request")
+        api.call("POST", "/v1/sandboxes/{id}/fork", id=parent, raw=b"{bad json", expect=400, code="bad_request")
+        api.call("POST", "/v1/sandboxes/{id}/fork", id=parent, raw=b" " * ((1 << 20) + 1), expect=413,
+                 code="payload_too_large")
+
+        # Over the node's snapshot bytes (1 MiB here): refused, and the sandbox runs on.
+        api.sh(parent, "head -c 2000000 /dev/zero > big")
+        api.call("POST", "/v1/sandboxes/{id}/snapshots", id=parent, expect=413, code="payload_too_large")
+        api.call("POST", "/v1/sandboxes/{id}/fork", id=parent, expect=413, code="payload_too_large")
+        assert api.sh(parent, "echo up")["stdout"] == "up\n"
+    finally:
+        api.node.request("DELETE", f"/v1/sandboxes/{parent}")
+
+
+def test_fork_pool_errors(api: Api) -> None:
+    # No room in the pool (tiny: max 1) for a fork.
+    sid = api.acquire("tiny")
+    try:
+        api.call("POST", "/v1/sandboxes/{id}/fork", id=sid, expect=503, code="pool_exhausted")
+        snap = api.call("POST", "/v1/sandboxes/{id}/snapshots", id=sid, expect=201)["id"]
+        api.call("POST", "/v1/snapshots/{id}/fork", id=snap, expect=503, code="pool_exhausted")
+        api.call("DELETE", "/v1/snapshots/{id}", id=snap, expect=204)
+    finally:
+        api.release(sid)
+    # The snapshot's pool is gone: no fork; the snapshot goes once its last fork does.
+    api.call("PUT", "/v1/pools/{name}", name="api-fork", json_body={"min_idle": 0, "max": 2}, expect=200)
+    sid = api.acquire("api-fork")
+    snap = api.call("POST", "/v1/sandboxes/{id}/snapshots", id=sid, expect=201)["id"]
+    fork = api.call("POST", "/v1/snapshots/{id}/fork", id=snap, expect=201)["sandboxes"][0]["id"]
+    api.call("DELETE", "/v1/pools/{name}", name="api-fork", expect=204)
+    api.call("POST", "/v1/snapshots/{id}/fork", id=snap, expect=409, code="conflict")
+    api.release(sid)
+    api.release(fork)
+    wait_gone(api, snap)
 
 
 def test_files_streamed(api: Api, sandbox: str) -> None:

@@ -141,6 +141,33 @@ def test_async_lifecycle_and_errors(daemon) -> None:  # type: ignore[no-untyped-
     run(body, daemon.url)
 
 
+def test_async_pause_snapshot_fork(daemon) -> None:  # type: ignore[no-untyped-def]
+    async def body(c: arl.AsyncClient) -> None:
+        async with c.sandbox("default") as sb:
+            await sb.write_files({"f.txt": "one"})
+            assert (await sb.pause()).id == sb.id
+            assert (await c.pool("default")).status.paused == 1
+            assert (await sb.exec("cat f.txt")).stdout == "one"  # thawed on the way
+            await sb.pause()
+            await sb.resume()
+            assert (await c.pool("default")).status.paused == 0
+            snap = await sb.snapshot()
+            assert snap.sandbox == sb.id and snap.id in {s.id for s in await c.snapshots()}
+            async with await c.fork(snap, 2) as forks:
+                assert [await f.read_file("f.txt") for f in forks] == [b"one", b"one"]
+                await forks[0].write_files({"f.txt": "two"})
+                assert await forks[1].read_file("f.txt") == b"one"
+                assert await sb.read_file("f.txt") == b"one"
+            async with await sb.fork(env={"X": "1"}) as live:
+                assert (await live[0].exec("cat f.txt; echo $X")).stdout == "one1\n"
+            await c.delete_snapshot(snap)
+            assert await c.snapshots() == []
+            with pytest.raises(arl.NotFound):
+                await c.delete_snapshot(snap)
+
+    run(body, daemon.url)
+
+
 def test_async_unreachable() -> None:
     from conftest import free_port
 

@@ -198,6 +198,65 @@ def test_reset(sb: arl.Sandbox) -> None:
     assert sb.exec(["echo", "after"]).stdout == "after\n"
 
 
+def test_pause_thaws_on_the_next_call(client: arl.Client, sb: arl.Sandbox) -> None:
+    sb.write_files({"/tmp/p": "kept"})
+    assert sb.pause().id == sb.id
+    sb.pause()  # idempotent
+    assert client.pool("default").status.paused == 1
+    # Any call that needs the sandbox thaws it first, transparently.
+    assert sb.exec("cat /tmp/p").stdout == "kept"
+    assert client.pool("default").status.paused == 0
+    sb.pause()
+    assert sb.resume().id == sb.id
+    sb.resume()
+    assert client.pool("default").status.paused == 0
+
+
+def test_auto_pause_option(client: arl.Client) -> None:
+    info = client.put_pool("auto-pause-pool", min_idle=0, max=1, auto_pause_after_seconds=60)
+    try:
+        assert info.spec.auto_pause_after_seconds == 60
+        assert client.pool("auto-pause-pool").spec.auto_pause_after_seconds == 60
+        with pytest.raises(arl.BadRequest):
+            client.put_pool("auto-pause-pool", min_idle=0, max=1, auto_pause_after_seconds=0)
+    finally:
+        client.delete_pool("auto-pause-pool", missing_ok=True)
+
+
+def test_snapshot_and_fork(client: arl.Client, sb: arl.Sandbox) -> None:
+    sb.write_files({"state.txt": "parent"})
+    snap = sb.snapshot()
+    assert isinstance(snap, arl.SnapshotInfo)
+    assert snap.id.startswith("snap-") and snap.sandbox == sb.id and snap.pool == "default"
+    assert snap.bytes > 0 and snap.endpoint == sb.endpoint
+    assert snap.id in {s.id for s in client.snapshots()}
+    with client.fork(snap, 2, env={"FORKED": "yes"}, labels={"branch": "b"}) as forks:
+        assert len(forks) == 2 and len({f.id for f in forks}) == 2
+        for f in forks:
+            assert f.read_file("state.txt") == b"parent"
+            assert f.exec("echo $FORKED").stdout == "yes\n"
+            assert f.info.labels.get("branch") == "b"
+        forks[0].write_files({"state.txt": "child"})
+        assert forks[1].read_file("state.txt") == b"parent"
+        assert sb.read_file("state.txt") == b"parent"
+        assert next(s for s in client.snapshots() if s.id == snap.id).forks == 2
+        # In use: refused while its forks live.
+        with pytest.raises(arl.ArlError) as ei:
+            client.delete_snapshot(snap)
+        assert ei.value.status == 409 and ei.value.code == "conflict"
+    client.delete_snapshot(snap)
+    assert snap.id not in {s.id for s in client.snapshots()}
+    client.delete_snapshot(snap, missing_ok=True)
+    with pytest.raises(arl.NotFound):
+        client.delete_snapshot(snap)
+    # Straight from the live sandbox: the snapshot on the way is not listed.
+    with sb.fork() as live:
+        assert len(live) == 1 and live[0].read_file("state.txt") == b"parent"
+        assert client.snapshots() == []
+    with pytest.raises(arl.BadRequest):
+        sb.fork(0)
+
+
 def test_release_and_context_manager(client: arl.Client) -> None:
     with client.sandbox("default") as sb:
         sid = sb.id

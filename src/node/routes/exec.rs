@@ -27,6 +27,7 @@ use crate::node::agent_client::{AGENT_TIMEOUT, agent_request, passthrough, reply
 use crate::node::auth::Owner;
 use crate::node::manager::Manager;
 use crate::node::once::{self, Claim};
+use crate::node::pause::InUse;
 use crate::node::sandbox::{CachedReply, Sandbox};
 use crate::node::trajectory::{self, Outcome, Step};
 use crate::util::now_ms;
@@ -40,12 +41,16 @@ const MAX_LINE: usize = 1 << 20;
 
 type Publish = Option<(String, watch::Sender<Option<CachedReply>>)>;
 
+/// Held until a command's end, even if its client goes: a draining node waits for the first,
+/// and the second keeps the sandbox from being auto-paused under the running command.
+pub type Held = (TaskTrackerToken, InUse);
+
 pub async fn exec(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
     owner: Owner,
     req: Request<Incoming>,
-    work: TaskTrackerToken,
+    work: Held,
 ) -> Result<Response<Body>, ApiError> {
     let streaming = http::wants_ndjson(&req);
     let mut exec_req: ExecRequest = http::read_json(req, MAX_EXEC_BODY).await?;
@@ -204,7 +209,7 @@ async fn stream(
     body: Vec<u8>,
     publish: Publish,
     (started, step): (Instant, Step),
-    work: TaskTrackerToken,
+    work: Held,
 ) -> Result<Response<Body>, ApiError> {
     let mut agent_req = agent_request(Method::POST, "/exec", http::full(body))?;
     agent_req
@@ -247,8 +252,8 @@ async fn relay(
     tx: tokio::sync::mpsc::Sender<Result<Bytes, http::BoxError>>,
     publish: Publish,
     (started, mut step): (Instant, Step),
-    // Held until the command's end: a draining node waits for it.
-    _work: TaskTrackerToken,
+    // Held until the command's end.
+    _work: Held,
 ) {
     let mut client = Some(tx);
     let mut events = Rebuild::default();

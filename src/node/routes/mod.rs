@@ -11,10 +11,10 @@ mod pools;
 mod pty;
 mod sandboxes;
 mod sessions;
+mod snapshots;
 mod trajectory;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -24,6 +24,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::auth::Owner;
 use super::manager::Manager;
+use super::pause::InUse;
 use super::sandbox::Sandbox;
 use crate::api::{ApiError, ErrorCode};
 use crate::http::{self, Body};
@@ -48,6 +49,11 @@ pub enum Route<'a> {
     SessionRun(&'a str, &'a str),
     Trajectory(&'a str),
     Pty(&'a str),
+    SandboxSnapshots(&'a str),
+    SandboxFork(&'a str),
+    Snapshots,
+    Snapshot(&'a str),
+    SnapshotFork(&'a str),
 }
 
 impl<'a> Route<'a> {
@@ -72,6 +78,11 @@ impl<'a> Route<'a> {
             ["v1", "sandboxes", id, "sessions", sid, "run"] => Self::SessionRun(id, sid),
             ["v1", "sandboxes", id, "trajectory"] => Self::Trajectory(id),
             ["v1", "sandboxes", id, "pty"] => Self::Pty(id),
+            ["v1", "sandboxes", id, "snapshots"] => Self::SandboxSnapshots(id),
+            ["v1", "sandboxes", id, "fork"] => Self::SandboxFork(id),
+            ["v1", "snapshots"] => Self::Snapshots,
+            ["v1", "snapshots", id] => Self::Snapshot(id),
+            ["v1", "snapshots", id, "fork"] => Self::SnapshotFork(id),
             _ => return None,
         })
     }
@@ -96,6 +107,11 @@ impl<'a> Route<'a> {
             Self::SessionRun(..) => "/v1/sandboxes/{id}/sessions/{sid}/run",
             Self::Trajectory(_) => "/v1/sandboxes/{id}/trajectory",
             Self::Pty(_) => "/v1/sandboxes/{id}/pty",
+            Self::SandboxSnapshots(_) => "/v1/sandboxes/{id}/snapshots",
+            Self::SandboxFork(_) => "/v1/sandboxes/{id}/fork",
+            Self::Snapshots => "/v1/snapshots",
+            Self::Snapshot(_) => "/v1/snapshots/{id}",
+            Self::SnapshotFork(_) => "/v1/snapshots/{id}/fork",
         }
     }
 
@@ -107,7 +123,12 @@ impl<'a> Route<'a> {
             | Self::Metrics
             | Self::Pools
             | Self::Trajectory(_)
+            | Self::Snapshots
             | Self::Pty(_) => &[Method::GET],
+            Self::Snapshot(_) => &[Method::GET, Method::DELETE],
+            Self::SandboxSnapshots(_) | Self::SandboxFork(_) | Self::SnapshotFork(_) => {
+                &[Method::POST]
+            }
             Self::Pool(_) => &[Method::GET, Method::PUT, Method::DELETE],
             Self::Sandboxes | Self::Sessions(_) => &[Method::GET, Method::POST],
             Self::Sandbox(_) | Self::Session(..) => &[Method::GET, Method::DELETE],
@@ -203,34 +224,44 @@ async fn v1(
         Route::Sandbox(id) if req.method() == Method::DELETE => sandboxes::release(mgr, id, &owner),
         Route::Sandbox(id) => lookup(mgr, id, &owner).map(|sb| sandboxes::info(&sb)),
         Route::Exec(id) => {
-            let sb = usable(mgr, id, &owner)?;
-            explain_death(&sb.clone(), exec::exec(mgr, sb, owner, req, work).await).await
+            let (sb, in_use) = usable(mgr, id, &owner).await?;
+            let result = exec::exec(mgr, sb.clone(), owner, req, (work, in_use)).await;
+            explain_death(&sb, result).await
         }
         Route::Files(id) => {
-            let sb = usable(mgr, id, &owner)?;
+            let (sb, _in_use) = usable(mgr, id, &owner).await?;
             explain_death(&sb.clone(), files::files(sb, req).await).await
         }
         Route::Reset(id) => {
-            let sb = usable(mgr, id, &owner)?;
+            let (sb, _in_use) = usable(mgr, id, &owner).await?;
             explain_death(&sb.clone(), sandboxes::reset(mgr, sb).await).await
         }
         Route::Sessions(id) => {
-            let sb = usable(mgr, id, &owner)?;
+            let (sb, _in_use) = usable(mgr, id, &owner).await?;
             explain_death(&sb.clone(), sessions::collection(sb, req).await).await
         }
         Route::Session(id, sid) => {
-            let sb = usable(mgr, id, &owner)?;
+            let (sb, _in_use) = usable(mgr, id, &owner).await?;
             explain_death(&sb.clone(), sessions::one(sb, sid, req).await).await
         }
         Route::SessionRun(id, sid) => {
-            let sb = usable(mgr, id, &owner)?;
-            explain_death(&sb.clone(), sessions::run(mgr, sb, sid, req, work).await).await
+            let (sb, in_use) = usable(mgr, id, &owner).await?;
+            let result = sessions::run(mgr, sb.clone(), sid, req, (work, in_use)).await;
+            explain_death(&sb, result).await
         }
         Route::Trajectory(id) => lookup(mgr, id, &owner).map(|sb| trajectory::export(&sb)),
         Route::Pty(id) => {
-            let sb = usable(mgr, id, &owner)?;
-            explain_death(&sb.clone(), pty::open(sb, req).await).await
+            let (sb, in_use) = usable(mgr, id, &owner).await?;
+            explain_death(&sb.clone(), pty::open(sb, req, in_use).await).await
         }
+        Route::SandboxSnapshots(id) => snapshots::take(mgr, lookup(mgr, id, &owner)?, owner).await,
+        Route::SandboxFork(id) => {
+            snapshots::fork_sandbox(mgr, lookup(mgr, id, &owner)?, owner, req).await
+        }
+        Route::Snapshots => snapshots::list(mgr, &owner),
+        Route::Snapshot(id) if req.method() == Method::DELETE => snapshots::delete(mgr, id, &owner),
+        Route::Snapshot(id) => snapshots::info(mgr, id, &owner),
+        Route::SnapshotFork(id) => snapshots::fork_snapshot(mgr, id, owner, req).await,
         Route::Pause(id) => sandboxes::set_paused(mgr, lookup(mgr, id, &owner)?, true).await,
         Route::Resume(id) => sandboxes::set_paused(mgr, lookup(mgr, id, &owner)?, false).await,
         Route::Healthz | Route::Readyz | Route::Metrics => {
@@ -264,16 +295,16 @@ fn lookup(mgr: &Manager, id: &str, owner: &Owner) -> Result<Arc<Sandbox>, ApiErr
     mgr.sandbox(id, owner)
 }
 
-/// A sandbox whose agent may be called: a paused one must be resumed first.
-fn usable(mgr: &Manager, id: &str, owner: &Owner) -> Result<Arc<Sandbox>, ApiError> {
+/// A sandbox whose agent may be called, counted in use until the guard drops: a paused one
+/// is resumed first.
+pub(super) async fn usable(
+    mgr: &Manager,
+    id: &str,
+    owner: &Owner,
+) -> Result<(Arc<Sandbox>, InUse), ApiError> {
     let sb = lookup(mgr, id, owner)?;
-    if sb.paused.load(Ordering::Relaxed) {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            "the sandbox is paused; resume it first",
-        ));
-    }
-    Ok(sb)
+    let in_use = mgr.enter(&sb).await?;
+    Ok((sb, in_use))
 }
 
 #[cfg(test)]
@@ -316,6 +347,11 @@ mod tests {
             "/v1/sandboxes/s/sessions/shell-1/run",
             "/v1/sandboxes/s/trajectory",
             "/v1/sandboxes/s/pty",
+            "/v1/sandboxes/s/snapshots",
+            "/v1/sandboxes/s/fork",
+            "/v1/snapshots",
+            "/v1/snapshots/x",
+            "/v1/snapshots/x/fork",
         ] {
             let route = Route::parse(path).expect(path);
             assert!(!route.methods().is_empty(), "{path}");

@@ -17,6 +17,7 @@ use crate::api::ApiError;
 use crate::api::pty::{PtySize, websocket_key};
 use crate::http::{self, Body};
 use crate::node::agent_client::passthrough;
+use crate::node::pause::InUse;
 use crate::node::sandbox::Sandbox;
 use crate::node::trajectory::Step;
 use crate::util::now_ms;
@@ -24,6 +25,7 @@ use crate::util::now_ms;
 pub async fn open(
     sb: Arc<Sandbox>,
     mut req: Request<Incoming>,
+    in_use: InUse,
 ) -> Result<Response<Body>, ApiError> {
     let key = websocket_key(req.headers())
         .map_err(ApiError::bad_request)?
@@ -55,6 +57,8 @@ pub async fn open(
     let agent_side = hyper::upgrade::on(&mut agent_resp);
     let client_side = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
+        // An open terminal keeps the sandbox from being auto-paused under its user.
+        let _in_use = in_use;
         let (Ok(agent), Ok(client)) = tokio::join!(agent_side, client_side) else {
             // Either side failed to switch: dropping the other ends the terminal.
             return;

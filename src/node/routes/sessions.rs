@@ -11,8 +11,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::ACCEPT;
 use hyper::{Method, Request, Response};
-use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use super::exec::Held;
 use crate::api::sessions::{CreateSessionRequest, MAX_CODE_BYTES, RunRequest};
 use crate::api::{ApiError, NDJSON};
 use crate::http::{self, Body, ChannelBody, MAX_JSON_BODY};
@@ -113,7 +113,7 @@ pub async fn run(
     sb: Arc<Sandbox>,
     sid: &str,
     req: Request<Incoming>,
-    work: TaskTrackerToken,
+    work: Held,
 ) -> Result<Response<Body>, ApiError> {
     if !valid_session_id(sid) {
         return Err(no_session(sid));
@@ -178,7 +178,8 @@ async fn relay(
     mut agent_body: Incoming,
     tx: tokio::sync::mpsc::Sender<Result<Bytes, http::BoxError>>,
     mut step: Step,
-    _work: TaskTrackerToken,
+    // Held until the run's end: a draining node waits, and no auto-pause comes under it.
+    _work: Held,
 ) {
     let started = Instant::now();
     let mut line: Vec<u8> = Vec::new();

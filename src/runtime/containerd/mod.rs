@@ -37,6 +37,7 @@ mod image;
 mod oci;
 mod remap;
 mod seccomp;
+mod snapshot;
 mod spec;
 
 use image::Images;
@@ -698,6 +699,24 @@ impl Runtime for ContainerdRuntime {
             };
             result.map(|_| ()).map_err(RuntimeError::from)
         })
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        id: &'a str,
+        dest: &'a std::path::Path,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<u64, RuntimeError>> {
+        Box::pin(self.snapshot_inner(id, dest, limit))
+    }
+
+    fn fork<'a>(
+        &'a self,
+        id: &'a str,
+        spec: &'a PoolSpec,
+        base: &'a [PathBuf],
+    ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+        Box::pin(self.fork_inner(id, spec, base))
     }
 
     fn reclaim(&self) -> BoxFuture<'_, Result<usize, RuntimeError>> {

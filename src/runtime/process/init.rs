@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::NetworkMode;
 
-use super::seccomp;
+use super::{seccomp, snapshot};
 
 /// Everything the helper needs, passed as one JSON argument.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,7 +42,13 @@ pub struct InitConfig {
     pub rootfs: Option<PathBuf>,
     /// The memory cgroup's counters file, handed to the agent open (to tell OOM kills).
     pub memory_events: Option<PathBuf>,
+    /// Snapshot directories to stack under the sandbox's layers, top first (a fork).
+    #[serde(default)]
+    pub base: Vec<PathBuf>,
 }
+
+/// Where the agent holds the sandbox's layers tmpfs open, for snapshots (`snapshot.rs`).
+pub const LAYERS_FD: RawFd = 999;
 
 /// Host system directories a default sandbox sees (copy-on-write, through overlays).
 const SYSTEM_DIRS: &[&str] = &[
@@ -100,6 +106,9 @@ fn launch(cfg: &InitConfig) -> Result<i32, String> {
         None => None,
     };
     protect_agent_from_oom_killer();
+    // Made before the clone, so the sandbox's first process inherits them.
+    let bases = snapshot::base_mounts(&cfg.base, cfg.uid_base, cfg.id_count)?;
+    let base_fds: Vec<RawFd> = bases.iter().map(|fd| fd.as_raw_fd()).collect();
 
     let (go_read, go_write) = pipe()?;
     let (status_read, status_write) = pipe()?;
@@ -126,7 +135,7 @@ fn launch(cfg: &InitConfig) -> Result<i32, String> {
         devnull: devnull.as_raw_fd(),
         memory_events: memory_events.as_ref().map(|f| f.as_raw_fd()),
     };
-    let child = Box::new(move || child_main(&child_cfg, fds));
+    let child = Box::new(move || child_main(&child_cfg, fds, &base_fds));
     // SAFETY: this helper is single-threaded, so the cloned child owns a consistent copy of
     // the address space; it ends in execve or _exit and never returns into our frames.
     let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
@@ -182,14 +191,14 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
 }
 
 /// Runs in the cloned child: PID 1 of the new pid namespace.
-fn child_main(cfg: &InitConfig, fds: ChildFds) -> isize {
+fn child_main(cfg: &InitConfig, fds: ChildFds, bases: &[RawFd]) -> isize {
     let mut byte = [0u8; 1];
     // SAFETY: reading one byte from our own pipe fd.
     let n = unsafe { libc::read(fds.go, byte.as_mut_ptr().cast(), 1) };
     if n != 1 {
         return 1;
     }
-    let err = match setup(cfg, fds) {
+    let err = match setup(cfg, fds, bases) {
         Ok(never) => match never {},
         Err(e) => e,
     };
@@ -203,17 +212,20 @@ fn child_main(cfg: &InitConfig, fds: ChildFds) -> isize {
 
 enum Never {}
 
-fn setup(cfg: &InitConfig, fds: ChildFds) -> Result<Never, String> {
+fn setup(cfg: &InitConfig, fds: ChildFds, bases: &[RawFd]) -> Result<Never, String> {
     become_root()?;
-    build_root(cfg)?;
+    build_root(cfg, bases)?;
     nix::unistd::sethostname("sandbox").map_err(|e| format!("sethostname: {e}"))?;
     if cfg.network == NetworkMode::None {
         loopback_up()?;
     }
     stdio(fds)?;
-    // The listener (and the memory counters) must survive exec; everything else of ours is
-    // close-on-exec.
-    for fd in std::iter::once(fds.listener).chain(fds.memory_events) {
+    // The listener, the memory counters and the layers must survive exec; everything else of
+    // ours is close-on-exec.
+    for fd in [fds.listener, LAYERS_FD]
+        .into_iter()
+        .chain(fds.memory_events)
+    {
         // SAFETY: fcntl on an fd we own.
         if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
             return Err(format!(
@@ -251,15 +263,17 @@ fn mkdir(path: &Path, mode: u32) -> Result<(), String> {
         .map_err(|e| format!("chmod {}: {e}", path.display()))
 }
 
-fn overlay(lower: &Path, layers: &Path, target: &Path) -> Result<(), String> {
+/// An overlay of `lowers` (top first) with its upper layer in `layers`, on `target`.
+fn overlay(lowers: &[PathBuf], layers: &Path, target: &Path) -> Result<(), String> {
     let upper = layers.join("upper");
     let work = layers.join("work");
     for d in [layers, &upper, &work, target] {
         mkdir(d, 0o755)?;
     }
+    let lower: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
+    let lower = lower.join(":");
     let data = format!(
-        "lowerdir={},upperdir={},workdir={},userxattr",
-        lower.display(),
+        "lowerdir={lower},upperdir={},workdir={},userxattr",
         upper.display(),
         work.display()
     );
@@ -270,14 +284,22 @@ fn overlay(lower: &Path, layers: &Path, target: &Path) -> Result<(), String> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some(data.as_str()),
     )
-    .map_err(mount_err(
-        &format!("overlay of {}", lower.display()),
-        target,
-    ))
+    .map_err(mount_err(&format!("overlay of {lower}"), target))
+}
+
+/// The lower layers of the overlay named `name`: the snapshots' layers of that name (top
+/// first), then `own` (the host's directory or the pool's rootfs), if any.
+fn lowers(snapshots: &[PathBuf], name: &str, own: Option<PathBuf>) -> Vec<PathBuf> {
+    snapshots
+        .iter()
+        .map(|s| s.join(name))
+        .filter(|l| l.is_dir())
+        .chain(own)
+        .collect()
 }
 
 /// Builds the sandbox root and pivots into it.
-fn build_root(cfg: &InitConfig) -> Result<(), String> {
+fn build_root(cfg: &InitConfig, bases: &[RawFd]) -> Result<(), String> {
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(mount_err("private propagation", Path::new("/")))?;
@@ -302,20 +324,43 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
         Some(size.as_str()),
     )
     .map_err(mount_err("tmpfs", &base))?;
+    hold_layers(&base)?;
     let layers = base.join("layers");
     let root = base.join("rootfs");
     mkdir(&layers, 0o700)?;
+    // A fork's snapshots, attached under the tmpfs (they leave with the old root below; the
+    // overlays keep their own references).
+    let mut snapshots = Vec::new();
+    if !bases.is_empty() {
+        mkdir(&base.join("base"), 0o700)?;
+    }
+    for (i, fd) in bases.iter().enumerate() {
+        let at = base.join("base").join(i.to_string());
+        mkdir(&at, 0o700)?;
+        snapshot::attach(*fd, &at)?;
+        snapshots.push(at);
+    }
 
     match &rootfs {
         Some(dir) => {
-            let lower = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-            overlay(&lower, &layers.join("root"), &root)?
+            let own = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+            overlay(
+                &lowers(&snapshots, "root", Some(own)),
+                &layers.join("root"),
+                &root,
+            )?
         }
         None => {
-            mkdir(&root, 0o755)?;
-            // pivot_root needs the new root to be a mount point.
-            mount(Some(&root), &root, none, MsFlags::MS_BIND, none)
-                .map_err(mount_err("bind", &root))?;
+            let below = lowers(&snapshots, snapshot::ROOT_LAYER, None);
+            if below.is_empty() {
+                mkdir(&root, 0o755)?;
+                // pivot_root needs the new root to be a mount point.
+                mount(Some(&root), &root, none, MsFlags::MS_BIND, none)
+                    .map_err(mount_err("bind", &root))?;
+            } else {
+                // A fork's root: its snapshots' directories, copy-on-write.
+                overlay(&below, &layers.join(snapshot::ROOT_LAYER), &root)?;
+            }
             for dir in SYSTEM_DIRS {
                 let host = Path::new(dir);
                 let name = &dir[1..];
@@ -327,7 +372,11 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
                         symlink(&target, &inside)
                             .map_err(|e| format!("symlink {}: {e}", inside.display()))?;
                     }
-                    Ok(meta) if meta.is_dir() => overlay(host, &layers.join(name), &inside)?,
+                    Ok(meta) if meta.is_dir() => overlay(
+                        &lowers(&snapshots, name, Some(host.to_path_buf())),
+                        &layers.join(name),
+                        &inside,
+                    )?,
                     _ => {}
                 }
             }
@@ -366,6 +415,17 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
     umount2("/.oldroot", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?;
     fs::remove_dir("/.oldroot").map_err(|e| format!("remove old root: {e}"))?;
     nix::unistd::chdir("/workspace").map_err(|e| format!("chdir /workspace: {e}"))
+}
+
+/// Opens the layers tmpfs at the agent's `LAYERS_FD` (not close-on-exec; the agent marks it
+/// so), for the daemon's snapshots.
+fn hold_layers(base: &Path) -> Result<(), String> {
+    let dir = fs::File::open(base).map_err(|e| format!("open {}: {e}", base.display()))?;
+    // SAFETY: dup2 onto a descriptor number far above any this process has open.
+    if unsafe { libc::dup2(dir.as_raw_fd(), LAYERS_FD) } < 0 {
+        return Err(format!("hold layers: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn build_dev(dev: &Path) -> Result<(), String> {
@@ -484,7 +544,15 @@ fn drop_privileges() -> Result<(), String> {
 fn exec_agent(fds: ChildFds) -> Result<Never, String> {
     let listen = fds.listener.to_string();
     let events = fds.memory_events.map(|fd| fd.to_string());
-    let mut args: Vec<&str> = vec!["arl", "agent", "--listen-fd", &listen];
+    let layers = LAYERS_FD.to_string();
+    let mut args: Vec<&str> = vec![
+        "arl",
+        "agent",
+        "--listen-fd",
+        &listen,
+        "--layers-fd",
+        &layers,
+    ];
     if let Some(events) = &events {
         args.extend(["--memory-events-fd", events]);
     }

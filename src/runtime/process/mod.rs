@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod init;
 pub mod seccomp;
+pub mod snapshot;
 
 use std::collections::HashMap;
 use std::fs;
@@ -46,12 +47,17 @@ struct Meta {
     /// The sandbox's uid range (absent in records of older daemons: not adoptable).
     #[serde(default)]
     slot: Option<u32>,
+    /// Where its agent holds the layers tmpfs (absent in records of older daemons: such a
+    /// sandbox cannot be snapshotted).
+    #[serde(default)]
+    layers_fd: Option<i32>,
 }
 
 struct Live {
     pid: i32,
     pidfd: Arc<AsyncFd<OwnedFd>>,
     slot: u32,
+    layers_fd: Option<i32>,
 }
 
 pub struct ProcessRuntime {
@@ -155,6 +161,7 @@ impl ProcessRuntime {
         id: &str,
         spec: &PoolSpec,
         slot: u32,
+        base: &[PathBuf],
     ) -> Result<Created, RuntimeError> {
         let dir = self.dir(id);
         fs::DirBuilder::new().mode(0o700).create(&dir)?;
@@ -178,6 +185,7 @@ impl ProcessRuntime {
             network: spec.network,
             rootfs: spec.rootfs.as_ref().map(PathBuf::from),
             memory_events: self.cgroups.memory_events(id),
+            base: base.to_vec(),
         };
         let json =
             serde_json::to_string(&config).map_err(|e| RuntimeError::Create(e.to_string()))?;
@@ -205,6 +213,7 @@ impl ProcessRuntime {
             pid,
             start_time: start_time(pid).unwrap_or(0),
             slot: Some(slot),
+            layers_fd: Some(init::LAYERS_FD),
         };
         fs::write(
             dir.join("meta.json"),
@@ -220,6 +229,7 @@ impl ProcessRuntime {
                         .map_err(|e| std::io::Error::other(e.to_string()))?,
                 ),
                 slot,
+                layers_fd: Some(init::LAYERS_FD),
             },
         );
         Ok(Created {
@@ -353,11 +363,73 @@ impl ProcessRuntime {
                 pid: meta.pid,
                 pidfd,
                 slot,
+                layers_fd: meta.layers_fd,
             },
         );
         Ok(Created {
             agent: AgentAddress::Unix(socket),
         })
+    }
+}
+
+impl ProcessRuntime {
+    /// Creates a sandbox, over the given snapshots (top first) for a fork.
+    async fn create_on(
+        &self,
+        id: &str,
+        spec: &PoolSpec,
+        base: &[PathBuf],
+    ) -> Result<Created, RuntimeError> {
+        if base.len() > snapshot::MAX_DEPTH {
+            return Err(RuntimeError::Create(format!(
+                "a fork stacks at most {} snapshots",
+                snapshot::MAX_DEPTH
+            )));
+        }
+        let slot = self.slots.lock_or_recover().take().ok_or_else(|| {
+            RuntimeError::Create(format!("more than {MAX_SLOTS} sandboxes on this node"))
+        })?;
+        let result = self.create_inner(id, spec, slot, base).await;
+        if result.is_err() {
+            let live = self.live.lock_or_recover().contains_key(id);
+            if live {
+                let _ = self.destroy_inner(id).await;
+            } else {
+                let _ = self.cgroups.remove(id).await;
+                let _ = fs::remove_dir_all(self.dir(id));
+                self.slots.lock_or_recover().free.push(slot);
+            }
+        }
+        result
+    }
+
+    /// Copies a (frozen) sandbox's writable layers into `dest`, through its agent's hold.
+    async fn snapshot_inner(&self, id: &str, dest: &Path, limit: u64) -> Result<u64, RuntimeError> {
+        let (pid, slot, layers_fd) = {
+            let live = self.live.lock_or_recover();
+            let live = live.get(id).ok_or_else(|| RuntimeError::Destroy {
+                id: id.to_string(),
+                reason: "no such sandbox".into(),
+            })?;
+            (live.pid, live.slot, live.layers_fd)
+        };
+        let layers_fd = layers_fd.ok_or(RuntimeError::NotSupported {
+            runtime: "process",
+            operation: "snapshot a sandbox made by an older daemon",
+        })?;
+        let root = snapshot::layers_root(pid, layers_fd);
+        let uid_base = self.config.uid_base + slot * IDS_PER_SANDBOX;
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || snapshot::copy_state(&root, &dest, uid_base, limit))
+            .await
+            .map_err(|e| RuntimeError::Io(std::io::Error::other(e.to_string())))?
+            .map_err(|e| match e {
+                snapshot::SnapshotError::TooLarge { limit } => RuntimeError::TooLarge { limit },
+                other => RuntimeError::Backend {
+                    runtime: "process",
+                    source: Box::new(other),
+                },
+            })
     }
 }
 
@@ -382,23 +454,25 @@ impl Runtime for ProcessRuntime {
         id: &'a str,
         spec: &'a PoolSpec,
     ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
-        Box::pin(async move {
-            let slot = self.slots.lock_or_recover().take().ok_or_else(|| {
-                RuntimeError::Create(format!("more than {MAX_SLOTS} sandboxes on this node"))
-            })?;
-            let result = self.create_inner(id, spec, slot).await;
-            if result.is_err() {
-                let live = self.live.lock_or_recover().contains_key(id);
-                if live {
-                    let _ = self.destroy_inner(id).await;
-                } else {
-                    let _ = self.cgroups.remove(id).await;
-                    let _ = fs::remove_dir_all(self.dir(id));
-                    self.slots.lock_or_recover().free.push(slot);
-                }
-            }
-            result
-        })
+        Box::pin(self.create_on(id, spec, &[]))
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        id: &'a str,
+        dest: &'a Path,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<u64, RuntimeError>> {
+        Box::pin(self.snapshot_inner(id, dest, limit))
+    }
+
+    fn fork<'a>(
+        &'a self,
+        id: &'a str,
+        spec: &'a PoolSpec,
+        base: &'a [PathBuf],
+    ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
+        Box::pin(self.create_on(id, spec, base))
     }
 
     fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {

@@ -62,6 +62,7 @@ from .types import (
     PythonError,
     RunResult,
     SandboxInfo,
+    SnapshotInfo,
 )
 
 __version__ = "0.1.0"
@@ -81,6 +82,7 @@ __all__ = [
     "ExecResult",
     "OutputChunk",
     "SandboxInfo",
+    "SnapshotInfo",
     "PoolInfo",
     "PoolSpec",
     "PoolStatus",

@@ -360,6 +360,25 @@ def acquire_body(
     return body
 
 
+def fork_body(
+    count: int,
+    env: Mapping[str, str] | None,
+    labels: Mapping[str, str] | None,
+    ttl: float | None,
+    idle_timeout: float | None,
+) -> bytes:
+    body: dict[str, Any] = {"count": count}
+    if env:
+        body["env"] = dict(env)
+    if labels:
+        body["labels"] = dict(labels)
+    if ttl is not None:
+        body["ttl_seconds"] = max(1, int(round(ttl)))
+    if idle_timeout is not None:
+        body["idle_timeout_seconds"] = max(1, int(round(idle_timeout)))
+    return dumps(body)
+
+
 class StreamAssembler:
     """Turns NDJSON exec events into :class:`OutputChunk` / :class:`ExecResult`, keeping the
     output so the final result carries the complete stdout/stderr (like ``exec``)."""

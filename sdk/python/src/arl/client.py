@@ -24,6 +24,7 @@ from ._common import (
     exec_read_timeout,
     file_query,
     files_body,
+    fork_body,
     loads,
     mode_str,
     new_request_id,
@@ -33,7 +34,7 @@ from ._common import (
 from ._sync_http import CANCELLED, CONN_ERRORS, acquiring, map_all, map_settled
 from ._sync_transport import Transport
 from .errors import ArlError, AuthError, InfraError, NotFound, PoolExhausted, PoolNotFound, SandboxNotFound
-from .types import ExecResult, FileInfo, LiveSessionInfo, OutputChunk, PoolInfo, PoolSpec, RunResult, SandboxInfo
+from .types import ExecResult, FileInfo, LiveSessionInfo, OutputChunk, PoolInfo, PoolSpec, RunResult, SandboxInfo, SnapshotInfo
 
 __all__ = ["Client", "Sandbox", "SandboxList", "LiveSession"]
 
@@ -336,6 +337,43 @@ class Client:
             d = self._t.request_json(ep, "GET", "/v1/sandboxes", timeout=self.timeout)
             out.extend(SandboxInfo.from_json(s, ep.url) for s in d.get("sandboxes", []))
         return out
+
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def snapshots(self, endpoint: str | None = None) -> list[SnapshotInfo]:
+        """The caller's snapshots on every endpoint (or on one)."""
+        eps = [self._ep(endpoint)] if endpoint else self._cfg.endpoints
+        out: list[SnapshotInfo] = []
+        for ep in eps:
+            d = self._t.request_json(ep, "GET", "/v1/snapshots", timeout=self.timeout)
+            out.extend(SnapshotInfo.from_json(s, ep.url) for s in d.get("snapshots", []))
+        return out
+
+    def delete_snapshot(self, snapshot: SnapshotInfo, *, missing_ok: bool = False) -> None:
+        """Delete a snapshot (refused while a fork of it is live)."""
+        ep = self._ep(snapshot.endpoint)
+        try:
+            self._t.request(ep, "DELETE", f"/v1/snapshots/{snapshot.id}", timeout=self.timeout, context="snapshot")
+        except NotFound:
+            if not missing_ok:
+                raise
+
+    def fork(
+        self,
+        snapshot: SnapshotInfo,
+        count: int = 1,
+        *,
+        env: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> SandboxList:
+        """``count`` new sandboxes whose files start as the snapshot's (on its node)."""
+        ep = self._ep(snapshot.endpoint)
+        body = fork_body(count, env, labels, ttl, idle_timeout)
+        d = self._t.request_json(ep, "POST", f"/v1/snapshots/{snapshot.id}/fork", body, timeout=max(self.timeout, 60.0), context="snapshot")
+        return SandboxList(Sandbox(self, ep, SandboxInfo.from_json(s, ep.url)) for s in d["sandboxes"])
 
 
 class Sandbox:
@@ -643,6 +681,40 @@ class Sandbox:
         if d:
             self.info = SandboxInfo.from_json(d, self._ep.url)
         return self.info
+
+    def pause(self) -> SandboxInfo:
+        """Freeze every process of the sandbox (no CPU; memory and files kept). The next call
+        that needs the sandbox (exec, files, reset) thaws it first, transparently."""
+        d = self._t.request_json(self._ep, "POST", self._base + "/pause", b"", timeout=self._c.timeout, context="sandbox")
+        self.info = SandboxInfo.from_json(d, self._ep.url)
+        return self.info
+
+    def resume(self) -> SandboxInfo:
+        """Thaw a paused sandbox (a no-op when it runs)."""
+        d = self._t.request_json(self._ep, "POST", self._base + "/resume", b"", timeout=self._c.timeout, context="sandbox")
+        self.info = SandboxInfo.from_json(d, self._ep.url)
+        return self.info
+
+    def snapshot(self) -> SnapshotInfo:
+        """Snapshot the sandbox's files (not its processes); fork from it with
+        :meth:`Client.fork`."""
+        d = self._t.request_json(self._ep, "POST", self._base + "/snapshots", b"", timeout=max(self._c.timeout, 60.0), context="sandbox")
+        return SnapshotInfo.from_json(d, self._ep.url)
+
+    def fork(
+        self,
+        count: int = 1,
+        *,
+        env: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> SandboxList:
+        """``count`` new sandboxes that start with this one's files and env (not its
+        processes); this one is unaffected."""
+        body = fork_body(count, env, labels, ttl, idle_timeout)
+        d = self._t.request_json(self._ep, "POST", self._base + "/fork", body, timeout=max(self._c.timeout, 60.0), context="sandbox")
+        return SandboxList(Sandbox(self._c, self._ep, SandboxInfo.from_json(s, self._ep.url)) for s in d["sandboxes"])
 
     def release(self) -> None:
         """Give the sandbox back (idempotent; a sandbox already gone or dead counts as released)."""

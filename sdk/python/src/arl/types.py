@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "SnapshotInfo",
     "ExecResult",
     "OutputChunk",
     "SandboxInfo",
@@ -115,6 +116,7 @@ class PoolSpec:
     env: dict[str, str] | None = None
     idle_timeout_seconds: int | None = None
     max_lifetime_seconds: int | None = None
+    auto_pause_after_seconds: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     _FIELDS = (
@@ -131,6 +133,7 @@ class PoolSpec:
         "env",
         "idle_timeout_seconds",
         "max_lifetime_seconds",
+        "auto_pause_after_seconds",
     )
 
     def to_json(self) -> dict[str, Any]:
@@ -146,9 +149,37 @@ class PoolSpec:
 
 
 @dataclass(slots=True)
+class SnapshotInfo:
+    """A snapshot of a sandbox's files, kept on the node at ``endpoint``."""
+
+    id: str
+    pool: str
+    sandbox: str
+    parent: str | None = None
+    bytes: int = 0
+    created_at_ms: int | None = None
+    forks: int = 0
+    endpoint: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], endpoint: str | None = None) -> SnapshotInfo:
+        return cls(
+            id=d["id"],
+            pool=d.get("pool", ""),
+            sandbox=d.get("sandbox", ""),
+            parent=d.get("parent"),
+            bytes=int(d.get("bytes", 0)),
+            created_at_ms=d.get("created_at_ms"),
+            forks=int(d.get("forks", 0)),
+            endpoint=endpoint,
+        )
+
+
+@dataclass(slots=True)
 class PoolStatus:
     idle: int = 0
     allocated: int = 0
+    paused: int = 0
     starting: int = 0
     total: int = 0
     ready: bool = False
@@ -160,6 +191,7 @@ class PoolStatus:
         return cls(
             idle=int(d.get("idle", 0)),
             allocated=int(d.get("allocated", 0)),
+            paused=int(d.get("paused", 0)),
             starting=int(d.get("starting", 0)),
             total=int(d.get("total", 0)),
             ready=bool(d.get("ready", False)),

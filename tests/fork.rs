@@ -1,0 +1,320 @@
+//! Snapshot and fork with real sandboxes: forks start with the parent's files (workspace,
+//! home, changes to system directories, deletions) and env but none of its processes, diverge
+//! independently, and leave the parent alone; snapshots are bounded per node with clear
+//! errors, cannot be deleted while forks stand on them, survive a restart, and leave nothing
+//! behind (directories, mounts, cgroups).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Options, Runtime};
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+
+fn options(rt: Runtime, args: &[&str]) -> Options {
+    Options {
+        config: Some("[pools.default]\nmin_idle = 1\nmax = 8\n".into()),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..Options::on(rt)
+    }
+}
+
+async fn acquire_with_env(d: &Daemon) -> String {
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"pool": "default", "env": {"FROM_PARENT": "yes"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["sandboxes"][0]["id"].as_str().unwrap().to_string()
+}
+
+async fn snapshot(d: &Daemon, id: &str) -> (StatusCode, Value) {
+    d.call(Method::POST, &format!("/v1/sandboxes/{id}/snapshots"), None)
+        .await
+}
+
+async fn fork(d: &Daemon, path: &str, count: usize) -> Vec<String> {
+    let (status, body) = d
+        .call(Method::POST, path, Some(json!({"count": count})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let ids: Vec<String> = body["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), count, "{body}");
+    ids
+}
+
+async fn out(d: &Daemon, id: &str, script: &str) -> String {
+    let r = d.sh(id, script).await;
+    assert_eq!(r["exit_code"], 0, "{script}: {r}");
+    r["stdout"].as_str().unwrap().to_string()
+}
+
+/// Snapshot directories this daemon keeps.
+fn snapshot_dirs(d: &Daemon) -> Vec<String> {
+    std::fs::read_dir(d.state_dir().join("snapshots"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Host mounts under the daemon's state directory (a fork's snapshot mounts live only in its
+/// sandbox's mount namespace).
+fn host_mounts(d: &Daemon) -> Vec<String> {
+    let state = d.state_dir();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(state.to_string_lossy().as_ref()))
+        .map(str::to_string)
+        .collect()
+}
+
+async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} never happened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forks_start_with_the_parents_files_and_diverge_alone() {
+    let mut d = Daemon::start(options(Runtime::Process, &[])).await;
+    let parent = acquire_with_env(&d).await;
+    out(
+        &d,
+        &parent,
+        "echo parent > /workspace/a.txt && mkdir -p /workspace/deep/er && echo x > /workspace/deep/er/f \
+         && echo home > /root/r && ln -s a.txt /workspace/link \
+         && (sleep 1000 >/dev/null 2>&1 &)",
+    )
+    .await;
+    let (status, snap) = snapshot(&d, &parent).await;
+    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    let snap_id = snap["id"].as_str().unwrap().to_string();
+    assert_eq!(snap["pool"], "default");
+    assert_eq!(snap["sandbox"], parent);
+    assert!(snap["bytes"].as_u64().unwrap() > 0, "{snap}");
+    // The parent runs on after the snapshot, and its later changes are its own.
+    out(&d, &parent, "echo later > /workspace/a.txt").await;
+
+    let forks = fork(&d, &format!("/v1/snapshots/{snap_id}/fork"), 2).await;
+    for f in &forks {
+        assert_eq!(out(&d, f, "cat /workspace/a.txt").await, "parent\n");
+        assert_eq!(out(&d, f, "cat /workspace/deep/er/f").await, "x\n");
+        assert_eq!(out(&d, f, "cat /root/r").await, "home\n");
+        assert_eq!(out(&d, f, "readlink /workspace/link").await, "a.txt\n");
+        // Root inside owns them and can change them (copy-up into the fork's own layer).
+        assert_eq!(out(&d, f, "stat -c %u:%g /workspace/a.txt").await, "0:0\n");
+        assert_eq!(out(&d, f, "echo $FROM_PARENT").await, "yes\n");
+        // No process comes along.
+        assert_eq!(
+            out(
+                &d,
+                f,
+                "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done | grep -c 'slee[p] 1000' || true"
+            )
+            .await,
+            "0\n"
+        );
+    }
+    out(
+        &d,
+        &forks[0],
+        "echo one > /workspace/a.txt && rm /workspace/deep/er/f",
+    )
+    .await;
+    assert_eq!(out(&d, &forks[0], "cat /workspace/a.txt").await, "one\n");
+    assert_eq!(out(&d, &forks[1], "cat /workspace/a.txt").await, "parent\n");
+    assert_eq!(out(&d, &forks[1], "cat /workspace/deep/er/f").await, "x\n");
+    assert_eq!(out(&d, &parent, "cat /workspace/a.txt").await, "later\n");
+    assert_eq!(out(&d, &parent, "cat /workspace/deep/er/f").await, "x\n");
+
+    // A fork of a fork stacks its own snapshot on its parent's.
+    let (status, second) = snapshot(&d, &forks[0]).await;
+    assert_eq!(status, StatusCode::CREATED, "{second}");
+    assert_eq!(second["parent"], snap_id.as_str());
+    let grandchild = fork(
+        &d,
+        &format!("/v1/snapshots/{}/fork", second["id"].as_str().unwrap()),
+        1,
+    )
+    .await;
+    assert_eq!(
+        out(&d, &grandchild[0], "cat /workspace/a.txt").await,
+        "one\n"
+    );
+    assert_eq!(
+        out(
+            &d,
+            &grandchild[0],
+            "test -e /workspace/deep/er/f || echo gone"
+        )
+        .await,
+        "gone\n"
+    );
+    assert_eq!(out(&d, &grandchild[0], "cat /root/r").await, "home\n");
+
+    // In use: neither snapshot can go while forks stand on them.
+    let (status, body) = d
+        .call(Method::DELETE, &format!("/v1/snapshots/{snap_id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (_, info) = d
+        .call(Method::GET, &format!("/v1/snapshots/{snap_id}"), None)
+        .await;
+    assert_eq!(info["forks"], 3, "{info}");
+
+    // Snapshots and their forks survive a restart of the daemon.
+    d.kill9();
+    d.spawn().await;
+    assert_eq!(out(&d, &forks[1], "cat /workspace/a.txt").await, "parent\n");
+    let (status, list) = d.call(Method::GET, "/v1/snapshots", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 2, "{list}");
+    let (status, _) = d
+        .call(Method::DELETE, &format!("/v1/snapshots/{snap_id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    // Released forks free the snapshots; deleting the pool removes what is left.
+    for id in forks.iter().chain(&grandchild) {
+        assert_eq!(d.release(id).await, StatusCode::NO_CONTENT);
+    }
+    let (status, body) = d
+        .call(
+            Method::DELETE,
+            &format!("/v1/snapshots/{}", second["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(snapshot_dirs(&d).len(), 1);
+    assert_eq!(d.release(&parent).await, StatusCode::NO_CONTENT);
+    let (status, _) = d.call(Method::DELETE, "/v1/pools/default", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    wait_until("the pool's snapshots removed", || {
+        snapshot_dirs(&d).is_empty()
+    })
+    .await;
+    wait_until("every sandbox gone", || d.leftovers().is_empty()).await;
+    assert!(host_mounts(&d).is_empty(), "{:?}", host_mounts(&d));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forking_a_live_sandbox_leaves_no_snapshot_behind() {
+    // A pool that reuses released sandboxes: a fork is destroyed all the same (it stands on
+    // its parent's files), so its snapshot goes.
+    let d = Daemon::start(Options {
+        config: Some("[pools.default]\nmin_idle = 1\nmax = 8\nreuse = \"reset\"\n".into()),
+        ..Options::on(Runtime::Process)
+    })
+    .await;
+    let parent = acquire_with_env(&d).await;
+    out(&d, &parent, "echo live > /workspace/f").await;
+    let forks = fork(&d, &format!("/v1/sandboxes/{parent}/fork"), 3).await;
+    for f in &forks {
+        assert_eq!(out(&d, f, "cat /workspace/f").await, "live\n");
+    }
+    // The snapshot on the way is not listed, and goes with the last fork.
+    let (_, list) = d.call(Method::GET, "/v1/snapshots", None).await;
+    assert_eq!(list["snapshots"], json!([]), "{list}");
+    assert_eq!(snapshot_dirs(&d).len(), 1);
+    for f in &forks {
+        d.release(f).await;
+    }
+    wait_until("the fork's snapshot removed", || {
+        snapshot_dirs(&d).is_empty()
+    })
+    .await;
+    assert_eq!(out(&d, &parent, "cat /workspace/f").await, "live\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_limits_give_clear_errors() {
+    let d = Daemon::start(options(
+        Runtime::Process,
+        &["--max-snapshots", "1", "--snapshot-mb", "1"],
+    ))
+    .await;
+    let id = d.acquire("default").await;
+    out(&d, &id, "echo small > /workspace/s").await;
+    let (status, first) = snapshot(&d, &id).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (status, body) = snapshot(&d, &id).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("at most 1 snapshots"), "{message}");
+    let (status, _) = d
+        .call(
+            Method::DELETE,
+            &format!("/v1/snapshots/{}", first["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Over the byte budget: refused, and nothing is left half-made.
+    out(&d, &id, "head -c 2000000 /dev/zero > /workspace/big").await;
+    let (status, body) = snapshot(&d, &id).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("bytes"),
+        "{body}"
+    );
+    assert!(snapshot_dirs(&d).is_empty(), "{:?}", snapshot_dirs(&d));
+    // The sandbox was thawed after the refused copy.
+    assert_eq!(out(&d, &id, "cat /workspace/s").await, "small\n");
+    assert_eq!(d.pool_status("default").await["paused"], 0);
+    // Unknown ids and malformed requests are 4xx.
+    let (status, _) = d.call(Method::GET, "/v1/snapshots/snap-nope", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = d
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/fork"),
+            Some(json!({"count": 0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_forks_with_its_workspace() {
+    let d = Daemon::start(options(Runtime::Containerd, &[])).await;
+    d.wait_pool("default", 60, |s| s["idle"] == 1).await;
+    let parent = acquire_with_env(&d).await;
+    out(
+        &d,
+        &parent,
+        "mkdir -p /workspace/d && echo c > /workspace/d/f && echo t > /tmp/t",
+    )
+    .await;
+    let forks = fork(&d, &format!("/v1/sandboxes/{parent}/fork"), 2).await;
+    for f in &forks {
+        assert_eq!(out(&d, f, "cat /workspace/d/f /tmp/t").await, "c\nt\n");
+        assert_eq!(out(&d, f, "echo $FROM_PARENT").await, "yes\n");
+    }
+    out(&d, &forks[0], "echo changed > /workspace/d/f").await;
+    assert_eq!(out(&d, &forks[1], "cat /workspace/d/f").await, "c\n");
+    assert_eq!(out(&d, &parent, "cat /workspace/d/f").await, "c\n");
+    for f in &forks {
+        d.release(f).await;
+    }
+    wait_until("the fork's snapshot removed", || {
+        snapshot_dirs(&d).is_empty()
+    })
+    .await;
+}
