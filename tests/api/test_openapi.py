@@ -78,6 +78,10 @@ UNREACHABLE = {
 # (method, path template, status, error code) documented but provoked elsewhere: a node none of
 # whose pools can create sandboxes (tests/http_conformance.rs makes one).
 UNREACHABLE_CODES = {
+    # A run while another holds the session (tests/sessions.rs provokes it with a long run),
+    # and a ninth open terminal in one sandbox (a bound, not provoked by a test yet).
+    ("post", "/v1/sandboxes/{id}/sessions/{sid}/run", "409", "conflict"),
+    ("get", "/v1/sandboxes/{id}/pty", "409", "conflict"),
     ("get", "/readyz", "503", "sandbox_unavailable"),
     # A file over 4 GiB: too large to send in a test (a full disk is 507, tested).
     ("put", "/v1/sandboxes/{id}/files", "413", "payload_too_large"),
