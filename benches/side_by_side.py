@@ -334,7 +334,7 @@ def session_hook(res: Results, node: Node, sandbox_id: str, n: int) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", node.port)
     base = f"/v1/sandboxes/{sandbox_id}/sessions"
     for key, label, kind, run_body in (
-        ("arl.session_python", "ARL: shell-session command true (Python, HTTP)", "shell", {"command": "true"}),
+        ("arl.session_python", "ARL: shell-session command true (Python, HTTP)", "shell", {"code": "true"}),
         ("arl.python_session", "ARL: Python-session snippet x += 1 (Python, HTTP)", "python", {"code": "x = globals().get('x', 0) + 1"}),
     ):
         conn.request("POST", base, json.dumps({"kind": kind}), {"Content-Type": "application/json"})

@@ -286,7 +286,7 @@ fn sessions_hook(plan: &Plan, report: &mut Report, c: &mut Client, id: &str) {
         return report.missing(key, label, format!("no session id in {v}"));
     };
     let run = format!("{path}/{sid}/run");
-    let body = br#"{"command":"true"}"#;
+    let body = br#"{"code":"true"}"#;
     let mut samples = Vec::with_capacity(plan.n);
     for i in 0..plan.n + plan.n.min(100) {
         let t = Instant::now();

@@ -18,6 +18,8 @@ use crate::api::{
 };
 use crate::http::{self, Body};
 
+pub mod shell;
+
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
     /// Node endpoints, comma-separated; the first is used.
@@ -338,6 +340,172 @@ pub async fn run(args: &ClientArgs, pool: &str, opts: &ExecOpts) -> Result<i32, 
     let code = result?;
     released?;
     Ok(code)
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum SessionAction {
+    /// Start a session and print its id.
+    Open {
+        /// Sandbox id.
+        sandbox: String,
+        /// `shell` or `python`.
+        #[arg(long, default_value = "shell")]
+        kind: String,
+    },
+    /// Run a command line (shell) or a snippet (Python) in a session; `-` reads it from stdin.
+    Run {
+        sandbox: String,
+        session: String,
+        /// Timeout in seconds (SIGINT, then kill; the session stays).
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// The code (words are joined with spaces).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        code: Vec<String>,
+    },
+    /// List a sandbox's sessions.
+    List { sandbox: String },
+    /// End a session.
+    Close { sandbox: String, session: String },
+}
+
+pub async fn session(args: &ClientArgs, action: SessionAction) -> Result<i32, CliError> {
+    use crate::api::sessions::{
+        CreateSessionRequest, RunEvent, RunRequest, SessionInfo, SessionKind, SessionList,
+    };
+    let mut client = Client::connect(args).await?;
+    match action {
+        SessionAction::Open { sandbox, kind } => {
+            let kind = match kind.as_str() {
+                "shell" => SessionKind::Shell,
+                "python" => SessionKind::Python,
+                other => return Err(CliError::Usage(format!("no session kind {other:?}"))),
+            };
+            let req = CreateSessionRequest {
+                kind,
+                env: BTreeMap::new(),
+                cwd: None,
+            };
+            let info: SessionInfo = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{sandbox}/sessions"),
+                    Some(&req),
+                )
+                .await?;
+            println!("{}", info.id);
+            Ok(0)
+        }
+        SessionAction::List { sandbox } => {
+            let list: SessionList = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/sandboxes/{sandbox}/sessions"),
+                    None::<&()>,
+                )
+                .await?;
+            println!(
+                "{:<16} {:<8} {:>8} {:>6}",
+                "SESSION", "KIND", "RUNS", "BUSY"
+            );
+            for s in list.sessions {
+                println!(
+                    "{:<16} {:<8} {:>8} {:>6}",
+                    s.id,
+                    s.kind.as_str(),
+                    s.runs,
+                    s.busy
+                );
+            }
+            Ok(0)
+        }
+        SessionAction::Close { sandbox, session } => {
+            let path = format!("/v1/sandboxes/{sandbox}/sessions/{session}");
+            client.send(Method::DELETE, &path, None, false).await?;
+            Ok(0)
+        }
+        SessionAction::Run {
+            sandbox,
+            session,
+            timeout,
+            code,
+        } => {
+            let code = if code == ["-"] {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .map_err(|e| CliError::Usage(format!("reading stdin: {e}")))?;
+                text
+            } else {
+                code.join(" ")
+            };
+            let req = RunRequest {
+                code,
+                timeout_ms: timeout.map(|s| (s * 1000.0) as u64),
+                max_output_bytes: None,
+            };
+            let path = format!("/v1/sandboxes/{sandbox}/sessions/{session}/run");
+            let body = serde_json::to_vec(&req).unwrap_or_default();
+            let response = client.send(Method::POST, &path, Some(body), true).await?;
+            let mut body = response.into_body();
+            let mut line = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| CliError::Http(e.to_string()))?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                line.extend_from_slice(&data);
+                while let Some(pos) = line.iter().position(|&b| b == b'\n') {
+                    let rest = line.split_off(pos + 1);
+                    let event: RunEvent = serde_json::from_slice(&line)
+                        .map_err(|e| CliError::Http(format!("bad stream line: {e}")))?;
+                    line = rest;
+                    match event {
+                        RunEvent::Stdout { data } => {
+                            let mut out = std::io::stdout().lock();
+                            let _ = out.write_all(data.as_bytes());
+                            let _ = out.flush();
+                        }
+                        RunEvent::Stderr { data } => {
+                            let _ = std::io::stderr().lock().write_all(data.as_bytes());
+                        }
+                        RunEvent::Error { error } => return Err(CliError::Http(error.message)),
+                        RunEvent::Result(r) => {
+                            if let Some(value) = &r.value {
+                                println!("{value}");
+                            }
+                            if let Some(error) = &r.error {
+                                eprintln!("{}", error.traceback.join("\n"));
+                            }
+                            if r.timed_out {
+                                eprintln!("arl: interrupted after {:.0} ms", r.duration_ms);
+                            }
+                            if r.session_ended {
+                                eprintln!("arl: the session ended");
+                            }
+                            return Ok(r.exit_code);
+                        }
+                    }
+                }
+            }
+            Err(CliError::Http("the stream ended without a result".into()))
+        }
+    }
+}
+
+pub async fn trajectory(args: &ClientArgs, sandbox: &str) -> Result<i32, CliError> {
+    let mut client = Client::connect(args).await?;
+    let path = format!("/v1/sandboxes/{sandbox}/trajectory");
+    let response = client.send(Method::GET, &path, None, false).await?;
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| CliError::Http(e.to_string()))?
+        .to_bytes();
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(&bytes);
+    let _ = out.flush();
+    Ok(0)
 }
 
 pub async fn pause(args: &ClientArgs, id: &str, paused: bool) -> Result<i32, CliError> {

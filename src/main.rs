@@ -64,6 +64,25 @@ enum Command {
         #[command(flatten)]
         client: cli::ClientArgs,
     },
+    /// Persistent shell and Python sessions in a sandbox you hold.
+    Session {
+        #[command(subcommand)]
+        action: cli::SessionAction,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// An interactive terminal in a sandbox you hold (exits with the shell's status).
+    Shell {
+        sandbox: String,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Print what was done in a sandbox (JSON lines).
+    Trajectory {
+        sandbox: String,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
     /// Freeze a sandbox you hold (any later exec or file call thaws it).
     Pause {
         sandbox: String,
@@ -160,6 +179,9 @@ fn main() {
         Command::Acquire { pool, env, client } => cli::main(cli::acquire(&client, &pool, env)),
         Command::Release { sandbox, client } => cli::main(cli::release(&client, &sandbox)),
         Command::Pools { client } => cli::main(cli::pools(&client)),
+        Command::Session { action, client } => cli::main(cli::session(&client, action)),
+        Command::Shell { sandbox, client } => cli::main(cli::shell::shell(&client, &sandbox)),
+        Command::Trajectory { sandbox, client } => cli::main(cli::trajectory(&client, &sandbox)),
         Command::Pause { sandbox, client } => cli::main(cli::pause(&client, &sandbox, true)),
         Command::Resume { sandbox, client } => cli::main(cli::pause(&client, &sandbox, false)),
         Command::Snapshot { sandbox, client } => cli::main(cli::snapshot(&client, &sandbox)),

@@ -79,7 +79,7 @@ impl Children {
     }
 
     /// Spawns under the reaper's lock, so the exit cannot be reaped before it is awaited.
-    fn spawn(
+    pub(super) fn spawn(
         &self,
         start: impl FnOnce() -> std::io::Result<Spawned>,
     ) -> std::io::Result<(Spawned, oneshot::Receiver<i32>)> {
@@ -88,6 +88,18 @@ impl Children {
         let (tx, rx) = oneshot::channel();
         waiting.insert(child.pid, tx);
         Ok((child, rx))
+    }
+
+    /// Like [`spawn`](Self::spawn), for a start that hands back only the pid.
+    pub(super) fn spawn_pid(
+        &self,
+        start: impl FnOnce() -> std::io::Result<i32>,
+    ) -> std::io::Result<(i32, oneshot::Receiver<i32>)> {
+        let mut waiting = self.waiting.lock_or_recover();
+        let pid = start()?;
+        let (tx, rx) = oneshot::channel();
+        waiting.insert(pid, tx);
+        Ok((pid, rx))
     }
 }
 
@@ -226,7 +238,7 @@ fn spawn_failure(program: &str, e: &std::io::Error, started: Instant) -> ExecRes
     }
 }
 
-fn decode_status(status: i32) -> (i32, Option<i32>) {
+pub(super) fn decode_status(status: i32) -> (i32, Option<i32>) {
     if libc::WIFSIGNALED(status) {
         let sig = libc::WTERMSIG(status);
         (128 + sig, Some(sig))
@@ -236,7 +248,7 @@ fn decode_status(status: i32) -> (i32, Option<i32>) {
 }
 
 #[derive(Clone, Copy)]
-enum Stream {
+pub(super) enum Stream {
     Stdout,
     Stderr,
 }
@@ -253,15 +265,7 @@ async fn pump(
     mut exited: watch::Receiver<bool>,
 ) -> (Vec<u8>, bool) {
     let mut buf = vec![0u8; 32 * 1024];
-    let mut out = Output {
-        captured: Vec::new(),
-        seen: 0,
-        cap,
-        truncated: false,
-        pending_utf8: Vec::new(),
-        which,
-        stream,
-    };
+    let mut out = Output::new(which, cap, stream);
     loop {
         tokio::select! {
             biased;
@@ -298,7 +302,7 @@ async fn pump(
 }
 
 /// One non-blocking read(2) on the pipe, bypassing the reactor.
-fn read_now(pipe: &pipe::Receiver, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(super) fn read_now(pipe: &pipe::Receiver, buf: &mut [u8]) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
     // SAFETY: read(2) into our buffer from a descriptor the receiver owns (non-blocking).
     let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -309,7 +313,7 @@ fn read_now(pipe: &pipe::Receiver, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
-struct Output {
+pub(super) struct Output {
     captured: Vec<u8>,
     seen: usize,
     cap: usize,
@@ -320,8 +324,26 @@ struct Output {
 }
 
 impl Output {
+    /// Collects (or, given a channel, streams) one output stream of a command, keeping at
+    /// most `cap` bytes.
+    pub(super) fn new(
+        which: Stream,
+        cap: usize,
+        stream: Option<mpsc::Sender<Result<Bytes, BoxError>>>,
+    ) -> Self {
+        Self {
+            captured: Vec::new(),
+            seen: 0,
+            cap,
+            truncated: false,
+            pending_utf8: Vec::new(),
+            which,
+            stream,
+        }
+    }
+
     /// Takes a chunk; false when the streaming client is gone.
-    async fn push(&mut self, chunk: &[u8]) -> bool {
+    pub(super) async fn push(&mut self, chunk: &[u8]) -> bool {
         let room = self.cap.saturating_sub(self.seen);
         let kept = &chunk[..chunk.len().min(room)];
         if kept.len() < chunk.len() {
@@ -356,7 +378,7 @@ impl Output {
         tx.send(Ok(ndjson_line(&event))).await.is_ok()
     }
 
-    async fn finish(mut self, gone: bool) -> (Vec<u8>, bool) {
+    pub(super) async fn finish(mut self, gone: bool) -> (Vec<u8>, bool) {
         if !gone && !self.pending_utf8.is_empty() {
             let rest =
                 String::from_utf8_lossy(&std::mem::take(&mut self.pending_utf8)).into_owned();
@@ -407,7 +429,7 @@ pub fn kill_tree(root: i32) {
 }
 
 /// `root`, its descendants and its process group, from one scan of /proc.
-fn tree(root: i32) -> HashSet<i32> {
+pub(super) fn tree(root: i32) -> HashSet<i32> {
     let procs: Vec<(i32, i32, i32)> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()

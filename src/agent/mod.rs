@@ -12,12 +12,19 @@
 //! | `POST /fs/{stat,list,mkdir,move,remove}` | file-system operations beyond transfer |
 //! | `POST /signal` | signal a running command, by the pid a streamed exec reported |
 //! | `POST /reset` | kill every process but the agent, empty the scratch directories |
+//! | `GET, POST /sessions`, `GET, DELETE /sessions/{sid}` | persistent shell and Python sessions |
+//! | `POST /sessions/{sid}/run` | one command in a session (JSON, or NDJSON like exec) |
+//! | `GET /pty` | an interactive terminal: upgrades to a WebSocket |
 
 pub mod exec;
 pub mod files;
 mod fs;
 mod kept;
 pub mod oom;
+mod pty;
+mod session;
+mod session_frame;
+mod session_routes;
 mod spawn;
 
 use std::os::fd::FromRawFd;
@@ -74,6 +81,8 @@ struct Agent {
     base_env: Vec<(String, String)>,
     /// Results of execs by request id, for retries (also across restarts of the daemon).
     kept: Arc<kept::KeptMap>,
+    /// Persistent shell and Python sessions.
+    sessions: session::Sessions,
 }
 
 pub fn main(args: AgentArgs) -> i32 {
@@ -140,6 +149,7 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
         children: exec::Children::new(oom::OomCounter::open(args.memory_events_fd)),
         base_env: std::env::vars().collect(),
         kept: Arc::new(crate::node::once::OnceMap::new(kept::KEPT_RESULTS)),
+        sessions: session::Sessions::default(),
     });
     // Subscribe to SIGCHLD before the first spawn so no exit is missed.
     let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
@@ -172,6 +182,7 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -190,6 +201,10 @@ async fn route(agent: &Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
         (&Method::POST, op) if op.starts_with("/fs/") => fs_route(req).await,
         (&Method::POST, "/signal") => signal(agent, req).await,
         (&Method::POST, "/reset") => reset(agent).await,
+        (&Method::GET, "/pty") => pty::route(agent, req).await,
+        (_, path) if path == "/sessions" || path.starts_with("/sessions/") => {
+            session_routes::route(agent, req).await
+        }
         _ => Err(ApiError::not_found(format!(
             "no agent route {} {}",
             req.method(),
@@ -395,8 +410,9 @@ async fn signal(agent: &Arc<Agent>, req: Request<Incoming>) -> Result<Response<B
 /// than lend it again).
 async fn reset(agent: &Arc<Agent>) -> Result<Response<Body>, ApiError> {
     exec::kill_all_but_self();
-    // The next lease's request ids start afresh.
+    // The next lease's request ids start afresh, and its sessions.
     agent.kept.clear();
+    agent.sessions.clear();
     let deadline = tokio::time::Instant::now() + RESET_WAIT;
     loop {
         let reaped = agent.children.reaped.notified();

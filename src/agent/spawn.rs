@@ -103,6 +103,9 @@ struct ChildPlan<'a> {
     stdout: RawFd,
     stderr: RawFd,
     reset: &'a [c_int],
+    /// The command's stdin is a terminal it takes as its controlling one, in a session of its
+    /// own (a PTY's shell); otherwise it gets a process group of its own.
+    tty: bool,
     /// Written by the child when it cannot exec: the errno to report.
     failure: c_int,
 }
@@ -180,7 +183,11 @@ extern "C" fn child(plan: *mut c_void) -> c_int {
         if !stdin_ok
             || install(plan.stdout, 1) < 0
             || install(plan.stderr, 2) < 0
-            || libc::setpgid(0, 0) < 0
+            || !(if plan.tty {
+                libc::setsid() >= 0 && libc::ioctl(0, libc::TIOCSCTTY, 0) >= 0
+            } else {
+                libc::setpgid(0, 0) >= 0
+            })
             || libc::chdir(plan.cwd) < 0
         {
             plan.failure = errno();
@@ -219,6 +226,61 @@ pub fn spawn(
     cwd: &str,
     with_stdin: bool,
 ) -> io::Result<Spawned> {
+    // Pipes are close-on-exec; the child puts its ends on 0, 1 and 2 (which clears that).
+    let flags = nix::fcntl::OFlag::O_CLOEXEC;
+    let (out_r, out_w) = nix::unistd::pipe2(flags)?;
+    let (err_r, err_w) = nix::unistd::pipe2(flags)?;
+    let stdin_pipe = if with_stdin {
+        Some(nix::unistd::pipe2(flags)?)
+    } else {
+        None
+    };
+    let stdio = Stdio {
+        stdin: stdin_pipe.as_ref().map(|(r, _)| r.as_raw_fd()),
+        stdout: out_w.as_raw_fd(),
+        stderr: err_w.as_raw_fd(),
+        tty: false,
+    };
+    let pid = launch(argv, env, cwd, stdio)?;
+    Ok(Spawned {
+        pid,
+        stdin: stdin_pipe.map(|(_, w)| w),
+        stdout: out_r,
+        stderr: err_r,
+    })
+}
+
+/// Starts `argv` like [`spawn`], but on a terminal: `tty` (a PTY's secondary end) becomes its
+/// stdin, stdout, stderr and controlling terminal, in a new session. Returns its pid.
+pub fn spawn_on_tty(
+    argv: &[String],
+    env: &[(&str, &str)],
+    cwd: &str,
+    tty: &OwnedFd,
+) -> io::Result<i32> {
+    let fd = tty.as_raw_fd();
+    launch(
+        argv,
+        env,
+        cwd,
+        Stdio {
+            stdin: Some(fd),
+            stdout: fd,
+            stderr: fd,
+            tty: true,
+        },
+    )
+}
+
+/// Where a command's standard descriptors come from.
+struct Stdio {
+    stdin: Option<RawFd>,
+    stdout: RawFd,
+    stderr: RawFd,
+    tty: bool,
+}
+
+fn launch(argv: &[String], env: &[(&str, &str)], cwd: &str, stdio: Stdio) -> io::Result<i32> {
     let program = argv
         .first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
@@ -235,25 +297,16 @@ pub fn spawn(
     env_ptrs.push(std::ptr::null());
     let cwd_c = c_string(cwd)?;
 
-    // Pipes are close-on-exec; the child puts its ends on 0, 1 and 2 (which clears that).
-    let flags = nix::fcntl::OFlag::O_CLOEXEC;
-    let (out_r, out_w) = nix::unistd::pipe2(flags)?;
-    let (err_r, err_w) = nix::unistd::pipe2(flags)?;
-    let stdin_pipe = if with_stdin {
-        Some(nix::unistd::pipe2(flags)?)
-    } else {
-        None
-    };
-
     let mut plan = ChildPlan {
         candidates: &path_ptrs,
         argv: arg_ptrs.as_ptr(),
         envp: env_ptrs.as_ptr(),
         cwd: cwd_c.as_ptr(),
-        stdin: stdin_pipe.as_ref().map(|(r, _)| r.as_raw_fd()),
-        stdout: out_w.as_raw_fd(),
-        stderr: err_w.as_raw_fd(),
+        stdin: stdio.stdin,
+        stdout: stdio.stdout,
+        stderr: stdio.stderr,
         reset: changed_dispositions(),
+        tty: stdio.tty,
         failure: 0,
     };
     // u128 keeps the stack 16-byte aligned, as the ABI wants. Left uninitialised: only the
@@ -286,12 +339,7 @@ pub fn spawn(
         // The child has exited (status 127); the reaper collects it.
         return Err(io::Error::from_raw_os_error(plan.failure));
     }
-    Ok(Spawned {
-        pid,
-        stdin: stdin_pipe.map(|(_, w)| w),
-        stdout: out_r,
-        stderr: err_r,
-    })
+    Ok(pid)
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@ pub mod exec;
 pub mod files;
 pub mod fs;
 pub mod pools;
+pub mod pty;
 pub mod sandboxes;
+pub mod sessions;
 pub mod snapshots;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};

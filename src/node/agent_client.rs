@@ -228,6 +228,26 @@ impl AgentClient {
         .await
     }
 
+    /// Sends an upgrade request (the PTY's WebSocket) on a connection of its own that can be
+    /// taken over, and hands back the agent's answer once its head arrives.
+    pub async fn upgrade(&self, req: Request<Body>) -> Result<Response<Incoming>, ApiError> {
+        within(AGENT_TIMEOUT, async {
+            let AgentAddress::Unix(socket) = &self.address;
+            let stream = UnixStream::connect(socket)
+                .await
+                .and_then(|s| QuietUnixStream::new(s.into_std()?))
+                .map_err(unreachable)?;
+            let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(unreachable)?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            sender.send_request(req).await.map_err(unreachable)
+        })
+        .await
+    }
+
     /// One cheap round trip.
     pub async fn ping(&self) -> Result<(), ApiError> {
         let req = Request::get("/ping")

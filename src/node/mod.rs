@@ -26,6 +26,7 @@ mod server;
 mod snapshots;
 #[cfg(test)]
 mod testing;
+pub mod trajectory;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use super::agent_client::AgentClient;
 use super::auth::Owner;
 use super::once::OnceMap;
+use super::trajectory::Trajectory;
 use crate::api::pools::RuntimeKind;
 use crate::api::{SandboxInfo, SandboxState, WORKSPACE};
 use crate::util::{MutexExt, now_ms};
@@ -44,6 +45,8 @@ pub struct Sandbox {
     pub execs: OnceMap<String, CachedReply>,
     /// Why the sandbox died, once its runtime has said.
     death: watch::Sender<Option<String>>,
+    /// What was done in it during the current lease.
+    pub trajectory: Trajectory,
 }
 
 #[derive(Clone)]
@@ -94,6 +97,7 @@ impl Sandbox {
             base: Mutex::new(None),
             execs: OnceMap::new(IDEMPOTENCY_ENTRIES),
             death: watch::Sender::new(None),
+            trajectory: Trajectory::default(),
         }
     }
 
@@ -123,6 +127,10 @@ impl Sandbox {
     }
 
     pub fn set_lease(&self, lease: Option<Lease>) {
+        if lease.is_some() {
+            // A new holder starts with an empty history.
+            self.trajectory.clear();
+        }
         *self.lease.lock_or_recover() = lease;
         self.touch();
     }

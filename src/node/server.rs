@@ -66,7 +66,8 @@ pub async fn serve(
         mgr: shared.mgr.clone(),
         connections: shared.connections.clone(),
         work: shared.work.clone(),
-        graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+        closing: CancellationToken::new(),
+        open: TaskTracker::new(),
     };
     loop {
         tokio::select! {
@@ -89,8 +90,10 @@ pub async fn serve(
         }
     }
     drop(listener);
+    front.closing.cancel();
+    front.open.close();
     tokio::select! {
-        () = front.graceful.shutdown() => {}
+        () = front.open.wait() => {}
         () = tokio::time::sleep(CLOSE_TIMEOUT) => tracing::warn!("connections still open after the drain; closing them"),
     }
 }
@@ -103,7 +106,10 @@ struct Front {
     connections: Arc<Semaphore>,
     /// Requests (and the commands they started) in flight; shutdown waits for them.
     work: TaskTracker,
-    graceful: hyper_util::server::graceful::GracefulShutdown,
+    /// Cancelled when the open connections are to close (each after its request in flight).
+    closing: CancellationToken,
+    /// The open connections (upgraded ones, such as terminals, are no longer among them).
+    open: TaskTracker,
 }
 
 impl Front {
@@ -143,10 +149,19 @@ impl Front {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(io, service);
-        let conn = self.graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
+            .serve_connection(io, service)
+            // The PTY's WebSocket takes its connection over.
+            .with_upgrades();
+        let closing = self.closing.clone();
+        self.open.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = closing.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
             drop(permit);
         });
     }

@@ -29,6 +29,8 @@ use crate::node::manager::Manager;
 use crate::node::once::{self, Claim};
 use crate::node::pause::InUse;
 use crate::node::sandbox::{CachedReply, Sandbox};
+use crate::node::trajectory::{self, Outcome, Step};
+use crate::util::now_ms;
 
 /// Largest exec request (it may carry stdin).
 const MAX_EXEC_BODY: usize = 16 << 20;
@@ -63,6 +65,7 @@ pub async fn exec(
     let deadline = Duration::from_millis(exec_req.timeout_ms()) + Duration::from_secs(5);
     let limit = exec_req.max_output() * 12 + (1 << 20);
     let body = serde_json::to_vec(&exec_req).map_err(|e| ApiError::internal(e.to_string()))?;
+    let step = trajectory_step(&exec_req);
     sb.touch();
 
     // A retry of a request id already seen gets the first result and runs nothing.
@@ -74,7 +77,7 @@ pub async fn exec(
     };
     let started = Instant::now();
     if streaming {
-        return stream(mgr, sb, &owner, body, publish, started, work).await;
+        return stream(mgr, sb, &owner, body, publish, (started, step), work).await;
     }
     let run = {
         let mgr = mgr.clone();
@@ -100,6 +103,12 @@ pub async fn exec(
                 Err(_) => ExecOutcome::Error,
             };
             record(&mgr, &sb, outcome, started);
+            record_step(
+                &sb,
+                step,
+                started,
+                result.as_ref().ok().map(|(r, _)| (r.status, &r.body[..])),
+            );
             let result = result.map(|(r, permit)| {
                 (
                     CachedReply {
@@ -199,7 +208,7 @@ async fn stream(
     owner: &Owner,
     body: Vec<u8>,
     publish: Publish,
-    started: Instant,
+    (started, step): (Instant, Step),
     work: Held,
 ) -> Result<Response<Body>, ApiError> {
     let mut agent_req = agent_request(Method::POST, "/exec", http::full(body))?;
@@ -210,10 +219,12 @@ async fn stream(
         Ok(r) if r.status().is_success() => r,
         Ok(r) => {
             finish(&sb, publish, None);
+            record_step(&sb, step, started, Some((r.status(), b"")));
             return Ok(passthrough(r));
         }
         Err(e) => {
             finish(&sb, publish, None);
+            record_step(&sb, step, started, None);
             return Err(explain(mgr, &sb, owner, e));
         }
     };
@@ -225,7 +236,7 @@ async fn stream(
         agent_body,
         tx,
         publish,
-        started,
+        (started, step),
         work,
     ));
     Ok(Response::from_parts(parts, body))
@@ -240,7 +251,7 @@ async fn relay(
     mut agent_body: Incoming,
     tx: tokio::sync::mpsc::Sender<Result<Bytes, http::BoxError>>,
     publish: Publish,
-    started: Instant,
+    (started, mut step): (Instant, Step),
     // Held until the command's end.
     _work: Held,
 ) {
@@ -268,6 +279,10 @@ async fn relay(
             if publish.is_none() {
                 // Nobody will see the rest: dropping the agent's stream stops the command.
                 record(&mgr, &sb, ExecOutcome::Error, started);
+                step.status = 200;
+                step.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+                step.error = Some("the client went away; the command was stopped".into());
+                sb.trajectory.record(step);
                 return;
             }
         }
@@ -278,6 +293,16 @@ async fn relay(
         .map(ExecResult::outcome)
         .unwrap_or(ExecOutcome::Error);
     record(&mgr, &sb, outcome, started);
+    step.status = 200;
+    step.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if let Some(result) = &events.result {
+        step.exit_code = Some(result.exit_code);
+        step.timed_out = Some(result.timed_out);
+        step.duration_ms = result.duration_ms;
+    }
+    step.stdout = trajectory::preview_opt(&events.stdout_preview);
+    step.stderr = trajectory::preview_opt(&events.stderr_preview);
+    sb.trajectory.record(step);
     let cached = events.into_result().map(|result| CachedReply {
         status: StatusCode::OK,
         body: Bytes::from(serde_json::to_vec(&result).unwrap_or_default()),
@@ -290,19 +315,40 @@ async fn relay(
 struct Rebuild {
     stdout: String,
     stderr: String,
+    /// The output's beginning, for the trajectory.
+    stdout_preview: String,
+    stderr_preview: String,
     result: Option<ExecResult>,
     broken: bool,
 }
 
 impl Rebuild {
     fn take(&mut self, line: &[u8], keep_output: bool) {
-        // Output lines only matter when the result is kept for retries.
-        if !keep_output && !line.starts_with(br#"{"type":"result""#) {
+        // Output lines only matter when the result is kept for retries, or while the
+        // trajectory's previews are not full.
+        let previews_full = self.stdout_preview.len() > trajectory::PREVIEW_BYTES
+            && self.stderr_preview.len() > trajectory::PREVIEW_BYTES;
+        if !keep_output && previews_full && !line.starts_with(br#"{"type":"result""#) {
             return;
         }
+        let add_preview = |preview: &mut String, data: &str| {
+            if preview.len() <= trajectory::PREVIEW_BYTES {
+                preview.push_str(data);
+            }
+        };
         match serde_json::from_slice::<ExecEvent>(line) {
-            Ok(ExecEvent::Stdout { data }) => self.stdout.push_str(&data),
-            Ok(ExecEvent::Stderr { data }) => self.stderr.push_str(&data),
+            Ok(ExecEvent::Stdout { data }) => {
+                add_preview(&mut self.stdout_preview, &data);
+                if keep_output {
+                    self.stdout.push_str(&data);
+                }
+            }
+            Ok(ExecEvent::Stderr { data }) => {
+                add_preview(&mut self.stderr_preview, &data);
+                if keep_output {
+                    self.stderr.push_str(&data);
+                }
+            }
             Ok(ExecEvent::Result(result)) => self.result = Some(result),
             Ok(ExecEvent::Error { .. }) | Err(_) => self.broken = true,
         }
@@ -316,4 +362,36 @@ impl Rebuild {
             ..result
         })
     }
+}
+
+/// The trajectory's step for an exec, before it runs: what and when.
+fn trajectory_step(req: &ExecRequest) -> Step {
+    let input = match (&req.shell, &req.cmd) {
+        (Some(shell), _) => trajectory::preview(shell),
+        (None, Some(cmd)) => trajectory::preview(&cmd.join(" ")),
+        (None, None) => String::new(),
+    };
+    Step {
+        action: "exec".into(),
+        at_ms: now_ms(),
+        input: Some(input),
+        ..Step::default()
+    }
+}
+
+/// Completes an exec's step from the agent's reply (status and result JSON) and records it.
+fn record_step(sb: &Sandbox, mut step: Step, started: Instant, reply: Option<(StatusCode, &[u8])>) {
+    step.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    match reply {
+        Some((status, body)) => {
+            step.status = status.as_u16();
+            if status.is_success()
+                && let Ok(outcome) = serde_json::from_slice::<Outcome<'_>>(body)
+            {
+                outcome.fill(&mut step);
+            }
+        }
+        None => step.status = 503,
+    }
+    sb.trajectory.record(step);
 }

@@ -8,8 +8,11 @@ mod exec;
 mod files;
 mod health;
 mod pools;
+mod pty;
 mod sandboxes;
+mod sessions;
 mod snapshots;
+mod trajectory;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +44,11 @@ pub enum Route<'a> {
     Reset(&'a str),
     Pause(&'a str),
     Resume(&'a str),
+    Sessions(&'a str),
+    Session(&'a str, &'a str),
+    SessionRun(&'a str, &'a str),
+    Trajectory(&'a str),
+    Pty(&'a str),
     SandboxSnapshots(&'a str),
     SandboxFork(&'a str),
     Snapshots,
@@ -65,6 +73,11 @@ impl<'a> Route<'a> {
             ["v1", "sandboxes", id, "reset"] => Self::Reset(id),
             ["v1", "sandboxes", id, "pause"] => Self::Pause(id),
             ["v1", "sandboxes", id, "resume"] => Self::Resume(id),
+            ["v1", "sandboxes", id, "sessions"] => Self::Sessions(id),
+            ["v1", "sandboxes", id, "sessions", sid] => Self::Session(id, sid),
+            ["v1", "sandboxes", id, "sessions", sid, "run"] => Self::SessionRun(id, sid),
+            ["v1", "sandboxes", id, "trajectory"] => Self::Trajectory(id),
+            ["v1", "sandboxes", id, "pty"] => Self::Pty(id),
             ["v1", "sandboxes", id, "snapshots"] => Self::SandboxSnapshots(id),
             ["v1", "sandboxes", id, "fork"] => Self::SandboxFork(id),
             ["v1", "snapshots"] => Self::Snapshots,
@@ -89,6 +102,11 @@ impl<'a> Route<'a> {
             Self::Reset(_) => "/v1/sandboxes/{id}/reset",
             Self::Pause(_) => "/v1/sandboxes/{id}/pause",
             Self::Resume(_) => "/v1/sandboxes/{id}/resume",
+            Self::Sessions(_) => "/v1/sandboxes/{id}/sessions",
+            Self::Session(..) => "/v1/sandboxes/{id}/sessions/{sid}",
+            Self::SessionRun(..) => "/v1/sandboxes/{id}/sessions/{sid}/run",
+            Self::Trajectory(_) => "/v1/sandboxes/{id}/trajectory",
+            Self::Pty(_) => "/v1/sandboxes/{id}/pty",
             Self::SandboxSnapshots(_) => "/v1/sandboxes/{id}/snapshots",
             Self::SandboxFork(_) => "/v1/sandboxes/{id}/fork",
             Self::Snapshots => "/v1/snapshots",
@@ -100,17 +118,25 @@ impl<'a> Route<'a> {
     /// The methods the resource declares (also in `docs/openapi.yaml`).
     pub fn methods(&self) -> &'static [Method] {
         match self {
-            Self::Healthz | Self::Readyz | Self::Metrics | Self::Pools | Self::Snapshots => {
-                &[Method::GET]
-            }
+            Self::Healthz
+            | Self::Readyz
+            | Self::Metrics
+            | Self::Pools
+            | Self::Trajectory(_)
+            | Self::Snapshots
+            | Self::Pty(_) => &[Method::GET],
             Self::Snapshot(_) => &[Method::GET, Method::DELETE],
             Self::SandboxSnapshots(_) | Self::SandboxFork(_) | Self::SnapshotFork(_) => {
                 &[Method::POST]
             }
             Self::Pool(_) => &[Method::GET, Method::PUT, Method::DELETE],
-            Self::Sandboxes => &[Method::GET, Method::POST],
-            Self::Sandbox(_) => &[Method::GET, Method::DELETE],
-            Self::Exec(_) | Self::Reset(_) | Self::Pause(_) | Self::Resume(_) => &[Method::POST],
+            Self::Sandboxes | Self::Sessions(_) => &[Method::GET, Method::POST],
+            Self::Sandbox(_) | Self::Session(..) => &[Method::GET, Method::DELETE],
+            Self::Exec(_)
+            | Self::Reset(_)
+            | Self::Pause(_)
+            | Self::Resume(_)
+            | Self::SessionRun(..) => &[Method::POST],
             Self::Files(_) => &[Method::GET, Method::PUT, Method::POST, Method::DELETE],
         }
     }
@@ -210,6 +236,24 @@ async fn v1(
             let (sb, _in_use) = usable(mgr, id, &owner).await?;
             explain_death(&sb.clone(), sandboxes::reset(mgr, sb).await).await
         }
+        Route::Sessions(id) => {
+            let (sb, _in_use) = usable(mgr, id, &owner).await?;
+            explain_death(&sb.clone(), sessions::collection(sb, req).await).await
+        }
+        Route::Session(id, sid) => {
+            let (sb, _in_use) = usable(mgr, id, &owner).await?;
+            explain_death(&sb.clone(), sessions::one(sb, sid, req).await).await
+        }
+        Route::SessionRun(id, sid) => {
+            let (sb, in_use) = usable(mgr, id, &owner).await?;
+            let result = sessions::run(mgr, sb.clone(), sid, req, (work, in_use)).await;
+            explain_death(&sb, result).await
+        }
+        Route::Trajectory(id) => lookup(mgr, id, &owner).map(|sb| trajectory::export(&sb)),
+        Route::Pty(id) => {
+            let (sb, in_use) = usable(mgr, id, &owner).await?;
+            explain_death(&sb.clone(), pty::open(sb, req, in_use).await).await
+        }
         Route::SandboxSnapshots(id) => snapshots::take(mgr, lookup(mgr, id, &owner)?, owner).await,
         Route::SandboxFork(id) => {
             snapshots::fork_sandbox(mgr, lookup(mgr, id, &owner)?, owner, req).await
@@ -298,6 +342,11 @@ mod tests {
             "/v1/sandboxes/s/reset",
             "/v1/sandboxes/s/pause",
             "/v1/sandboxes/s/resume",
+            "/v1/sandboxes/s/sessions",
+            "/v1/sandboxes/s/sessions/shell-1",
+            "/v1/sandboxes/s/sessions/shell-1/run",
+            "/v1/sandboxes/s/trajectory",
+            "/v1/sandboxes/s/pty",
             "/v1/sandboxes/s/snapshots",
             "/v1/sandboxes/s/fork",
             "/v1/snapshots",

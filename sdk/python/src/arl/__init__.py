@@ -15,8 +15,8 @@ Async::
             r = await sb.exec("echo hi")
 """
 
-from .aio import AsyncClient, AsyncSandbox, AsyncSandboxList
-from .client import Client, Sandbox, SandboxList
+from .aio import AsyncClient, AsyncLiveSession, AsyncSandbox, AsyncSandboxList
+from .client import Client, LiveSession, Sandbox, SandboxList
 from .compat import (
     AsyncSandboxSession,
     Command,
@@ -51,7 +51,19 @@ from .errors import (
     RemoteFileNotFound,
     SandboxNotFound,
 )
-from .types import ExecResult, FileInfo, OutputChunk, PoolInfo, PoolSpec, PoolStatus, SandboxInfo, SnapshotInfo
+from .types import (
+    ExecResult,
+    FileInfo,
+    LiveSessionInfo,
+    OutputChunk,
+    PoolInfo,
+    PoolSpec,
+    PoolStatus,
+    PythonError,
+    RunResult,
+    SandboxInfo,
+    SnapshotInfo,
+)
 
 __version__ = "0.1.0"
 
@@ -62,6 +74,11 @@ __all__ = [
     "AsyncClient",
     "AsyncSandbox",
     "AsyncSandboxList",
+    "LiveSession",
+    "AsyncLiveSession",
+    "LiveSessionInfo",
+    "RunResult",
+    "PythonError",
     "ExecResult",
     "OutputChunk",
     "SandboxInfo",

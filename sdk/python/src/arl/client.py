@@ -34,9 +34,9 @@ from ._common import (
 from ._sync_http import CANCELLED, CONN_ERRORS, acquiring, map_all, map_settled
 from ._sync_transport import Transport
 from .errors import ArlError, AuthError, InfraError, NotFound, PoolExhausted, PoolNotFound, SandboxNotFound
-from .types import ExecResult, FileInfo, OutputChunk, PoolInfo, PoolSpec, SandboxInfo, SnapshotInfo
+from .types import ExecResult, FileInfo, LiveSessionInfo, OutputChunk, PoolInfo, PoolSpec, RunResult, SandboxInfo, SnapshotInfo
 
-__all__ = ["Client", "Sandbox", "SandboxList"]
+__all__ = ["Client", "Sandbox", "SandboxList", "LiveSession"]
 
 _NDJSON = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
 _OCTET = {"Content-Type": "application/octet-stream"}
@@ -521,6 +521,42 @@ class Sandbox:
                 check_timeout(item, raise_on_timeout, cmd)
             yield item
 
+    # -- sessions and trajectory ---------------------------------------------------------------
+
+    def open_session(
+        self, kind: str = "shell", *, env: Mapping[str, str] | None = None, cwd: str | None = None
+    ) -> LiveSession:
+        """Start a persistent session: ``"shell"`` (a ``/bin/sh`` whose cwd, variables,
+        functions and background jobs persist) or ``"python"`` (a live interpreter whose
+        variables persist). ``with`` closes it on exit::
+
+            with sb.open_session("python") as py:
+                py.run("x = 41")
+                print((py.run("x + 1")).value)   # '42'
+        """
+        body: dict[str, Any] = {"kind": kind}
+        if env:
+            body["env"] = dict(env)
+        if cwd is not None:
+            body["cwd"] = cwd
+        d = self._t.request_json(
+            self._ep, "POST", self._base + "/sessions", dumps(body), timeout=self._c.timeout, context="sandbox",
+            retry_timeout=0.0,
+        )
+        return LiveSession(self, LiveSessionInfo.from_json(d))
+
+    def sessions(self) -> list[LiveSessionInfo]:
+        """The sandbox's live sessions, oldest first."""
+        d = self._t.request_json(self._ep, "GET", self._base + "/sessions", timeout=self._c.timeout, context="sandbox")
+        return [LiveSessionInfo.from_json(s) for s in d.get("sessions", [])]
+
+    def trajectory(self) -> list[dict[str, Any]]:
+        """What was done in the sandbox during this lease (execs, session commands, file
+        writes; timings, exit codes, output previews), oldest first: the parsed JSON lines of
+        ``GET /v1/sandboxes/{id}/trajectory``."""
+        _, data = self._t.request(self._ep, "GET", self._base + "/trajectory", timeout=self._c.timeout, context="sandbox")
+        return [loads(line) for line in data.splitlines() if line.strip()]
+
     # -- files ---------------------------------------------------------------------------------
 
     def write_files(self, files: Mapping[str, str | bytes], *, mode: int | None = None) -> list[FileInfo]:
@@ -692,6 +728,99 @@ class Sandbox:
             if e.code != "sandbox_unavailable":  # a dead sandbox has nothing left to release
                 raise
         self._released = True
+
+
+class LiveSession:
+    """A persistent shell or Python session in a sandbox (see :meth:`Sandbox.open_session`).
+    One command at a time; state carries over from one to the next."""
+
+    __slots__ = ("_sb", "info", "_path")
+
+    def __init__(self, sandbox: Sandbox, info: LiveSessionInfo) -> None:
+        self._sb = sandbox
+        self.info = info
+        self._path = f"{sandbox._base}/sessions/{info.id}"
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    def __repr__(self) -> str:
+        return f"LiveSession(id={self.id!r}, kind={self.kind!r}, sandbox={self._sb.id!r})"
+
+    def __enter__(self) -> LiveSession:
+        return self
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        try:
+            self.close()
+        except _QUIET_ON_EXIT:
+            if et is None:
+                raise
+
+    def run(self, code: str, *, timeout: float | None = None, max_output_bytes: int | None = None) -> RunResult:
+        """Run a shell command line or a Python snippet and wait for it. ``timeout`` (seconds,
+        default 60) interrupts it with SIGINT (then kills it); the session stays usable.
+        Never retried: a command runs at most once."""
+        d = self._sb._t.request_json(
+            self._sb._ep, "POST", self._path + "/run", dumps(_run_body(code, timeout, max_output_bytes)),
+            timeout=exec_read_timeout(timeout) + 5.0, context="sandbox", retry_timeout=0.0,
+        )
+        return RunResult.from_json(d)
+
+    def stream(
+        self, code: str, *, timeout: float | None = None, max_output_bytes: int | None = None
+    ) -> Iterator[OutputChunk | RunResult]:
+        """Like :meth:`run`, yielding :class:`OutputChunk` items as output arrives and finally
+        the :class:`RunResult` (whose stdout/stderr hold the whole output)."""
+        ep = self._sb._ep
+        resp = self._sb._t.open(
+            ep, "POST", self._path + "/run", dumps(_run_body(code, timeout, max_output_bytes)), headers=_NDJSON,
+            timeout=exec_read_timeout(timeout) + 5.0, context="sandbox", retry_timeout=0.0,
+        )
+        asm = StreamAssembler()
+        lines = self._sb._t.iter_lines(ep, resp)
+        try:
+            for line in lines:
+                event = loads(line)
+                if event.get("type") == "result":
+                    r = RunResult.from_json(event)
+                    r.stdout = "".join(asm.stdout) + r.stdout
+                    r.stderr = "".join(asm.stderr) + r.stderr
+                    yield r
+                    return
+                item = asm.feed(event, ep.url)
+                if item is not None:
+                    yield item
+        finally:
+            lines.close()
+        raise InfraError(f"stream from {ep} ended without a result", code="incomplete_stream", retryable=True, endpoint=ep.url)
+
+    def refresh(self) -> LiveSessionInfo:
+        """Re-read the session's info (``runs``, ``busy``)."""
+        d = self._sb._t.request_json(self._sb._ep, "GET", self._path, timeout=self._sb._c.timeout, context="sandbox")
+        self.info = LiveSessionInfo.from_json(d)
+        return self.info
+
+    def close(self) -> None:
+        """End the session and everything it started (idempotent)."""
+        try:
+            self._sb._t.request(self._sb._ep, "DELETE", self._path, timeout=self._sb._c.timeout, context="sandbox")
+        except NotFound:
+            pass
+
+
+def _run_body(code: str, timeout: float | None, max_output_bytes: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code}
+    if timeout is not None:
+        body["timeout_ms"] = max(1, int(timeout * 1000))
+    if max_output_bytes is not None:
+        body["max_output_bytes"] = max_output_bytes
+    return body
 
 
 class SandboxList(list):  # type: ignore[type-arg]

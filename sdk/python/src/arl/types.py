@@ -14,6 +14,9 @@ __all__ = [
     "PoolStatus",
     "PoolInfo",
     "FileInfo",
+    "LiveSessionInfo",
+    "PythonError",
+    "RunResult",
 ]
 
 
@@ -222,3 +225,88 @@ class FileInfo:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FileInfo:
         return cls(d.get("path", ""), int(d.get("size", 0)), d.get("sha256", ""))
+
+
+@dataclass(slots=True)
+class PythonError:
+    """An exception raised by a Python session's snippet."""
+
+    ename: str
+    evalue: str
+    traceback: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> PythonError | None:
+        if not d:
+            return None
+        return cls(str(d.get("ename", "")), str(d.get("evalue", "")), list(d.get("traceback") or []))
+
+
+@dataclass(slots=True)
+class RunResult:
+    """Outcome of one command (shell) or snippet (Python) in a :class:`LiveSession`.
+
+    ``exit_code``: the shell command's status (130 when a timeout interrupted it), or for
+    Python 0, or 1 when the snippet raised (``error``). ``value`` is the ``repr`` of a
+    snippet's final expression and ``data`` its rich representations by MIME type.
+    ``session_ended`` says the session's process is gone (``exit``, or a command that would
+    not stop); the session cannot run more.
+    """
+
+    stdout: str
+    stderr: str
+    exit_code: int
+    duration: float
+    timed_out: bool = False
+    truncated: bool = False
+    session_ended: bool = False
+    value: str | None = None
+    data: dict[str, Any] | None = None
+    error: PythonError | None = None
+
+    @property
+    def duration_ms(self) -> float:
+        return self.duration * 1000.0
+
+    @property
+    def ok(self) -> bool:
+        """``True`` when it exited 0 (raised nothing) and did not time out."""
+        return self.exit_code == 0 and not self.timed_out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunResult:
+        return cls(
+            d.get("stdout") or "",
+            d.get("stderr") or "",
+            int(d.get("exit_code", -1)),
+            float(d.get("duration_ms") or 0.0) / 1000.0,
+            bool(d.get("timed_out", False)),
+            bool(d.get("truncated", False)),
+            bool(d.get("session_ended", False)),
+            d.get("value"),
+            d.get("data"),
+            PythonError.from_json(d.get("error")),
+        )
+
+
+@dataclass(slots=True)
+class LiveSessionInfo:
+    """A persistent shell or Python session as the node reports it."""
+
+    id: str
+    kind: str
+    pid: int = 0
+    created_at_ms: int = 0
+    runs: int = 0
+    busy: bool = False
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LiveSessionInfo:
+        return cls(
+            str(d["id"]),
+            str(d.get("kind", "")),
+            int(d.get("pid", 0)),
+            int(d.get("created_at_ms", 0)),
+            int(d.get("runs", 0)),
+            bool(d.get("busy", False)),
+        )

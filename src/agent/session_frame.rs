@@ -1,0 +1,219 @@
+//! How a session's command is framed: what is written to the shell or interpreter, and how
+//! the end of its output is recognised on each stream.
+//!
+//! Each run gets a fresh random marker. The process prints, after the command's own output,
+//! `marker trailer \n` on stdout (the shell: the exit status; Python: a JSON line with the
+//! value or the error) and `marker \n` on stderr. Both markers seen means both streams are
+//! complete: no prompt is read, no delay waited for.
+
+use super::exec::Output;
+
+/// The shell's set-up, written once at its start. Commands run in a function through
+/// `command eval`, so that a syntax error is a status (an `eval` error would end a
+/// non-interactive shell) and so that the SIGINT trap can `return` out of a busy built-in
+/// loop as well as out of a waiting one. The trap acts only while a command runs: a SIGINT
+/// that races the end of its command is dropped rather than felt by the next one.
+/// Asynchronous commands ignore SIGINT in a shell without job control, so background jobs
+/// survive an interrupted command.
+pub const SHELL_INIT: &str = concat!(
+    "__arl_run() { __arl_busy=1; command eval \"$1\"; }\n",
+    "trap '[ \"${__arl_busy:-}\" = 1 ] && { __arl_busy=0; return 130; }' INT\n",
+);
+
+/// The Python session's helper (see the script's own comment).
+pub const PYTHON_HELPER: &str = include_str!("session_python.py");
+
+/// A fresh marker: nothing a command prints by chance.
+pub fn new_marker() -> String {
+    crate::util::random_id("__arl_")
+}
+
+/// One shell command line, framed.
+pub fn shell_frame(code: &str, marker: &str) -> Vec<u8> {
+    let quoted = code.replace('\'', r"'\''");
+    format!(
+        "__arl_run '{quoted}' </dev/null; __arl_rc=$?; __arl_busy=0; \
+         printf '%s%d\\n' '{marker}' \"$__arl_rc\"; printf '%s\\n' '{marker}' >&2\n"
+    )
+    .into_bytes()
+}
+
+/// One Python snippet, framed: a JSON request line for the helper.
+pub fn python_frame(code: &str, marker: &str) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&serde_json::json!({"code": code, "marker": marker}))
+        .unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// Longest trailer (the Python helper's result line) accepted after a marker.
+const MAX_TRAILER: usize = 32 << 20;
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    Output,
+    Trailer,
+    Done,
+}
+
+/// The trailer outgrew its bound: the stream cannot be trusted any more.
+#[derive(Debug, thiserror::Error)]
+#[error("the session's result line is longer than {MAX_TRAILER} bytes")]
+pub struct TrailerTooLong;
+
+/// One output stream of a run: passes the command's output on and finds the marker.
+pub struct FramedStream {
+    out: Output,
+    /// Bytes not yet passed on: they may be the start of the marker.
+    pending: Vec<u8>,
+    state: State,
+    trailer: Vec<u8>,
+    /// What followed the marker's line (a background job's output): the next run's.
+    pub leftover: Vec<u8>,
+    /// The client of a streamed run went away: output is dropped from then on.
+    pub client_gone: bool,
+}
+
+impl FramedStream {
+    pub fn new(out: Output, carried: Vec<u8>) -> Self {
+        Self {
+            out,
+            pending: carried,
+            state: State::Output,
+            trailer: Vec::new(),
+            leftover: Vec::new(),
+            client_gone: false,
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Takes what was read from the stream.
+    pub async fn feed(&mut self, data: &[u8], marker: &[u8]) -> Result<(), TrailerTooLong> {
+        match self.state {
+            State::Done => self.leftover.extend_from_slice(data),
+            State::Trailer => self.take_trailer(data)?,
+            State::Output => {
+                self.pending.extend_from_slice(data);
+                if let Some(at) = find(&self.pending, marker) {
+                    let rest = self.pending.split_off(at);
+                    let output = std::mem::take(&mut self.pending);
+                    self.deliver(&output).await;
+                    self.state = State::Trailer;
+                    self.take_trailer(&rest[marker.len()..])?;
+                } else {
+                    // Keep what could be the marker's beginning for the next read.
+                    let keep = (marker.len() - 1).min(self.pending.len());
+                    let rest = self.pending.split_off(self.pending.len() - keep);
+                    let output = std::mem::replace(&mut self.pending, rest);
+                    self.deliver(&output).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn take_trailer(&mut self, data: &[u8]) -> Result<(), TrailerTooLong> {
+        match data.iter().position(|&b| b == b'\n') {
+            Some(nl) => {
+                self.trailer.extend_from_slice(&data[..nl]);
+                self.leftover.extend_from_slice(&data[nl + 1..]);
+                self.state = State::Done;
+            }
+            None => self.trailer.extend_from_slice(data),
+        }
+        if self.trailer.len() > MAX_TRAILER {
+            return Err(TrailerTooLong);
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, bytes: &[u8]) {
+        if !self.client_gone && !bytes.is_empty() && !self.out.push(bytes).await {
+            self.client_gone = true;
+        }
+    }
+
+    /// The command's output (captured mode), whether some was dropped, and the trailer.
+    /// Output still pending (a process that ended before its marker) is passed on first.
+    pub async fn finish(mut self) -> (Vec<u8>, bool, Vec<u8>, Vec<u8>) {
+        if self.state == State::Output {
+            let pending = std::mem::take(&mut self.pending);
+            self.deliver(&pending).await;
+        }
+        let gone = self.client_gone;
+        let (captured, truncated) = self.out.finish(gone).await;
+        (captured, truncated, self.trailer, self.leftover)
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || haystack.len() < needle.len() {
+        return None;
+    }
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::exec::Stream;
+    use super::*;
+
+    #[tokio::test]
+    async fn markers_are_found_across_reads_and_output_is_kept_whole() {
+        let marker = b"__arl_0123456789abcdef";
+        let out = Output::new(Stream::Stdout, 1 << 20, None);
+        let mut s = FramedStream::new(out, b"bg\n".to_vec());
+        let whole = b"hello\n__arl_0123456789abcdef7\nlater";
+        // Every split into three reads gives the same output, trailer and leftover.
+        for i in 0..whole.len() {
+            for j in i..whole.len() {
+                let out = Output::new(Stream::Stdout, 1 << 20, None);
+                let mut t = FramedStream::new(out, b"bg\n".to_vec());
+                for part in [&whole[..i], &whole[i..j], &whole[j..]] {
+                    t.feed(part, marker).await.expect("feed");
+                }
+                assert!(t.done());
+                let (captured, truncated, trailer, leftover) = t.finish().await;
+                assert_eq!(captured, b"bg\nhello\n", "split {i}/{j}");
+                assert!(!truncated);
+                assert_eq!(trailer, b"7");
+                assert_eq!(leftover, b"later");
+            }
+        }
+        s.feed(b"no marker yet __arl_0123", marker)
+            .await
+            .expect("feed");
+        assert!(!s.done());
+        let (captured, _, trailer, _) = s.finish().await;
+        assert_eq!(
+            captured, b"bg\nno marker yet __arl_0123",
+            "pending output is kept"
+        );
+        assert!(trailer.is_empty());
+    }
+
+    #[tokio::test]
+    async fn output_past_the_cap_is_dropped_but_the_marker_still_counts() {
+        let marker = b"__arl_m";
+        let out = Output::new(Stream::Stdout, 4, None);
+        let mut s = FramedStream::new(out, Vec::new());
+        s.feed(b"0123456789__arl_m0\n", marker).await.expect("feed");
+        assert!(s.done());
+        let (captured, truncated, trailer, _) = s.finish().await;
+        assert_eq!((captured.as_slice(), truncated), (&b"0123"[..], true));
+        assert_eq!(trailer, b"0");
+    }
+
+    #[test]
+    fn shell_frames_quote_the_command() {
+        let frame = String::from_utf8(shell_frame("echo 'a'", "M")).expect("utf-8");
+        assert!(
+            frame.starts_with(r"__arl_run 'echo '\''a'\''' </dev/null;"),
+            "{frame}"
+        );
+        assert!(frame.ends_with("printf '%s\\n' 'M' >&2\n"), "{frame}");
+    }
+}
