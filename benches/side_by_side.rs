@@ -668,6 +668,9 @@ fn throughput(plan: &Plan, report: &mut Report, c: &mut Client, daemon: &Daemon,
             &arl,
         );
     }
+    // A fresh connection: the daemon closes a keep-alive connection idle for longer than its
+    // header-read timeout (30 s), and `c` sat idle through the rounds.
+    let mut c = daemon.client();
     for p in paths {
         let id = p
             .trim_start_matches("/v1/sandboxes/")

@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Instant;
 
-use futures_util::future::join_all;
-
 use super::agent_client::AgentClient;
 use super::auth::Owner;
 use super::manager::{Manager, snapshot};
@@ -135,39 +133,13 @@ impl Manager {
             )
         })?;
         let started = Instant::now();
-        let created = join_all((0..count).map(|_| {
-            let this = self.clone();
-            let pool = pool.clone();
-            let base = base.clone();
-            let from = snap.meta.id.clone();
-            let creation = self
-                .tasks
-                .spawn(async move { this.create_fork(&pool, &base, from).await });
-            async move {
-                creation
-                    .await
-                    .unwrap_or_else(|e| Err(ApiError::internal(format!("fork failed: {e}"))))
-            }
-        }))
-        .await;
-        let mut failure = None;
-        let mut fresh = Vec::new();
-        for result in created {
-            match result {
-                Ok(sb) => fresh.push(sb),
-                Err(e) => failure = Some(e),
-            }
-        }
-        {
-            let mut st = pool.state();
-            st.finish_lease_starts(count, &fresh, &lease);
-            for sb in &fresh {
-                self.register(sb);
-            }
-        }
-        for sb in &fresh {
-            self.watch(sb.clone());
-        }
+        let (fresh, failure) = self
+            .lease_new(&pool, count, &lease, || {
+                let (this, pool, base) = (self.clone(), pool.clone(), base.clone());
+                let from = snap.meta.id.clone();
+                async move { this.create_fork(&pool, &base, from).await }
+            })
+            .await;
         if let Some(e) = failure {
             for sb in fresh {
                 self.release_sandbox(sb, ReusePolicy::Destroy);

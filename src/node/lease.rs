@@ -11,6 +11,7 @@ use futures_util::future::join_all;
 use super::auth::Owner;
 use super::manager::Manager;
 use super::once::{self, Claim};
+use super::pool::Pool;
 use super::sandbox::{Lease, Sandbox};
 use crate::api::{AcquireRequest, ApiError, ErrorCode, PoolSpec, ReusePolicy, SandboxInfo};
 use crate::util::now_ms;
@@ -92,36 +93,12 @@ impl Manager {
         pool.note_acquire();
         pool.refill.notify_one();
         if missing > 0 {
-            // On the manager's runtime: creation does blocking work (clone, cgroups, mounts).
-            let created = join_all((0..missing).map(|_| {
-                let this = self.clone();
-                let pool = pool.clone();
-                let creation = self.tasks.spawn(async move { this.create(&pool).await });
-                async move {
-                    creation.await.unwrap_or_else(|e| {
-                        Err(ApiError::internal(format!("sandbox creation failed: {e}")))
-                    })
-                }
-            }))
-            .await;
-            let mut failure = None;
-            let mut fresh = Vec::new();
-            for result in created {
-                match result {
-                    Ok(sb) => fresh.push(sb),
-                    Err(e) => failure = Some(e),
-                }
-            }
-            {
-                let mut st = pool.state();
-                st.finish_lease_starts(missing, &fresh, &lease);
-                for sb in &fresh {
-                    self.register(sb);
-                }
-            }
-            for sb in &fresh {
-                self.watch(sb.clone());
-            }
+            let (fresh, failure) = self
+                .lease_new(&pool, missing, &lease, || {
+                    let (this, pool) = (self.clone(), pool.clone());
+                    async move { this.create(&pool).await }
+                })
+                .await;
             taken.extend(fresh);
             if let Some(e) = failure {
                 for sb in taken {
@@ -139,6 +116,49 @@ impl Manager {
             .with_label_values(&[pool.name.as_str(), result])
             .observe(started.elapsed().as_secs_f64());
         Ok(taken.iter().map(|sb| sb.info()).collect())
+    }
+
+    /// Makes `count` sandboxes whose places the pool has reserved and leases them under `lease`:
+    /// the ones made, and a failure if any creation failed (the caller destroys the others).
+    /// Creations run on the manager's runtime: they do blocking work (clone, cgroups, mounts).
+    pub(super) async fn lease_new<Fut>(
+        self: &Arc<Self>,
+        pool: &Arc<Pool>,
+        count: usize,
+        lease: &Lease,
+        make: impl Fn() -> Fut,
+    ) -> (Vec<Arc<Sandbox>>, Option<ApiError>)
+    where
+        Fut: Future<Output = Result<Arc<Sandbox>, ApiError>> + Send + 'static,
+    {
+        let created = join_all((0..count).map(|_| {
+            let creation = self.tasks.spawn(make());
+            async move {
+                creation.await.unwrap_or_else(|e| {
+                    Err(ApiError::internal(format!("sandbox creation failed: {e}")))
+                })
+            }
+        }))
+        .await;
+        let mut failure = None;
+        let mut fresh = Vec::new();
+        for result in created {
+            match result {
+                Ok(sb) => fresh.push(sb),
+                Err(e) => failure = Some(e),
+            }
+        }
+        {
+            let mut st = pool.state();
+            st.finish_lease_starts(count, &fresh, lease);
+            for sb in &fresh {
+                self.register(sb);
+            }
+        }
+        for sb in &fresh {
+            self.watch(sb.clone());
+        }
+        (fresh, failure)
     }
 
     /// Releases an allocated sandbox: reset and reuse, or destroy and refill.
