@@ -437,4 +437,73 @@ proptest! {
             prop_assert!(free.iter().all(|l| (l - first).abs() < 1e-6), "{free:?}");
         }
     }
+
+    /// Settling's first sweep takes exactly the units that raising the largest shortfall one
+    /// unit at a time would: the quotas equal those of the unit-at-a-time loop alone.
+    #[test]
+    fn the_settling_sweep_matches_unit_steps(
+        slots in prop::collection::vec((0u32..10, 0u32..30, 0.0f64..=1.0, 0u32..40), 1..40),
+        share in 0.0f64..=1.0,
+    ) {
+        let mut swept: Vec<Slot> = slots
+            .iter()
+            .map(|&(lo, extra, at, current)| {
+                let hi = lo + extra;
+                Slot {
+                    node: 0,
+                    name: "n",
+                    lo,
+                    hi,
+                    target: f64::from(lo) + at * f64::from(extra),
+                    quota: current.clamp(lo, hi),
+                }
+            })
+            .collect();
+        let lo: u64 = swept.iter().map(|s| u64::from(s.lo)).sum();
+        let hi: u64 = swept.iter().map(|s| u64::from(s.hi)).sum();
+        let total = lo + (share * (hi - lo) as f64).round() as u64;
+        let mut stepped: Vec<Slot> = swept
+            .iter()
+            .map(|s| Slot { node: 0, name: "n", lo: s.lo, hi: s.hi, target: s.target, quota: s.quota })
+            .collect();
+        settle(&mut swept, total);
+        settle_by_unit_steps(&mut stepped, total);
+        let a: Vec<u32> = swept.iter().map(|s| s.quota).collect();
+        let b: Vec<u32> = stepped.iter().map(|s| s.quota).collect();
+        prop_assert_eq!(a, b);
+    }
+}
+
+/// `settle` without its first sweep: every unit by the heaps.
+fn settle_by_unit_steps(slots: &mut [Slot], total: u64) {
+    let mut gaps = Gaps::new(slots);
+    let mut sum: u64 = slots.iter().map(|s| u64::from(s.quota)).sum();
+    while sum < total {
+        let Some((i, _)) = Gaps::top(&mut gaps.below, slots) else {
+            break;
+        };
+        slots[i].quota += 1;
+        sum += 1;
+        gaps.push(slots, i);
+    }
+    while sum > total {
+        let Some((i, _)) = Gaps::top(&mut gaps.above, slots) else {
+            break;
+        };
+        slots[i].quota -= 1;
+        sum -= 1;
+        gaps.push(slots, i);
+    }
+    while let (Some((from, over)), Some((to, under))) = (
+        Gaps::top(&mut gaps.above, slots),
+        Gaps::top(&mut gaps.below, slots),
+    ) {
+        if over < 1.0 - EPSILON || under < 1.0 - EPSILON || from == to {
+            break;
+        }
+        slots[from].quota -= 1;
+        slots[to].quota += 1;
+        gaps.push(slots, from);
+        gaps.push(slots, to);
+    }
 }
