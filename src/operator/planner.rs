@@ -446,7 +446,7 @@ impl Gaps {
 /// Brings the quotas to sum `total`, then moves whole units between slots that are each at
 /// least one unit off target in opposite directions.
 fn settle(slots: &mut [Slot], total: u64) {
-    let mut sum: u64 = slots.iter().map(|s| u64::from(s.quota)).sum();
+    let sum: u64 = slots.iter().map(|s| u64::from(s.quota)).sum();
     // Raising the largest shortfall one unit at a time first takes every unit that leaves a
     // slot still below its target, when the budget covers them all: take those in one sweep
     // (a fresh plan would otherwise make a heap step per replica).
@@ -459,8 +459,13 @@ fn settle(slots: &mut [Slot], total: u64) {
         for slot in slots.iter_mut() {
             slot.quota = slot.quota.max(floor(slot).min(slot.hi));
         }
-        sum += lift;
     }
+    settle_by_units(slots, total);
+}
+
+/// Settles one unit at a time, the largest gap first.
+fn settle_by_units(slots: &mut [Slot], total: u64) {
+    let mut sum: u64 = slots.iter().map(|s| u64::from(s.quota)).sum();
     let mut gaps = Gaps::new(slots);
     while sum < total {
         let Some((i, _)) = Gaps::top(&mut gaps.below, slots) else {

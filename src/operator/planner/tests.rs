@@ -467,43 +467,9 @@ proptest! {
             .map(|s| Slot { node: 0, name: "n", lo: s.lo, hi: s.hi, target: s.target, quota: s.quota })
             .collect();
         settle(&mut swept, total);
-        settle_by_unit_steps(&mut stepped, total);
+        settle_by_units(&mut stepped, total);
         let a: Vec<u32> = swept.iter().map(|s| s.quota).collect();
         let b: Vec<u32> = stepped.iter().map(|s| s.quota).collect();
         prop_assert_eq!(a, b);
-    }
-}
-
-/// `settle` without its first sweep: every unit by the heaps.
-fn settle_by_unit_steps(slots: &mut [Slot], total: u64) {
-    let mut gaps = Gaps::new(slots);
-    let mut sum: u64 = slots.iter().map(|s| u64::from(s.quota)).sum();
-    while sum < total {
-        let Some((i, _)) = Gaps::top(&mut gaps.below, slots) else {
-            break;
-        };
-        slots[i].quota += 1;
-        sum += 1;
-        gaps.push(slots, i);
-    }
-    while sum > total {
-        let Some((i, _)) = Gaps::top(&mut gaps.above, slots) else {
-            break;
-        };
-        slots[i].quota -= 1;
-        sum -= 1;
-        gaps.push(slots, i);
-    }
-    while let (Some((from, over)), Some((to, under))) = (
-        Gaps::top(&mut gaps.above, slots),
-        Gaps::top(&mut gaps.below, slots),
-    ) {
-        if over < 1.0 - EPSILON || under < 1.0 - EPSILON || from == to {
-            break;
-        }
-        slots[from].quota -= 1;
-        slots[to].quota += 1;
-        gaps.push(slots, from);
-        gaps.push(slots, to);
     }
 }
