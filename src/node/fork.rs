@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use super::agent_client::AgentClient;
 use super::auth::Owner;
+use super::lease;
 use super::manager::{Manager, snapshot};
 use super::pool::Pool;
 use super::sandbox::{Lease, Sandbox};
@@ -248,6 +249,8 @@ impl Manager {
 /// request sets its own.
 fn fork_lease(owner: Owner, spec: &PoolSpec, snap: &Snapshot, req: &ForkRequest) -> Lease {
     let now = now_ms();
+    let (expires_at_ms, idle_timeout_ms) =
+        lease::deadlines(now, spec, req.ttl_seconds, req.idle_timeout_seconds);
     Lease {
         owner,
         env: snap
@@ -259,14 +262,8 @@ fn fork_lease(owner: Owner, spec: &PoolSpec, snap: &Snapshot, req: &ForkRequest)
             .collect(),
         labels: req.labels.clone(),
         acquired_at_ms: now,
-        expires_at_ms: req
-            .ttl_seconds
-            .or(spec.max_lifetime_seconds)
-            .map(|s| now.saturating_add(s.saturating_mul(1000))),
-        idle_timeout_ms: req
-            .idle_timeout_seconds
-            .or(spec.idle_timeout_seconds)
-            .map(|s| s.saturating_mul(1000)),
+        expires_at_ms,
+        idle_timeout_ms,
         request_id: None,
     }
 }

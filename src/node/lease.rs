@@ -247,9 +247,29 @@ impl Manager {
     }
 }
 
+/// A lease's expiry and idle timeout, in ms, for a lease starting at `now`: the request's
+/// limits (in seconds) where it sets them, else the pool's.
+pub(super) fn deadlines(
+    now: u64,
+    spec: &PoolSpec,
+    ttl_seconds: Option<u64>,
+    idle_timeout_seconds: Option<u64>,
+) -> (Option<u64>, Option<u64>) {
+    (
+        ttl_seconds
+            .or(spec.max_lifetime_seconds)
+            .map(|s| now.saturating_add(s.saturating_mul(1000))),
+        idle_timeout_seconds
+            .or(spec.idle_timeout_seconds)
+            .map(|s| s.saturating_mul(1000)),
+    )
+}
+
 /// A lease for `owner` on the pool's terms under the request's.
 fn new_lease(owner: Owner, spec: &PoolSpec, req: &AcquireRequest) -> Lease {
     let now = now_ms();
+    let (expires_at_ms, idle_timeout_ms) =
+        deadlines(now, spec, req.ttl_seconds, req.idle_timeout_seconds);
     Lease {
         owner,
         // The pool's env under the acquirer's, fixed for the lease's lifetime.
@@ -261,14 +281,8 @@ fn new_lease(owner: Owner, spec: &PoolSpec, req: &AcquireRequest) -> Lease {
             .collect(),
         labels: req.labels.clone(),
         acquired_at_ms: now,
-        expires_at_ms: req
-            .ttl_seconds
-            .or(spec.max_lifetime_seconds)
-            .map(|s| now.saturating_add(s.saturating_mul(1000))),
-        idle_timeout_ms: req
-            .idle_timeout_seconds
-            .or(spec.idle_timeout_seconds)
-            .map(|s| s.saturating_mul(1000)),
+        expires_at_ms,
+        idle_timeout_ms,
         request_id: req.request_id.clone(),
     }
 }
