@@ -24,3 +24,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e './sdk/python[test]' pyyaml jsonschema openapi-spec-validator \
   'schemathesis==4.32.5' 'kubernetes-validate==1.37.0' 'e2b==2.63.0' 'e2b-code-interpreter==2.11.5'
+
+# An older SDK generation for the same E2B tests: 2.7.0 is the oldest that honours
+# `E2B_SANDBOX_URL` (one plain-HTTP URL for every sandbox), and it still creates with the v1
+# shape (`POST /sandboxes`, vendored `e2b_connect` envd client); 1.x needs TLS and wildcard DNS.
+if [ ! -x .venv-e2b-old/bin/python ]; then
+  /usr/bin/python3 -m venv .venv-e2b-old
+fi
+# Its wire-level dependencies are pinned too (a later protobuf or httpx may not fit an old SDK).
+.venv-e2b-old/bin/pip install -q --disable-pip-version-check 'pytest>=7' 'e2b==2.7.0' \
+  'httpx==0.29.0' 'httpcore==1.0.9' 'protobuf==7.36.2'
