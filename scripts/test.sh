@@ -21,8 +21,11 @@ export ARL_BIN="$PWD/target/${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}/debu
 .venv/bin/python sdk/python/scripts/unasync.py --check
 .venv/bin/python -m pytest sdk/python/tests -q
 .venv/bin/python -m pytest tests/api -q
-# The real PyPI `e2b` SDK against the node's E2B-compatible endpoint.
+# The real PyPI `e2b` SDK against the node's E2B-compatible endpoint, in two generations: the
+# newest, and the oldest that honours E2B_SANDBOX_URL (its own venv). Tests an older SDK cannot
+# run are marked so, with the reason (-rsx lists them).
 .venv/bin/python -m pytest tests/e2b -q
+.venv-e2b-old/bin/python -m pytest tests/e2b -q -rsx
 # Property-based: schemathesis against a token-protected daemon (bounded to a minute).
 tests/api/schemathesis.sh
 # The side-by-side bench in quick mode (a few iterations of each measurement, the Rust half in

@@ -9,8 +9,8 @@ import threading
 import pytest
 from e2b import (
     AsyncSandbox,
+    AuthenticationException,
     CommandExitException,
-    FileNotFoundException,
     NotFoundException,
     Sandbox,
     SandboxException,
@@ -18,7 +18,12 @@ from e2b import (
 )
 from e2b.sandbox.sandbox_api import SandboxQuery
 
-from conftest import Node
+try:
+    from e2b import FileNotFoundException
+except ImportError:  # older generations (2.7) raise the plain NotFoundException for a missing file
+    FileNotFoundException = NotFoundException
+
+from conftest import Node, needs_code_interpreter, sdk_below
 
 
 @pytest.fixture
@@ -157,14 +162,22 @@ def test_timeout_list_and_kill(node: Node, sbx: Sandbox) -> None:
     assert (sbx.get_info().end_at - end).total_seconds() > 500
     ids = [s.sandbox_id for s in Sandbox.list().next_items()]
     assert sbx.sandbox_id in ids
+
+
+@pytest.mark.skipif(
+    sdk_below("2.26.0"),
+    reason="before e2b 2.26 a connected Sandbox leaves out the E2b-Sandbox-Id/-Port headers, "
+    "so its envd calls to the single E2B_SANDBOX_URL cannot be routed",
+)
+def test_connect_by_id(sbx: Sandbox) -> None:
     again = Sandbox.connect(sbx.sandbox_id)
     assert again.commands.run("echo connected").stdout == "connected\n"
 
 
 def test_unsupported_calls_are_clean_sdk_errors(sbx: Sandbox) -> None:
-    # Control plane: pause is not served (501 → SandboxException, no retries).
+    # Control plane: pause is not served (501 → SandboxException, no retries); e2b 2.7 says beta_pause.
     with pytest.raises(SandboxException, match="not supported"):
-        sbx.pause()
+        (sbx.pause if hasattr(sbx, "pause") else sbx.beta_pause)()
     # envd: writing to a running process's stdin is refused as `unimplemented`.
     handle = sbx.commands.run("sleep 30", background=True)
     try:
@@ -172,6 +185,10 @@ def test_unsupported_calls_are_clean_sdk_errors(sbx: Sandbox) -> None:
             sbx.commands.send_stdin(handle.pid, "data")
     finally:
         handle.kill()
+
+
+@needs_code_interpreter
+def test_code_interpreter_execute_is_a_clean_sdk_error(sbx: Sandbox) -> None:
     # The code interpreter's /execute: a clean not-implemented error.
     from e2b_code_interpreter import Sandbox as CodeSandbox
 
@@ -185,8 +202,6 @@ def test_two_keys_cannot_touch_each_others_sandboxes(node: Node, sbx: Sandbox) -
     assert Sandbox.kill(sbx.sandbox_id, **other) is False
     with pytest.raises(NotFoundException):
         Sandbox.get_info(sbx.sandbox_id, **other)
-    with pytest.raises(NotFoundException):
-        Sandbox.connect(sbx.sandbox_id, **other)
     assert sbx.sandbox_id not in [s.sandbox_id for s in Sandbox.list(**other).next_items()]
     # envd traffic needs the sandbox's own access token.
     conn = http.client.HTTPConnection("127.0.0.1", node.e2b_port, timeout=10)
@@ -199,10 +214,21 @@ def test_two_keys_cannot_touch_each_others_sandboxes(node: Node, sbx: Sandbox) -
     conn.close()
     assert sbx.commands.run("echo still mine").stdout == "still mine\n"
     # A wrong key is refused outright.
-    from e2b import AuthenticationException
-
     with pytest.raises(AuthenticationException):
         Sandbox.create(api_key="e2b_" + "0" * 40)
+
+
+@pytest.mark.xfail(
+    sdk_below("2.27.0"),
+    raises=AuthenticationException,
+    strict=True,
+    reason="node gap: before e2b 2.27 the control-plane POST /sandboxes/{id}/connect carries "
+    "E2b-Sandbox-Id/-Port, and the node routes it to envd (401 for the missing access token) "
+    "instead of answering it as the API (404 here)",
+)
+def test_connect_with_another_key_is_not_found(node: Node, sbx: Sandbox) -> None:
+    with pytest.raises(NotFoundException):
+        Sandbox.connect(sbx.sandbox_id, api_key=node.other_key)
 
 
 def test_async_sandbox(node: Node) -> None:
