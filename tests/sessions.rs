@@ -277,7 +277,59 @@ async fn runs_stream_as_ndjson(rt: Runtime) {
     assert_eq!(last["exit_code"], 5);
 }
 
+/// A streamed run whose client goes away is interrupted even when it writes nothing (the
+/// agent watches the stream, not only its output), so the session is soon free again.
+async fn an_abandoned_silent_run_is_interrupted(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
+    let id = d.acquire("default").await;
+    let sh = open(&d, &id, "shell").await;
+    let abandoned = Instant::now();
+    {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", d.port))
+            .await
+            .expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        let conn = tokio::spawn(conn);
+        let request = hyper::Request::post(format!("/v1/sandboxes/{id}/sessions/{sh}/run"))
+            .header("host", "localhost")
+            .header("accept", "application/x-ndjson")
+            .body(http_body_util::Full::new(Bytes::from(
+                r#"{"code": "sleep 60; echo never", "timeout_ms": 120000}"#,
+            )))
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        drop(response);
+        drop(sender);
+        conn.abort();
+    }
+    // The session is free well before the command's 60 s (SIGINT stops `sleep` at once).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, info) = d
+            .call(
+                Method::GET,
+                &format!("/v1/sandboxes/{id}/sessions/{sh}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{info}");
+        if info["busy"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still busy: {info}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(abandoned.elapsed() < Duration::from_secs(15));
+    let r = run(&d, &id, &sh, "echo free").await;
+    assert_eq!(r["stdout"], "free\n", "{r}");
+}
+
 on_every_runtime!(
+    an_abandoned_silent_run_is_interrupted,
     shell_state_survives_across_commands,
     a_timed_out_command_leaves_its_session_usable,
     sessions_of_a_sandbox_are_isolated_and_bounded,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
-use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
 
 use super::exec::{self, Children, Output, Stream};
 use super::session_frame::{self as frame, FramedStream};
@@ -49,6 +49,8 @@ pub struct Session {
     created_at_ms: u64,
     runs: AtomicU64,
     io: Arc<tokio::sync::Mutex<SessionIo>>,
+    /// Bumped to interrupt the run under way (as its timeout would).
+    interrupts: watch::Sender<u64>,
 }
 
 /// The session's pipes, held by the one run under way.
@@ -161,12 +163,7 @@ impl Sessions {
         }
         let argv: Vec<String> = match req.kind {
             SessionKind::Shell => vec!["/bin/sh".into()],
-            SessionKind::Python => vec![
-                "python3".into(),
-                "-u".into(),
-                "-c".into(),
-                frame::PYTHON_HELPER.into(),
-            ],
+            SessionKind::Python => vec!["python3".into(), "-c".into(), frame::PYTHON_HELPER.into()],
         };
         let (child, exit) = children
             .spawn(|| spawn::spawn(&argv, &env, &cwd, true))
@@ -207,6 +204,7 @@ impl Sessions {
             pid,
             created_at_ms: now_ms(),
             runs: AtomicU64::new(0),
+            interrupts: watch::Sender::new(0),
             io: Arc::new(tokio::sync::Mutex::new(SessionIo {
                 stdin,
                 stdout,
@@ -225,6 +223,15 @@ impl Sessions {
         }
         live.insert(session.id.clone(), session.clone());
         Ok(session.info())
+    }
+
+    /// Interrupts the session's run under way, if any, as its timeout would (SIGINT, then the
+    /// kill graces); a run that starts later is not touched.
+    pub fn interrupt(&self, id: &str) -> Result<(), ApiError> {
+        self.get(id)?
+            .interrupts
+            .send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
     }
 
     /// Claims a session for one run: 409 while another run holds it.
@@ -272,6 +279,9 @@ pub async fn run(
         SessionKind::Python => frame::python_frame(&req.code, &marker),
     };
     let cap = req.max_output();
+    // A streaming client that goes away, or an interrupt, stops the command early.
+    let client = sink.clone();
+    let mut interrupts = session.interrupts.subscribe();
     let (carried_out, carried_err) = std::mem::take(&mut io.carried);
     let mut out = FramedStream::new(Output::new(Stream::Stdout, cap, sink.clone()), carried_out);
     let mut err = FramedStream::new(Output::new(Stream::Stderr, cap, sink), carried_err);
@@ -288,12 +298,26 @@ pub async fn run(
     let mut buf2 = vec![0u8; 32 * 1024];
     use tokio::io::AsyncReadExt;
     let mut broken = None;
+    let mut stop_early = false;
     while !(out.done() && err.done()) {
-        if phase == Phase::Running && (out.client_gone || err.client_gone) {
+        if phase == Phase::Running && !stop_early && (out.client_gone || err.client_gone) {
             // Nobody will see the rest: stop the command now, keep the session in step.
+            stop_early = true;
             next_step = tokio::time::Instant::now();
         }
+        let early = phase == Phase::Running && !stop_early;
         tokio::select! {
+            // A silent command's client is missed by the output pump: watch it too.
+            () = closed(client.as_ref()), if early => {
+                stop_early = true;
+                next_step = tokio::time::Instant::now();
+            }
+            changed = interrupts.changed(), if early => {
+                if changed.is_ok() {
+                    stop_early = true;
+                    next_step = tokio::time::Instant::now();
+                }
+            }
             written = &mut write, if writing => {
                 writing = false;
                 if written.is_err() {
@@ -374,6 +398,14 @@ pub async fn run(
         }
     }
     Ok(result)
+}
+
+/// Resolves when the streaming client is gone; never without one.
+async fn closed(client: Option<&mpsc::Sender<Result<Bytes, BoxError>>>) {
+    match client {
+        Some(tx) => tx.closed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What the Python helper writes after its marker.

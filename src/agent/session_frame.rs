@@ -107,8 +107,9 @@ impl FramedStream {
                     self.state = State::Trailer;
                     self.take_trailer(&rest[marker.len()..])?;
                 } else {
-                    // Keep what could be the marker's beginning for the next read.
-                    let keep = (marker.len() - 1).min(self.pending.len());
+                    // Keep only what could be the marker's beginning for the next read: the
+                    // rest goes out now, so output streams as the command writes it.
+                    let keep = marker_prefix_at_end(&self.pending, marker);
                     let rest = self.pending.split_off(self.pending.len() - keep);
                     let output = std::mem::replace(&mut self.pending, rest);
                     self.deliver(&output).await;
@@ -150,6 +151,15 @@ impl FramedStream {
         let (captured, truncated) = self.out.finish(gone).await;
         (captured, truncated, self.trailer, self.leftover)
     }
+}
+
+/// The length of the longest end of `data` that begins `marker` (shorter than the marker).
+fn marker_prefix_at_end(data: &[u8], marker: &[u8]) -> usize {
+    let longest = marker.len().saturating_sub(1).min(data.len());
+    (1..=longest)
+        .rev()
+        .find(|&n| data[data.len() - n..] == marker[..n])
+        .unwrap_or(0)
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -208,6 +218,28 @@ mod tests {
         let (captured, truncated, trailer, _) = s.finish().await;
         assert_eq!((captured.as_slice(), truncated), (&b"0123"[..], true));
         assert_eq!(trailer, b"0");
+    }
+
+    #[test]
+    fn only_a_possible_marker_start_is_held_back() {
+        assert_eq!(marker_prefix_at_end(b"a\n", b"__arl_m"), 0);
+        assert_eq!(marker_prefix_at_end(b"a\n__ar", b"__arl_m"), 4);
+        assert_eq!(marker_prefix_at_end(b"_", b"__arl_m"), 1);
+        assert_eq!(marker_prefix_at_end(b"__arl_", b"__arl_m"), 6);
+        assert_eq!(marker_prefix_at_end(b"", b"__arl_m"), 0);
+    }
+
+    #[tokio::test]
+    async fn output_without_a_marker_start_goes_out_at_once() {
+        let out = Output::new(Stream::Stdout, 1 << 20, None);
+        let mut s = FramedStream::new(out, Vec::new());
+        s.feed(b"a\n", b"__arl_m").await.expect("feed");
+        assert!(
+            s.pending.is_empty(),
+            "a short line is not held for the marker"
+        );
+        s.feed(b"b\n__ar", b"__arl_m").await.expect("feed");
+        assert_eq!(s.pending, b"__ar");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-# The Python session's helper, carried inside the agent and run as `python3 -u -c <this>`.
+# The Python session's helper, carried inside the agent and run as `python3 -c <this>`.
 #
 # Requests come one per line on a private duplicate of stdin, as JSON {"code", "marker"}; the
 # real stdin becomes /dev/null so that the snippet (and what it starts) cannot read them. A
@@ -23,6 +23,10 @@ _null = os.open(os.devnull, os.O_RDONLY)
 os.dup2(_null, 0)
 os.close(_null)
 sys.stdin = open(os.devnull)
+# Output leaves line by line (a newline or a carriage return flushes, as on a terminal): a
+# `print` is one event, not one per write, and progress lines still stream.
+sys.stdout.reconfigure(line_buffering=True)
+sys.stderr.reconfigure(line_buffering=True)
 
 _running = False
 

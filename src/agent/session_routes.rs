@@ -7,6 +7,7 @@
 //! | `GET /sessions/{sid}` | one session |
 //! | `DELETE /sessions/{sid}` | end it (its whole process tree) |
 //! | `POST /sessions/{sid}/run` | one command: JSON result, or NDJSON events |
+//! | `POST /sessions/{sid}/interrupt` | stop the run under way, as its timeout would |
 //!
 //! A run goes on in a task of its own: a client that goes away interrupts the command, and
 //! the session reads on to the end of its frame, so it stays in step for the next one.
@@ -48,6 +49,10 @@ pub async fn route(agent: &Arc<Agent>, req: Request<Incoming>) -> Result<Respons
         }
         (Method::DELETE, ["sessions", sid]) => {
             agent.sessions.close(sid)?;
+            Ok(http::no_content())
+        }
+        (Method::POST, ["sessions", sid, "interrupt"]) => {
+            agent.sessions.interrupt(sid)?;
             Ok(http::no_content())
         }
         (Method::POST, ["sessions", sid, "run"]) => {

@@ -185,8 +185,14 @@ async fn relay(
     let mut line: Vec<u8> = Vec::new();
     let mut skipping = false;
     step.status = 200;
-    while let Some(frame) = agent_body.frame().await {
-        let Ok(frame) = frame else { break };
+    loop {
+        let frame = tokio::select! {
+            frame = agent_body.frame() => frame,
+            // A silent command's client is missed by `send`: dropping the agent's stream
+            // tells the agent, which interrupts the command.
+            () = tx.closed() => break,
+        };
+        let Some(Ok(frame)) = frame else { break };
         let Ok(data) = frame.into_data() else {
             continue;
         };
