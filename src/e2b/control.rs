@@ -18,6 +18,8 @@ use crate::util::{now_ms, random_id};
 
 /// E2B's constant client id (its SDK requires the field).
 const CLIENT_ID: &str = "6532622b";
+/// The code interpreter SDK's default template.
+const CODE_INTERPRETER_TEMPLATE: &str = "code-interpreter-v1";
 /// Lease of a sandbox created without a timeout (the SDK models' default).
 const DEFAULT_TIMEOUT_S: u64 = 300;
 /// Longest lease a timeout may ask for (E2B's own cap is 24 h).
@@ -282,11 +284,7 @@ async fn create(front: &Arc<Front>, req: Request<Incoming>) -> Answer {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let body: NewSandbox = http::read_json(req, MAX_JSON_BODY).await?;
-    let pool = if body.template_id == "base" {
-        front.config.default_pool.clone()
-    } else {
-        body.template_id.clone()
-    };
+    let pool = pool_of_template(front, &body.template_id);
     if front.mgr.pool_view(&pool).is_err() {
         return Err(ControlError::new(
             StatusCode::NOT_FOUND,
@@ -326,6 +324,7 @@ async fn create(front: &Arc<Front>, req: Request<Incoming>) -> Answer {
                 template: body.template_id,
                 access_token: random_id(""),
                 processes: Default::default(),
+                contexts: Default::default(),
             },
         ),
     };
@@ -428,8 +427,21 @@ async fn set_timeout(front: &Arc<Front>, req: Request<Incoming>, e2b_id: &str) -
     Ok(http::no_content())
 }
 
+/// The pool a template names: E2B's defaults (`base`, and the code interpreter's
+/// `code-interpreter-v1` unless a pool has that name) are the default pool.
+fn pool_of_template(front: &Front, template: &str) -> String {
+    let default = template == "base"
+        || (template == CODE_INTERPRETER_TEMPLATE && front.mgr.pool_view(template).is_err());
+    if default {
+        front.config.default_pool.clone()
+    } else {
+        template.to_string()
+    }
+}
+
 /// Connecting to a running sandbox: its lease is extended as asked and its model returned.
-/// Sandboxes never pause behind E2B's back here, so there is nothing to resume.
+/// A sandbox that auto-paused is thawed by its next sandbox request, so there is nothing to
+/// resume here.
 async fn connect(front: &Arc<Front>, req: Request<Incoming>, e2b_id: &str) -> Answer {
     let (owner, arl_id) = lookup(front, &req, e2b_id)?;
     let domain = domain(front, &req);
@@ -447,6 +459,7 @@ async fn connect(front: &Arc<Front>, req: Request<Incoming>, e2b_id: &str) -> An
                     template: pool,
                     access_token: random_id(""),
                     processes: Default::default(),
+                    contexts: Default::default(),
                 },
             )
         }

@@ -1,6 +1,7 @@
 //! A sandbox's side of the front: envd on port 49983 (its Connect services, `/files`,
-//! `/health`) and the code interpreter's port 49999 (refused until persistent Python
-//! sessions exist). Requests must carry the sandbox's envd access token, as with envd.
+//! `/health`) and the code interpreter's port 49999 (`/execute` and contexts, on the agent's
+//! persistent sessions). Requests must carry the sandbox's envd access token, as with envd
+//! (the code interpreter's context calls excepted, as in E2B).
 
 use std::sync::Arc;
 
@@ -51,27 +52,31 @@ pub async fn route(
         .headers()
         .get("x-access-token")
         .and_then(|v| v.to_str().ok());
+    let token_ok = token == Some(addressed.e2b.access_token.as_str());
     let path = req.uri().path().to_string();
-    let open = port == ENVD_PORT && path == "/health";
-    if !open && token != Some(addressed.e2b.access_token.as_str()) {
+    // The code interpreter's context calls carry no token (see `interpreter`); a wrong one
+    // is refused everywhere.
+    let open = (port == ENVD_PORT && path == "/health")
+        || (port == CODE_INTERPRETER_PORT && token.is_none());
+    if !open && !token_ok {
         let err = RpcError::new(Code::Unauthenticated, "invalid or missing access token");
         return ("/e2b/envd:unauthenticated", err.response());
     }
-    if port == CODE_INTERPRETER_PORT {
-        let body = serde_json::json!({
-            "code": 501,
-            "message": format!("{path} is not supported by this ARL node: persistent Python sessions (the code interpreter) do not exist yet"),
-        });
-        return (
-            "/e2b/code-interpreter",
-            http::json(StatusCode::NOT_IMPLEMENTED, &body),
-        );
-    }
-    if port != ENVD_PORT {
+    if port != ENVD_PORT && port != CODE_INTERPRETER_PORT {
         let err = RpcError::unimplemented(format!(
-            "port {port} (only envd, {ENVD_PORT}, is served; forwarding other ports)"
+            "port {port} (only envd, {ENVD_PORT}, and the code interpreter, \
+             {CODE_INTERPRETER_PORT}, are served; forwarding other ports is not)"
         ));
         return ("/e2b/port", err.response());
+    }
+    // Counted in use for the request (a streamed command holds its own guard): an
+    // auto-paused sandbox is thawed first, and none is paused under a request.
+    let _in_use = match front.mgr.enter(&addressed.sandbox).await {
+        Ok(guard) => guard,
+        Err(e) => return ("/e2b/envd:unavailable", RpcError::from(e).response()),
+    };
+    if port == CODE_INTERPRETER_PORT {
+        return super::interpreter::route(front, &addressed, req, token_ok).await;
     }
     addressed.sandbox.touch();
     let method = req.method().clone();

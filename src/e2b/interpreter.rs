@@ -30,8 +30,7 @@ use super::envd::Addressed;
 use super::state::{Context, E2bSandbox};
 use crate::api::exec::{MAX_OUTPUT_LIMIT, MAX_TIMEOUT_MS};
 use crate::api::sessions::{
-    CreateSessionRequest, MAX_CODE_BYTES, RunEvent, RunRequest, RunResult, SessionInfo,
-    SessionKind,
+    CreateSessionRequest, MAX_CODE_BYTES, RunEvent, RunRequest, RunResult, SessionInfo, SessionKind,
 };
 use crate::api::{ApiError, ErrorBody, NDJSON, WORKSPACE};
 use crate::http::{self, Body, BoxError, ChannelBody, MAX_JSON_BODY};
@@ -167,10 +166,9 @@ pub async fn route(
             "/e2b/interpreter/contexts",
             create(&addressed.e2b, req).await,
         ),
-        (&Method::DELETE, ["contexts", id]) => (
-            "/e2b/interpreter/context",
-            remove(addressed, id).await,
-        ),
+        (&Method::DELETE, ["contexts", id]) => {
+            ("/e2b/interpreter/context", remove(addressed, id).await)
+        }
         (&Method::POST, ["contexts", id, "restart"]) => (
             "/e2b/interpreter/context:restart",
             restart(addressed, id).await,
@@ -245,9 +243,13 @@ fn insert(
 }
 
 fn context(e2b: &E2bSandbox, id: &str) -> Result<Arc<Context>, InterpreterError> {
-    e2b.contexts.lock_or_recover().get(id).cloned().ok_or_else(|| {
-        InterpreterError::new(StatusCode::NOT_FOUND, format!("context {id:?} not found"))
-    })
+    e2b.contexts
+        .lock_or_recover()
+        .get(id)
+        .cloned()
+        .ok_or_else(|| {
+            InterpreterError::new(StatusCode::NOT_FOUND, format!("context {id:?} not found"))
+        })
 }
 
 async fn remove(addressed: &Addressed, id: &str) -> Result<Response<Body>, InterpreterError> {
@@ -294,7 +296,10 @@ async fn session_of(sb: &Sandbox, ctx: &Context) -> Result<String, InterpreterEr
         .map_err(|e| InterpreterError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let reply = sb
         .agent
-        .call(agent_request(Method::POST, "/sessions", http::full(body))?, 1 << 20)
+        .call(
+            agent_request(Method::POST, "/sessions", http::full(body))?,
+            1 << 20,
+        )
         .await?;
     if !reply.status.is_success() {
         return Err(agent_refusal(reply.status, &reply.body));
@@ -322,7 +327,11 @@ async fn run_quietly(sb: &Sandbox, sid: &str, code: String) -> Result<RunResult,
     };
     let body = serde_json::to_vec(&run)
         .map_err(|e| InterpreterError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let req = agent_request(Method::POST, &format!("/sessions/{sid}/run"), http::full(body))?;
+    let req = agent_request(
+        Method::POST,
+        &format!("/sessions/{sid}/run"),
+        http::full(body),
+    )?;
     let reply = sb.agent.call(req, 1 << 20).await?;
     if !reply.status.is_success() {
         return Err(agent_refusal(reply.status, &reply.body));
@@ -357,7 +366,10 @@ fn env_code(kind: SessionKind, vars: &BTreeMap<String, String>) -> (String, Stri
                 unset.push(' ');
                 unset.push_str(k);
             }
-            (set, format!("{unset}; eval \"$__arl_env_saved\"; unset __arl_env_saved"))
+            (
+                set,
+                format!("{unset}; eval \"$__arl_env_saved\"; unset __arl_env_saved"),
+            )
         }
     }
 }
@@ -423,11 +435,9 @@ async fn execute(
     let mut agent_req = agent_request(
         Method::POST,
         &format!("/sessions/{sid}/run"),
-        http::full(
-            serde_json::to_vec(&run).map_err(|e| {
-                InterpreterError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-            })?,
-        ),
+        http::full(serde_json::to_vec(&run).map_err(|e| {
+            InterpreterError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        })?),
     )?;
     agent_req
         .headers_mut()
@@ -464,7 +474,9 @@ async fn execute(
     Ok(Response::builder()
         .header(CONTENT_TYPE, NDJSON)
         .body(body)
-        .unwrap_or_else(|_| InterpreterError::new(StatusCode::INTERNAL_SERVER_ERROR, "response").response()))
+        .unwrap_or_else(|_| {
+            InterpreterError::new(StatusCode::INTERNAL_SERVER_ERROR, "response").response()
+        }))
 }
 
 /// An execution under way: the agent's events become the code interpreter's lines.
@@ -482,11 +494,17 @@ impl Execution {
     async fn relay(mut self, mut agent: Incoming) {
         let mut line: Vec<u8> = Vec::new();
         let mut finished = false;
+        let mut client_gone = false;
         'read: loop {
             let frame = tokio::select! {
                 frame = agent.frame() => frame,
-                // The client went away (its timeout): dropping the stream interrupts the run.
-                () = self.tx.closed() => break,
+                // The client went away (its timeout): the run is interrupted, and read to its
+                // end so that the next execution finds the interpreter free.
+                () = self.tx.closed(), if !client_gone => {
+                    client_gone = true;
+                    self.interrupt().await;
+                    continue;
+                }
             };
             let Some(Ok(frame)) = frame else { break };
             let Ok(data) = frame.into_data() else {
@@ -535,6 +553,17 @@ impl Execution {
         self.sb.touch();
     }
 
+    async fn interrupt(&self) {
+        let path = format!("/sessions/{}/interrupt", self.sid);
+        let sent = match agent_request(Method::POST, &path, http::empty()) {
+            Ok(req) => self.sb.agent.call(req, 1 << 16).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(session = %self.sid, error = %e, "interrupting an abandoned execution failed");
+        }
+    }
+
     /// Relays one event; true once the execution is over.
     async fn event(&mut self, event: RunEvent) -> bool {
         match event {
@@ -568,8 +597,11 @@ impl Execution {
             });
             self.send(line).await;
         } else if result.timed_out {
-            self.send(error_line("TimeoutError", "the execution ran past its timeout"))
-                .await;
+            self.send(error_line(
+                "TimeoutError",
+                "the execution ran past its timeout",
+            ))
+            .await;
         } else if self.ctx.language == "bash" && result.exit_code != 0 {
             self.send(error_line("ExitCode", &result.exit_code.to_string()))
                 .await;
@@ -671,7 +703,11 @@ mod tests {
         assert_eq!(line["html"], "<table/>");
         assert_eq!(line["extra"]["application/vnd.custom"]["a"], 1);
         assert_eq!(line["is_main_result"], true);
-        assert_eq!(result_line(&RunResult::default()), None, "no value, no result");
+        assert_eq!(
+            result_line(&RunResult::default()),
+            None,
+            "no value, no result"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The E2B-compatible front door: one plain HTTP/1.1 listener that serves E2B's control plane
 //! (create, connect, list, get, kill, set timeout) and, for each sandbox, envd (Connect RPCs
-//! for processes and the file system, `/files`, `/health`) — routed as E2B's own proxy does,
+//! for processes and the file system, `/files`, `/health`) and the code interpreter
+//! (`/execute`, contexts) — routed as E2B's own proxy does,
 //! by the `E2b-Sandbox-Id` / `E2b-Sandbox-Port` headers or a `{port}-{id}.{domain}` Host.
 //!
 //! It is a second front door over the same engine: sandboxes come from the manager's pools,
@@ -13,6 +14,7 @@ mod control;
 mod envd;
 mod files;
 mod filesystem;
+mod interpreter;
 mod process;
 mod state;
 
@@ -116,6 +118,12 @@ fn target<B>(req: &Request<B>) -> Target {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
+    // SDKs 2.7 to 2.26 send the routing headers on `connect` too: the control plane's own
+    // paths are its, whatever the headers say (no envd or interpreter path starts so).
+    let path = req.uri().path();
+    if path.starts_with("/sandboxes") || path.starts_with("/v2/sandboxes") {
+        return Target::ControlPlane;
+    }
     if let Some(id) = header("e2b-sandbox-id") {
         let port = header("e2b-sandbox-port")
             .and_then(|p| p.parse().ok())
@@ -195,6 +203,13 @@ mod tests {
                 port: 49983
             }
         );
+        let connect = Request::builder()
+            .uri("/sandboxes/abc/connect")
+            .header("e2b-sandbox-id", "abc")
+            .header("e2b-sandbox-port", "49983")
+            .body(())
+            .expect("request");
+        assert_eq!(target(&connect), Target::ControlPlane, "SDK 2.7's connect");
         assert_eq!(
             target(&req(&[("host", "127.0.0.1:3000")])),
             Target::ControlPlane

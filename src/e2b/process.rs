@@ -27,6 +27,7 @@ use crate::api::{
 };
 use crate::http::{self, Body, ChannelBody, MAX_JSON_BODY};
 use crate::node::agent_client::{AGENT_TIMEOUT, agent_request};
+use crate::node::pause::InUse;
 use crate::node::sandbox::Sandbox;
 use crate::util::MutexExt;
 
@@ -200,6 +201,8 @@ async fn start_inner(
     if !response.status().is_success() {
         return Err(agent_error(response).await);
     }
+    // Held to the command's end, even if its starter goes: no auto-pause under it.
+    let in_use = front.mgr.enter(sb).await?;
     let (tx, body) = ChannelBody::channel(16);
     let process = Arc::new(Process {
         pid: 0,
@@ -217,7 +220,7 @@ async fn start_inner(
         process,
         response.into_body(),
         keepalive,
-        started,
+        (started, in_use),
     ));
     Ok(connect::stream_response(body))
 }
@@ -279,7 +282,8 @@ async fn relay(
     mut process: Arc<Process>,
     mut agent: Incoming,
     keepalive: Duration,
-    started: Instant,
+    // The guard is dropped, and the sandbox may pause again, when the command is over.
+    (started, _in_use): (Instant, InUse),
 ) {
     let mut line: Vec<u8> = Vec::new();
     let mut registered = false;

@@ -1,8 +1,10 @@
 //! What the E2B front remembers beyond the manager: per sandbox, the template it was asked
-//! for, the envd access token it handed out, and the processes started through envd.
+//! for, the envd access token it handed out, the processes started through envd, and the
+//! code interpreter's contexts.
 //! Ownership, leases and the sandboxes themselves stay with the manager.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -40,6 +42,22 @@ pub struct E2bSandbox {
     pub template: String,
     pub access_token: String,
     pub processes: Mutex<HashMap<u32, Arc<Process>>>,
+    /// The code interpreter's contexts, by id.
+    pub contexts: Mutex<BTreeMap<String, Arc<Context>>>,
+}
+
+/// A code interpreter context: a persistent session in the sandbox's agent, started at its
+/// first execution and again after it ended.
+pub struct Context {
+    pub id: String,
+    /// `python` or `bash`.
+    pub language: &'static str,
+    pub cwd: String,
+    /// The agent's session, while one is live.
+    pub session: Mutex<Option<String>>,
+    pub executions: AtomicU64,
+    /// Held by the execution under way: the next one waits its turn, as in a Jupyter kernel.
+    pub turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A process started through `process.Process/Start`, while it runs.
