@@ -141,6 +141,7 @@ def main() -> None:
     import arl
     import e2b
     from e2b import Sandbox
+    from e2b_code_interpreter import Sandbox as CodeSandbox
 
     state = Path(tempfile.mkdtemp(prefix="arl-e2b-bench-"))
     state.chmod(0o755)
@@ -176,16 +177,22 @@ def main() -> None:
         client = arl.Client(f"http://127.0.0.1:{port}")
         sb = client.sandbox("default")
         raw = RawEnvd(eport, sbx.sandbox_id, sbx._envd_access_token or "")
+        code = CodeSandbox.connect(sbx.sandbox_id)
+        py = sb.open_session("python")
 
         e2b_s: list[float] = []
         raw_s: list[float] = []
         arl_same: list[float] = []
         arl_true: list[float] = []
+        ci_run: list[float] = []
+        arl_py: list[float] = []
         runs = [
             (lambda: sbx.commands.run("true"), e2b_s),
             (lambda: raw.run("true"), raw_s),
             (lambda: sb.exec(["/bin/bash", "-l", "-c", "true"]), arl_same),
             (lambda: sb.exec(["true"]), arl_true),
+            (lambda: code.run_code("1"), ci_run),
+            (lambda: py.run("1"), arl_py),
         ]
         for fn, _ in runs:
             timed(fn, 20)  # warm-up
@@ -198,6 +205,8 @@ def main() -> None:
             "raw_connect": stats(raw_s),
             "arl_same": stats(arl_same),
             "arl_true": stats(arl_true),
+            "ci_run": stats(ci_run),
+            "arl_py": stats(arl_py),
         }
         sbx.kill()
         sb.release()
@@ -237,13 +246,17 @@ def main() -> None:
         f"| raw keep-alive Connect `Start` of the same (no SDK) | {r['raw_connect']['p50']:.3f} | {r['raw_connect']['p99']:.3f} |",
         f"| ARL SDK `sb.exec([\"/bin/bash\", \"-l\", \"-c\", \"true\"])` (the same command) | {r['arl_same']['p50']:.3f} | {r['arl_same']['p99']:.3f} |",
         f"| ARL SDK `sb.exec([\"true\"])` | {r['arl_true']['p50']:.3f} | {r['arl_true']['p99']:.3f} |",
+        f"| E2B code interpreter `sbx.run_code(\"1\")` | {r['ci_run']['p50']:.3f} | {r['ci_run']['p99']:.3f} |",
+        f"| ARL SDK Python session `run(\"1\")` (the same snippet) | {r['arl_py']['p50']:.3f} | {r['arl_py']['p99']:.3f} |",
         f"| E2B SDK `Sandbox.create(template=…)`, warm pool (`reuse = \"reset\"`) | {r['sdk_create']['p50']:.3f} | {r['sdk_create']['p99']:.3f} |",
         f"| raw keep-alive `POST /v2/sandboxes` (the server's share) | {r['raw_create']['p50']:.3f} | {r['raw_create']['p99']:.3f} |",
         "",
         f"Ratio E2B SDK run / ARL SDK exec of the same command (p50): **{ratio:.2f}×** (target ≤ 1.5×). "
         f"The E2B SDK's own client cost: {r['e2b_run']['p50'] - r['raw_connect']['p50']:.3f} ms per run "
         f"(SDK minus raw Connect), {r['sdk_create']['p50'] - r['raw_create']['p50']:.3f} ms per create "
-        f"(SDK minus raw POST; target for create ≤ 5 ms end to end).",
+        f"(SDK minus raw POST; target for create ≤ 5 ms end to end). "
+        f"Code interpreter `run_code` / ARL Python session run (p50): "
+        f"**{r['ci_run']['p50'] / r['arl_py']['p50']:.2f}×**.",
         "",
     ]
     text = "\n".join(lines)
