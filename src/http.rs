@@ -189,6 +189,44 @@ pub fn ndjson_line<T: Serialize>(value: &T) -> Bytes {
     Bytes::from(line)
 }
 
+/// Complete lines out of a stream read in chunks (an NDJSON body), none longer than a bound.
+pub struct Lines {
+    pending: Vec<u8>,
+    max: usize,
+}
+
+/// A line outgrew its bound: the stream cannot be read on.
+#[derive(Debug, thiserror::Error)]
+#[error("a line of the stream is longer than {0} bytes")]
+pub struct LineTooLong(pub usize);
+
+impl Lines {
+    pub fn new(max: usize) -> Self {
+        Self {
+            pending: Vec::new(),
+            max,
+        }
+    }
+
+    /// Takes a chunk.
+    pub fn push(&mut self, data: &[u8]) -> Result<(), LineTooLong> {
+        self.pending.extend_from_slice(data);
+        if self.pending.len() > self.max && !self.pending.contains(&b'\n') {
+            return Err(LineTooLong(self.max));
+        }
+        Ok(())
+    }
+
+    /// The next complete line, without its newline.
+    pub fn next_line(&mut self) -> Option<Vec<u8>> {
+        let end = self.pending.iter().position(|&b| b == b'\n')?;
+        let rest = self.pending.split_off(end + 1);
+        let mut line = std::mem::replace(&mut self.pending, rest);
+        line.pop();
+        Some(line)
+    }
+}
+
 /// A finished exec replayed as the NDJSON stream it would have been: its output as one
 /// `stdout` and one `stderr` event, then the result without the output (for retries).
 pub fn ndjson_replay(result: &crate::api::ExecResult) -> Response<Body> {
@@ -224,6 +262,21 @@ mod tests {
     struct Counts {
         n: u64,
         m: Option<i64>,
+    }
+
+    #[test]
+    fn lines_come_whole_across_chunks_and_are_bounded() {
+        let mut lines = Lines::new(8);
+        lines.push(b"{\"a\":").expect("push");
+        assert_eq!(lines.next_line(), None);
+        lines.push(b"1}\n{}\n{").expect("push");
+        assert_eq!(lines.next_line().as_deref(), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(lines.next_line().as_deref(), Some(&b"{}"[..]));
+        assert_eq!(lines.next_line(), None);
+        assert!(
+            lines.push(b"12345678").is_err(),
+            "past the bound with no newline"
+        );
     }
 
     #[test]

@@ -40,6 +40,29 @@ async fn run(d: &Daemon, id: &str, sid: &str, code: &str) -> Value {
     run_with(d, id, sid, json!({"code": code})).await
 }
 
+/// Waits (up to 20 s) until the session is, or is no longer, running a command.
+async fn wait_busy(d: &Daemon, id: &str, sid: &str, busy: bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, info) = d
+            .call(
+                Method::GET,
+                &format!("/v1/sandboxes/{id}/sessions/{sid}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{info}");
+        if info["busy"] == busy {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "busy never became {busy}: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn shell_state_survives_across_commands(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
@@ -154,21 +177,7 @@ async fn sessions_of_a_sandbox_are_isolated_and_bounded(rt: Runtime) {
     let busy = tokio::spawn(async move {
         common::request(port, Method::POST, &path, Some(body), None, &[]).await
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, info) = d
-            .call(
-                Method::GET,
-                &format!("/v1/sandboxes/{id}/sessions/{a}"),
-                None,
-            )
-            .await;
-        if info["busy"] == true {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the run never started: {info}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_busy(&d, &id, &a, true).await;
     let (status, body) = d
         .call(
             Method::POST,
@@ -307,23 +316,8 @@ async fn an_abandoned_silent_run_is_interrupted(rt: Runtime) {
         conn.abort();
     }
     // The session is free well before the command's 60 s (SIGINT stops `sleep` at once).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (status, info) = d
-            .call(
-                Method::GET,
-                &format!("/v1/sandboxes/{id}/sessions/{sh}"),
-                None,
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{info}");
-        if info["busy"] == false {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still busy: {info}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(abandoned.elapsed() < Duration::from_secs(15));
+    wait_busy(&d, &id, &sh, false).await;
+    assert!(abandoned.elapsed() < Duration::from_secs(20));
     let r = run(&d, &id, &sh, "echo free").await;
     assert_eq!(r["stdout"], "free\n", "{r}");
 }

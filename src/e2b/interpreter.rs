@@ -492,7 +492,7 @@ struct Execution {
 
 impl Execution {
     async fn relay(mut self, mut agent: Incoming) {
-        let mut line: Vec<u8> = Vec::new();
+        let mut lines = http::Lines::new(MAX_LINE);
         let mut finished = false;
         let mut client_gone = false;
         'read: loop {
@@ -510,18 +510,16 @@ impl Execution {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            line.extend_from_slice(&data);
-            if line.len() > MAX_LINE && !line.contains(&b'\n') {
+            if lines.push(&data).is_err() {
                 break;
             }
-            while let Some(pos) = line.iter().position(|&b| b == b'\n') {
-                let event = serde_json::from_slice::<RunEvent>(&line[..pos]);
+            while let Some(line) = lines.next_line() {
+                let event = serde_json::from_slice::<RunEvent>(&line);
                 if let Ok(RunEvent::Result(_)) = &event
-                    && let Ok(outcome) = serde_json::from_slice::<Outcome<'_>>(&line[..pos])
+                    && let Ok(outcome) = serde_json::from_slice::<Outcome<'_>>(&line)
                 {
                     outcome.fill(&mut self.step);
                 }
-                line.drain(..=pos);
                 let Ok(event) = event else { break 'read };
                 if self.event(event).await {
                     finished = true;

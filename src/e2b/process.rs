@@ -285,7 +285,7 @@ async fn relay(
     // The guard is dropped, and the sandbox may pause again, when the command is over.
     (started, _in_use): (Instant, InUse),
 ) {
-    let mut line: Vec<u8> = Vec::new();
+    let mut lines = http::Lines::new(MAX_LINE);
     let mut registered = false;
     let mut outcome = ExecOutcome::Error;
     let mut ended: Option<Bytes> = None;
@@ -302,14 +302,13 @@ async fn relay(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        line.extend_from_slice(&data);
-        if line.len() > MAX_LINE && !line.contains(&b'\n') {
+        if lines.push(&data).is_err() {
             break;
         }
-        while let Some(pos) = line.iter().position(|&b| b == b'\n') {
-            let parsed = serde_json::from_slice::<AgentLine>(&line[..pos]);
-            line.drain(..=pos);
-            let Ok(event) = parsed else { break 'read };
+        while let Some(line) = lines.next_line() {
+            let Ok(event) = serde_json::from_slice::<AgentLine>(&line) else {
+                break 'read;
+            };
             match event {
                 AgentLine::Started { pid } => {
                     if let Some(p) = Arc::get_mut(&mut process) {
