@@ -6,11 +6,17 @@
 //! (`cargo bench --bench common`) it prints the machine description and a floor self-check.
 #![allow(dead_code)]
 
+// Starting and stopping `arl node`, ports and cgroups: written once for tests and benches.
+#[path = "../tests/common/node.rs"]
+mod node;
+
+pub use node::{NodeCommand, Stopped, cgroup_roots, clear_cgroup_parent, free_port, terminate};
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -123,21 +129,6 @@ pub fn children_of(ppid: u32) -> Vec<u32> {
         }
     }
     out
-}
-
-/// Mounted cgroup hierarchies (v1 controllers and the unified one).
-pub fn cgroup_roots() -> Vec<PathBuf> {
-    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
-        for e in entries.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false)
-                && e.path().join("cgroup.procs").exists()
-            {
-                roots.push(e.path());
-            }
-        }
-    }
-    roots
 }
 
 /// Removes `arl-bench-<pid>` cgroup parents of benches that are no longer running: the
@@ -309,14 +300,6 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     }
 }
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 impl Daemon {
     /// Starts `arl node` with `config` (TOML) and `extra` flags; waits for /healthz.
     pub fn start(config_toml: &str, extra: &[&str]) -> Daemon {
@@ -332,7 +315,6 @@ impl Daemon {
         let state = dir.join("state");
         let config = dir.join("node.toml");
         std::fs::write(&config, config_toml).expect("write config");
-        let log = std::fs::File::create(dir.join("node.log")).expect("log file");
         let port = free_port();
         // Our own cgroup parent: a daemon reclaims (kills) sandboxes it finds under its
         // parent at start, so sharing "arl" with another daemon on this machine would hurt.
@@ -353,26 +335,23 @@ impl Daemon {
                 user_args.join(" ")
             );
         }
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(&bin)
-            .arg("node")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--config")
-            .arg(&config)
-            .arg("--cgroup-parent")
-            .arg(&cgroup_parent)
-            .args(extra)
-            .args(&user_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("ARL_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let command = NodeCommand {
+            bin: bin.clone(),
+            listen: addr.to_string(),
+            state_dir: state,
+            cgroup_parent: cgroup_parent.clone(),
+            config: Some(config),
+            token_file: None,
+            log: dir.join("node.log"),
+            log_filter: std::env::var("ARL_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            args: extra
+                .iter()
+                .map(|a| a.to_string())
+                .chain(user_args)
+                .collect(),
+        };
+        let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let pid = child.id();
@@ -446,70 +425,16 @@ impl Daemon {
     pub fn stop(&mut self) -> Option<Duration> {
         let mut child = self.child.take()?;
         let started = Instant::now();
-        // SAFETY: kill(2) of our own child, which we have not reaped yet.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                _ => {
-                    eprintln!("arl node did not exit within 120 s of SIGTERM; killing it");
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-            }
+        if terminate(&mut child, Duration::from_secs(120)) == Stopped::Killed {
+            eprintln!("arl node did not exit within 120 s of SIGTERM; killed it");
         }
         let took = started.elapsed();
         // Every sandbox should be gone with the daemon: report (and kill) any agent left.
-        let mut leaked = Vec::new();
-        for root in cgroup_roots() {
-            let Ok(entries) = std::fs::read_dir(root.join(&self.cgroup_parent)) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                if let Ok(procs) = std::fs::read_to_string(e.path().join("cgroup.procs")) {
-                    leaked.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-                }
-            }
-        }
-        leaked.sort_unstable();
-        leaked.dedup();
-        if !leaked.is_empty() {
+        let leaked = clear_cgroup_parent(&self.cgroup_parent);
+        if leaked > 0 {
             println!(
-                "WARNING: {} processes of this daemon's sandboxes outlived it (SIGTERM); killing them",
-                leaked.len()
+                "WARNING: {leaked} processes of this daemon's sandboxes outlived it (SIGTERM); killed them"
             );
-            for pid in &leaked {
-                // SAFETY: kill(2) of a process in our daemon's own sandbox cgroups.
-                unsafe { libc::kill(*pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        for root in cgroup_roots() {
-            if let Ok(entries) = std::fs::read_dir(root.join(&self.cgroup_parent)) {
-                for e in entries.flatten() {
-                    let _ = std::fs::remove_dir(e.path());
-                }
-            }
-        }
-        // The daemon leaves its (now empty) cgroup parents behind: remove ours.
-        // (A just-emptied cgroup can refuse rmdir for a moment: retry briefly.)
-        for _ in 0..150 {
-            let mut left = false;
-            for root in cgroup_roots() {
-                let dir = root.join(&self.cgroup_parent);
-                if dir.exists() && std::fs::remove_dir(&dir).is_err() {
-                    left = true;
-                }
-            }
-            if !left {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
         if std::env::var_os("ARL_BENCH_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);

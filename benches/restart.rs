@@ -12,7 +12,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -36,28 +36,19 @@ struct Node {
 
 impl Node {
     fn spawn(&self) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("node.log"))
-            .expect("log file");
-        Command::new(&self.bin)
-            .arg("node")
-            .arg("--listen")
-            .arg(self.addr.to_string())
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .arg("--config")
-            .arg(self.dir.join("node.toml"))
-            .arg("--cgroup-parent")
-            .arg(&self.cgroup_parent)
-            .arg("--handover")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start arl node")
+        NodeCommand {
+            bin: self.bin.clone(),
+            listen: self.addr.to_string(),
+            state_dir: self.dir.join("state"),
+            cgroup_parent: self.cgroup_parent.clone(),
+            config: Some(self.dir.join("node.toml")),
+            token_file: None,
+            log: self.dir.join("node.log"),
+            log_filter: "warn".into(),
+            args: vec!["--handover".into()],
+        }
+        .spawn()
+        .expect("start arl node")
     }
 
     /// Polls until the daemon answers `/healthz`.
@@ -84,7 +75,7 @@ impl Node {
             .args(["node", "cleanup", "--state-dir"])
             .arg(self.dir.join("state"))
             .args(["--cgroup-parent", &self.cgroup_parent])
-            .env("RUST_LOG", "warn")
+            .env("ARL_LOG", "warn")
             .output()
             .expect("arl node cleanup");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -222,9 +213,7 @@ fn main() {
     if left > 0 {
         println!("WARNING: {left} sandbox cgroups left after cleanup");
     }
-    for root in cgroup_roots() {
-        let _ = std::fs::remove_dir(root.join(&node.cgroup_parent));
-    }
+    clear_cgroup_parent(&node.cgroup_parent);
     remove_dir(&node.dir);
 }
 

@@ -1,9 +1,14 @@
 //! Test harness: a real `arl node` (as root; process or containerd pools) on a free port with
-//! its own state directory and cgroup parent, and a small HTTP client.
+//! its own state directory and cgroup parent, and a small HTTP client. Starting and stopping
+//! the process is `node.rs`, shared with the benches.
 #![allow(dead_code)]
 
+mod node;
+
+pub use node::{cgroup_roots, free_port};
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -54,21 +59,11 @@ pub mod tempdir {
         }
     }
 
-    pub fn getrandom(buf: &mut [u8]) {
-        // SAFETY: getrandom(2) into our buffer.
-        unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    }
+    pub use super::node::random_bytes as getrandom;
 
     pub fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// What makes the sandboxes of a test's pools.
@@ -162,11 +157,9 @@ impl Daemon {
     /// Starts a daemon listening on `host` (clients still connect over loopback).
     pub async fn start_on(host: &str, opts: Options) -> Self {
         let dir = tempdir::TempDir::new("node");
-        let mut bytes = [0u8; 4];
-        tempdir::getrandom(&mut bytes);
         let mut daemon = Self {
             port: free_port(),
-            cgroup_parent: format!("arl-test-{}", tempdir::hex(&bytes)),
+            cgroup_parent: format!("arl-test-{}", node::random_hex(4)),
             token: opts.tokens.first().cloned(),
             dir,
             runtime: opts.runtime,
@@ -210,32 +203,24 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
 
+    fn command(&self) -> node::NodeCommand {
+        let dir = self.dir.path();
+        node::NodeCommand {
+            bin: PathBuf::from(BIN),
+            listen: format!("{}:{}", self.host, self.port),
+            state_dir: self.state_dir(),
+            cgroup_parent: self.cgroup_parent.clone(),
+            config: self.config.is_some().then(|| dir.join("config.toml")),
+            token_file: self.token.is_some().then(|| dir.join("tokens")),
+            log: dir.join("node.log"),
+            log_filter: "warn".into(),
+            args: self.args.clone(),
+        }
+    }
+
     /// (Re)starts the daemon process and waits until it is ready.
     pub async fn spawn(&mut self) {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("node")
-            .arg("--listen")
-            .arg(format!("{}:{}", self.host, self.port))
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--cgroup-parent")
-            .arg(&self.cgroup_parent)
-            .env("ARL_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::File::create(self.dir.path().join("node.log"))
-                    .map(Stdio::from)
-                    .unwrap_or(Stdio::null()),
-            );
-        if self.config.is_some() {
-            cmd.arg("--config").arg(self.dir.path().join("config.toml"));
-        }
-        if self.token.is_some() {
-            cmd.arg("--token-file").arg(self.dir.path().join("tokens"));
-        }
-        cmd.args(&self.args);
-        self.child = Some(cmd.spawn().expect("start arl node"));
+        self.child = Some(self.command().spawn().expect("start arl node"));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok((StatusCode::OK, _)) =
@@ -256,7 +241,7 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+        self.command().read_log()
     }
 
     /// SIGKILL: the daemon gets no chance to clean up.
@@ -270,19 +255,9 @@ impl Daemon {
     /// SIGTERM and wait for a graceful exit; returns the exit status code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        match node::terminate(&mut child, Duration::from_secs(30)) {
+            node::Stopped::Exited(code) => code,
+            node::Stopped::Killed => None,
         }
     }
 
@@ -560,19 +535,6 @@ pub fn task_pid(tasks: &str, id: &str) -> Option<i32> {
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
 }
 
-/// Every cgroup hierarchy mount point.
-pub fn cgroup_roots() -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let fstype = right.split(' ').next()?;
-            let point = left.split(' ').nth(4)?;
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(point))
-        })
-        .collect()
-}
-
 pub fn alive(pid: i32) -> bool {
     // A zombie still has /proc/PID; check its state.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -597,11 +559,6 @@ pub fn rss_kib(pid: i32) -> u64 {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.terminate();
-        if self.cgroup_parent.is_empty() {
-            return;
-        }
-        for hierarchy in cgroup_roots() {
-            let _ = std::fs::remove_dir(hierarchy.join(&self.cgroup_parent));
-        }
+        node::clear_cgroup_parent(&self.cgroup_parent);
     }
 }
