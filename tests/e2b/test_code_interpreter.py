@@ -113,15 +113,31 @@ def test_bash_runs_in_a_shell_session(code: Sandbox) -> None:
 def test_unsupported_languages_and_bad_requests_are_clean_errors(node: Node, code: Sandbox) -> None:
     with pytest.raises(SandboxException, match="501.*javascript"):
         code.run_code("1", language="javascript")
-    # `/execute` needs the sandbox's access token.
-    conn = http.client.HTTPConnection("127.0.0.1", node.e2b_port, timeout=10)
-    conn.request(
-        "POST", "/execute", body=b'{"code": "1"}',
-        headers={"E2b-Sandbox-Id": code.sandbox_id, "E2b-Sandbox-Port": "49999",
-                 "Content-Type": "application/json"},
-    )
-    assert conn.getresponse().status == 401
-    conn.close()
+    headers = {"E2b-Sandbox-Id": code.sandbox_id, "E2b-Sandbox-Port": "49999",
+               "Content-Type": "application/json"}
+
+    def post(path: str, body: bytes, token: str | None) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", node.e2b_port, timeout=10)
+        try:
+            conn.request("POST", path, body=body,
+                         headers={**headers, **({"X-Access-Token": token} if token else {})})
+            r = conn.getresponse()
+            return r.status, r.read().decode()
+        finally:
+            conn.close()
+
+    # `/execute` needs the sandbox's access token; a wrong one is refused everywhere.
+    assert post("/execute", b'{"code": "1"}', None)[0] == 401
+    assert post("/contexts", b"{}", "not-the-token")[0] == 401
+    token = code._envd_access_token
+    assert post("/execute", b"{not json", token)[0] == 400
+    status, body = post("/execute", b'{"code": "1", "context_id": "nope"}', token)
+    assert (status, "nope" in body) == (404, True)
+    assert post("/execute", b'{"code": "1", "context_id": "x", "language": "python"}', token)[0] == 400
+    assert post("/execute", b'{"code": "1", "env_vars": {"1BAD": "x"}}', token)[0] == 400
+    assert post("/execute", b'{"code": "a\\u0000b"}', token)[0] == 400
+    # None of it hurt the default context.
+    assert code.run_code("40 + 2").text == "42"
 
 
 def test_async_run_code(node: Node) -> None:
