@@ -449,12 +449,27 @@ async fn execute(
         input: Some(preview(&run.code)),
         ..Step::default()
     };
-    let response = sb.agent.stream(agent_req, AGENT_TIMEOUT).await?;
-    if !response.status().is_success() {
-        let status = response.status();
-        let body = http::read_body(response.into_body(), MAX_JSON_BODY).await?;
-        return Err(agent_refusal(status, &body));
-    }
+    let started = async {
+        let response = sb.agent.stream(agent_req, AGENT_TIMEOUT).await?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = http::read_body(response.into_body(), MAX_JSON_BODY).await?;
+            return Err(agent_refusal(status, &body));
+        }
+        Ok(response)
+    };
+    let response = match started.await {
+        Ok(response) => response,
+        Err(e) => {
+            // Nothing ran: the environment set for it goes back at once.
+            if let Some(code) = restore
+                && let Err(undo) = run_quietly(&sb, &sid, code).await
+            {
+                tracing::warn!(error = %undo, "restoring a context's environment failed");
+            }
+            return Err(e);
+        }
+    };
     // Held to the execution's end, even if the client goes: no auto-pause under it.
     let in_use = front.mgr.enter(&sb).await?;
     let (tx, body) = ChannelBody::channel(16);

@@ -178,7 +178,7 @@ class Node:
 
 
 @pytest.fixture(scope="session")
-def node() -> Iterator[Node]:
+def node(request: pytest.FixtureRequest) -> Iterator[Node]:
     n = Node()
     saved = {k: os.environ.get(k) for k in ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DOMAIN", "E2B_DEBUG")}
     os.environ.update(E2B_API_KEY=n.key, E2B_API_URL=n.url, E2B_SANDBOX_URL=n.url)
@@ -192,4 +192,9 @@ def node() -> Iterator[Node]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        # A failed run keeps the daemon's word on it (its log goes with its directory).
+        if request.session.testsfailed:
+            capture = request.config.pluginmanager.getplugin("capturemanager")
+            with capture.global_and_fixture_disabled():
+                print(f"\n--- arl node log (last 4000 bytes) ---\n{n.log()}")
         n.stop()
