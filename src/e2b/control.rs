@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use hyper::body::Incoming;
+use super::ReqBody;
 use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -81,7 +81,7 @@ impl From<ApiError> for ControlError {
 type Answer = Result<Response<Body>, ControlError>;
 
 /// Serves one control-plane request; returns its metrics label and the response.
-pub async fn route(front: &Arc<Front>, req: Request<Incoming>) -> (&'static str, Response<Body>) {
+pub async fn route(front: &Arc<Front>, req: Request<ReqBody>) -> (&'static str, Response<Body>) {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -272,7 +272,7 @@ fn timeout_seconds(requested: Option<u64>) -> Result<u64, ControlError> {
     }
 }
 
-async fn create(front: &Arc<Front>, req: Request<Incoming>) -> Answer {
+async fn create(front: &Arc<Front>, req: Request<ReqBody>) -> Answer {
     let owner = authenticate(front, &req)?;
     if front.mgr.is_draining() {
         return Err(ApiError::new(ErrorCode::Draining, "the node is shutting down").into());
@@ -347,7 +347,7 @@ fn lookup<B>(
     Ok((owner, arl_id))
 }
 
-fn list(front: &Arc<Front>, req: &Request<Incoming>) -> Answer {
+fn list(front: &Arc<Front>, req: &Request<ReqBody>) -> Answer {
     let owner = authenticate(front, req)?;
     let mut wanted: BTreeMap<String, String> = BTreeMap::new();
     if let Some(query) = http::query_param(req.uri(), "metadata") {
@@ -369,7 +369,7 @@ fn list(front: &Arc<Front>, req: &Request<Incoming>) -> Answer {
     Ok(http::json(StatusCode::OK, &listed))
 }
 
-fn get(front: &Arc<Front>, req: &Request<Incoming>, e2b_id: &str) -> Answer {
+fn get(front: &Arc<Front>, req: &Request<ReqBody>, e2b_id: &str) -> Answer {
     let (owner, arl_id) = lookup(front, req, e2b_id)?;
     let info = front
         .mgr
@@ -383,7 +383,7 @@ fn get(front: &Arc<Front>, req: &Request<Incoming>, e2b_id: &str) -> Answer {
     ))
 }
 
-fn kill(front: &Arc<Front>, req: &Request<Incoming>, e2b_id: &str) -> Answer {
+fn kill(front: &Arc<Front>, req: &Request<ReqBody>, e2b_id: &str) -> Answer {
     let (owner, arl_id) = lookup(front, req, e2b_id)?;
     front.mgr.release(&arl_id, &owner)?;
     front.registry.remove(&arl_id);
@@ -414,7 +414,7 @@ fn extend(
     Ok(())
 }
 
-async fn set_timeout(front: &Arc<Front>, req: Request<Incoming>, e2b_id: &str) -> Answer {
+async fn set_timeout(front: &Arc<Front>, req: Request<ReqBody>, e2b_id: &str) -> Answer {
     let (owner, arl_id) = lookup(front, &req, e2b_id)?;
     let body: TimeoutBody = http::read_json(req, MAX_JSON_BODY).await?;
     if body.timeout.is_none() {
@@ -442,7 +442,7 @@ fn pool_of_template(front: &Front, template: &str) -> String {
 /// Connecting to a running sandbox: its lease is extended as asked and its model returned.
 /// A sandbox that auto-paused is thawed by its next sandbox request, so there is nothing to
 /// resume here.
-async fn connect(front: &Arc<Front>, req: Request<Incoming>, e2b_id: &str) -> Answer {
+async fn connect(front: &Arc<Front>, req: Request<ReqBody>, e2b_id: &str) -> Answer {
     let (owner, arl_id) = lookup(front, &req, e2b_id)?;
     let domain = domain(front, &req);
     let body: TimeoutBody = http::read_json(req, MAX_JSON_BODY).await?;

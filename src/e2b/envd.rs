@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use hyper::body::Incoming;
+use super::ReqBody;
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::connect::{Code, RpcError};
@@ -38,7 +38,7 @@ pub async fn route(
     front: &Arc<Front>,
     e2b_id: &str,
     port: u16,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> (&'static str, Response<Body>) {
     let found = state::arl_id(e2b_id).and_then(|arl_id| {
         let e2b = front.registry.get(&arl_id)?;

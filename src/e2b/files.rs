@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::ReqBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
@@ -54,7 +55,7 @@ fn agent_uri(path: &str) -> String {
     format!("/files?{query}")
 }
 
-pub async fn download(addressed: &Addressed, req: Request<Incoming>) -> Response<Body> {
+pub async fn download(addressed: &Addressed, req: Request<ReqBody>) -> Response<Body> {
     let Some(path) = http::query_param(req.uri(), "path") else {
         return error(ApiError::bad_request("query parameter `path` is required"));
     };
@@ -69,7 +70,7 @@ pub async fn download(addressed: &Addressed, req: Request<Incoming>) -> Response
     }
 }
 
-pub async fn upload(addressed: &Addressed, req: Request<Incoming>) -> Response<Body> {
+pub async fn upload(addressed: &Addressed, req: Request<ReqBody>) -> Response<Body> {
     match upload_inner(addressed, req).await {
         Ok(written) => {
             let entries: Vec<_> = written
@@ -87,7 +88,7 @@ pub async fn upload(addressed: &Addressed, req: Request<Incoming>) -> Response<B
 
 async fn upload_inner(
     addressed: &Addressed,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Vec<FileInfo>, ApiError> {
     let query_path = http::query_param(req.uri(), "path");
     let content_type = req

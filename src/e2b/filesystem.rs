@@ -1,7 +1,7 @@
 //! `filesystem.Filesystem`: Stat, ListDir (with depth), MakeDir, Move, Remove, through the
 //! agent's file-system operations. Watching directories is refused.
 
-use hyper::body::Incoming;
+use super::ReqBody;
 use hyper::{Method, Request, Response};
 use serde::Deserialize;
 
@@ -32,10 +32,7 @@ struct MoveArgs {
     destination: String,
 }
 
-pub async fn route(
-    addressed: &Addressed,
-    req: Request<Incoming>,
-) -> (&'static str, Response<Body>) {
+pub async fn route(addressed: &Addressed, req: Request<ReqBody>) -> (&'static str, Response<Body>) {
     let method = req
         .uri()
         .path()
@@ -56,7 +53,7 @@ pub async fn route(
 async fn call(
     addressed: &Addressed,
     method: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<Body>, RpcError> {
     let body = http::read_body(req.into_body(), MAX_JSON_BODY).await?;
     match method {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use super::ReqBody;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -142,7 +143,7 @@ fn language(name: Option<&str>) -> Result<(SessionKind, &'static str), Interpret
 pub async fn route(
     front: &Front,
     addressed: &Addressed,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     token_ok: bool,
 ) -> (&'static str, Response<Body>) {
     let path = req.uri().path().to_string();
@@ -193,7 +194,7 @@ fn list(e2b: &E2bSandbox) -> Response<Body> {
 /// A new context; its interpreter starts at its first execution.
 async fn create(
     e2b: &E2bSandbox,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<Body>, InterpreterError> {
     let body = http::read_body(req.into_body(), MAX_JSON_BODY).await?;
     let new: NewContext = if body.is_empty() {
@@ -392,7 +393,7 @@ fn valid_env(vars: &BTreeMap<String, String>) -> Result<(), InterpreterError> {
 async fn execute(
     front: &Front,
     addressed: &Addressed,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<Body>, InterpreterError> {
     let body = http::read_body(req.into_body(), MAX_CODE_BYTES + MAX_JSON_BODY).await?;
     let ask: ExecuteRequest = serde_json::from_slice(&body)

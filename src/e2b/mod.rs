@@ -21,6 +21,8 @@ mod state;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -30,7 +32,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::http::Body;
+use crate::api::ApiError;
+use crate::api::sessions::MAX_CODE_BYTES;
+use crate::http::{self, Body, MAX_JSON_BODY};
 use crate::node::manager::Manager;
 
 /// The envd port of a sandbox (E2B's constant).
@@ -104,6 +108,39 @@ pub async fn serve(listener: TcpListener, front: Arc<Front>, stop: CancellationT
     }
 }
 
+/// A request's body as the routes see it: read whole before routing, or, for the streams that
+/// must not be (file uploads, a process's input), as it arrives.
+///
+/// Read before routing so that a route that answers without the body (an unknown sandbox, a
+/// bad token, an unserved call) still leaves the connection clean: hyper closes a keep-alive
+/// connection whose request body was not read, without telling the client, and a client that
+/// reuses it then sees "server disconnected" (E2B's older SDKs do not retry).
+pub type ReqBody = Either<Full<Bytes>, Incoming>;
+
+/// The largest body read before routing (the code interpreter's snippets are the largest).
+const MAX_BUFFERED_BODY: usize = MAX_CODE_BYTES + MAX_JSON_BODY;
+
+/// Whether a request's body is a stream to hand on as it comes.
+fn streams_body(target: &Target, path: &str) -> bool {
+    matches!(
+        target,
+        Target::Sandbox {
+            port: ENVD_PORT,
+            ..
+        }
+    ) && (path == "/files" || path == "/process.Process/StreamInput")
+}
+
+async fn buffered(target: &Target, req: Request<Incoming>) -> Result<Request<ReqBody>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = if streams_body(target, parts.uri.path()) {
+        Either::Right(body)
+    } else {
+        Either::Left(Full::new(http::read_body(body, MAX_BUFFERED_BODY).await?))
+    };
+    Ok(Request::from_parts(parts, body))
+}
+
 /// Where a request goes, read as E2B's proxy reads it.
 #[derive(Debug, PartialEq, Eq)]
 enum Target {
@@ -147,13 +184,17 @@ fn target<B>(req: &Request<B>) -> Target {
 async fn handle(front: &Arc<Front>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let span = tracing::info_span!("e2b", method = %req.method(), path = %req.uri().path());
-    let (label, response) = match target(&req) {
-        Target::ControlPlane => control::route(front, req).instrument(span.clone()).await,
-        Target::Sandbox { id, port } => {
-            envd::route(front, &id, port, req)
-                .instrument(span.clone())
-                .await
-        }
+    let target = target(&req);
+    let (label, response) = match buffered(&target, req).await {
+        Err(e) => ("/e2b:body", http::error(e)),
+        Ok(req) => match target {
+            Target::ControlPlane => control::route(front, req).instrument(span.clone()).await,
+            Target::Sandbox { id, port } => {
+                envd::route(front, &id, port, req)
+                    .instrument(span.clone())
+                    .await
+            }
+        },
     };
     let status = response.status();
     front

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::ReqBody;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -90,7 +91,7 @@ enum AgentLine {
 pub async fn route(
     front: &Arc<Front>,
     addressed: &Addressed,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> (&'static str, Response<Body>) {
     let method = req
         .uri()
@@ -139,11 +140,7 @@ fn timeout_ms<B>(req: &Request<B>) -> u64 {
         .min(MAX_TIMEOUT_MS)
 }
 
-async fn start(
-    front: &Arc<Front>,
-    addressed: &Addressed,
-    req: Request<Incoming>,
-) -> Response<Body> {
+async fn start(front: &Arc<Front>, addressed: &Addressed, req: Request<ReqBody>) -> Response<Body> {
     match start_inner(front, addressed, req).await {
         Ok(response) => response,
         Err(e) => connect::stream_error(&e),
@@ -153,7 +150,7 @@ async fn start(
 async fn start_inner(
     front: &Arc<Front>,
     addressed: &Addressed,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<Body>, RpcError> {
     if front.mgr.is_draining() {
         return Err(RpcError::new(
@@ -392,7 +389,7 @@ fn select(e2b: &E2bSandbox, selector: &Selector) -> Result<Arc<Process>, RpcErro
 }
 
 /// `Connect`: follows a running process from now on (its start event first).
-async fn follow(addressed: &Addressed, req: Request<Incoming>) -> Response<Body> {
+async fn follow(addressed: &Addressed, req: Request<ReqBody>) -> Response<Body> {
     let followed = async {
         let body = http::read_body(req.into_body(), MAX_JSON_BODY).await?;
         let request: SelectorRequest = connect::stream_request(&body)?;
@@ -446,7 +443,7 @@ fn signal_number(value: Option<&serde_json::Value>) -> Result<i32, RpcError> {
     }
 }
 
-async fn signal(addressed: &Addressed, req: Request<Incoming>) -> Result<Response<Body>, RpcError> {
+async fn signal(addressed: &Addressed, req: Request<ReqBody>) -> Result<Response<Body>, RpcError> {
     let body = http::read_body(req.into_body(), MAX_JSON_BODY).await?;
     let request: SelectorRequest = connect::unary_request(&body)?;
     let signal = signal_number(request.signal.as_ref())?;

@@ -254,3 +254,32 @@ def test_async_sandbox(node: Node) -> None:
         assert not await sandbox.is_running()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_an_answer_before_the_body_leaves_the_connection_usable(node: Node) -> None:
+    # A request the node refuses without needing its body (connect to an unknown sandbox),
+    # whose body comes late in a write of its own: the connection must stay usable, or a
+    # client that reuses it sees "server disconnected" (older SDKs do not retry).
+    import socket
+    import time
+
+    body = b'{"timeout": 300}'
+    head = (
+        f"POST /sandboxes/0123456789abcdef/connect HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"X-API-Key: {node.key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    again = f"GET /v2/sandboxes HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {node.key}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", node.e2b_port), timeout=10) as s:
+        s.sendall(head)
+        time.sleep(0.1)  # the body arrives after the head has been read and routed
+        s.sendall(body)
+        s.sendall(again)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2:
+            chunk = s.recv(65536)
+            assert chunk, f"the node closed the connection: {received!r}"
+            received += chunk
+    first, second = received.split(b"HTTP/1.1 ")[1:3]
+    assert first.startswith(b"404"), received
+    assert second.startswith(b"200"), received
