@@ -83,9 +83,10 @@ pub struct Client {
     sender: SendRequest<Body>,
 }
 
-impl Client {
-    pub async fn connect(args: &ClientArgs) -> Result<Self, CliError> {
-        let endpoint = args
+impl ClientArgs {
+    /// The first endpoint, and its `host:port` (plain HTTP only).
+    pub fn first_endpoint(&self) -> Result<(String, String), CliError> {
+        let endpoint = self
             .endpoints
             .split(',')
             .next()
@@ -98,6 +99,13 @@ impl Client {
             .filter(|a| !a.is_empty())
             .ok_or_else(|| CliError::Endpoint(endpoint.clone()))?
             .to_string();
+        Ok((endpoint, authority))
+    }
+}
+
+impl Client {
+    pub async fn connect(args: &ClientArgs) -> Result<Self, CliError> {
+        let (endpoint, authority) = args.first_endpoint()?;
         let stream = tokio::net::TcpStream::connect(&authority)
             .await
             .map_err(|source| CliError::Connect {

@@ -478,14 +478,8 @@ async fn bad_session_requests_get_clear_errors() {
     assert_eq!(run(&d, &id, &sh, "echo fine").await["stdout"], "fine\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_trajectory_records_actions_in_order_within_its_bound() {
-    let d = Daemon::start(Options::default()).await;
-    let id = d.acquire("default").await;
-    d.sh(&id, "echo hello").await;
-    assert_eq!(d.put_file(&id, "notes.txt", b"abc").await, StatusCode::OK);
-    let sh = open(&d, &id, "shell").await;
-    run(&d, &id, &sh, "echo in-session; false").await;
+/// The sandbox's trajectory, one JSON value a step.
+async fn trajectory(d: &Daemon, id: &str) -> Vec<Value> {
     let (status, body) = d
         .request_raw(
             Method::GET,
@@ -496,11 +490,22 @@ async fn the_trajectory_records_actions_in_order_within_its_bound() {
         .await
         .expect("trajectory");
     assert_eq!(status, StatusCode::OK);
-    let steps: Vec<Value> = std::str::from_utf8(&body)
+    std::str::from_utf8(&body)
         .expect("utf-8")
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trajectory_records_actions_in_order_within_its_bound() {
+    let d = Daemon::start(Options::default()).await;
+    let id = d.acquire("default").await;
+    d.sh(&id, "echo hello").await;
+    assert_eq!(d.put_file(&id, "notes.txt", b"abc").await, StatusCode::OK);
+    let sh = open(&d, &id, "shell").await;
+    run(&d, &id, &sh, "echo in-session; false").await;
+    let steps = trajectory(&d, &id).await;
     let actions: Vec<&str> = steps.iter().filter_map(|s| s["action"].as_str()).collect();
     assert_eq!(
         actions,
@@ -527,23 +532,10 @@ async fn the_trajectory_records_actions_in_order_within_its_bound() {
     for _ in 0..260 {
         run(&d, &id, &sh, "true").await;
     }
-    let (_, body) = d
-        .request_raw(
-            Method::GET,
-            &format!("/v1/sandboxes/{id}/trajectory"),
-            None,
-            None,
-        )
+    let seqs: Vec<u64> = trajectory(&d, &id)
         .await
-        .expect("trajectory");
-    let seqs: Vec<u64> = std::str::from_utf8(&body)
-        .expect("utf-8")
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).expect("a JSON line")["seq"]
-                .as_u64()
-                .expect("seq")
-        })
+        .iter()
+        .map(|s| s["seq"].as_u64().expect("seq"))
         .collect();
     assert_eq!(seqs.len(), 256);
     assert_eq!(seqs.last(), Some(&264));

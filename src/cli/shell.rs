@@ -64,19 +64,7 @@ fn local_size() -> PtySize {
 }
 
 pub async fn shell(args: &ClientArgs, sandbox: &str) -> Result<i32, CliError> {
-    let endpoint = args
-        .endpoints
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let authority = endpoint
-        .strip_prefix("http://")
-        .map(|rest| rest.trim_end_matches('/'))
-        .filter(|a| !a.is_empty())
-        .ok_or_else(|| CliError::Endpoint(endpoint.clone()))?
-        .to_string();
+    let (endpoint, authority) = args.first_endpoint()?;
     let size = local_size();
     let url = format!(
         "ws://{authority}/v1/sandboxes/{sandbox}/pty?{}",

@@ -101,23 +101,17 @@ pub fn copy_state(
     limit: u64,
 ) -> Result<u64, SnapshotError> {
     fs::create_dir_all(dest).map_err(io_at(dest))?;
-    let mut copy = Copy {
-        from_base: uid_base,
-        to_base: 0,
-        left: limit,
-        limit,
-    };
+    let mut copy = Copy::new(uid_base, 0, limit);
     for (name, src, skip_mounts) in parts(root).map_err(io_at(root))? {
         let to = dest.join(&name);
         copy.dir(&src, &to, skip_mounts)?;
     }
-    Ok(limit - copy.left)
+    Ok(copy.copied())
 }
 
-/// Copies the directory tree `src` into `dst` (which must not exist, or with `into` be an
-/// existing empty directory whose own attributes are kept), owners moved from the id range
-/// at `from_base` to the one at `to_base`; at most `limit` bytes of file data. Links are
-/// copied, never followed. Returns the bytes copied.
+/// Copies the directory tree `src` into `dst` (which must not exist), owners moved from the
+/// id range at `from_base` to the one at `to_base`; at most `limit` bytes of file data. Links
+/// are copied, never followed. Returns the bytes copied.
 pub fn copy_tree(
     src: &Path,
     dst: &Path,
@@ -132,7 +126,7 @@ pub fn copy_tree(
         limit,
     };
     copy.dir(src, dst, false)?;
-    Ok(limit - copy.left)
+    Ok(copy.copied())
 }
 
 /// Copies what is in `src` into the existing directory `dst` (its own owner and mode kept),
@@ -151,7 +145,7 @@ pub fn copy_into(
         limit,
     };
     copy.entries(src, dst, false)?;
-    Ok(limit - copy.left)
+    Ok(copy.copied())
 }
 
 struct Copy {
@@ -162,6 +156,20 @@ struct Copy {
 }
 
 impl Copy {
+    fn new(from_base: u32, to_base: u32, limit: u64) -> Self {
+        Self {
+            from_base,
+            to_base,
+            left: limit,
+            limit,
+        }
+    }
+
+    /// Bytes of file data copied so far.
+    fn copied(&self) -> u64 {
+        self.limit - self.left
+    }
+
     fn shift(&self, id: u32) -> u32 {
         match id.checked_sub(self.from_base) {
             Some(inside) if inside < 65_536 => self.to_base + inside,
@@ -482,22 +490,12 @@ mod tests {
 
     #[test]
     fn owners_shift_into_the_snapshot_range_and_strangers_become_nobody() {
-        let copy = Copy {
-            from_base: 100_000,
-            to_base: 0,
-            left: 0,
-            limit: 0,
-        };
+        let copy = Copy::new(100_000, 0, 0);
         assert_eq!(copy.shift(100_000), 0);
         assert_eq!(copy.shift(100_999), 999);
         assert_eq!(copy.shift(99_999), NOBODY);
         assert_eq!(copy.shift(100_000 + 65_536), NOBODY);
-        let back = Copy {
-            from_base: 0,
-            to_base: 200_000,
-            left: 0,
-            limit: 0,
-        };
+        let back = Copy::new(0, 200_000, 0);
         assert_eq!(back.shift(5), 200_005);
     }
 }
