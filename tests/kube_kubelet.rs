@@ -15,10 +15,18 @@ use serde_json::json;
 
 const POOL: &str = "[pools.pods]\nruntime = \"kubernetes\"\nimage = \"registry.example/task:1\"\nmin_idle = 2\nmax = 8\nreuse = \"reset\"\n";
 
+/// The same pool held at its two pods: refilling never creates one in the background, so
+/// whatever reaches the API server while a test runs came from the requests it made.
+const FULL_POOL: &str = "[pools.pods]\nruntime = \"kubernetes\"\nimage = \"registry.example/task:1\"\nmin_idle = 2\nmax = 2\nreuse = \"reset\"\n";
+
 async fn start() -> (std::sync::Arc<TestKubelet>, Daemon) {
+    start_with(POOL).await
+}
+
+async fn start_with(pool: &str) -> (std::sync::Arc<TestKubelet>, Daemon) {
     let kubelet = TestKubelet::start(BIN).await;
     let daemon = Daemon::start(Options {
-        config: Some(POOL.into()),
+        config: Some(pool.into()),
         args: kubelet::node_args(&kubelet),
         ..Options::default()
     })
@@ -29,7 +37,9 @@ async fn start() -> (std::sync::Arc<TestKubelet>, Daemon) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquire_exec_files_release_through_pods_without_touching_the_api() {
-    let (kubelet, daemon) = start().await;
+    // An acquire of one of two idle pods would otherwise have the refill create a third,
+    // racing the check below.
+    let (kubelet, daemon) = start_with(FULL_POOL).await;
     // The pods the daemon made: pinned to the node, the agent injected, hardened.
     let pods = kubelet.running_pods();
     assert_eq!(pods.len(), 2, "{pods:?}");
