@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Options, Runtime};
-use hyper::Method;
+use hyper::{Method, StatusCode};
 use serde_json::json;
 
 crate::on_every_runtime!(
@@ -141,8 +141,8 @@ async fn a_paused_sandbox_survives_a_restart_still_paused(rt: Runtime) {
     .await;
     let id = d.acquire("default").await;
     d.sh(&id, "echo kept > /workspace/state").await;
-    let (status, body) = d.action(&id, "pause").await;
-    assert_eq!(status, 200, "{body}");
+    let info: arl::api::SandboxInfo = d.action(&id, "pause").await.expect(StatusCode::OK);
+    assert_eq!(info.id, id);
     assert!(frozen(&d, &id));
     d.kill9();
     d.spawn().await;

@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use arl::api::SandboxInfo;
 use common::{Daemon, Options, ctr};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -288,16 +289,16 @@ async fn pause_and_resume_a_container() {
     let d = start(pool("c", IMAGE, 1)).await;
     d.wait_pool("c", 30, |s| s["idle"] == 1).await;
     let id = d.acquire("c").await;
-    let (status, body) = d.action(&id, "pause").await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let info: SandboxInfo = d.action(&id, "pause").await.expect(StatusCode::OK);
+    assert_eq!(info.id, id);
     let tasks = ctr(&["tasks", "ls"]);
     let line = tasks
         .lines()
         .find(|l| l.starts_with(&id))
         .unwrap_or_default();
     assert!(line.contains("PAUSED"), "{tasks}");
-    let (status, _) = d.action(&id, "resume").await;
-    assert_eq!(status, StatusCode::OK);
+    let info: SandboxInfo = d.action(&id, "resume").await.expect(StatusCode::OK);
+    assert_eq!(info.id, id);
     let r = d.exec(&id, json!({"cmd": ["echo", "back"]})).await;
     assert_eq!(r["stdout"], "back\n");
     // A paused sandbox can still be released, and leaves nothing.

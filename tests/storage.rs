@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use arl::api::SandboxInfo;
 use bytes::Bytes;
 use common::{Daemon, Options, Runtime};
 use hyper::{Method, StatusCode};
@@ -195,8 +196,8 @@ async fn pids_exhaustion_leaves_the_agent_answering(rt: Runtime) {
     let r = d.sh(&id, "true").await;
     assert_ne!(r["exit_code"], 0, "still full: {r}");
     // A reset clears the table; the sleepers' execs then end with results.
-    let (status, _) = d.action(&id, "reset").await;
-    assert_eq!(status, StatusCode::OK);
+    let info: SandboxInfo = d.action(&id, "reset").await.expect(StatusCode::OK);
+    assert_eq!(info.id, id);
     for sleeper in sleepers {
         let r = sleeper.await.expect("sleeper task");
         assert!(
