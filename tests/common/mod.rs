@@ -691,8 +691,8 @@ pub async fn request(
 }
 
 /// An exec on the daemon at `port` with no token; the result (panics unless 200).
-pub async fn exec_on(port: u16, id: &str, req: Value) -> Value {
-    let body = Bytes::from(serde_json::to_vec(&req).expect("json"));
+pub async fn exec_on(port: u16, id: &str, req: &ExecRequest) -> ExecResult {
+    let body = Bytes::from(serde_json::to_vec(req).expect("json"));
     let (status, bytes) = request(
         port,
         Method::POST,
@@ -703,13 +703,11 @@ pub async fn exec_on(port: u16, id: &str, req: Value) -> Value {
     )
     .await
     .expect("exec request");
-    assert_eq!(
+    Reply {
         status,
-        StatusCode::OK,
-        "exec: {}",
-        String::from_utf8_lossy(&bytes)
-    );
-    serde_json::from_slice(&bytes).expect("exec result")
+        body: bytes,
+    }
+    .expect(StatusCode::OK)
 }
 
 /// `ctr -n arl <args>` stdout.
