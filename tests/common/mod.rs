@@ -385,6 +385,7 @@ impl Daemon {
     }
 
     /// JSON request with the default token; returns the status and parsed body (Null if empty).
+    /// Untyped: kept for the files not yet on the `arl::api` models (prefer [`Self::send`]).
     pub async fn call(
         &self,
         method: Method,
@@ -395,6 +396,7 @@ impl Daemon {
         self.call_as(token.as_deref(), method, path, body).await
     }
 
+    /// Untyped [`Self::send_as`].
     pub async fn call_as(
         &self,
         token: Option<&str>,
