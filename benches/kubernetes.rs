@@ -35,7 +35,8 @@ const CONFIG: &str = "[pools.proc]\nmin_idle = 1\nmax = 4\n\n\
 struct Side {
     // Dropped in this order: the client, the daemon, then its kubelet.
     c: Client,
-    daemon: Daemon,
+    /// Kept (not read) so the daemon lives as long as the side.
+    _daemon: Daemon,
     kube: std::sync::Arc<kubelet::TestKubelet>,
     proc_path: String,
     pod_path: String,
@@ -68,7 +69,7 @@ fn side(rt: &tokio::runtime::Runtime, tcp: bool) -> Side {
     c.wait_idle("pods", 4, Duration::from_secs(60));
     Side {
         kube,
-        daemon,
+        _daemon: daemon,
         c,
         proc_path: format!("/v1/sandboxes/{proc_id}/exec"),
         pod_path: format!("/v1/sandboxes/{pod_id}/exec"),
