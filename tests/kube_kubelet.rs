@@ -3,7 +3,9 @@
 //! the pods' emptyDirs, and acquire → exec → files → release run end to end over the
 //! kubernetes runtime, with no API request on the hot path. A pod that dies or is deleted by
 //! someone else is replaced. A SIGTERM hands every pod to the next daemon, leases and all; a
-//! cordoned node lends nothing new and replaces nothing, while its leases run on.
+//! cordoned node lends nothing new and replaces nothing, while its leases run on. Over the TCP
+//! transport (pods reached at their IPs with a token each) the same path runs end to end,
+//! and a successor takes the pods back with their tokens.
 
 mod common;
 mod kubelet;
@@ -237,4 +239,121 @@ async fn a_cordoned_node_refuses_new_leases_and_replaces_no_evicted_pod_but_leas
     daemon.wait_pool("pods", 60, |s| s["idle"] == 2).await;
     let (status, _) = daemon.call(Method::GET, "/readyz", None).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_pods_are_reached_at_their_ips_with_their_tokens_end_to_end() {
+    let kubelet = TestKubelet::start_tcp(BIN).await;
+    let mut daemon = Daemon::start(Options {
+        config: Some(FULL_POOL.into()),
+        args: kubelet::node_args_tcp(&kubelet),
+        ..Options::default()
+    })
+    .await;
+    daemon.wait_pool("pods", 60, |s| s["idle"] == 2).await;
+    let pods = kubelet.running_pods();
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    let port = kubelet.agent_port.expect("a TCP kubelet");
+    // Each pod: an IP of its own, the agent told to listen there, its token in an owned Secret.
+    for name in &pods {
+        let pod = kubelet.pod(name).expect("pod");
+        assert!(
+            pod["status"]["podIP"]
+                .as_str()
+                .is_some_and(|ip| ip.starts_with("127.0.0.")),
+            "{pod}"
+        );
+        assert_eq!(
+            pod["metadata"]["annotations"]["arl.infra.io/agent-port"],
+            port.to_string()
+        );
+        let agent = &pod["spec"]["containers"][0];
+        assert_eq!(
+            agent["command"],
+            json!([
+                "/.arl/bin/arl",
+                "agent",
+                "--listen-tcp",
+                format!("$(ARL_POD_IP):{port}")
+            ])
+        );
+        let secret = kubelet.secret(name).expect("the pod's Secret");
+        assert_eq!(
+            secret["metadata"]["ownerReferences"][0]["uid"],
+            pod["metadata"]["uid"]
+        );
+        let token = secret["data"]["token"].as_str().expect("token");
+        assert!(
+            !pod.to_string().contains(token),
+            "the token is in the pod spec"
+        );
+    }
+
+    // The hot path over TCP, and still no API request on it.
+    let before = kubelet.requests();
+    let id = daemon.acquire("pods").await;
+    let out = daemon
+        .exec(
+            &id,
+            json!({"cmd": ["sh", "-c", "echo hello over tcp; env"]}),
+        )
+        .await;
+    assert_eq!(out["exit_code"], 0, "{out}");
+    let stdout = out["stdout"].as_str().unwrap_or_default();
+    assert!(stdout.starts_with("hello over tcp"), "{out}");
+    assert!(
+        !stdout.contains("ARL_AGENT_TOKEN"),
+        "commands see the token: {out}"
+    );
+    assert_eq!(
+        daemon.put_file(&id, "notes/a.txt", b"pod data").await,
+        StatusCode::OK
+    );
+    let (status, body) = daemon
+        .request_raw(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/files?path=notes/a.txt"),
+            None,
+            None,
+        )
+        .await
+        .expect("get file");
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"pod data"[..]));
+    let during: Vec<_> = kubelet.seen().into_iter().skip(before).collect();
+    assert!(
+        during.is_empty(),
+        "acquire, exec and files sent API requests: {during:?}"
+    );
+
+    // A successor takes the pods back, reading each token from its Secret.
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
+    let made = creations(&kubelet);
+    daemon.spawn().await;
+    daemon
+        .wait_pool("pods", 30, |s| s["idle"] == 1 && s["allocated"] == 1)
+        .await;
+    let out = daemon
+        .exec(&id, json!({"cmd": ["cat", "/workspace/notes/a.txt"]}))
+        .await;
+    assert_eq!(out["stdout"], "pod data", "{out}");
+    assert_eq!(creations(&kubelet), made, "the successor created pods");
+    assert_eq!(daemon.release(&id).await, StatusCode::NO_CONTENT);
+    daemon.wait_pool("pods", 30, |s| s["idle"] == 2).await;
+
+    // A pod deleted by someone else takes its Secret with it (its owner), and is replaced.
+    let gone = kubelet.running_pods()[0].clone();
+    kubelet.delete_pod(&gone);
+    assert!(kubelet.secret(&gone).is_none());
+    kubelet
+        .until("a replacement pod", 60, |k| {
+            let running = k.running_pods();
+            running.len() >= 2 && !running.contains(&gone)
+        })
+        .await;
+    daemon.wait_pool("pods", 60, |s| s["idle"] == 2).await;
+    let mut secrets = kubelet.secrets();
+    secrets.sort();
+    let mut running = kubelet.running_pods();
+    running.sort();
+    assert_eq!(secrets, running, "one Secret per pod, no more");
 }

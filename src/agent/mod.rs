@@ -1,5 +1,8 @@
-//! `arl agent`: the in-sandbox agent. It listens only on a Unix socket (inherited from the
-//! runtime, or bound at a path) and serves a small HTTP/1.1 API to the node daemon:
+//! `arl agent`: the in-sandbox agent. It listens on a Unix socket (inherited from the
+//! runtime, or bound at a path) and, for pods the daemon reaches by their IP, on a TCP address
+//! where every request must carry the sandbox's token (`Authorization: Bearer`, the token from
+//! `ARL_AGENT_TOKEN`; anything else answers 401 and runs nothing). It serves a small HTTP/1.1
+//! API to the node daemon:
 //!
 //! | route | what |
 //! |---|---|
@@ -27,6 +30,7 @@ mod session_frame;
 mod session_routes;
 mod spawn;
 
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,7 +42,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::api::files::MAX_BATCH_BYTES;
 use crate::api::{
@@ -48,6 +52,7 @@ use crate::api::{
 use crate::http::{self, Body, ChannelBody, MAX_JSON_BODY, ndjson_line};
 use crate::node::once::{self, Claim};
 use crate::quiet_unix::QuietUnixStream;
+use crate::runtime::{AGENT_TOKEN_ENV, AgentToken};
 
 /// Directories `reset` empties.
 const SCRATCH_DIRS: &[&str] = &["/workspace", "/tmp", "/var/tmp", "/dev/shm", "/root"];
@@ -66,6 +71,11 @@ pub struct AgentArgs {
     /// A Unix socket path to bind.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// Also listen on this TCP address (`IP:PORT`; an IPv6 address may go without brackets),
+    /// answering only requests with the token of the environment variable `ARL_AGENT_TOKEN`
+    /// (never given on the command line, where `ps` would show it)
+    #[arg(long, value_parser = parse_listen_tcp)]
+    pub listen_tcp: Option<SocketAddr>,
     /// An open descriptor of the sandbox's memory cgroup counters (`memory.oom_control` or
     /// `memory.events`), to tell OOM kills from other deaths.
     #[arg(long)]
@@ -85,7 +95,42 @@ struct Agent {
     sessions: session::Sessions,
 }
 
+/// `IP:PORT`, `[IPv6]:PORT` or `IPv6:PORT` (what a pod spec makes of `$(POD_IP):PORT`).
+fn parse_listen_tcp(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?} is not IP:PORT"))?;
+    let ip: IpAddr = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|e| format!("{host:?} is not an IP address: {e}"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|e| format!("{port:?} is not a port: {e}"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Takes the TCP token out of the environment (so no command the agent starts inherits it).
+fn take_token() -> Result<AgentToken, String> {
+    let value = std::env::var(AGENT_TOKEN_ENV)
+        .map_err(|_| format!("--listen-tcp needs the token in {AGENT_TOKEN_ENV}"))?;
+    // SAFETY: called from `main` before the runtime or any other thread starts.
+    unsafe { std::env::remove_var(AGENT_TOKEN_ENV) };
+    AgentToken::parse(&value).ok_or_else(|| format!("{AGENT_TOKEN_ENV} is not 64 hex digits"))
+}
+
 pub fn main(args: AgentArgs) -> i32 {
+    let token = match args.listen_tcp.map(|_| take_token()).transpose() {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("arl agent: {e}");
+            return 2;
+        }
+    };
     // One thread is plenty for one sandbox and keeps an idle agent small. File operations run
     // on blocking threads: one is started now and idle ones never expire, so a sandbox whose
     // pids limit is full still reads and writes files (tokio queues work to an existing
@@ -103,7 +148,7 @@ pub fn main(args: AgentArgs) -> i32 {
         }
     };
     drop(runtime.spawn_blocking(|| ()));
-    match runtime.block_on(serve(args)) {
+    match runtime.block_on(serve(args, token)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("arl agent: {e}");
@@ -125,7 +170,7 @@ fn bind_then_publish(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-async fn serve(args: AgentArgs) -> std::io::Result<()> {
+async fn serve(args: AgentArgs, token: Option<AgentToken>) -> std::io::Result<()> {
     // Not dumpable: processes of the sandbox may not ptrace or read the agent's memory.
     nix::sys::prctl::set_dumpable(false).map_err(std::io::Error::from)?;
     let listener = match (args.listen_fd, &args.socket) {
@@ -133,12 +178,20 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
             // SAFETY: the runtime handed us this listening socket's descriptor.
             let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
             std_listener.set_nonblocking(true)?;
-            UnixListener::from_std(std_listener)?
+            Some(UnixListener::from_std(std_listener)?)
         }
-        (None, Some(path)) => bind_then_publish(path)?,
+        (None, Some(path)) => Some(bind_then_publish(path)?),
+        (None, None) if args.listen_tcp.is_some() => None,
         (None, None) => {
-            return Err(std::io::Error::other("give --listen-fd or --socket"));
+            return Err(std::io::Error::other(
+                "give --listen-fd, --socket or --listen-tcp",
+            ));
         }
+    };
+    let tcp = match (args.listen_tcp, token) {
+        (Some(addr), Some(token)) => Some((bind_tcp(addr).await?, Arc::new(token))),
+        (Some(_), None) => return Err(std::io::Error::other("--listen-tcp needs a token")),
+        (None, _) => None,
     };
     if let Some(fd) = args.layers_fd {
         // Kept open for the agent's life, but not passed to the commands it starts.
@@ -147,7 +200,9 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
     }
     let agent = Arc::new(Agent {
         children: exec::Children::new(oom::OomCounter::open(args.memory_events_fd)),
-        base_env: std::env::vars().collect(),
+        base_env: std::env::vars()
+            .filter(|(k, _)| k != AGENT_TOKEN_ENV)
+            .collect(),
         kept: Arc::new(crate::node::once::OnceMap::new(kept::KEPT_RESULTS)),
         sessions: session::Sessions::default(),
     });
@@ -159,33 +214,96 @@ async fn serve(args: AgentArgs) -> std::io::Result<()> {
             reaper.children.reap();
         }
     });
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                eprintln!("arl agent: accept: {e}");
-                continue;
-            }
+    let tcp_loop = async {
+        let Some((listener, token)) = &tcp else {
+            return std::future::pending::<()>().await;
         };
-        let agent = agent.clone();
-        let stream = match stream.into_std().and_then(QuietUnixStream::new) {
-            Ok(stream) => stream,
-            Err(e) => {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    eprintln!("arl agent: accept: {e}");
+                    continue;
+                }
+            };
+            if let Err(e) = stream.set_nodelay(true) {
                 eprintln!("arl agent: connection: {e}");
                 continue;
             }
+            tokio::spawn(serve_connection(agent.clone(), stream, Some(token.clone())));
+        }
+    };
+    let unix_loop = async {
+        let Some(listener) = &listener else {
+            return std::future::pending::<()>().await;
         };
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let agent = agent.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(&agent, req).await) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
-        });
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    eprintln!("arl agent: accept: {e}");
+                    continue;
+                }
+            };
+            let stream = match stream.into_std().and_then(QuietUnixStream::new) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    eprintln!("arl agent: connection: {e}");
+                    continue;
+                }
+            };
+            tokio::spawn(serve_connection(agent.clone(), stream, None));
+        }
+    };
+    tokio::join!(tcp_loop, unix_loop);
+    Ok(())
+}
+
+/// Binds the TCP address; the unspecified IPv6 address falls back to IPv4's where the host
+/// has no IPv6.
+async fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Err(e) if addr.ip() == IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) => TcpListener::bind(
+            SocketAddr::new(IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED), addr.port()),
+        )
+        .await
+        .map_err(|_| e),
+        other => other,
     }
+}
+
+/// Serves one connection; `token`, for TCP ones, must come with every request.
+async fn serve_connection<S>(agent: Arc<Agent>, stream: S, token: Option<Arc<AgentToken>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let agent = agent.clone();
+        let token = token.clone();
+        async move {
+            if let Some(token) = &token
+                && !authorized(token, &req)
+            {
+                return Ok::<_, std::convert::Infallible>(http::error(ApiError::new(
+                    crate::api::ErrorCode::Unauthorized,
+                    "this agent answers only requests with its sandbox's token",
+                )));
+            }
+            Ok(route(&agent, req).await)
+        }
+    });
+    let _ = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await;
+}
+
+/// Whether a request carries `Authorization: Bearer <token>` (compared in constant time).
+fn authorized<B>(token: &AgentToken, req: &Request<B>) -> bool {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|presented| token.matches(presented))
 }
 
 async fn route(agent: &Arc<Agent>, req: Request<Incoming>) -> Response<Body> {

@@ -1,4 +1,5 @@
-//! HTTP/1.1 to one sandbox's agent over its Unix socket, with a few kept-alive connections.
+//! HTTP/1.1 to one sandbox's agent over its Unix socket (or, for pods reached by their IP,
+//! over TCP with the sandbox's token on every request), with a few kept-alive connections.
 //!
 //! A connection is served by the runtime that opened it. Kept-alive connections are for the
 //! request path (the HTTP front's thread); the manager's own calls (readiness and health pings)
@@ -14,10 +15,10 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::CONTENT_TYPE;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::sandbox::CachedReply;
@@ -32,6 +33,8 @@ const MAX_IDLE: usize = 4;
 
 pub struct AgentClient {
     address: AgentAddress,
+    /// `Bearer <token>` for a TCP-reached agent (marked sensitive: never logged).
+    authorization: Option<HeaderValue>,
     /// Kept-alive connections, each with the front thread whose runtime drives it: a request
     /// takes only its own thread's, so no exec wakes another thread.
     idle: Mutex<Vec<(ThreadId, SendRequest<Body>)>>,
@@ -70,25 +73,53 @@ fn unreachable(e: impl std::fmt::Display) -> ApiError {
 
 impl AgentClient {
     pub fn new(address: AgentAddress) -> Self {
+        let authorization = match &address {
+            AgentAddress::Unix(_) => None,
+            AgentAddress::Tcp { token, .. } => {
+                // 64 hex digits always make a valid header value.
+                HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                    .ok()
+                    .map(|mut value| {
+                        value.set_sensitive(true);
+                        value
+                    })
+            }
+        };
         Self {
             address,
+            authorization,
             idle: Mutex::new(Vec::new()),
         }
     }
 
+    /// Adds the sandbox's token to a request for a TCP-reached agent.
+    fn authorize(&self, req: &mut Request<Body>) {
+        if let Some(value) = &self.authorization {
+            req.headers_mut().insert(AUTHORIZATION, value.clone());
+        }
+    }
+
+    /// A new HTTP/1.1 connection to the agent, driven by a task of its own (`upgrades` keeps
+    /// it able to be taken over, for the PTY).
+    async fn connect_with(&self, upgrades: bool) -> Result<SendRequest<Body>, ApiError> {
+        match &self.address {
+            AgentAddress::Unix(socket) => {
+                let stream = UnixStream::connect(socket)
+                    .await
+                    .and_then(|s| QuietUnixStream::new(s.into_std()?))
+                    .map_err(unreachable)?;
+                handshake(stream, upgrades).await
+            }
+            AgentAddress::Tcp { addr, .. } => {
+                let stream = TcpStream::connect(addr).await.map_err(unreachable)?;
+                stream.set_nodelay(true).map_err(unreachable)?;
+                handshake(stream, upgrades).await
+            }
+        }
+    }
+
     async fn connect(&self) -> Result<SendRequest<Body>, ApiError> {
-        let AgentAddress::Unix(socket) = &self.address;
-        let stream = UnixStream::connect(socket)
-            .await
-            .and_then(|s| QuietUnixStream::new(s.into_std()?))
-            .map_err(unreachable)?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(unreachable)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
+        self.connect_with(false).await
     }
 
     fn take_idle(&self) -> Option<SendRequest<Body>> {
@@ -130,6 +161,8 @@ impl AgentClient {
         limit: usize,
         pooled: bool,
     ) -> Result<AgentReply, ApiError> {
+        let mut req = req;
+        self.authorize(&mut req);
         let idle = if pooled { self.take_idle() } else { None };
         let mut sender = match idle {
             Some(s) => s,
@@ -169,6 +202,8 @@ impl AgentClient {
         limit: usize,
         budget: &Arc<Semaphore>,
     ) -> Result<(AgentReply, OwnedSemaphorePermit), ApiError> {
+        let mut req = req;
+        self.authorize(&mut req);
         let mut sender = match self.take_idle() {
             Some(s) => s,
             None => self.connect().await?,
@@ -221,6 +256,8 @@ impl AgentClient {
         req: Request<Body>,
         head_timeout: Duration,
     ) -> Result<Response<Incoming>, ApiError> {
+        let mut req = req;
+        self.authorize(&mut req);
         within(head_timeout, async {
             let mut sender = self.connect().await?;
             sender.send_request(req).await.map_err(unreachable)
@@ -231,18 +268,10 @@ impl AgentClient {
     /// Sends an upgrade request (the PTY's WebSocket) on a connection of its own that can be
     /// taken over, and hands back the agent's answer once its head arrives.
     pub async fn upgrade(&self, req: Request<Body>) -> Result<Response<Incoming>, ApiError> {
+        let mut req = req;
+        self.authorize(&mut req);
         within(AGENT_TIMEOUT, async {
-            let AgentAddress::Unix(socket) = &self.address;
-            let stream = UnixStream::connect(socket)
-                .await
-                .and_then(|s| QuietUnixStream::new(s.into_std()?))
-                .map_err(unreachable)?;
-            let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(unreachable)?;
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
+            let mut sender = self.connect_with(true).await?;
             sender.send_request(req).await.map_err(unreachable)
         })
         .await
@@ -263,6 +292,24 @@ impl AgentClient {
             )))
         }
     }
+}
+
+/// The HTTP/1.1 handshake on a new connection, the connection driven by a task of its own.
+async fn handshake<S>(stream: S, upgrades: bool) -> Result<SendRequest<Body>, ApiError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(unreachable)?;
+    tokio::spawn(async move {
+        let _ = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+    });
+    Ok(sender)
 }
 
 /// A request for an agent, with a JSON content type.

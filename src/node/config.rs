@@ -102,6 +102,21 @@ pub struct ClusterArgs {
         default_value = "/var/lib/kubelet/pods"
     )]
     pub kubelet_pods_dir: PathBuf,
+    /// How the daemon reaches sandbox pods' agents: `unix` (a socket in the pod's emptyDir,
+    /// through --kubelet-pods-dir), `tcp` (the pod's IP at --agent-port, with a token per
+    /// sandbox in a Secret the pod owns) or `auto` (`unix` when --kubelet-pods-dir is there)
+    #[arg(
+        long,
+        global = true,
+        env = "ARL_AGENT_TRANSPORT",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub agent_transport: crate::runtime::kubernetes::AgentTransport,
+    /// The port sandbox pods' agents listen on at the pod's IP, over the `tcp` transport
+    /// (pools whose containers declare it are refused)
+    #[arg(long, global = true, env = "ARL_AGENT_PORT", default_value_t = 7390)]
+    pub agent_port: u16,
     /// The namespace of sandbox pods and of the WarmPoolShards this node serves
     #[arg(
         long,

@@ -98,6 +98,63 @@ pub enum AgentAddress {
     /// A Unix socket on this host (process and containerd sandboxes; pods through the
     /// kubelet's pod directory).
     Unix(PathBuf),
+    /// A TCP address (a pod's IP, where its kubelet directory cannot be reached), where the
+    /// agent answers only requests that carry the sandbox's token.
+    Tcp {
+        addr: std::net::SocketAddr,
+        token: AgentToken,
+    },
+}
+
+/// The secret that a TCP-reached agent asks of every request (`Authorization: Bearer`): 256
+/// random bits per sandbox, written as 64 hex digits. Never shown by `Debug`.
+#[derive(Clone)]
+pub struct AgentToken(String);
+
+/// The environment variable a TCP-listening agent reads its token from.
+pub const AGENT_TOKEN_ENV: &str = "ARL_AGENT_TOKEN";
+
+impl AgentToken {
+    /// A fresh token from the kernel's random source.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 32];
+        crate::util::random_bytes(&mut bytes);
+        Self(hex::encode(bytes))
+    }
+
+    /// A token handed over as text (a Secret's value, an environment variable); `None` unless
+    /// it is 64 hex digits.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        (text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| Self(text.to_ascii_lowercase()))
+    }
+
+    /// The token's text, for the few places that hand it on (the pod's Secret, a header).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` is this token, in time that does not depend on where they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        // Lengths are public (always 64); only the contents are compared in constant time.
+        presented.len() == self.0.len() && bool::from(self.0.as_bytes().ct_eq(presented))
+    }
+}
+
+impl PartialEq for AgentToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(other.0.as_bytes())
+    }
+}
+
+impl Eq for AgentToken {}
+
+impl std::fmt::Debug for AgentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentToken(<redacted>)")
+    }
 }
 
 /// A sandbox the runtime has started.

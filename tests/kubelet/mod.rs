@@ -6,6 +6,13 @@
 //! (`<pods dir>/<uid>/volumes/kubernetes.io~empty-dir/arl-run/agent.sock`), then reports the
 //! Pod `Running`. When an agent dies the Pod turns `Failed` with its exit status; a deleted
 //! Pod's agent is killed. Every request is counted, so tests can show the hot path sends none.
+//!
+//! Over the TCP transport (`start_tcp`) each pod gets an IP of its own on the loopback network
+//! (`127.0.0.N`), the agent is started (still as a process sandbox, in the host's network) as
+//! its pod spec says: listening on `$(ARL_POD_IP):<port>`, with the token the kubelet reads
+//! from the pod's Secret (`secretKeyRef`; a missing Secret keeps the pod `Pending`,
+//! `CreateContainerConfigError`). Secrets are kept (create, get, merge patch, delete), and the
+//! garbage collector's part is played: deleting a pod deletes the Secrets it owns.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -29,6 +36,7 @@ pub const UNPULLABLE: &str = "unpullable.example/";
 const SHARDS: &str = "/apis/arl.infra.io/v1alpha1/namespaces/arl-sandboxes/warmpoolshards";
 const PODS: &str = "/api/v1/namespaces/arl-sandboxes/pods";
 const NODES: &str = "/api/v1/nodes";
+const SECRETS: &str = "/api/v1/namespaces/arl-sandboxes/secrets";
 
 /// The kinds of object the server keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +98,8 @@ struct State {
     pods: Collection,
     shards: Collection,
     nodes: Collection,
+    /// Secrets by name (no watch).
+    secrets: BTreeMap<String, Value>,
     /// The agent pid of each running pod.
     agents: BTreeMap<String, i32>,
     seen: Vec<Seen>,
@@ -104,6 +114,8 @@ pub struct TestKubelet {
     root: PathBuf,
     state: Mutex<State>,
     bin: String,
+    /// The port agents listen on at their pod's IP, over the TCP transport.
+    pub agent_port: Option<u16>,
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Value {
@@ -144,6 +156,19 @@ impl TestKubelet {
     /// Starts the server (on the calling Tokio runtime) and makes this process the reaper of
     /// the agents it starts.
     pub async fn start(bin: &str) -> Arc<Self> {
+        Self::start_with(bin, None).await
+    }
+
+    /// Starts a kubelet whose pods the daemon reaches over TCP at their IP (`node_args_tcp`).
+    pub async fn start_tcp(bin: &str) -> Arc<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        Self::start_with(bin, Some(port)).await
+    }
+
+    async fn start_with(bin: &str, agent_port: Option<u16>) -> Arc<Self> {
         // SAFETY: prctl(2) on this process.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         let mut random = [0u8; 6];
@@ -172,6 +197,7 @@ impl TestKubelet {
             root,
             state: Mutex::new(State::default()),
             bin: bin.to_string(),
+            agent_port,
         });
         kubelet.set_unschedulable(false);
         let server = kubelet.clone();
@@ -231,6 +257,14 @@ impl TestKubelet {
 
     pub fn agent_pid(&self, pod: &str) -> Option<i32> {
         self.lock().agents.get(pod).copied()
+    }
+
+    pub fn secret(&self, name: &str) -> Option<Value> {
+        self.lock().secrets.get(name).cloned()
+    }
+
+    pub fn secrets(&self) -> Vec<String> {
+        self.lock().secrets.keys().cloned().collect()
     }
 
     pub fn shard(&self, name: &str) -> Option<Value> {
@@ -322,6 +356,15 @@ impl TestKubelet {
             let pod = st.pods.objects.get(name).cloned()?;
             let pid = st.agents.remove(name);
             Self::store(&mut st, Kind::Pods, "DELETED", pod.clone());
+            // The garbage collector: what the pod owned goes with it.
+            let uid = pod["metadata"]["uid"].clone();
+            st.secrets.retain(|_, secret| {
+                !secret["metadata"]["ownerReferences"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|owner| owner["kind"] == "Pod" && owner["uid"] == uid)
+            });
             (pod, pid)
         };
         if let Some(pid) = pid {
@@ -376,8 +419,11 @@ impl TestKubelet {
                 )
             }
             (PODS, &Method::POST) => self.create_pod(body),
+            (SECRETS, &Method::POST) => self.create_secret(body),
             _ => {
-                if let Some(name) = path.strip_prefix(&format!("{PODS}/")) {
+                if let Some(name) = path.strip_prefix(&format!("{SECRETS}/")) {
+                    self.secret_item(&method, name, &body)
+                } else if let Some(name) = path.strip_prefix(&format!("{PODS}/")) {
                     self.pod_item(&method, name)
                 } else if let Some(rest) = path.strip_prefix(&format!("{SHARDS}/")) {
                     self.shard_item(&method, rest, &body)
@@ -452,6 +498,105 @@ impl TestKubelet {
         (201, pod)
     }
 
+    fn create_secret(&self, mut secret: Value) -> (u16, Value) {
+        let Some(name) = secret["metadata"]["name"].as_str().map(str::to_string) else {
+            return (422, status(422, "Invalid", "metadata.name: Required value"));
+        };
+        let mut st = self.lock();
+        if st.secrets.contains_key(&name) {
+            return (
+                409,
+                status(
+                    409,
+                    "AlreadyExists",
+                    &format!("secrets \"{name}\" already exists"),
+                ),
+            );
+        }
+        st.version += 1;
+        secret["metadata"]["uid"] = json!(format!("uid-secret-{}", st.version));
+        secret["metadata"]["resourceVersion"] = json!(st.version.to_string());
+        st.secrets.insert(name, secret.clone());
+        (201, secret)
+    }
+
+    fn secret_item(&self, method: &Method, name: &str, patch: &Value) -> (u16, Value) {
+        let mut st = self.lock();
+        let Some(secret) = st.secrets.get_mut(name) else {
+            return (
+                404,
+                status(404, "NotFound", &format!("secrets \"{name}\" not found")),
+            );
+        };
+        match *method {
+            Method::GET => (200, secret.clone()),
+            Method::PATCH => {
+                merge(secret, patch);
+                (200, secret.clone())
+            }
+            Method::DELETE => {
+                let secret = secret.clone();
+                st.secrets.remove(name);
+                (200, secret)
+            }
+            _ => (405, status(405, "MethodNotAllowed", "not here")),
+        }
+    }
+
+    /// What the kubelet makes of the agent container's spec over TCP: the pod's IP, the
+    /// address the agent is told to listen on (`$(VAR)` expanded from its env) and its token
+    /// (from the Secret its env names); an error is the kubelet's waiting reason.
+    fn tcp_agent(&self, pod: &Value, slot: u32) -> Result<(String, String, String), String> {
+        let ip = format!("127.0.0.{}", 2 + slot % 250);
+        let container = &pod["spec"]["containers"][0];
+        let mut env = BTreeMap::new();
+        let mut token = None;
+        for var in container["env"].as_array().into_iter().flatten() {
+            let name = var["name"].as_str().unwrap_or_default().to_string();
+            let from = &var["valueFrom"];
+            let value = if let Some(field) = from["fieldRef"]["fieldPath"].as_str() {
+                match field {
+                    "status.podIP" => ip.clone(),
+                    other => return Err(format!("unsupported fieldRef {other}")),
+                }
+            } else if let Some(secret) = from["secretKeyRef"]["name"].as_str() {
+                let key = from["secretKeyRef"]["key"].as_str().unwrap_or_default();
+                let data = self
+                    .secret(secret)
+                    .and_then(|s| s["data"][key].as_str().map(str::to_string))
+                    .ok_or_else(|| format!("secret \"{secret}\" not found"))?;
+                use base64::Engine;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(data)
+                    .map_err(|e| format!("secret {secret}: {e}"))?;
+                String::from_utf8(bytes).map_err(|e| format!("secret {secret}: {e}"))?
+            } else {
+                var["value"].as_str().unwrap_or_default().to_string()
+            };
+            if name == "ARL_AGENT_TOKEN" {
+                token = Some(value.clone());
+            }
+            env.insert(name, value);
+        }
+        let command: Vec<&str> = container["command"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let listen = command
+            .iter()
+            .position(|a| *a == "--listen-tcp")
+            .and_then(|i| command.get(i + 1))
+            .ok_or("the agent is not told to listen on TCP")?;
+        let mut listen = listen.to_string();
+        for (name, value) in &env {
+            listen = listen.replace(&format!("$({name})"), value);
+        }
+        let token = token.ok_or("no ARL_AGENT_TOKEN in the agent's env")?;
+        Ok((ip, listen, token))
+    }
+
     /// The kubelet's part: the emptyDir, the agent as a process sandbox, `Running`; then the
     /// agent's exit turns the pod `Failed`.
     fn run_pod(self: Arc<Self>, pod: Value, slot: u32) {
@@ -481,12 +626,34 @@ impl TestKubelet {
         std::fs::create_dir_all(&dir).expect("emptyDir");
         // The socket is bound relative to the emptyDir: its full path, like a real kubelet's,
         // is longer than a socket path may be.
-        let config = json!({
+        let mut config = json!({
             "id": name, "dir": dir, "socket": "agent.sock", "cgroup_procs": [],
             "uid_base": (1u32 << 31) + slot * 65536, "id_count": 65536, "disk_mb": 64,
             "network": "none", "rootfs": null, "memory_events": null,
         });
-        let out = std::process::Command::new(&self.bin)
+        let mut command = std::process::Command::new(&self.bin);
+        let mut pod_ip = None;
+        if self.agent_port.is_some() {
+            match self.tcp_agent(&pod, slot) {
+                Ok((ip, listen, token)) => {
+                    config["network"] = json!("host");
+                    config["listen_tcp"] = json!(listen);
+                    command.env("ARL_AGENT_TOKEN", token);
+                    pod_ip = Some(ip);
+                }
+                Err(message) => {
+                    self.set_status(
+                        &name,
+                        json!({"phase": "Pending", "containerStatuses": [{"name": container,
+                            "image": image, "imageID": "", "ready": false, "restartCount": 0,
+                            "state": {"waiting": {"reason": "CreateContainerConfigError",
+                            "message": message}}}]}),
+                    );
+                    return;
+                }
+            }
+        }
+        let out = command
             .current_dir(&dir)
             .arg("sandbox-init")
             .arg(config.to_string())
@@ -512,11 +679,13 @@ impl TestKubelet {
             }
             st.agents.insert(name.clone(), pid);
         }
-        self.set_status(
-            &name,
-            json!({"phase": "Running", "containerStatuses": [{"name": container, "image": "x",
-                "imageID": "", "ready": true, "restartCount": 0, "state": {"running": {}}}]}),
-        );
+        let mut running = json!({"phase": "Running", "containerStatuses": [{"name": container,
+            "image": "x", "imageID": "", "ready": true, "restartCount": 0,
+            "state": {"running": {}}}]});
+        if let Some(ip) = pod_ip {
+            running["podIP"] = json!(ip);
+        }
+        self.set_status(&name, running);
         let code = nix_wait(pid);
         // A pod deleted meanwhile is gone already; else the agent died on its own.
         let still_ours = self.lock().agents.remove(&name).is_some();
@@ -643,6 +812,19 @@ pub fn node_args(kubelet: &TestKubelet) -> Vec<String> {
         "--sandbox-namespace".into(),
         NAMESPACE.into(),
     ]
+}
+
+/// The daemon flags that point `arl node --kubernetes` at this kubelet, its pods' agents
+/// reached over TCP at their IPs.
+pub fn node_args_tcp(kubelet: &TestKubelet) -> Vec<String> {
+    let mut args = node_args(kubelet);
+    args.extend([
+        "--agent-transport".into(),
+        "tcp".into(),
+        "--agent-port".into(),
+        kubelet.agent_port.expect("a TCP kubelet").to_string(),
+    ]);
+    args
 }
 
 /// Whether a path exists (for readable assertions).

@@ -21,7 +21,7 @@ use crate::crd::WarmPoolShard;
 
 use super::config::ClusterArgs;
 use crate::runtime::kubernetes::pod::PodContext;
-use crate::runtime::kubernetes::{KubernetesConfig, KubernetesRuntime};
+use crate::runtime::kubernetes::{AgentTransport, KubernetesConfig, KubernetesRuntime};
 
 #[derive(Debug, Error)]
 pub enum ClusterError {
@@ -60,12 +60,20 @@ pub async fn client(args: &ClusterArgs) -> Result<kube::Client, ClusterError> {
 }
 
 fn runtime_config(args: &ClusterArgs) -> KubernetesConfig {
+    let transport = args.agent_transport.resolve(&args.kubelet_pods_dir);
+    tracing::info!(
+        ?transport,
+        pods_dir = %args.kubelet_pods_dir.display(),
+        "sandbox pods' agents are reached over {}",
+        if transport == AgentTransport::Tcp { "TCP at the pod's IP" } else { "a Unix socket through the kubelet's pod directory" }
+    );
     KubernetesConfig {
         pod: PodContext {
             node_name: args.node_name.clone().unwrap_or_default(),
             namespace: args.sandbox_namespace.clone(),
             instance: args.instance.clone(),
             agent_image: args.agent_image.clone(),
+            agent_tcp_port: (transport == AgentTransport::Tcp).then_some(args.agent_port),
         },
         pods_dir: args.kubelet_pods_dir.clone(),
     }

@@ -420,10 +420,13 @@ mod tests {
         assert_eq!(template["metadata"]["labels"][POOL_LABEL], "py");
         assert_eq!(template["spec"]["containers"][0]["image"], "python:3.12");
         assert!(
-            crate::runtime::kubernetes::pod::validate(&PoolSpec {
-                template: Some(template),
-                ..spec
-            })
+            crate::runtime::kubernetes::pod::validate(
+                &PoolSpec {
+                    template: Some(template),
+                    ..spec
+                },
+                None
+            )
             .is_ok()
         );
         assert_eq!(pool_spec(&shard(-1)).expect("pool").min_idle, 0);

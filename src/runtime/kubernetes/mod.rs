@@ -1,6 +1,8 @@
 //! The `kubernetes` runtime: a sandbox is a Pod pinned to this node, built from the pool's
 //! template with the agent injected (`pod.rs`), whose agent the daemon reaches over a Unix
-//! socket in the pod's emptyDir through the kubelet's pod directory (`socket.rs`).
+//! socket in the pod's emptyDir through the kubelet's pod directory (`socket.rs`) or, where
+//! that directory cannot be reached (another kubelet root, a virtual kubelet), over TCP at the
+//! pod's IP with a token per sandbox, kept in a Secret the pod owns ([`AgentTransport`]).
 //!
 //! The API server is used only to create and delete pods and by one watch of this node's
 //! pods (`state.rs`); acquire, exec, files and release never reach it. A creation posts the
@@ -17,12 +19,13 @@ pub mod state;
 mod tests;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use thiserror::Error;
@@ -30,7 +33,9 @@ use thiserror::Error;
 use self::pod::PodContext;
 use self::socket::AgentDir;
 use self::state::{PodState, PodTable};
-use super::{AgentAddress, BoxFuture, Budgets, Created, ExitReason, Runtime, RuntimeError};
+use super::{
+    AgentAddress, AgentToken, BoxFuture, Budgets, Created, ExitReason, Runtime, RuntimeError,
+};
 use crate::api::PoolSpec;
 use crate::api::pools::RuntimeKind;
 use crate::util::MutexExt;
@@ -46,7 +51,30 @@ pub enum KubeRuntimeError {
     Api(#[source] kube::Error),
 }
 
-/// Where this daemon's pods go and how it reaches them.
+/// How the daemon reaches its pods' agents (`--agent-transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AgentTransport {
+    /// A Unix socket in the pod's emptyDir, through the kubelet's pod directory.
+    Unix,
+    /// TCP to the pod's IP, with a token per sandbox.
+    Tcp,
+    /// `unix` when the kubelet's pod directory is there, else `tcp`.
+    Auto,
+}
+
+impl AgentTransport {
+    /// `auto` made definite: the Unix socket when the kubelet's pod directory is a directory
+    /// this daemon sees.
+    pub fn resolve(self, pods_dir: &std::path::Path) -> Self {
+        match self {
+            Self::Auto if pods_dir.is_dir() => Self::Unix,
+            Self::Auto => Self::Tcp,
+            other => other,
+        }
+    }
+}
+
+/// Where this daemon's pods go and how it reaches them (`pod.agent_tcp_port` set: over TCP).
 #[derive(Debug, Clone)]
 pub struct KubernetesConfig {
     pub pod: PodContext,
@@ -54,16 +82,24 @@ pub struct KubernetesConfig {
     pub pods_dir: PathBuf,
 }
 
+/// How the daemon reaches a pod it holds.
+enum Reach {
+    /// Keeps the agent's socket path (through this descriptor) valid.
+    Dir(#[allow(dead_code)] Arc<AgentDir>),
+    /// Over TCP; `secret_owned`: the pod owns its Secret (so deleting the pod deletes it).
+    Tcp { secret_owned: bool },
+}
+
 /// A pod the daemon holds.
 struct Held {
     uid: String,
-    /// Keeps the agent's socket path (through this descriptor) valid.
-    _dir: Arc<AgentDir>,
+    reach: Reach,
 }
 
 pub struct KubernetesRuntime {
     config: KubernetesConfig,
     pods: Api<Pod>,
+    secrets: Api<Secret>,
     table: Arc<PodTable>,
     held: Mutex<HashMap<String, Held>>,
     watch: tokio::task::JoinHandle<()>,
@@ -78,7 +114,8 @@ impl Drop for KubernetesRuntime {
 impl KubernetesRuntime {
     /// Starts watching this node's pods (needs a Tokio runtime).
     pub fn new(client: Client, config: KubernetesConfig) -> Self {
-        let pods: Api<Pod> = Api::namespaced(client, &config.pod.namespace);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &config.pod.namespace);
+        let secrets: Api<Secret> = Api::namespaced(client, &config.pod.namespace);
         let table = Arc::new(PodTable::default());
         let selector = watcher::Config::default()
             .fields(&format!("spec.nodeName={}", config.pod.node_name))
@@ -87,6 +124,7 @@ impl KubernetesRuntime {
         Self {
             config,
             pods,
+            secrets,
             table,
             held: Mutex::new(HashMap::new()),
             watch,
@@ -101,39 +139,132 @@ impl KubernetesRuntime {
     async fn create_inner(&self, id: &str, spec: &PoolSpec) -> Result<Created, RuntimeError> {
         let pod = pod::build(id, spec, &self.config.pod).map_err(RuntimeError::Create)?;
         let name = pod::pod_name(id);
-        let made = self
-            .pods
-            .create(&PostParams::default(), &pod)
-            .await
-            .map_err(backend)?;
+        // Over TCP the agent's token goes first, in a Secret the pod reads at its start.
+        let token = match self.config.pod.agent_tcp_port {
+            Some(_) => {
+                let token = AgentToken::generate();
+                self.secrets
+                    .create(
+                        &PostParams::default(),
+                        &pod::secret(id, &self.config.pod, &token),
+                    )
+                    .await
+                    .map_err(backend)?;
+                Some(token)
+            }
+            None => None,
+        };
+        let made = match self.pods.create(&PostParams::default(), &pod).await {
+            Ok(made) => made,
+            Err(e) => {
+                if token.is_some() {
+                    self.delete_secret(id).await;
+                }
+                return Err(backend(e));
+            }
+        };
         self.table.created(&name, &made);
         let uid = made.metadata.uid.clone().unwrap_or_default();
         tracing::debug!(pod = %name, %uid, "sandbox pod created");
-        // The watch says when it runs, or why it cannot.
+        let secret_owned = match &token {
+            Some(_) => self.give_secret_to(id, &uid).await,
+            None => false,
+        };
+        let result = self.start(id, &name, &uid, token, secret_owned).await;
+        if result.is_err() && token_left_behind(&self.config, secret_owned) {
+            self.delete_secret(id).await;
+        }
+        result
+    }
+
+    /// Waits for a created pod to run and its agent to listen; holds it.
+    async fn start(
+        &self,
+        id: &str,
+        name: &str,
+        uid: &str,
+        token: Option<AgentToken>,
+        secret_owned: bool,
+    ) -> Result<Created, RuntimeError> {
+        let tcp = token.is_some();
+        // The watch says when it runs (with its IP, over TCP), or why it cannot.
         let started = self
             .table
-            .wait_for(&name, |facts| match facts.map(|f| &f.state) {
-                Some(PodState::Running) => Some(Ok(())),
-                Some(PodState::Pending {
-                    problem: Some(problem),
-                }) => Some(Err(format!("pod {name} cannot start: {problem}"))),
-                Some(PodState::Finished(reason, problem)) => Some(Err(match problem {
+            .wait_for(name, |facts| match facts.map(|f| (&f.state, f.ip)) {
+                Some((PodState::Running, ip)) if !tcp || ip.is_some() => Some(Ok(ip)),
+                Some((
+                    PodState::Pending {
+                        problem: Some(problem),
+                    },
+                    _,
+                )) => Some(Err(format!("pod {name} cannot start: {problem}"))),
+                Some((PodState::Finished(reason, problem), _)) => Some(Err(match problem {
                     Some(problem) => format!("pod {name} failed: {problem}"),
                     None => format!("pod {name} ended before it was ready: {reason}"),
                 })),
-                Some(PodState::Gone) => Some(Err(format!("pod {name} was deleted while starting"))),
+                Some((PodState::Gone, _)) => {
+                    Some(Err(format!("pod {name} was deleted while starting")))
+                }
                 _ => None,
             })
             .await;
-        started.map_err(RuntimeError::Create)?;
-        let dir =
-            Arc::new(AgentDir::open(&self.config.pods_dir, &uid).map_err(RuntimeError::Create)?);
-        wait_for_agent(&dir.socket()).await?;
-        let agent = AgentAddress::Unix(dir.socket());
-        self.held
-            .lock_or_recover()
-            .insert(id.to_string(), Held { uid, _dir: dir });
+        let ip = started.map_err(RuntimeError::Create)?;
+        let (agent, reach) = match (token, ip, self.config.pod.agent_tcp_port) {
+            (Some(token), Some(ip), Some(port)) => {
+                let addr = SocketAddr::new(ip, port);
+                wait_for_tcp_agent(addr).await?;
+                (
+                    AgentAddress::Tcp { addr, token },
+                    Reach::Tcp { secret_owned },
+                )
+            }
+            _ => {
+                let dir = Arc::new(
+                    AgentDir::open(&self.config.pods_dir, uid).map_err(RuntimeError::Create)?,
+                );
+                wait_for_agent(&dir.socket()).await?;
+                (AgentAddress::Unix(dir.socket()), Reach::Dir(dir))
+            }
+        };
+        self.held.lock_or_recover().insert(
+            id.to_string(),
+            Held {
+                uid: uid.to_string(),
+                reach,
+            },
+        );
         Ok(Created { agent })
+    }
+
+    /// Makes the pod the owner of its Secret, so the Secret goes with the pod whoever deletes
+    /// it. Whether that worked (if not, the runtime deletes the Secret itself).
+    async fn give_secret_to(&self, id: &str, uid: &str) -> bool {
+        let name = pod::pod_name(id);
+        let patch = serde_json::json!({"metadata": {"ownerReferences": [{
+            "apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}]}});
+        match self
+            .secrets
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(pod = %name, error = %e, "the pod could not be made the owner of its token's Secret; it is deleted with the sandbox");
+                false
+            }
+        }
+    }
+
+    /// Deletes a sandbox's Secret (gone already is fine).
+    async fn delete_secret(&self, id: &str) {
+        let name = pod::pod_name(id);
+        match self.secrets.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => {
+                tracing::warn!(secret = %name, error = %e, "deleting a sandbox's Secret failed")
+            }
+        }
     }
 
     async fn delete_pod(&self, id: &str) -> Result<(), RuntimeError> {
@@ -152,7 +283,7 @@ impl KubernetesRuntime {
         Ok(())
     }
 
-    fn adopt_inner(&self, id: &str) -> Result<Created, RuntimeError> {
+    async fn adopt_inner(&self, id: &str) -> Result<Created, RuntimeError> {
         let refuse = |reason: String| RuntimeError::Adopt {
             id: id.to_string(),
             reason,
@@ -168,23 +299,91 @@ impl KubernetesRuntime {
                 facts.state
             )));
         }
-        let dir = Arc::new(AgentDir::open(&self.config.pods_dir, &facts.uid).map_err(refuse)?);
-        let agent = AgentAddress::Unix(dir.socket());
+        // The pod says how it was made to be reached, whatever this daemon's setting.
+        let (agent, reach) = match facts.agent_port {
+            Some(port) => {
+                let ip = facts
+                    .ip
+                    .ok_or_else(|| refuse(format!("its pod {name} has no IP")))?;
+                let token = self.read_token(&name).await.map_err(refuse)?;
+                (
+                    AgentAddress::Tcp {
+                        addr: SocketAddr::new(ip, port),
+                        token,
+                    },
+                    Reach::Tcp { secret_owned: true },
+                )
+            }
+            None => {
+                let dir =
+                    Arc::new(AgentDir::open(&self.config.pods_dir, &facts.uid).map_err(refuse)?);
+                (AgentAddress::Unix(dir.socket()), Reach::Dir(dir))
+            }
+        };
         self.held.lock_or_recover().insert(
             id.to_string(),
             Held {
                 uid: facts.uid,
-                _dir: dir,
+                reach,
             },
         );
         Ok(Created { agent })
     }
+
+    /// The token of a TCP-reached pod, from its Secret (one read, at adoption only).
+    async fn read_token(&self, name: &str) -> Result<AgentToken, String> {
+        let secret = self
+            .secrets
+            .get(name)
+            .await
+            .map_err(|e| format!("its token's Secret {name} cannot be read: {e}"))?;
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(pod::TOKEN_KEY))
+            .and_then(|b| std::str::from_utf8(&b.0).ok())
+            .and_then(AgentToken::parse)
+            .ok_or_else(|| format!("its token's Secret {name} holds no token"))
+    }
+}
+
+/// Whether a failed creation over TCP must delete the Secret itself (the pod does not own it).
+fn token_left_behind(config: &KubernetesConfig, secret_owned: bool) -> bool {
+    config.pod.agent_tcp_port.is_some() && !secret_owned
 }
 
 fn backend(e: kube::Error) -> RuntimeError {
     RuntimeError::Backend {
         runtime: KIND,
         source: Box::new(KubeRuntimeError::Api(e)),
+    }
+}
+
+/// Waits until the agent accepts connections at the pod's IP (it listens as it starts).
+async fn wait_for_tcp_agent(addr: SocketAddr) -> Result<(), RuntimeError> {
+    let deadline = tokio::time::Instant::now() + AGENT_START;
+    let mut delay = Duration::from_millis(2);
+    loop {
+        let attempt = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr)).await;
+        match attempt {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(200));
+            }
+            Ok(Err(e)) => {
+                return Err(RuntimeError::Create(format!(
+                    "the pod runs but its agent did not listen on {addr} within {} s: {e}",
+                    AGENT_START.as_secs()
+                )));
+            }
+            Err(_) => {
+                return Err(RuntimeError::Create(format!(
+                    "the pod runs but its agent did not listen on {addr} within {} s",
+                    AGENT_START.as_secs()
+                )));
+            }
+        }
     }
 }
 
@@ -216,7 +415,7 @@ impl Runtime for KubernetesRuntime {
     }
 
     fn validate(&self, spec: &PoolSpec) -> Result<(), String> {
-        pod::validate(spec)
+        pod::validate(spec, self.config.pod.agent_tcp_port)
     }
 
     fn budgets(&self) -> Budgets {
@@ -248,6 +447,16 @@ impl Runtime for KubernetesRuntime {
                     self.held.lock_or_recover().insert(id.to_string(), held);
                 }
                 return Err(e);
+            }
+            // A Secret the pod does not own would outlive it.
+            if let Some(Held {
+                reach: Reach::Tcp {
+                    secret_owned: false,
+                },
+                ..
+            }) = held
+            {
+                self.delete_secret(id).await;
             }
             Ok(())
         })
@@ -309,7 +518,7 @@ impl Runtime for KubernetesRuntime {
     ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
         Box::pin(async move {
             self.table.wait_synced().await;
-            self.adopt_inner(id)
+            self.adopt_inner(id).await
         })
     }
 }

@@ -5,7 +5,11 @@
 //!   `arl-bin`; the first container of the template runs it as `arl agent`, so commands run in
 //!   the user's image.
 //! - The agent listens on `agent.sock` in the emptyDir `arl-run`, which the daemon reaches
-//!   from the host through the kubelet's pod directory: no hostPath, no port.
+//!   from the host through the kubelet's pod directory: no hostPath, no port. Where that
+//!   directory cannot be reached (TCP transport), the agent listens instead on the pod's IP at
+//!   the daemon's agent port, with the sandbox's token from a Secret of the pod's own
+//!   (`secret`), read as an environment variable that the agent takes out of its environment
+//!   before it runs anything; the pod is annotated with the port.
 //! - Pod Security `baseline` always (no host namespaces, no privilege, no added capabilities,
 //!   seccomp `RuntimeDefault`), `restricted` whenever the template runs as non-root; no
 //!   service-account token; resources from the pool unless the template sets its own.
@@ -15,9 +19,11 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, Pod, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, Secret, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -25,6 +31,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use crate::api::PoolSpec;
 use crate::api::pools::NetworkMode;
 use crate::crd::NODE_LABEL;
+use crate::runtime::{AGENT_TOKEN_ENV, AgentToken};
 
 /// Label on every sandbox pod: which program manages it.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -53,6 +60,14 @@ const RUN_DIR: &str = "/.arl/run";
 pub const SOCKET_NAME: &str = "agent.sock";
 /// The unprivileged user the init container copies the binary as.
 const INSTALL_UID: i64 = 65534;
+/// Annotation on a pod whose agent listens on TCP: the port (its IP is the pod's).
+pub const AGENT_PORT_ANNOTATION: &str = "arl.infra.io/agent-port";
+/// The key of the agent's token in the pod's Secret.
+pub const TOKEN_KEY: &str = "token";
+/// The name of the agent's TCP port on the container.
+pub const AGENT_PORT_NAME: &str = "arl-agent";
+/// The environment variable the pod's IP is given in (for the agent's listen address).
+const POD_IP_ENV: &str = "ARL_POD_IP";
 
 /// What the daemon adds to every pod it makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +79,9 @@ pub struct PodContext {
     pub instance: String,
     /// The ARL image (holds the static `arl` binary at `/arl`).
     pub agent_image: String,
+    /// The port the agent listens on at the pod's IP, when the daemon reaches agents over TCP;
+    /// `None`: through the kubelet's pod directory.
+    pub agent_tcp_port: Option<u16>,
 }
 
 impl PodContext {
@@ -106,11 +124,18 @@ pub fn build(id: &str, spec: &PoolSpec, ctx: &PodContext) -> Result<Pod, String>
     } else {
         labels.remove(NETWORK_LABEL);
     }
+    let mut annotations = meta.annotations.take();
+    if let Some(port) = ctx.agent_tcp_port {
+        check_port_free(&pod_spec, port)?;
+        annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(AGENT_PORT_ANNOTATION.into(), port.to_string());
+    }
     let metadata = ObjectMeta {
         name: Some(pod_name(id)),
         namespace: Some(ctx.namespace.clone()),
         labels: Some(labels),
-        annotations: meta.annotations.take(),
+        annotations,
         ..ObjectMeta::default()
     };
 
@@ -123,7 +148,9 @@ pub fn build(id: &str, spec: &PoolSpec, ctx: &PodContext) -> Result<Pod, String>
         .any(|m| m.mount_path.trim_end_matches('/') == "/workspace");
     let volumes = pod_spec.volumes.get_or_insert_with(Vec::new);
     volumes.push(empty_dir(BIN_VOLUME, None));
-    volumes.push(empty_dir(RUN_VOLUME, None));
+    if ctx.agent_tcp_port.is_none() {
+        volumes.push(empty_dir(RUN_VOLUME, None));
+    }
     if !workspace_mounted {
         volumes.push(empty_dir(WORKSPACE_VOLUME, Some(spec.disk_mb)));
     }
@@ -137,6 +164,9 @@ pub fn build(id: &str, spec: &PoolSpec, ctx: &PodContext) -> Result<Pod, String>
         harden_container(container, non_root);
         if n == 0 {
             inject_agent(container, spec, !workspace_mounted);
+            if let Some(port) = ctx.agent_tcp_port {
+                listen_on_tcp(container, id, port);
+            }
         }
     }
     Ok(Pod {
@@ -144,6 +174,98 @@ pub fn build(id: &str, spec: &PoolSpec, ctx: &PodContext) -> Result<Pod, String>
         spec: Some(pod_spec),
         status: None,
     })
+}
+
+/// Refuses a template whose containers declare the agent's port (it would take it first).
+fn check_port_free(spec: &PodSpec, port: u16) -> Result<(), String> {
+    let taken = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.ports.iter().flatten().map(move |p| (c, p)))
+        .find(|(_, p)| p.container_port == i32::from(port));
+    match taken {
+        Some((c, _)) => Err(format!(
+            "container {:?} declares port {port}, which the agent listens on in this cluster \
+             (the node's --agent-port); use another port",
+            c.name
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The agent listens on the pod's IP (and not on a socket in `arl-run`), with the token of
+/// the pod's Secret in its environment.
+fn listen_on_tcp(container: &mut Container, id: &str, port: u16) {
+    container.command = Some(vec![
+        format!("{BIN_DIR}/arl"),
+        "agent".into(),
+        "--listen-tcp".into(),
+        format!("$({POD_IP_ENV}):{port}"),
+    ]);
+    if let Some(mounts) = container.volume_mounts.as_mut() {
+        mounts.retain(|m| m.name != RUN_VOLUME);
+    }
+    let env = container.env.get_or_insert_with(Vec::new);
+    env.retain(|e| e.name != POD_IP_ENV && e.name != AGENT_TOKEN_ENV);
+    env.push(EnvVar {
+        name: POD_IP_ENV.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                api_version: None,
+                field_path: "status.podIP".into(),
+            }),
+            ..EnvVarSource::default()
+        }),
+    });
+    env.push(EnvVar {
+        name: AGENT_TOKEN_ENV.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: pod_name(id),
+                key: TOKEN_KEY.into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    });
+    container
+        .ports
+        .get_or_insert_with(Vec::new)
+        .push(ContainerPort {
+            name: Some(AGENT_PORT_NAME.into()),
+            container_port: i32::from(port),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        });
+}
+
+/// The Secret holding a TCP-reached sandbox's token: named like its pod, with its owner labels,
+/// immutable. The runtime makes the pod its owner once the pod exists, so it goes with it.
+pub fn secret(id: &str, ctx: &PodContext, token: &AgentToken) -> Secret {
+    let labels = BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (INSTANCE_LABEL.to_string(), ctx.instance.clone()),
+        (NODE_LABEL.to_string(), ctx.node_name.clone()),
+        (SANDBOX_LABEL.to_string(), id.to_string()),
+    ]);
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(pod_name(id)),
+            namespace: Some(ctx.namespace.clone()),
+            labels: Some(labels),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            TOKEN_KEY.to_string(),
+            ByteString(token.expose().as_bytes().to_vec()),
+        )])),
+        immutable: Some(true),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    }
 }
 
 /// The pool's template, or the one-container template of its `image`.
@@ -330,8 +452,9 @@ fn mount(volume: &str, path: &str, read_only: bool) -> VolumeMount {
 }
 
 /// Checks what a `kubernetes` pool must have: exactly one of `image` and `template`, a
-/// template that parses and has a container, no `rootfs`.
-pub fn validate(spec: &PoolSpec) -> Result<(), String> {
+/// template that parses and has a container, no `rootfs`, no container port that is the
+/// agent's (`agent_tcp_port`).
+pub fn validate(spec: &PoolSpec, agent_tcp_port: Option<u16>) -> Result<(), String> {
     if spec.rootfs.is_some() {
         return Err(
             "`rootfs` is for `process` pools; a `kubernetes` pool uses `image` or `template`"
@@ -346,6 +469,7 @@ pub fn validate(spec: &PoolSpec) -> Result<(), String> {
         namespace: "validate".into(),
         instance: "validate".into(),
         agent_image: "validate".into(),
+        agent_tcp_port,
     };
     build("sb-validate", spec, &ctx).map(|_| ())
 }

@@ -59,6 +59,10 @@ const STUCK_REASONS: &[&str] = &[
 pub struct PodFacts {
     pub uid: String,
     pub state: PodState,
+    /// The pod's IP, once it has one.
+    pub ip: Option<std::net::IpAddr>,
+    /// The port its agent listens on at that IP, for a pod made to be reached over TCP.
+    pub agent_port: Option<u16>,
 }
 
 impl PodFacts {
@@ -66,6 +70,17 @@ impl PodFacts {
         Self {
             uid: pod.metadata.uid.clone().unwrap_or_default(),
             state: classify(pod),
+            ip: pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok()),
+            agent_port: pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(super::pod::AGENT_PORT_ANNOTATION))
+                .and_then(|port| port.parse().ok()),
         }
     }
 }

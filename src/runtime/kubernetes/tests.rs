@@ -32,6 +32,15 @@ fn ctx() -> PodContext {
         namespace: NS.into(),
         instance: "arl".into(),
         agent_image: "registry.example/arl:1.0".into(),
+        agent_tcp_port: None,
+    }
+}
+
+/// The context of a daemon that reaches its agents over TCP at `port`.
+fn tcp_ctx(port: u16) -> PodContext {
+    PodContext {
+        agent_tcp_port: Some(port),
+        ..ctx()
     }
 }
 
@@ -107,6 +116,47 @@ fn the_pod_of_a_template_pool_is_exactly_the_golden_one() {
 }
 
 #[test]
+fn the_pod_of_a_tcp_reached_agent_is_exactly_the_golden_one() {
+    let pod = pod::build("sb-0123456789abcdef", &image_pool(), &tcp_ctx(7390)).expect("pod");
+    golden("pod-image-tcp.json", &pod);
+    // The token is not in the pod: only a reference to the pod's Secret.
+    let text = serde_json::to_string(&pod).expect("json");
+    assert!(text.contains("secretKeyRef"), "{text}");
+    let token = crate::runtime::AgentToken::generate();
+    let secret = pod::secret("sb-0123456789abcdef", &tcp_ctx(7390), &token);
+    assert_eq!(
+        secret.metadata.name.as_deref(),
+        Some("arl-sb-0123456789abcdef")
+    );
+    assert_eq!(secret.immutable, Some(true));
+    let stored = secret.data.as_ref().and_then(|d| d.get(pod::TOKEN_KEY));
+    assert_eq!(
+        stored.map(|b| b.0.as_slice()),
+        Some(token.expose().as_bytes())
+    );
+    assert_eq!(
+        secret
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(pod::SANDBOX_LABEL)),
+        Some(&"sb-0123456789abcdef".to_string())
+    );
+}
+
+#[test]
+fn a_template_that_declares_the_agents_port_is_refused_over_tcp_only() {
+    let mut spec = template_pool();
+    if let Some(template) = spec.template.as_mut() {
+        template["spec"]["containers"][1]["ports"] = json!([{"containerPort": 7390}]);
+    }
+    let err = pod::validate(&spec, Some(7390)).expect_err("the agent's port");
+    assert!(err.contains("\"db\" declares port 7390"), "{err}");
+    pod::validate(&spec, Some(7391)).expect("another port is fine");
+    pod::validate(&spec, None).expect("no port over the Unix socket");
+}
+
+#[test]
 fn every_pod_meets_baseline_and_non_root_ones_restricted() {
     for (spec, non_root) in [(image_pool(), false), (template_pool(), true)] {
         let pod = pod::build("sb-1", &spec, &ctx()).expect("pod");
@@ -153,13 +203,13 @@ fn bad_pools_are_refused_with_the_reason() {
         template: Some(json!({"spec": {"containers": [{"name": "a", "image": "b"}]}})),
         ..image_pool()
     };
-    assert!(pod::validate(&both).unwrap_err().contains("not both"));
+    assert!(pod::validate(&both, None).unwrap_err().contains("not both"));
     let neither = PoolSpec {
         runtime: RuntimeKind::Kubernetes,
         ..PoolSpec::default()
     };
     assert!(
-        pod::validate(&neither)
+        pod::validate(&neither, None)
             .unwrap_err()
             .contains("needs an `image`")
     );
@@ -168,14 +218,18 @@ fn bad_pools_are_refused_with_the_reason() {
         image: None,
         ..image_pool()
     };
-    assert!(pod::validate(&empty).unwrap_err().contains("no containers"));
+    assert!(
+        pod::validate(&empty, None)
+            .unwrap_err()
+            .contains("no containers")
+    );
     let garbage = PoolSpec {
         template: Some(json!({"spec": {"containers": "no"}})),
         image: None,
         ..image_pool()
     };
     assert!(
-        pod::validate(&garbage)
+        pod::validate(&garbage, None)
             .unwrap_err()
             .contains("not a pod template")
     );
@@ -243,6 +297,8 @@ fn pod_states_name_their_causes() {
 struct Fake {
     /// Pods by name, as stored.
     pods: BTreeMap<String, Value>,
+    /// Secrets by name, as stored.
+    secrets: BTreeMap<String, Value>,
     /// Every event so far: (resource version, type, object).
     events: Vec<(u64, &'static str, Value)>,
     version: u64,
@@ -317,6 +373,15 @@ impl FakeApi {
     fn set_running(&self, name: &str) {
         let mut pod = self.lock().pods.get(name).cloned().expect("pod stored");
         pod["status"] = json!({"phase": "Running", "containerStatuses": [{
+            "name": pod["spec"]["containers"][0]["name"], "image": "x", "imageID": "",
+            "ready": true, "restartCount": 0, "state": {"running": {}}}]});
+        self.event("MODIFIED", pod);
+    }
+
+    /// Marks a stored pod running with an IP.
+    fn set_running_at(&self, name: &str, ip: &str) {
+        let mut pod = self.lock().pods.get(name).cloned().expect("pod stored");
+        pod["status"] = json!({"phase": "Running", "podIP": ip, "containerStatuses": [{
             "name": pod["spec"]["containers"][0]["name"], "image": "x", "imageID": "",
             "ready": true, "restartCount": 0, "state": {"running": {}}}]});
         self.event("MODIFIED", pod);
@@ -407,6 +472,37 @@ impl FakeApi {
             }
             return (200, json(pod));
         }
+        let secrets = format!("/api/v1/namespaces/{NS}/secrets");
+        if path == secrets && method == Method::POST {
+            let mut secret: Value = serde_json::from_slice(&body).expect("secret body");
+            let name = secret["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let mut st = self.lock();
+            if st.secrets.contains_key(&name) {
+                return (409, json(status(409, "AlreadyExists", "exists")));
+            }
+            secret["metadata"]["uid"] = json!(format!("uid-secret-{name}"));
+            st.secrets.insert(name, secret.clone());
+            return (201, json(secret));
+        }
+        if let Some(name) = path.strip_prefix(&format!("{secrets}/")) {
+            let mut st = self.lock();
+            let Some(secret) = st.secrets.get_mut(name) else {
+                return (404, json(status(404, "NotFound", "no such secret")));
+            };
+            if method == Method::PATCH {
+                let patch: Value = serde_json::from_slice(&body).expect("patch body");
+                secret["metadata"]["ownerReferences"] =
+                    patch["metadata"]["ownerReferences"].clone();
+            }
+            let answer = secret.clone();
+            if method == Method::DELETE {
+                st.secrets.remove(name);
+            }
+            return (200, json(answer));
+        }
         (404, json(status(404, "NotFound", "no such path")))
     }
 
@@ -475,10 +571,14 @@ impl Drop for PodsDir {
 }
 
 fn runtime(client: Client, pods: &PodsDir) -> KubernetesRuntime {
+    runtime_with(client, pods, ctx())
+}
+
+fn runtime_with(client: Client, pods: &PodsDir, ctx: PodContext) -> KubernetesRuntime {
     KubernetesRuntime::new(
         client,
         KubernetesConfig {
-            pod: ctx(),
+            pod: ctx,
             pods_dir: pods.root.clone(),
         },
     )
@@ -511,7 +611,9 @@ async fn create_posts_the_pod_waits_for_running_and_reaches_the_agent_through_th
     };
     let (created, ()) = tokio::join!(creating, kubelet);
     let created = created.expect("created");
-    let AgentAddress::Unix(socket) = created.agent;
+    let AgentAddress::Unix(socket) = created.agent else {
+        panic!("a Unix socket: {:?}", created.agent)
+    };
     assert!(socket.starts_with("/proc/self/fd/"), "{}", socket.display());
     assert!(socket.as_os_str().len() < 108);
     std::os::unix::net::UnixStream::connect(&socket).expect("the agent's socket, through the fd");
@@ -618,7 +720,9 @@ async fn after_a_restart_own_pods_are_taken_back_and_strays_deleted_even_across_
         .adopt("sb-keep", RuntimeKind::Kubernetes)
         .await
         .expect("taken back");
-    let AgentAddress::Unix(socket) = created.agent;
+    let AgentAddress::Unix(socket) = created.agent else {
+        panic!("a Unix socket: {:?}", created.agent)
+    };
     std::os::unix::net::UnixStream::connect(&socket).expect("agent reachable");
     let err = rt
         .adopt("sb-gone", RuntimeKind::Kubernetes)
@@ -647,4 +751,83 @@ async fn after_a_restart_own_pods_are_taken_back_and_strays_deleted_even_across_
         json!({"phase": "Failed", "reason": "Evicted"}),
     );
     assert_eq!(rt.exited("sb-keep").await, ExitReason::Evicted);
+}
+
+#[tokio::test]
+async fn over_tcp_the_token_goes_to_an_owned_secret_and_the_agent_is_reached_at_the_pod_ip() {
+    let (api, client) = FakeApi::start();
+    let pods = PodsDir::new();
+    // The agent: something listening at the pod's IP and the daemon's agent port.
+    let agent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = agent.local_addr().expect("addr").port();
+    let rt = runtime_with(client.clone(), &pods, tcp_ctx(port));
+    let spec = image_pool();
+    let api2 = api.clone();
+    let kubelet = async {
+        until("the pod", || api2.lock().pods.contains_key("arl-sb-t")).await;
+        // Running without an IP yet: the runtime waits for the IP.
+        api2.set_running("arl-sb-t");
+        api2.set_running_at("arl-sb-t", "127.0.0.1");
+    };
+    let (created, ()) = tokio::join!(rt.create("sb-t", &spec), kubelet);
+    let created = created.expect("created");
+    let AgentAddress::Tcp { addr, token } = created.agent.clone() else {
+        panic!("a TCP address: {:?}", created.agent)
+    };
+    assert_eq!(addr, std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    assert!(
+        !format!("{:?}", created.agent).contains(token.expose()),
+        "Debug never shows the token"
+    );
+    // The Secret first, then the pod, then the pod made the Secret's owner.
+    let writes: Vec<String> = api
+        .seen()
+        .into_iter()
+        .filter(|l| !l.starts_with("GET"))
+        .map(|l| l.split('?').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        writes,
+        vec![
+            format!("POST /api/v1/namespaces/{NS}/secrets"),
+            format!("POST /api/v1/namespaces/{NS}/pods"),
+            format!("PATCH /api/v1/namespaces/{NS}/secrets/arl-sb-t"),
+        ]
+    );
+    let secret = api.lock().secrets.get("arl-sb-t").cloned().expect("secret");
+    let stored = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(secret["data"]["token"].as_str().expect("token"))
+            .expect("base64")
+    };
+    assert_eq!(stored, token.expose().as_bytes());
+    assert_eq!(
+        secret["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "v1", "kind": "Pod", "name": "arl-sb-t", "uid": "uid-arl-sb-t"}])
+    );
+    let pod = api.lock().pods.get("arl-sb-t").cloned().expect("pod");
+    assert_eq!(
+        pod["metadata"]["annotations"]["arl.infra.io/agent-port"],
+        json!(port.to_string())
+    );
+
+    // A successor (this daemon restarted) takes the pod back with the Secret's token.
+    let successor = runtime_with(client, &pods, tcp_ctx(port));
+    let adopted = successor
+        .adopt("sb-t", RuntimeKind::Kubernetes)
+        .await
+        .expect("taken back");
+    assert_eq!(adopted.agent, AgentAddress::Tcp { addr, token });
+
+    // Destroy deletes the pod; the Secret goes with it (its owner), no call of its own.
+    rt.destroy("sb-t").await.expect("destroyed");
+    assert!(
+        !api.seen()
+            .iter()
+            .any(|l| l.starts_with("DELETE") && l.contains("/secrets/")),
+        "{:?}",
+        api.seen()
+    );
+    drop(agent);
 }

@@ -45,6 +45,11 @@ pub struct InitConfig {
     /// Snapshot directories to stack under the sandbox's layers, top first (a fork).
     #[serde(default)]
     pub base: Vec<PathBuf>,
+    /// Also have the agent listen on this TCP address (with `network: host`), with the token
+    /// that this helper finds in its own environment (`ARL_AGENT_TOKEN`, never in this
+    /// config, which is a command-line argument).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_tcp: Option<std::net::SocketAddr>,
 }
 
 /// Where the agent holds the sandbox's layers tmpfs open, for snapshots (`snapshot.rs`).
@@ -236,7 +241,7 @@ fn setup(cfg: &InitConfig, fds: ChildFds, bases: &[RawFd]) -> Result<Never, Stri
     }
     limit_core_dumps();
     drop_privileges()?;
-    exec_agent(fds)
+    exec_agent(fds, cfg.listen_tcp)
 }
 
 fn become_root() -> Result<(), String> {
@@ -541,8 +546,9 @@ fn drop_privileges() -> Result<(), String> {
     seccomp::install().map_err(|e| format!("seccomp: {e}"))
 }
 
-fn exec_agent(fds: ChildFds) -> Result<Never, String> {
+fn exec_agent(fds: ChildFds, listen_tcp: Option<std::net::SocketAddr>) -> Result<Never, String> {
     let listen = fds.listener.to_string();
+    let tcp = listen_tcp.map(|addr| addr.to_string());
     let events = fds.memory_events.map(|fd| fd.to_string());
     let layers = LAYERS_FD.to_string();
     let mut args: Vec<&str> = vec![
@@ -555,6 +561,9 @@ fn exec_agent(fds: ChildFds) -> Result<Never, String> {
     ];
     if let Some(events) = &events {
         args.extend(["--memory-events-fd", events]);
+    }
+    if let Some(tcp) = &tcp {
+        args.extend(["--listen-tcp", tcp]);
     }
     let args: Vec<CString> = args
         .iter()
@@ -570,6 +579,13 @@ fn exec_agent(fds: ChildFds) -> Result<Never, String> {
     .iter()
     .map(|s| CString::new(*s).expect("static env"))
     .collect();
+    let mut env = env;
+    if tcp.is_some() {
+        let token = std::env::var(crate::runtime::AGENT_TOKEN_ENV).unwrap_or_default();
+        let entry = CString::new(format!("{}={token}", crate::runtime::AGENT_TOKEN_ENV))
+            .map_err(|_| "the agent's token has a NUL".to_string())?;
+        env.push(entry);
+    }
     // SAFETY: the fd is this binary, opened before pivot_root.
     let exe = unsafe { std::os::fd::BorrowedFd::borrow_raw(fds.exe) };
     match nix::unistd::fexecve(exe, &args, &env) {

@@ -186,6 +186,7 @@ impl ProcessRuntime {
             rootfs: spec.rootfs.as_ref().map(PathBuf::from),
             memory_events: self.cgroups.memory_events(id),
             base: base.to_vec(),
+            listen_tcp: None,
         };
         let json =
             serde_json::to_string(&config).map_err(|e| RuntimeError::Create(e.to_string()))?;
