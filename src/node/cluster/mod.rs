@@ -1,8 +1,13 @@
 //! Cluster mode (`arl node --kubernetes`): the node's `kubernetes` runtime; from this
-//! node's WarmPoolShards, its pools (`shards.rs`); from its Node object, whether it is
-//! cordoned (`watch_node`).
+//! node's WarmPoolShards, its pools (`shards.rs`); the Sandbox objects bound to this node, a
+//! sandbox each (`sandboxes.rs`), and the Tasks run in them (`tasks.rs`); from its Node
+//! object, whether it is cordoned (`watch_node`).
 
+#[cfg(test)]
+mod objects_tests;
+pub mod sandboxes;
 pub mod shards;
+pub mod tasks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +20,7 @@ use kube::runtime::watcher::{self, Event, watcher};
 use thiserror::Error;
 
 use super::manager::Manager;
-use crate::crd::WarmPoolShard;
+use crate::crd::{Sandbox, Task, WarmPoolShard};
 
 use super::config::ClusterArgs;
 use crate::runtime::kubernetes::pod::PodContext;
@@ -69,7 +74,8 @@ fn runtime_config(args: &ClusterArgs) -> KubernetesConfig {
     }
 }
 
-/// Starts serving this node's shards: their pools, and their status written back.
+/// Starts serving this node's shards (their pools, and their status written back), the
+/// Sandbox objects bound to it and their Tasks.
 pub async fn start(
     mgr: Arc<Manager>,
     args: &ClusterArgs,
@@ -84,6 +90,18 @@ pub async fn start(
         Duration::from_millis(args.shard_status_interval_ms.max(100)),
     );
     tokio::spawn(sync.clone().run());
+    let objects = sandboxes::SandboxSync::new(
+        mgr.clone(),
+        Api::<Sandbox>::namespaced(client.clone(), &args.sandbox_namespace),
+        node.clone(),
+        sandboxes::ObjectOptions::default(),
+    );
+    let tasks = tasks::TaskSync::new(
+        objects.clone(),
+        Api::<Task>::namespaced(client.clone(), &args.sandbox_namespace),
+    );
+    tokio::spawn(objects.run());
+    tokio::spawn(tasks.run());
     tokio::spawn(watch_node(mgr, Api::all(client), node));
     Ok(sync)
 }
