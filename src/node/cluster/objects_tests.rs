@@ -603,8 +603,22 @@ async fn a_restarted_daemon_adopts_the_sandbox_instead_of_acquiring_again() {
     eventually("Ready", || phase(&api, "sb") == "Ready").await;
     let id = sandbox_id(&api, "sb");
     first.mgr.shutdown(ShutdownMode::HandOver).await;
-    let writes = api.writes().len();
     let creates = fake.creates.load(Ordering::Relaxed);
+
+    // A Task the first daemon was running when it stopped.
+    api.create(
+        "tasks",
+        json!({"apiVersion": "arl.infra.io/v1alpha1", "kind": "Task",
+            "metadata": {"name": "cut"},
+            "spec": {"sandboxRef": "sb", "steps": [
+                {"name": "one", "type": "Command", "command": ["true"]}]}}),
+    );
+    api.set_status(
+        "tasks",
+        "cut",
+        json!({"state": "Running", "startTime": "2026-12-03T10:01:00Z"}),
+    );
+    let writes = api.writes().len();
 
     let second = node(&fake, Records::open(&state).expect("records"), &client).await;
     eventually("adopted", || second.sandboxes.ready_sandbox("sb").is_some()).await;
@@ -618,7 +632,21 @@ async fn a_restarted_daemon_adopts_the_sandbox_instead_of_acquiring_again() {
         "not acquired again"
     );
     assert_eq!(sandbox_id(&api, "sb"), id);
-    assert_eq!(api.writes().len(), writes, "nothing to write: it was Ready");
+    // The cut-off Task is failed (it cannot be resumed), and nothing else is written.
+    eventually("cut failed", || finished(&api, "cut")).await;
+    let cut = api.get("tasks", "cut").expect("cut");
+    assert_eq!(cut["status"]["state"], "Failed");
+    assert!(
+        cut["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("restarted")),
+        "{cut}"
+    );
+    assert_eq!(
+        api.writes()[writes..],
+        [format!("PATCH {GROUP}/tasks/cut/status")],
+        "the Sandbox was Ready: nothing to write for it"
+    );
     assert_eq!(fake.creates.load(Ordering::Relaxed), creates);
     // Its Tasks run in the adopted sandbox.
     api.create(

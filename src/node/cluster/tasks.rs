@@ -46,6 +46,8 @@ pub struct TaskSync {
     waiting: Mutex<HashMap<String, Task>>,
     /// Uids of the Tasks this daemon runs or ran.
     claimed: Mutex<HashSet<String>>,
+    /// Tasks running now, by Sandbox name.
+    running: Mutex<HashMap<String, usize>>,
     /// Uids whose deletion after their TTL is scheduled.
     expiring: Mutex<HashSet<String>>,
     /// Status writes so far.
@@ -63,6 +65,7 @@ impl TaskSync {
             api,
             waiting: Mutex::new(HashMap::new()),
             claimed: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
             expiring: Mutex::new(HashSet::new()),
             writes: AtomicU64::new(0),
         })
@@ -127,10 +130,14 @@ impl TaskSync {
                 }
             }
             TaskState::Running => {
+                if !self.sandboxes.serves(&sandbox_ref) {
+                    // Another node's, or a Sandbox this daemon has not adopted yet.
+                    self.waiting.lock_or_recover().insert(name, task);
+                    return;
+                }
                 self.waiting.lock_or_recover().remove(&name);
                 // Running but not run by this daemon: its predecessor was cut off mid-Task.
-                if self.sandboxes.serves(&sandbox_ref) && self.claimed.lock_or_recover().insert(uid)
-                {
+                if self.claimed.lock_or_recover().insert(uid) {
                     let this = self.clone();
                     tokio::spawn(
                         async move {
@@ -154,13 +161,38 @@ impl TaskSync {
                 if !self.claimed.lock_or_recover().insert(uid) {
                     return;
                 }
+                *self
+                    .running
+                    .lock_or_recover()
+                    .entry(sandbox_ref)
+                    .or_default() += 1;
                 tokio::spawn(self.clone().run_task(task, sandbox).instrument(span));
             }
         }
     }
 
-    /// Runs the Task's steps in order and writes their results.
+    /// Runs the Task's steps in order and writes their results; then, for a Sandbox without
+    /// `keepAlive` that has no other Task here, releases its sandbox.
     async fn run_task(self: Arc<Self>, task: Task, sandbox: ReadySandbox) {
+        let sandbox_ref = task.spec.sandbox_ref.clone();
+        self.run_steps(&task, &sandbox).await;
+        let last = {
+            let mut running = self.running.lock_or_recover();
+            let left = running.get_mut(&sandbox_ref).map_or(0, |n| {
+                *n = n.saturating_sub(1);
+                *n
+            });
+            if left == 0 {
+                running.remove(&sandbox_ref);
+            }
+            left == 0
+        };
+        if !sandbox.keep_alive && last && !self.has_waiting(&sandbox_ref) {
+            self.sandboxes.release_after_tasks(&sandbox_ref).await;
+        }
+    }
+
+    async fn run_steps(self: &Arc<Self>, task: &Task, sandbox: &ReadySandbox) {
         let name = task.name_any();
         let started = now();
         let running = json!({"status": {
@@ -187,7 +219,7 @@ impl TaskSync {
                     break;
                 }
             };
-            let result = self.run_step(&sb, &task, step).await;
+            let result = self.run_step(&sb, task, step).await;
             if step.type_ == StepType::Command && result.exit_code.is_some() {
                 exit_code = result.exit_code;
             }
@@ -216,21 +248,18 @@ impl TaskSync {
             TaskState::Succeeded
         };
         let message = failure.unwrap_or_default();
-        self.write_end(&task, results, state, exit_code, &message)
+        self.write_end(task, results, state, exit_code, &message)
             .await;
-        if !sandbox.keep_alive && !self.has_unfinished(&task.spec.sandbox_ref, &name) {
-            self.sandboxes
-                .release_after_tasks(&task.spec.sandbox_ref)
-                .await;
-        }
     }
 
-    /// Whether another Task of `sandbox` is waiting or running here.
-    fn has_unfinished(&self, sandbox: &str, except: &str) -> bool {
-        self.waiting
-            .lock_or_recover()
-            .values()
-            .any(|t| t.spec.sandbox_ref == sandbox && t.name_any() != except)
+    /// Whether a Task of `sandbox` waits to run.
+    fn has_waiting(&self, sandbox: &str) -> bool {
+        self.waiting.lock_or_recover().values().any(|t| {
+            t.spec.sandbox_ref == sandbox
+                && t.status
+                    .as_ref()
+                    .is_none_or(|s| s.state == TaskState::Pending)
+        })
     }
 
     async fn write_end(
