@@ -14,7 +14,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use arl::api::{ExecResult, SandboxInfo, SandboxList, SnapshotInfo};
 use common::*;
+use serde::de::DeserializeOwned;
 
 fn timed(mut f: impl FnMut()) -> f64 {
     let started = Instant::now();
@@ -22,31 +24,29 @@ fn timed(mut f: impl FnMut()) -> f64 {
     ms(started.elapsed())
 }
 
-fn post(c: &mut Client, path: &str, body: Option<&str>, want: u16) -> serde_json::Value {
+/// A POST whose answer is a `T` (the request bodies are prebuilt bytes: nothing is encoded
+/// inside a timed region).
+fn post<T: DeserializeOwned>(c: &mut Client, path: &str, body: Option<&str>, want: u16) -> T {
     let r = c
         .request("POST", path, body.map(str::as_bytes))
         .expect("request");
     assert_eq!(r.status, want, "POST {path}: {}", r.text());
-    if r.body.is_empty() {
-        serde_json::Value::Null
-    } else {
-        r.json()
-    }
+    r.json()
 }
 
 fn exec_true(c: &mut Client, id: &str) {
-    let r = post(
+    let r: ExecResult = post(
         c,
         &format!("/v1/sandboxes/{id}/exec"),
         Some(r#"{"cmd":["true"]}"#),
         200,
     );
-    assert_eq!(r["exit_code"], 0);
+    assert_eq!(r.exit_code, 0);
 }
 
-fn release_all(c: &mut Client, forks: &serde_json::Value) {
-    for s in forks["sandboxes"].as_array().expect("sandboxes") {
-        c.release(s["id"].as_str().expect("id"));
+fn release_all(c: &mut Client, forks: &SandboxList) {
+    for s in &forks.sandboxes {
+        c.release(&s.id);
     }
 }
 
@@ -64,13 +64,13 @@ fn main() {
     let (mut floor, mut pause, mut resume) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..100 {
         floor.push(timed(|| {
-            c.get_json(&format!("/v1/sandboxes/{id}"));
+            c.get_json::<SandboxInfo>(&format!("/v1/sandboxes/{id}"));
         }));
         pause.push(timed(|| {
-            post(&mut c, &format!("/v1/sandboxes/{id}/pause"), None, 200);
+            post::<SandboxInfo>(&mut c, &format!("/v1/sandboxes/{id}/pause"), None, 200);
         }));
         resume.push(timed(|| {
-            post(&mut c, &format!("/v1/sandboxes/{id}/resume"), None, 200);
+            post::<SandboxInfo>(&mut c, &format!("/v1/sandboxes/{id}/resume"), None, 200);
         }));
     }
     let (floor, pause, resume) = (stats(&floor), stats(&pause), stats(&resume));
@@ -96,7 +96,7 @@ fn main() {
             running.push(timed(|| exec_true(&mut c, &sleepy)));
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while c.pool_status("sleepy")["paused"] != 1 {
+        while c.pool_status("sleepy").paused != 1 {
             assert!(Instant::now() < deadline, "never auto-paused");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -127,7 +127,7 @@ fn main() {
     );
 
     let parent = c.acquire("default");
-    post(
+    post::<ExecResult>(
         &mut c,
         &format!("/v1/sandboxes/{parent}/exec"),
         Some(r#"{"shell":"head -c 100000000 /dev/urandom > /workspace/big && sync"}"#),
@@ -136,23 +136,24 @@ fn main() {
     let mut snap_ms = Vec::new();
     let mut snap_id = String::new();
     for i in 0..5 {
-        let mut snap = serde_json::Value::Null;
+        let mut snap: Option<SnapshotInfo> = None;
         snap_ms.push(timed(|| {
-            snap = post(
+            snap = Some(post(
                 &mut c,
                 &format!("/v1/sandboxes/{parent}/snapshots"),
                 None,
                 201,
-            );
+            ));
         }));
-        let id = snap["id"].as_str().expect("snapshot id").to_string();
+        let snap = snap.expect("a snapshot");
+        let id = snap.id.clone();
         if i < 4 {
             let r = c
                 .request("DELETE", &format!("/v1/snapshots/{id}"), None)
                 .expect("delete");
             assert_eq!(r.status, 204, "{}", r.text());
         } else {
-            println!("snapshot bytes: {}", snap["bytes"]);
+            println!("snapshot bytes: {}", snap.bytes);
             snap_id = id;
         }
     }
@@ -161,21 +162,18 @@ fn main() {
 
     let mut one = Vec::new();
     for _ in 0..20 {
-        let mut forks = serde_json::Value::Null;
+        let mut forks = SandboxList { sandboxes: vec![] };
         one.push(timed(|| {
             forks = post(&mut c, &format!("/v1/snapshots/{snap_id}/fork"), None, 201);
         }));
-        let fid = forks["sandboxes"][0]["id"]
-            .as_str()
-            .expect("fork")
-            .to_string();
-        let r = post(
+        let fid = forks.sandboxes.first().expect("fork").id.clone();
+        let r: ExecResult = post(
             &mut c,
             &format!("/v1/sandboxes/{fid}/exec"),
             Some(r#"{"shell":"stat -c %s /workspace/big"}"#),
             200,
         );
-        assert_eq!(r["stdout"], "100000000\n", "{r}");
+        assert_eq!(r.stdout, "100000000\n", "{r:?}");
         release_all(&mut c, &forks);
     }
     let one = stats(&one);
@@ -188,7 +186,7 @@ fn main() {
 
     let mut sixteen = Vec::new();
     for _ in 0..5 {
-        let mut forks = serde_json::Value::Null;
+        let mut forks = SandboxList { sandboxes: vec![] };
         sixteen.push(timed(|| {
             forks = post(
                 &mut c,
@@ -208,7 +206,7 @@ fn main() {
 
     let mut live = Vec::new();
     for _ in 0..5 {
-        let mut forks = serde_json::Value::Null;
+        let mut forks = SandboxList { sandboxes: vec![] };
         live.push(timed(|| {
             forks = post(&mut c, &format!("/v1/sandboxes/{parent}/fork"), None, 201);
         }));
