@@ -57,6 +57,7 @@ async fn acquire_exec_files_release_through_pods_without_touching_the_api() {
         kubelet::NODE
     );
 
+    kubelet.wait_watching(30).await;
     let before = kubelet.requests();
     let id = daemon.acquire("pods").await;
     let out = daemon

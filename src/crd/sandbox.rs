@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
     status = "SandboxStatus",
     shortname = "sbx",
     category = "arl",
+    // The node's daemon watches only the Sandboxes bound to it (`status.nodeName=<node>`).
+    selectable = ".status.nodeName",
     derive = "PartialEq",
     derive = "Default",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),

@@ -1,7 +1,9 @@
 //! A runtime for unit tests of the lease core: each sandbox is a small HTTP server on a Unix
 //! socket in a temporary directory (answering `/ping` and `/reset` as an agent does), so the
 //! manager's real agent client talks to it, without root and in microseconds. Failures are
-//! injected on demand: creations that fail, resets that fail, sandboxes that die.
+//! injected on demand: creations that fail, resets that fail, sandboxes that die. `/exec` runs
+//! its command on the host (no isolation: tests only) in the sandbox's own directory
+//! ([`FakeRuntime::root`]), and `POST /files` writes under that directory.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -73,13 +75,24 @@ impl FakeRuntime {
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)?;
         let fail_resets = self.fail_resets.clone();
+        let root = self.root(id);
+        std::fs::create_dir_all(&root)?;
         let server = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let fail_resets = fail_resets.clone();
+                let root = root.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let fail = fail_resets.load(Ordering::Relaxed);
+                        let root = root.clone();
                         async move {
+                            match (req.method(), req.uri().path()) {
+                                (&Method::POST, "/exec") => return Ok(fake_exec(&root, req).await),
+                                (&Method::POST, "/files") => {
+                                    return Ok(fake_write_files(&root, req).await);
+                                }
+                                _ => {}
+                            }
                             let status = match (req.method(), req.uri().path()) {
                                 (&Method::GET, "/ping") => StatusCode::OK,
                                 (&Method::POST, "/reset") if fail => {
@@ -111,6 +124,118 @@ impl FakeRuntime {
         );
         Ok(socket)
     }
+}
+
+impl FakeRuntime {
+    /// The directory a fake sandbox's commands run in and its files are written under.
+    pub fn root(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.root"))
+    }
+}
+
+/// Where a sandbox path lands under a fake sandbox's directory.
+fn under(root: &std::path::Path, path: &str) -> PathBuf {
+    root.join(path.trim_start_matches('/'))
+}
+
+fn fake_reply(status: StatusCode, value: &serde_json::Value) -> hyper::Response<http::Body> {
+    http::json(status, value)
+}
+
+/// Runs an exec request's argv on the host, in the sandbox's directory, as the agent would
+/// answer it (output cut at `max_output_bytes`, the timeout kills).
+async fn fake_exec(
+    root: &std::path::Path,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http::Body> {
+    use http_body_util::BodyExt;
+    let bad = |m: String| {
+        fake_reply(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": {"code": "bad_request", "message": m, "retryable": false}}),
+        )
+    };
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return bad(e.to_string()),
+    };
+    let exec: crate::api::ExecRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(e.to_string()),
+    };
+    let argv = match exec.argv() {
+        Ok(a) => a,
+        Err(e) => return bad(e),
+    };
+    let cwd = exec
+        .cwd
+        .as_deref()
+        .map_or(root.to_path_buf(), |c| under(root, c));
+    let _ = std::fs::create_dir_all(&cwd);
+    let mut command = tokio::process::Command::new(&argv[0]);
+    command
+        .args(&argv[1..])
+        .envs(&exec.env)
+        .current_dir(&cwd)
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
+    let started = std::time::Instant::now();
+    let timeout = std::time::Duration::from_millis(exec.timeout_ms.unwrap_or(30_000));
+    let (output, timed_out) = match tokio::time::timeout(timeout, command.output()).await {
+        Ok(Ok(output)) => (Some(output), false),
+        Ok(Err(e)) => return bad(e.to_string()),
+        Err(_) => (None, true),
+    };
+    let limit = exec.max_output_bytes.unwrap_or(usize::MAX);
+    let cut = |bytes: &[u8]| String::from_utf8_lossy(&bytes[..bytes.len().min(limit)]).into_owned();
+    let result = crate::api::ExecResult {
+        stdout: output.as_ref().map(|o| cut(&o.stdout)).unwrap_or_default(),
+        stderr: output.as_ref().map(|o| cut(&o.stderr)).unwrap_or_default(),
+        exit_code: output.as_ref().and_then(|o| o.status.code()).unwrap_or(137),
+        signal: timed_out.then_some(9),
+        timed_out,
+        truncated: output
+            .as_ref()
+            .is_some_and(|o| o.stdout.len() > limit || o.stderr.len() > limit),
+        oom_killed: false,
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+    };
+    fake_reply(StatusCode::OK, &serde_json::json!(result))
+}
+
+/// Writes a batch of text files under the sandbox's directory.
+async fn fake_write_files(
+    root: &std::path::Path,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http::Body> {
+    use http_body_util::BodyExt;
+    let fail = |m: String| {
+        fake_reply(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": {"code": "bad_request", "message": m, "retryable": false}}),
+        )
+    };
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return fail(e.to_string()),
+    };
+    let batch: crate::api::WriteFilesRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string()),
+    };
+    for (path, content) in batch.files {
+        let crate::api::FileContent::Text(text) = content else {
+            return fail("the fake writes text only".into());
+        };
+        let target = under(root, &path);
+        if let Some(parent) = target.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        if let Err(e) = std::fs::write(&target, text) {
+            return fail(e.to_string());
+        }
+    }
+    fake_reply(StatusCode::OK, &serde_json::json!({"files": []}))
 }
 
 impl Drop for FakeRuntime {

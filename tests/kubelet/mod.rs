@@ -1,11 +1,12 @@
-//! A test kubelet: a small real HTTP server that plays the Kubernetes API server (pods and
-//! WarmPoolShards in one namespace: list, streamed watch, create, delete, status patch) and the
-//! kubelet of one node. For each Pod the daemon creates, it starts the real agent as a process
-//! sandbox (`arl sandbox-init`: namespaces, an overlay root, private `/workspace`) whose socket
-//! lies where the kubelet keeps the pod's `arl-run` emptyDir
-//! (`<pods dir>/<uid>/volumes/kubernetes.io~empty-dir/arl-run/agent.sock`), then reports the
-//! Pod `Running`. When an agent dies the Pod turns `Failed` with its exit status; a deleted
-//! Pod's agent is killed. Every request is counted, so tests can show the hot path sends none.
+//! A test kubelet: a small real HTTP server that plays the Kubernetes API server (pods,
+//! WarmPoolShards, and empty collections of Sandboxes and Tasks, in one namespace: list,
+//! streamed watch, create, delete, status patch) and the kubelet of one node. For each Pod the
+//! daemon creates, it starts the real agent as a process sandbox (`arl sandbox-init`:
+//! namespaces, an overlay root, private `/workspace`) whose socket lies where the kubelet keeps
+//! the pod's `arl-run` emptyDir (`<pods dir>/<uid>/volumes/kubernetes.io~empty-dir/arl-run/agent.sock`),
+//! then reports the Pod `Running`. When an agent dies the Pod turns `Failed` with its exit
+//! status; a deleted Pod's agent is killed. Every request is counted, so tests can show the
+//! hot path sends none.
 //!
 //! Over the TCP transport (`start_tcp`) each pod gets an IP of its own on the loopback network
 //! (`127.0.0.N`), the agent is started (still as a process sandbox, in the host's network) as
@@ -37,6 +38,9 @@ const SHARDS: &str = "/apis/arl.infra.io/v1alpha1/namespaces/arl-sandboxes/warmp
 const PODS: &str = "/api/v1/namespaces/arl-sandboxes/pods";
 const NODES: &str = "/api/v1/nodes";
 const SECRETS: &str = "/api/v1/namespaces/arl-sandboxes/secrets";
+/// Declarative Sandboxes and Tasks: none in these tests, but the daemon lists and watches them.
+const SANDBOXES: &str = "/apis/arl.infra.io/v1alpha1/namespaces/arl-sandboxes/sandboxes";
+const TASKS: &str = "/apis/arl.infra.io/v1alpha1/namespaces/arl-sandboxes/tasks";
 
 /// The kinds of object the server keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +48,8 @@ enum Kind {
     Pods,
     Shards,
     Nodes,
+    Sandboxes,
+    Tasks,
 }
 
 impl Kind {
@@ -52,6 +58,8 @@ impl Kind {
             PODS => Some(Self::Pods),
             SHARDS => Some(Self::Shards),
             NODES => Some(Self::Nodes),
+            SANDBOXES => Some(Self::Sandboxes),
+            TASKS => Some(Self::Tasks),
             _ => None,
         }
     }
@@ -61,6 +69,8 @@ impl Kind {
             Self::Pods => ("v1", "PodList"),
             Self::Shards => ("arl.infra.io/v1alpha1", "WarmPoolShardList"),
             Self::Nodes => ("v1", "NodeList"),
+            Self::Sandboxes => ("arl.infra.io/v1alpha1", "SandboxList"),
+            Self::Tasks => ("arl.infra.io/v1alpha1", "TaskList"),
         }
     }
 }
@@ -100,6 +110,8 @@ struct State {
     nodes: Collection,
     /// Secrets by name (no watch).
     secrets: BTreeMap<String, Value>,
+    sandboxes: Collection,
+    tasks: Collection,
     /// The agent pid of each running pod.
     agents: BTreeMap<String, i32>,
     seen: Vec<Seen>,
@@ -148,6 +160,8 @@ impl State {
             Kind::Pods => &mut self.pods,
             Kind::Shards => &mut self.shards,
             Kind::Nodes => &mut self.nodes,
+            Kind::Sandboxes => &mut self.sandboxes,
+            Kind::Tasks => &mut self.tasks,
         }
     }
 }
@@ -228,6 +242,28 @@ impl TestKubelet {
     /// Every request so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.lock().seen.clone()
+    }
+
+    /// Waits until the daemon watches every collection it follows (so that nothing of its
+    /// start-up lands in a window a test measures); fails the test after `secs`.
+    pub async fn wait_watching(&self, secs: u64) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(secs);
+        let watched = |path: &str| {
+            self.lock()
+                .seen
+                .iter()
+                .any(|s| s.path == path && s.query.contains("watch=true"))
+        };
+        while ![PODS, SHARDS, NODES, SANDBOXES, TASKS]
+            .iter()
+            .all(|p| watched(p))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never watched everything"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// How many requests so far.

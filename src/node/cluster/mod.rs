@@ -1,9 +1,14 @@
 //! Cluster mode (`arl node --kubernetes`): the node's `kubernetes` runtime; from this
-//! node's WarmPoolShards, its pools (`shards.rs`); from its Node object, whether it is
-//! cordoned (`watch_node`).
+//! node's WarmPoolShards, its pools (`shards.rs`); the Sandbox objects bound to this node, a
+//! sandbox each (`sandboxes.rs`), and the Tasks run in them (`tasks.rs`); from its Node
+//! object, whether it is cordoned (`watch_node`).
 
+#[cfg(test)]
+mod objects_tests;
 pub mod peers;
+pub mod sandboxes;
 pub mod shards;
+pub mod tasks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +22,7 @@ use kube::runtime::watcher::{self, Event, watcher};
 use thiserror::Error;
 
 use super::manager::Manager;
-use crate::crd::WarmPoolShard;
+use crate::crd::{Sandbox, Task, WarmPoolShard};
 
 use super::config::ClusterArgs;
 use crate::runtime::kubernetes::pod::PodContext;
@@ -79,8 +84,8 @@ fn runtime_config(args: &ClusterArgs) -> KubernetesConfig {
     }
 }
 
-/// Starts serving this node's shards: their pools, and their status written back. `local`
-/// is the address the node API listens on.
+/// Starts serving this node's shards (their pools, and their status written back), the
+/// Sandbox objects bound to it and their Tasks. `local` is the address the node API listens on.
 pub async fn start(
     mgr: Arc<Manager>,
     args: &ClusterArgs,
@@ -105,6 +110,18 @@ pub async fn start(
         Duration::from_millis(args.shard_status_interval_ms.max(100)),
     );
     tokio::spawn(sync.clone().run());
+    let objects = sandboxes::SandboxSync::new(
+        mgr.clone(),
+        Api::<Sandbox>::namespaced(client.clone(), &args.sandbox_namespace),
+        node.clone(),
+        sandboxes::ObjectOptions::default(),
+    );
+    let tasks = tasks::TaskSync::new(
+        objects.clone(),
+        Api::<Task>::namespaced(client.clone(), &args.sandbox_namespace),
+    );
+    tokio::spawn(objects.run());
+    tokio::spawn(tasks.run());
     tokio::spawn(watch_node(mgr, Api::all(client), node));
     Ok(sync)
 }
