@@ -17,7 +17,7 @@ use arl::crd::{
 use common::{BIN, Daemon, Options};
 use hyper::{Method, StatusCode};
 use kubelet::TestKubelet;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// How often the daemon may write each shard's status in these tests.
 const INTERVAL_MS: u64 = 500;
@@ -198,4 +198,85 @@ async fn an_image_that_cannot_be_pulled_is_the_shards_last_error() {
     kubelet
         .until("the failed pods deleted", 30, |k| k.pods().len() <= 1)
         .await;
+}
+
+/// Another node's shard of `pool`, as its daemon reports it.
+fn peer_shard(pool: &str, node: &str, endpoint: &str, idle: i32) -> Value {
+    let mut shard = shard(pool, 1, "registry.example/py:1", 1);
+    shard["metadata"]["name"] = json!(format!("{pool}-{node}"));
+    shard["metadata"]["uid"] = json!(format!("uid-shard-{pool}-{node}"));
+    shard["metadata"]["labels"][NODE_LABEL] = json!(node);
+    shard["spec"]["nodeName"] = json!(node);
+    shard["status"] = json!({"endpoint": endpoint, "idle": idle, "observedPoolGeneration": 1});
+    shard
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordoned_node_sends_clients_to_the_peers_its_shards_show_idle() {
+    let peer = "http://10.1.1.2:8420";
+    let (kubelet, daemon) = start(&[
+        shard("py", 1, "registry.example/py:1", 1),
+        peer_shard("py", "node-b", peer, 4),
+        peer_shard("other", "node-c", "http://10.1.1.3:8420", 9),
+    ])
+    .await;
+    kubelet
+        .until("the shard's status to show 1 idle", 60, |k| {
+            shard_status(k, "py").idle == 1
+        })
+        .await;
+    // This node advertises its own API (the listen address: a definite IP here).
+    assert_eq!(
+        shard_status(&kubelet, "py").endpoint.as_deref(),
+        Some(format!("http://127.0.0.1:{}", daemon.port).as_str())
+    );
+    // The listing adds the peers' idle sandboxes of this pool (not of another pool).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pool = daemon.status("py").await;
+        if pool.cluster_idle == Some(1 + 4) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cluster_idle never 5: {pool:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Cordoned: refused as draining, naming the peer; the endpoint is withdrawn.
+    kubelet.set_unschedulable(true);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        let reply = daemon
+            .send(Method::POST, "/v1/sandboxes", Some(&common::acquire("py")))
+            .await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            break reply.error();
+        }
+        let list: SandboxList = reply.expect(StatusCode::CREATED);
+        daemon.release(&list.sandboxes[0].id).await;
+        assert!(Instant::now() < deadline, "the cordon never took effect");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(err.code, ErrorCode::Draining);
+    assert_eq!(err.alternatives, [peer]);
+    kubelet
+        .until("the endpoint withdrawn", 30, |k| {
+            shard_status(k, "py").endpoint.is_none()
+        })
+        .await;
+
+    // The peer's share runs dry: nothing to name.
+    kubelet.put_shard(peer_shard("py", "node-b", peer, 0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let err = daemon
+            .send(Method::POST, "/v1/sandboxes", Some(&common::acquire("py")))
+            .await
+            .expect_error(StatusCode::SERVICE_UNAVAILABLE);
+        if err.alternatives.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dry peer is still named");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(daemon);
 }

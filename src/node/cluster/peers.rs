@@ -42,6 +42,10 @@ pub async fn follow(
     let config = watcher::Config::default().fields(&format!("spec.poolName={pool}"));
     let mut stream = watcher(api, config).default_backoff().boxed();
     let mut listed: Option<BTreeMap<String, Peer>> = None;
+    // The selector already keeps to this pool and the node's own shard is not a peer; the
+    // check is repeated so that a server ignoring the selector cannot mix pools.
+    let other =
+        |shard: &WarmPoolShard| shard.spec.pool_name == pool && shard.spec.node_name != node;
     loop {
         let event = tokio::select! {
             () = stop.cancelled() => break,
@@ -52,17 +56,19 @@ pub async fn follow(
             Ok(Event::Init) => listed = Some(BTreeMap::new()),
             Ok(Event::InitApply(shard)) => {
                 if let Some(peers) = listed.as_mut()
-                    && shard.spec.node_name != node
+                    && other(&shard)
                 {
                     peers.insert(shard.spec.node_name.clone(), peer(&shard));
                 }
             }
             Ok(Event::InitDone) => mgr.peers.replace(&pool, listed.take().unwrap_or_default()),
-            Ok(Event::Apply(shard)) if shard.spec.node_name != node => {
+            Ok(Event::Apply(shard)) if other(&shard) => {
                 mgr.peers.set(&pool, &shard.spec.node_name, peer(&shard));
             }
-            Ok(Event::Delete(shard)) => mgr.peers.remove(&pool, &shard.spec.node_name),
-            Ok(Event::Apply(_)) => {}
+            Ok(Event::Delete(shard)) if other(&shard) => {
+                mgr.peers.remove(&pool, &shard.spec.node_name)
+            }
+            Ok(Event::Apply(_) | Event::Delete(_)) => {}
             Err(e) => {
                 tracing::warn!(%pool, error = %e, "watching the pool's other shards failed; retrying")
             }
