@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use super::ReqBody;
 use crate::api::{
     ApiError, ErrorCode, ExecEvent, ExecOutcome, ExecRequest, ExecResult, NDJSON, OUTCOME_HEADER,
 };
@@ -33,7 +34,7 @@ use crate::node::trajectory::{self, Outcome, Step};
 use crate::util::now_ms;
 
 /// Largest exec request (it may carry stdin).
-const MAX_EXEC_BODY: usize = 16 << 20;
+pub(super) const MAX_EXEC_BODY: usize = 16 << 20;
 /// Largest exec result kept for replay to a retry with the same request id.
 const MAX_REPLAY_BYTES: usize = 256 << 10;
 /// Longest NDJSON line the relay parses (the agent sends chunks of at most 32 KiB).
@@ -49,7 +50,7 @@ pub async fn exec(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
     owner: Owner,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     work: Held,
 ) -> Result<Response<Body>, ApiError> {
     let streaming = http::wants_ndjson(&req);

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::header::CONTENT_LENGTH;
 use hyper::{Method, Request, Response};
 
+use super::ReqBody;
 use crate::api::files::MAX_BATCH_BYTES;
 use crate::api::{ApiError, WriteFilesResponse};
 use crate::http::{self, Body};
@@ -20,7 +20,7 @@ use crate::util::now_ms;
 /// How long a streamed file upload may take.
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 
-pub async fn files(sb: Arc<Sandbox>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn files(sb: Arc<Sandbox>, req: Request<ReqBody>) -> Result<Response<Body>, ApiError> {
     let uri = match req.uri().query() {
         Some(q) => format!("/files?{q}"),
         None => "/files".to_string(),
@@ -43,10 +43,7 @@ pub async fn files(sb: Arc<Sandbox>, req: Request<Incoming>) -> Result<Response<
         }
         Method::PUT => {
             let length = req.headers().get(CONTENT_LENGTH).cloned();
-            let body = req
-                .into_body()
-                .map_err(|e| Box::new(e) as http::BoxError)
-                .boxed();
+            let body = req.into_body().boxed();
             let mut agent_req = agent_request(Method::PUT, &uri, body)?;
             if let Some(length) = length.clone() {
                 agent_req.headers_mut().insert(CONTENT_LENGTH, length);

@@ -4,6 +4,7 @@
 //! must be one the resource declares (else 405 with `Allow`), `/v1` requests are authenticated,
 //! and while the node drains, new work is refused with a retryable 503 `draining`.
 
+mod body;
 mod exec;
 mod files;
 mod health;
@@ -17,8 +18,9 @@ mod trajectory;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, AUTHORIZATION, HeaderValue};
+use hyper::header::{ALLOW, AUTHORIZATION, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
@@ -26,8 +28,11 @@ use super::auth::Owner;
 use super::manager::Manager;
 use super::pause::InUse;
 use super::sandbox::Sandbox;
+use crate::api::files::MAX_BATCH_BYTES;
+use crate::api::sessions::MAX_CODE_BYTES;
 use crate::api::{ApiError, ErrorCode};
-use crate::http::{self, Body};
+use crate::http::{self, Body, MAX_JSON_BODY};
+pub use body::ReqBody;
 
 /// What a request is about, decoded from its path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,38 +160,99 @@ impl<'a> Route<'a> {
 pub type Routed = (&'static str, Response<Body>);
 
 /// Serves one request. `work` is held while new work runs, so a draining node can wait for it.
+///
+/// Every answer leaves a kept-alive connection usable: the body is read before the route runs
+/// (or drained, when the head alone decides the answer), else the answer says
+/// `Connection: close` (see [`body`]).
 pub async fn route(mgr: &Arc<Manager>, req: Request<Incoming>, work: TaskTrackerToken) -> Routed {
-    let path = req.uri().path().to_string();
-    let method = req.method().clone();
+    let (parts, incoming) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let method = parts.method.clone();
     let Some(route) = Route::parse(&path) else {
         let err = ApiError::not_found(format!("no route {method} {path}"));
-        return ("other", http::error(err));
+        let response = body::early(incoming, &parts.headers, http::error(err)).await;
+        return ("other", response);
     };
     let label = route.template();
     if !route.methods().contains(&method) {
-        return (label, method_not_allowed(&route, &method));
+        let response = method_not_allowed(&route, &method);
+        return (label, body::early(incoming, &parts.headers, response).await);
     }
-    let result = match route {
-        Route::Healthz => Ok(health::healthz()),
-        Route::Readyz => Ok(health::readyz(mgr)),
-        Route::Metrics => Ok(health::metrics(mgr)),
-        ref v1 => match authenticate(mgr, &req) {
-            Err(e) => Err(e),
-            Ok(_) if v1.is_new_work(&method) && mgr.is_draining() => Err(ApiError::new(
-                ErrorCode::Draining,
-                "the node is shutting down and takes no new work; retry on another node",
-            )),
-            Ok(owner) => self::v1(mgr, owner, v1.clone(), req, work).await,
+    let owner = match admit(mgr, &route, &method, &parts.headers) {
+        Ok(owner) => owner,
+        Err(e) => {
+            let response = body::early(incoming, &parts.headers, http::error(e)).await;
+            return (label, response);
+        }
+    };
+    // A file upload streams; its answer closes the connection unless it was read to its end.
+    let (body, streamed) = match body_limit(&route, &method) {
+        None => {
+            let streamed = body::Streamed::new(incoming);
+            let ended = streamed.ended();
+            (Either::Right(streamed), Some(ended))
+        }
+        Some(limit) => match body::read(incoming, limit).await {
+            Ok(full) => (Either::Left(full), None),
+            Err(e) => return (label, body::closing(http::error(e))),
         },
     };
-    (label, result.unwrap_or_else(http::error))
+    let req = Request::from_parts(parts, body);
+    let result = match (route, owner) {
+        (Route::Healthz, _) => Ok(health::healthz()),
+        (Route::Readyz, _) => Ok(health::readyz(mgr)),
+        (Route::Metrics, _) => Ok(health::metrics(mgr)),
+        (v1, Some(owner)) => self::v1(mgr, owner, v1, req, work).await,
+        (_, None) => Err(ApiError::internal("a /v1 route was not authenticated")),
+    };
+    let response = result.unwrap_or_else(http::error);
+    match streamed {
+        Some(ended) if !ended.load(std::sync::atomic::Ordering::Acquire) => {
+            tracing::debug!(
+                status = response.status().as_u16(),
+                "answered before the upload's end; the connection closes"
+            );
+            (label, body::closing(response))
+        }
+        _ => (label, response),
+    }
 }
 
-fn authenticate(mgr: &Manager, req: &Request<Incoming>) -> Result<Owner, ApiError> {
-    let header = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+/// Whether the head lets the request in: a `/v1` request must be authenticated (its owner is
+/// returned), and new work is refused while the node drains. Health routes are open (`None`).
+fn admit(
+    mgr: &Manager,
+    route: &Route<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Option<Owner>, ApiError> {
+    if matches!(route, Route::Healthz | Route::Readyz | Route::Metrics) {
+        return Ok(None);
+    }
+    let owner = authenticate(mgr, headers)?;
+    if route.is_new_work(method) && mgr.is_draining() {
+        return Err(ApiError::new(
+            ErrorCode::Draining,
+            "the node is shutting down and takes no new work; retry on another node",
+        ));
+    }
+    Ok(Some(owner))
+}
+
+/// The most a route reads of a request's body before it runs; `None`: the body streams through
+/// (a file upload).
+fn body_limit(route: &Route<'_>, method: &Method) -> Option<usize> {
+    Some(match (route, method) {
+        (Route::Files(_), &Method::PUT) => return None,
+        (Route::Files(_), &Method::POST) => MAX_BATCH_BYTES,
+        (Route::Exec(_), _) => exec::MAX_EXEC_BODY,
+        (Route::SessionRun(..), _) => MAX_CODE_BYTES + MAX_JSON_BODY,
+        _ => MAX_JSON_BODY,
+    })
+}
+
+fn authenticate(mgr: &Manager, headers: &HeaderMap) -> Result<Owner, ApiError> {
+    let header = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     mgr.auth.check(header)
 }
 
@@ -210,7 +276,7 @@ async fn v1(
     mgr: &Arc<Manager>,
     owner: Owner,
     route: Route<'_>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     work: TaskTrackerToken,
 ) -> Result<Response<Body>, ApiError> {
     match route {
@@ -229,7 +295,11 @@ async fn v1(
             explain_death(&sb, result).await
         }
         Route::Files(id) => {
-            let (sb, _in_use) = usable(mgr, id, &owner).await?;
+            // An upload to a sandbox that cannot take it is drained before the answer.
+            let (sb, _in_use) = match usable(mgr, id, &owner).await {
+                Ok(found) => found,
+                Err(e) => return Ok(body::early_routed(req, http::error(e)).await),
+            };
             explain_death(&sb.clone(), files::files(sb, req).await).await
         }
         Route::Reset(id) => {

@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
+use super::ReqBody;
 use crate::api::{ApiError, PoolList, PoolSpec};
 use crate::http::{self, Body, MAX_JSON_BODY};
 use crate::node::manager::Manager;
@@ -17,7 +17,7 @@ pub fn list(mgr: &Manager) -> Response<Body> {
 pub async fn handle(
     mgr: &Arc<Manager>,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<Body>, ApiError> {
     match *req.method() {
         Method::PUT => {

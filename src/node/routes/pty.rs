@@ -8,11 +8,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use hyper::body::Incoming;
 use hyper::header::{CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+use super::ReqBody;
 use crate::api::ApiError;
 use crate::api::pty::{PtySize, websocket_key};
 use crate::http::{self, Body};
@@ -24,7 +24,7 @@ use crate::util::now_ms;
 
 pub async fn open(
     sb: Arc<Sandbox>,
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
     in_use: InUse,
 ) -> Result<Response<Body>, ApiError> {
     let key = websocket_key(req.headers())

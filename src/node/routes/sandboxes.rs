@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
+use super::ReqBody;
 use crate::api::{AcquireRequest, ApiError, SandboxList};
 use crate::http::{self, Body, MAX_JSON_BODY};
 use crate::node::auth::Owner;
@@ -14,7 +14,7 @@ use crate::node::sandbox::Sandbox;
 pub async fn acquire(
     mgr: &Arc<Manager>,
     owner: Owner,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<Body>, ApiError> {
     let acquire: AcquireRequest = http::read_json(req, MAX_JSON_BODY).await?;
     let sandboxes = mgr.acquire(owner, acquire).await?;

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper::header::ACCEPT;
 use hyper::{Method, Request, Response};
 
+use super::ReqBody;
 use super::exec::Held;
 use crate::api::sessions::{CreateSessionRequest, MAX_CODE_BYTES, RunRequest};
 use crate::api::{ApiError, NDJSON};
@@ -43,7 +44,7 @@ fn no_session(sid: &str) -> ApiError {
 /// `GET` (list) and `POST` (create) on `.../sessions`.
 pub async fn collection(
     sb: Arc<Sandbox>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<Body>, ApiError> {
     sb.touch();
     if req.method() == Method::GET {
@@ -89,7 +90,7 @@ pub async fn collection(
 pub async fn one(
     sb: Arc<Sandbox>,
     sid: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<Body>, ApiError> {
     if !valid_session_id(sid) {
         return Err(no_session(sid));
@@ -112,7 +113,7 @@ pub async fn run(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
     sid: &str,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     work: Held,
 ) -> Result<Response<Body>, ApiError> {
     if !valid_session_id(sid) {

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
+use super::ReqBody;
 use crate::api::{ApiError, ForkRequest, SandboxList, SnapshotList};
 use crate::http::{self, Body, MAX_JSON_BODY};
 use crate::node::auth::Owner;
@@ -15,7 +15,7 @@ use crate::node::sandbox::Sandbox;
 use crate::node::snapshots::Pending;
 
 /// A fork's options; an empty body forks one with the defaults.
-async fn fork_request(req: Request<Incoming>) -> Result<ForkRequest, ApiError> {
+async fn fork_request(req: Request<ReqBody>) -> Result<ForkRequest, ApiError> {
     let bytes = http::read_body(req.into_body(), MAX_JSON_BODY).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(ForkRequest::default());
@@ -39,7 +39,7 @@ pub async fn fork_sandbox(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
     owner: Owner,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<Body>, ApiError> {
     let fork = fork_request(req).await?;
     let snap = mgr.take_snapshot(&sb, owner, true).await?;
@@ -59,7 +59,7 @@ pub async fn fork_snapshot(
     mgr: &Arc<Manager>,
     id: &str,
     owner: Owner,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<Body>, ApiError> {
     let fork = fork_request(req).await?;
     let snap = mgr.snapshots()?.owned(id, &owner)?;
