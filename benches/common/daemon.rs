@@ -194,6 +194,8 @@ impl Daemon {
                 "WARNING: {leaked} processes of this daemon's sandboxes outlived it (SIGTERM); killed them"
             );
         }
+        // The snapshots' tmpfs (it outlives a daemon, as it would a restart).
+        unmount_under(&self.dir);
         if std::env::var_os("ARL_BENCH_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
