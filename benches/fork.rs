@@ -10,8 +10,9 @@
 //!   acquire that misses the warm pool) and of copying a 100 MB file from a tmpfs (to the
 //!   state directory's filesystem, to a plain tmpfs, to a tmpfs with huge pages). Two daemons,
 //!   one per snapshot store (`--snapshot-store memory`, the default, and `disk`), measured in
-//!   alternating rounds; the split of a snapshot (freeze, copy, thaw) comes from each
-//!   daemon's debug log.
+//!   alternating rounds (and a third with another build, `ARL_BENCH_BEFORE_BIN`, if given);
+//!   the split of a snapshot (freeze, copy, thaw) comes from each daemon's debug log
+//!   (`ARL_BENCH_LOG=warn,arl::node=debug`).
 
 #[path = "common.rs"]
 mod common;
@@ -136,7 +137,18 @@ fn main() {
 
     // Both stores at once, measured in alternating rounds so that the machine's load falls on
     // both alike.
-    let mut stores: Vec<Store> = ["memory", "disk"].into_iter().map(Store::start).collect();
+    let mut stores: Vec<Store> = ["memory", "disk"]
+        .into_iter()
+        .map(|store| Store::start(store, arl_binary(), &["--snapshot-store", store]))
+        .collect();
+    // A build to compare with (`ARL_BENCH_BEFORE_BIN`), its snapshots where it keeps them.
+    if let Some(before) = std::env::var_os("ARL_BENCH_BEFORE_BIN") {
+        stores.push(Store::start(
+            "before (ARL_BENCH_BEFORE_BIN)",
+            before.into(),
+            &[],
+        ));
+    }
     for s in &mut stores {
         s.snapshots();
     }
@@ -234,9 +246,9 @@ struct Store {
 }
 
 impl Store {
-    fn start(name: &'static str) -> Store {
+    fn start(name: &'static str, bin: std::path::PathBuf, args: &[&str]) -> Store {
         let config = "[pools.default]\nmin_idle = 1\nmax = 40\ndisk_mb = 512\nmemory_mb = 256\n";
-        let d = Daemon::start(config, &["--snapshot-store", name]);
+        let d = Daemon::start_bin(bin, config, args);
         let mut c = d.client();
         c.wait_idle("default", 1, Duration::from_secs(60));
         let parent = c.acquire("default");
@@ -419,10 +431,30 @@ fn check_fork(c: &mut Client, forks: &serde_json::Value) {
 fn log_values(log: &str, message: &str, field: &str) -> Vec<f64> {
     let key = format!("{field}=");
     log.lines()
+        .map(strip_ansi)
         .filter(|l| l.contains(message))
         .filter_map(|l| {
             let at = l.find(&key)? + key.len();
             l[at..].split_whitespace().next()?.parse().ok()
         })
         .collect()
+}
+
+/// The line without its colours (the daemon's log is coloured).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... final letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -460,16 +460,14 @@ pub mod memory {
             )
         };
         if is_mounted(dir) {
+            // Resized to this daemon's bound; one it cannot shrink to (it holds more) stays.
             let flags = MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-            nix::mount::mount(
-                None::<&str>,
-                dir,
-                None::<&str>,
-                flags,
-                Some(opts(true).as_str()),
-            )
-            .map_err(|e| format!("resizing the snapshots' tmpfs: {e}"))?;
-            return Ok("the tmpfs an earlier daemon mounted");
+            let opts = opts(true);
+            let resized = nix::mount::mount(None::<&str>, dir, None::<&str>, flags, Some(&*opts));
+            return Ok(match resized {
+                Ok(()) => "the tmpfs an earlier daemon mounted",
+                Err(_) => "the tmpfs an earlier daemon mounted, at its old size",
+            });
         }
         match release() {
             Some(r) if r >= IDMAPPED_TMPFS => {}
