@@ -9,7 +9,7 @@
 //!   sandbox (snapshot + fork), against the same-run floors of creating a fresh sandbox (an
 //!   acquire that misses the warm pool) and of copying a 100 MB file from a tmpfs (to the
 //!   state directory's filesystem, to a plain tmpfs, to a tmpfs with huge pages). Two daemons,
-//!   one per snapshot store (`--snapshot-store memory`, the default, and `disk`), measured in
+//!   one per snapshot store (`--snapshot-store disk`, the default, and `memory`), measured in
 //!   alternating rounds (and a third with another build, `ARL_BENCH_BEFORE_BIN`, if given);
 //!   the split of a snapshot (freeze, copy, thaw) comes from each daemon's debug log
 //!   (`ARL_BENCH_LOG=warn,arl::node=debug`).

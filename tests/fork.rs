@@ -110,7 +110,8 @@ async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forks_start_with_the_parents_files_and_diverge_alone() {
-    let mut d = Daemon::start(options(Runtime::Process, &[])).await;
+    // The in-memory store: its tmpfs outlives a crash of the daemon, as a disk would.
+    let mut d = Daemon::start(options(Runtime::Process, &["--snapshot-store", "memory"])).await;
     let parent = acquire_with_env(&d).await;
     out(
         &d,
@@ -340,7 +341,7 @@ async fn a_container_forks_with_its_workspace() {
 
 /// A fork straight from a live sandbox carries a large file whole (copied in pieces by
 /// several threads), with the snapshots kept in memory (a tmpfs of the node's, huge pages for
-/// large files; the default) or on disk (the state directory).
+/// large files) or on disk (the state directory, the default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_fork_carries_a_large_file_from_either_store() {
     for store in ["memory", "disk"] {

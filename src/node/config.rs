@@ -56,8 +56,8 @@ pub struct NodeArgs {
     /// MiB of file data all snapshots on this node may hold [default: 8192]
     #[arg(long, global = true, env = "ARL_SNAPSHOT_MB")]
     pub snapshot_mb: Option<u64>,
-    /// Where snapshots are kept: `memory` (a tmpfs of the node's, sized by --snapshot-mb) or
-    /// `disk` (the state directory) [default: memory]
+    /// Where snapshots are kept: `disk` (the state directory) or `memory` (a tmpfs of the
+    /// node's, sized by --snapshot-mb) [default: disk]
     #[arg(long, global = true, env = "ARL_SNAPSHOT_STORE", value_enum)]
     pub snapshot_store: Option<super::snapshots::Store>,
     /// Serve without a token file on a non-loopback address (anyone who reaches it can run code)
@@ -291,7 +291,7 @@ impl NodeArgs {
                 store: self
                     .snapshot_store
                     .or(file.snapshot_store)
-                    .unwrap_or(super::snapshots::Store::Memory),
+                    .unwrap_or(super::snapshots::Store::Disk),
             },
             allow_unauthenticated: self.allow_unauthenticated || file.allow_unauthenticated,
             e2b: E2bSettings {

@@ -36,7 +36,7 @@ impl Default for Limits {
         Self {
             count: 64,
             bytes: 8 << 30,
-            store: Store::Memory,
+            store: Store::Disk,
         }
     }
 }
@@ -45,12 +45,12 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Store {
-    /// A tmpfs of the node's own, sized by the byte bound, with huge pages for large files:
-    /// a copy is a memory copy (no disk writes, no write-back), and memory-speed again when
-    /// forks read it. Kept across restarts of the daemon, not of the machine.
-    Memory,
-    /// A directory of the state directory's filesystem.
+    /// A directory of the state directory's filesystem (the default).
     Disk,
+    /// A tmpfs of the node's own, sized by the byte bound, with huge pages for large files:
+    /// a copy is a memory copy (no disk writes, no write-back) that costs less CPU. Kept
+    /// across restarts of the daemon, not of the machine.
+    Memory,
 }
 
 /// What `meta.json` holds.

@@ -14,7 +14,7 @@
 //!   files are not trusted. File data is copied in the kernel (`sendfile`), each destination
 //!   sized first (the node's in-memory snapshot store, a tmpfs with `huge=within_size`, then
 //!   backs it with huge pages) and a large file in pieces, one thread per core: the copy is
-//!   bound by the CPU, not by a disk.
+//!   bound by the CPU (nothing is fsynced).
 //! * A **fork** stacks the snapshot (and the snapshots it came from) under a new sandbox's
 //!   overlays as read-only lower layers, mounted idmapped into the fork's own uid range:
 //!   copy-on-write, nothing is copied, and a file one fork changes is copied up into that
