@@ -16,7 +16,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 
 const POOL: &str = "acq";
 const WARM: u64 = 300;
@@ -25,8 +24,18 @@ const BATCHES: usize = 7;
 const BURST: usize = 300;
 const BURSTS: usize = 4;
 
-fn spec(min_idle: u64) -> serde_json::Value {
-    json!({"min_idle": min_idle, "max": 400})
+fn spec(min_idle: u64) -> arl::api::PoolSpec {
+    pool_spec(min_idle as usize, 400)
+}
+
+/// The body of an acquire of one sandbox of `POOL` (built once, outside the timings).
+fn acquire_body() -> String {
+    serde_json::to_string(&arl::api::AcquireRequest {
+        pool: POOL.into(),
+        count: Some(1),
+        ..Default::default()
+    })
+    .expect("json")
 }
 
 /// Waits until the pool holds `WARM` idle sandboxes and nothing is starting, then a little
@@ -36,7 +45,7 @@ fn settle(c: &mut Client) -> Duration {
     c.wait_idle(POOL, WARM, Duration::from_secs(120));
     loop {
         let st = c.pool_status(POOL);
-        if st["starting"].as_u64() == Some(0) {
+        if st.starting == 0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -55,7 +64,7 @@ fn misses(c: &mut Client) -> f64 {
 
 fn sequential(c: &mut Client, quiet: bool) -> Vec<f64> {
     let mut samples = Vec::with_capacity(BATCH * BATCHES);
-    let body = format!(r#"{{"pool":"{POOL}","count":1}}"#);
+    let body = acquire_body();
     for _ in 0..BATCHES {
         c.put_pool(POOL, &spec(WARM));
         settle(c);
@@ -70,7 +79,7 @@ fn sequential(c: &mut Client, quiet: bool) -> Vec<f64> {
                 .expect("acquire");
             samples.push(ms(t.elapsed()));
             assert_eq!(r.status, 201, "acquire: {}", r.text());
-            ids.push(r.json()["sandboxes"][0]["id"].as_str().unwrap().to_string());
+            ids.push(first_id(&r));
         }
         for id in ids {
             c.release(&id);
@@ -95,7 +104,7 @@ fn burst(daemon: &Daemon, healthz: bool) -> (Vec<f64>, f64, Vec<String>) {
     let request = if healthz {
         b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n".to_vec()
     } else {
-        let body = format!(r#"{{"pool":"{POOL}","count":1}}"#);
+        let body = acquire_body();
         format!(
             "POST /v1/sandboxes HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
@@ -154,8 +163,8 @@ fn burst(daemon: &Daemon, healthz: bool) -> (Vec<f64>, f64, Vec<String>) {
                 assert_eq!(status, 200, "healthz: {text}");
             } else {
                 assert_eq!(status, 201, "acquire: {text}");
-                let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
-                ids.push(v["sandboxes"][0]["id"].as_str().unwrap().to_string());
+                let r = Response { status, body };
+                ids.push(first_id(&r));
             }
             lat.push(l);
             makespan = makespan.max(span);

@@ -47,7 +47,7 @@ fn main() {
         let t0 = Instant::now();
         let id = c.acquire("ctr");
         loop {
-            if c.pool_status("ctr")["idle"].as_u64() == Some(1) {
+            if c.pool_status("ctr").idle == 1 {
                 break;
             }
             assert!(t0.elapsed() < Duration::from_secs(30), "no replacement");

@@ -251,7 +251,10 @@ fn shard_writes(changes: &[Change]) -> usize {
 }
 
 fn bench_operator() {
-    let options = PassOptions { node_port: 8420 };
+    let options = PassOptions {
+        node_port: 8420,
+        sandbox_namespace: "arl".into(),
+    };
     let now = Time(Timestamp::now());
 
     // Steady state: 10 pools x 100 nodes = 1,000 shards, settled and warm.

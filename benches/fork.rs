@@ -20,7 +20,9 @@ mod common;
 use std::fs::File;
 use std::time::{Duration, Instant};
 
+use arl::api::{ExecResult, SandboxInfo, SandboxList, SnapshotInfo};
 use common::*;
+use serde::de::DeserializeOwned;
 
 fn timed(mut f: impl FnMut()) -> f64 {
     let started = Instant::now();
@@ -28,31 +30,29 @@ fn timed(mut f: impl FnMut()) -> f64 {
     ms(started.elapsed())
 }
 
-fn post(c: &mut Client, path: &str, body: Option<&str>, want: u16) -> serde_json::Value {
+/// A POST whose answer is a `T` (the request bodies are prebuilt bytes: nothing is encoded
+/// inside a timed region).
+fn post<T: DeserializeOwned>(c: &mut Client, path: &str, body: Option<&str>, want: u16) -> T {
     let r = c
         .request("POST", path, body.map(str::as_bytes))
         .expect("request");
     assert_eq!(r.status, want, "POST {path}: {}", r.text());
-    if r.body.is_empty() {
-        serde_json::Value::Null
-    } else {
-        r.json()
-    }
+    r.json()
 }
 
 fn exec_true(c: &mut Client, id: &str) {
-    let r = post(
+    let r: ExecResult = post(
         c,
         &format!("/v1/sandboxes/{id}/exec"),
         Some(r#"{"cmd":["true"]}"#),
         200,
     );
-    assert_eq!(r["exit_code"], 0);
+    assert_eq!(r.exit_code, 0);
 }
 
-fn release_all(c: &mut Client, forks: &serde_json::Value) {
-    for s in forks["sandboxes"].as_array().expect("sandboxes") {
-        c.release(s["id"].as_str().expect("id"));
+fn release_all(c: &mut Client, forks: &SandboxList) {
+    for s in &forks.sandboxes {
+        c.release(&s.id);
     }
 }
 
@@ -70,13 +70,13 @@ fn main() {
     let (mut floor, mut pause, mut resume) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..100 {
         floor.push(timed(|| {
-            c.get_json(&format!("/v1/sandboxes/{id}"));
+            c.get_json::<SandboxInfo>(&format!("/v1/sandboxes/{id}"));
         }));
         pause.push(timed(|| {
-            post(&mut c, &format!("/v1/sandboxes/{id}/pause"), None, 200);
+            post::<SandboxInfo>(&mut c, &format!("/v1/sandboxes/{id}/pause"), None, 200);
         }));
         resume.push(timed(|| {
-            post(&mut c, &format!("/v1/sandboxes/{id}/resume"), None, 200);
+            post::<SandboxInfo>(&mut c, &format!("/v1/sandboxes/{id}/resume"), None, 200);
         }));
     }
     let (floor, pause, resume) = (stats(&floor), stats(&pause), stats(&resume));
@@ -102,7 +102,7 @@ fn main() {
             running.push(timed(|| exec_true(&mut c, &sleepy)));
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while c.pool_status("sleepy")["paused"] != 1 {
+        while c.pool_status("sleepy").paused != 1 {
             assert!(Instant::now() < deadline, "never auto-paused");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -252,7 +252,7 @@ impl Store {
         let mut c = d.client();
         c.wait_idle("default", 1, Duration::from_secs(60));
         let parent = c.acquire("default");
-        post(
+        post::<ExecResult>(
             &mut c,
             &format!("/v1/sandboxes/{parent}/exec"),
             Some(r#"{"shell":"head -c 100000000 /dev/urandom > /workspace/big && sync"}"#),
@@ -275,23 +275,24 @@ impl Store {
     fn snapshots(&mut self) {
         let c = &mut self.c;
         for i in 0..5 {
-            let mut snap = serde_json::Value::Null;
+            let mut snap: Option<SnapshotInfo> = None;
             self.snapshot.push(timed(|| {
-                snap = post(
+                snap = Some(post(
                     c,
                     &format!("/v1/sandboxes/{}/snapshots", self.parent),
                     None,
                     201,
-                );
+                ));
             }));
-            let id = snap["id"].as_str().expect("snapshot id").to_string();
+            let snap = snap.expect("a snapshot");
+            let id = snap.id.clone();
             if i < 4 {
                 let r = c
                     .request("DELETE", &format!("/v1/snapshots/{id}"), None)
                     .expect("delete");
                 assert_eq!(r.status, 204, "{}", r.text());
             } else {
-                assert_eq!(snap["bytes"], 100_000_000u64, "{snap}");
+                assert_eq!(snap.bytes, 100_000_000, "{snap:?}");
                 self.snap_id = id;
             }
         }
@@ -299,7 +300,7 @@ impl Store {
 
     fn fork_one(&mut self, n: usize) {
         for _ in 0..n {
-            let mut forks = serde_json::Value::Null;
+            let mut forks = SandboxList { sandboxes: vec![] };
             let c = &mut self.c;
             self.one.push(timed(|| {
                 forks = post(
@@ -315,7 +316,7 @@ impl Store {
     }
 
     fn fork_sixteen(&mut self) {
-        let mut forks = serde_json::Value::Null;
+        let mut forks = SandboxList { sandboxes: vec![] };
         let c = &mut self.c;
         self.sixteen.push(timed(|| {
             forks = post(
@@ -330,7 +331,7 @@ impl Store {
 
     fn live(&mut self, n: usize) {
         for _ in 0..n {
-            let mut forks = serde_json::Value::Null;
+            let mut forks = SandboxList { sandboxes: vec![] };
             let c = &mut self.c;
             self.live.push(timed(|| {
                 forks = post(c, &format!("/v1/sandboxes/{}/fork", self.parent), None, 201);
@@ -342,7 +343,7 @@ impl Store {
 
     fn live_sixteen(&mut self, n: usize) {
         for _ in 0..n {
-            let mut forks = serde_json::Value::Null;
+            let mut forks = SandboxList { sandboxes: vec![] };
             let c = &mut self.c;
             self.live_sixteen.push(timed(|| {
                 forks = post(
@@ -415,15 +416,15 @@ impl Store {
 }
 
 /// The fork has the parent's 100 MB file.
-fn check_fork(c: &mut Client, forks: &serde_json::Value) {
-    let fid = forks["sandboxes"][0]["id"].as_str().expect("fork");
-    let r = post(
+fn check_fork(c: &mut Client, forks: &SandboxList) {
+    let fid = &forks.sandboxes.first().expect("fork").id;
+    let r: ExecResult = post(
         c,
         &format!("/v1/sandboxes/{fid}/exec"),
         Some(r#"{"shell":"stat -c %s /workspace/big"}"#),
         200,
     );
-    assert_eq!(r["stdout"], "100000000\n", "{r}");
+    assert_eq!(r.stdout, "100000000\n", "{r:?}");
 }
 
 /// The values of `field=` on the log lines that say `message` (the daemon's debug log, when

@@ -18,7 +18,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 
 const N: u64 = 1000;
 
@@ -76,7 +75,7 @@ fn main() {
     let before = snapshot();
 
     let t0 = Instant::now();
-    c.put_pool("idle", &json!({"min_idle": N, "max": N}));
+    c.put_pool("idle", &pool_spec(N as usize, N as usize));
     let mut marks = Vec::new();
     loop {
         let idle = c.idle("idle");
@@ -90,7 +89,7 @@ fn main() {
         }
         assert!(
             t0.elapsed() < Duration::from_secs(600),
-            "stuck at {idle} idle: {}",
+            "stuck at {idle} idle: {:?}",
             c.pool_status("idle")
         );
         std::thread::sleep(Duration::from_millis(10));
@@ -126,7 +125,10 @@ fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("pool status: {status}");
+    println!(
+        "pool status: {}",
+        serde_json::to_string(&status).expect("json")
+    );
     println!(
         "daemon VmRSS: {:.1} MB with no sandboxes -> {:.1} MB with {N} idle (VmHWM {:.1} MB)",
         rss0 as f64 / 1024.0,

@@ -13,7 +13,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 
 const SAMPLES: usize = 1000;
 const BULK: u64 = 200;
@@ -146,7 +145,7 @@ fn phases(daemon: &Daemon, c: &mut Client, n: usize) {
         let r = c
             .request("POST", "/v1/sandboxes", Some(body))
             .expect("acquire");
-        let id = r.json()["sandboxes"][0]["id"].as_str().unwrap().to_string();
+        let id = first_id(&r);
         c.wait_idle("one", 1, Duration::from_secs(30));
         let t_idle = Instant::now();
         stop.store(true, Ordering::Relaxed);
@@ -216,7 +215,7 @@ fn main() {
     let mut c = daemon.client();
 
     // --- Latency, one at a time.
-    c.put_pool("one", &json!({"min_idle": 1, "max": 2}));
+    c.put_pool("one", &pool_spec(1, 2));
     c.wait_idle("one", 1, Duration::from_secs(30));
     for _ in 0..20 {
         // Warm-up: page cache, code paths.
@@ -235,16 +234,16 @@ fn main() {
             .request("POST", "/v1/sandboxes", Some(body))
             .expect("acquire");
         assert_eq!(r.status, 201, "{}", r.text());
-        let id = r.json()["sandboxes"][0]["id"].as_str().unwrap().to_string();
+        let id = first_id(&r);
         // Poll gently (every 250 µs) so the poller steals little CPU from the create.
         loop {
             let st = c.pool_status("one");
-            if st["idle"].as_u64() == Some(1) {
+            if st.idle == 1 {
                 break;
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
-                "no replacement: {st}"
+                "no replacement: {st:?}"
             );
             std::thread::sleep(Duration::from_micros(250));
         }
@@ -273,7 +272,7 @@ fn main() {
     println!("  daemon arl_sandbox_create_seconds mean = {mean_daemon:.2} ms");
     println!();
     phases(&daemon, &mut c, 100);
-    c.put_pool("one", &json!({"min_idle": 0, "max": 2}));
+    c.put_pool("one", &pool_spec(0, 2));
 
     // --- Throughput.
     let mut rates = Vec::new();
@@ -283,7 +282,7 @@ fn main() {
         let m0 = c.metrics();
         let cpu0 = cpu_seconds(daemon.pid);
         let t0 = Instant::now();
-        c.put_pool(&pool, &json!({"min_idle": BULK, "max": BULK}));
+        c.put_pool(&pool, &pool_spec(BULK as usize, BULK as usize));
         let mut first = None;
         loop {
             let idle = c.idle(&pool);

@@ -16,7 +16,6 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 
 const ROUNDS: usize = 5;
 
@@ -95,7 +94,11 @@ fn exec_ok(addr: SocketAddr, id: &str) -> bool {
     let Ok(mut c) = Client::connect(addr) else {
         return false;
     };
-    let body = serde_json::to_vec(&json!({"cmd": ["true"]})).expect("json");
+    let body = serde_json::to_vec(&arl::api::ExecRequest {
+        cmd: Some(vec!["true".into()]),
+        ..Default::default()
+    })
+    .expect("json");
     matches!(
         c.request("POST", &format!("/v1/sandboxes/{id}/exec"), Some(&body)),
         Ok(r) if r.status == 200
@@ -140,14 +143,18 @@ fn main() {
     let mut ids = Vec::with_capacity(n);
     while ids.len() < n {
         let count = (n - ids.len()).min(1000);
-        let body = serde_json::to_vec(&json!({"pool": "default", "count": count})).expect("json");
+        let body = serde_json::to_vec(&arl::api::AcquireRequest {
+            pool: "default".into(),
+            count: Some(count),
+            ..Default::default()
+        })
+        .expect("json");
         let r = c
             .request("POST", "/v1/sandboxes", Some(&body))
             .expect("acquire");
         assert_eq!(r.status, 201, "acquire: {}", r.text());
-        for sb in r.json()["sandboxes"].as_array().expect("sandboxes") {
-            ids.push(sb["id"].as_str().expect("id").to_string());
-        }
+        let list: arl::api::SandboxList = r.json();
+        ids.extend(list.sandboxes.into_iter().map(|sb| sb.id));
     }
     println!("{n} sandboxes leased");
     drop(c);
@@ -173,10 +180,10 @@ fn main() {
             .expect("client")
             .pool_status("default");
         assert_eq!(
-            status["allocated"], n,
-            "round {round}: not all taken back: {status}"
+            status.allocated, n,
+            "round {round}: not all taken back: {status:?}"
         );
-        assert_eq!(status["total"], n, "round {round}: {status}");
+        assert_eq!(status.total, n, "round {round}: {status:?}");
     }
     let metrics = Client::connect(node.addr).expect("client").metrics();
     let adopted = metrics.sum(

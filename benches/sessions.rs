@@ -17,6 +17,13 @@ const ROUNDS: usize = 5;
 const PER_ROUND: usize = 400;
 
 /// Times `n` requests; pushes the reply's `duration_ms` to `inner` when given.
+/// The one field an exec's `ExecResult` and a session run's `RunResult` share that the
+/// timings read: how long the command ran inside the sandbox.
+#[derive(serde::Deserialize)]
+struct Timed {
+    duration_ms: f64,
+}
+
 fn time_posts(
     c: &mut Client,
     path: &str,
@@ -31,7 +38,7 @@ fn time_posts(
         out.push(ms(t.elapsed()));
         assert_eq!(r.status, 200, "POST {path}: {}", r.text());
         if let Some(inner) = inner.as_deref_mut() {
-            inner.push(r.json()["duration_ms"].as_f64().unwrap_or(f64::NAN));
+            inner.push(r.json::<Timed>().duration_ms);
         }
     }
     out
@@ -43,7 +50,7 @@ fn open(c: &mut Client, base: &str, kind: &str) -> String {
         .request("POST", &format!("{base}/sessions"), Some(body.as_bytes()))
         .expect("open");
     assert!(r.status == 201, "open {kind}: {}", r.text());
-    r.json()["id"].as_str().expect("id").to_string()
+    r.json::<arl::api::sessions::SessionInfo>().id
 }
 
 fn main() {

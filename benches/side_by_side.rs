@@ -281,6 +281,7 @@ fn sessions_hook(plan: &Plan, report: &mut Report, c: &mut Client, id: &str) {
             format!("creating a session: {} {}", created.status, created.text()),
         );
     }
+    // Raw JSON: the probe takes either name a build may give the session's id.
     let v: Value = serde_json::from_slice(&created.body).unwrap_or(Value::Null);
     let Some(sid) = v["id"].as_str().or(v["session_id"].as_str()) else {
         return report.missing(key, label, format!("no session id in {v}"));
@@ -326,11 +327,11 @@ fn fork_hook(plan: &Plan, report: &mut Report, c: &mut Client, id: &str) {
             return report.missing(key, label, format!("fork: {} {}", r.status, r.text()));
         }
         samples.push(took);
-        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-        for child in v["sandboxes"].as_array().into_iter().flatten() {
-            if let Some(cid) = child["id"].as_str() {
-                c.release(cid);
-            }
+        let forks = serde_json::from_slice::<arl::api::SandboxList>(&r.body)
+            .map(|l| l.sandboxes)
+            .unwrap_or_default();
+        for child in forks {
+            c.release(&child.id);
         }
     }
     report.latency(key, label, &samples);
@@ -343,7 +344,7 @@ fn fork_hook(plan: &Plan, report: &mut Report, c: &mut Client, id: &str) {
 fn settle(c: &mut Client, pool: &str, n: u64) {
     c.wait_idle(pool, n, Duration::from_secs(120));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while c.pool_status(pool)["starting"].as_u64() != Some(0) && Instant::now() < deadline {
+    while c.pool_status(pool).starting != 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -361,10 +362,7 @@ fn acquire(plan: &Plan, report: &mut Report, daemon: &Daemon, c: &mut Client) {
             .expect("acquire");
         single.push(ms(t.elapsed()));
         assert_eq!(r.status, 201, "acquire: {}", r.text());
-        let id = r.json()["sandboxes"][0]["id"]
-            .as_str()
-            .expect("id")
-            .to_string();
+        let id = first_id(&r);
         c.release(&id);
     }
     report.latency(
@@ -384,8 +382,8 @@ fn acquire(plan: &Plan, report: &mut Report, daemon: &Daemon, c: &mut Client) {
             .expect("acquire batch");
         batches.push(ms(t.elapsed()));
         assert_eq!(r.status, 201, "acquire batch: {}", r.text());
-        for sb in r.json()["sandboxes"].as_array().expect("sandboxes") {
-            c.release(sb["id"].as_str().expect("id"));
+        for sb in r.json::<arl::api::SandboxList>().sandboxes {
+            c.release(&sb.id);
         }
     }
     report.latency(
@@ -465,8 +463,7 @@ fn burst(addr: SocketAddr, n: usize) -> (Vec<f64>, f64, Vec<String>) {
         let mut span: f64 = 0.0;
         for (status, body, l, s) in answers {
             assert_eq!(status, 201, "acquire: {}", String::from_utf8_lossy(&body));
-            let v: Value = serde_json::from_slice(&body).expect("json");
-            ids.push(v["sandboxes"][0]["id"].as_str().expect("id").to_string());
+            ids.push(first_id(&Response { status, body }));
             lat.push(l);
             span = span.max(s);
         }
@@ -516,10 +513,9 @@ fn time_creates(c: &mut Client, pool: &str, n: usize) -> Result<Vec<f64>, String
         if r.status != 201 {
             return Err(format!("acquire from {pool}: {} {}", r.status, r.text()));
         }
-        let id = r.json()["sandboxes"][0]["id"]
-            .as_str()
-            .ok_or("no id")?
-            .to_string();
+        let list: arl::api::SandboxList = serde_json::from_slice(&r.body)
+            .map_err(|e| format!("acquire from {pool}: {e}: {}", r.text()))?;
+        let id = list.sandboxes.into_iter().next().ok_or("no id")?.id;
         if i > 0 {
             out.push(took);
         }
@@ -568,7 +564,11 @@ fn new_sandbox(plan: &Plan, report: &mut Report, c: &mut Client) {
     }
     c.put_pool(
         "ctr",
-        &json!({"runtime": "containerd", "image": CONTAINERD_IMAGE, "min_idle": 0, "max": 8}),
+        &arl::api::PoolSpec {
+            runtime: arl::api::pools::RuntimeKind::Containerd,
+            image: Some(CONTAINERD_IMAGE.into()),
+            ..pool_spec(0, 8)
+        },
     );
     match time_creates(c, "ctr", plan.containerd_creates) {
         Ok(s) => {
@@ -642,11 +642,10 @@ fn exec_paths(c: &mut Client, n: usize) -> Vec<String> {
         .request("POST", "/v1/sandboxes", Some(body.as_bytes()))
         .expect("acquire clients");
     assert_eq!(r.status, 201, "acquire {n}: {}", r.text());
-    r.json()["sandboxes"]
-        .as_array()
-        .expect("sandboxes")
+    r.json::<arl::api::SandboxList>()
+        .sandboxes
         .iter()
-        .map(|sb| format!("/v1/sandboxes/{}/exec", sb["id"].as_str().expect("id")))
+        .map(|sb| format!("/v1/sandboxes/{}/exec", sb.id))
         .collect()
 }
 

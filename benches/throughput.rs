@@ -14,7 +14,6 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 
 const CLIENTS: usize = 64;
 const WARMUP: Duration = Duration::from_secs(1);
@@ -146,7 +145,7 @@ fn main() {
     print_header("throughput (target 5)");
     let daemon = Daemon::start("[pools.default]\nmin_idle = 0\nmax = 4\n", &[]);
     let mut c = daemon.client();
-    c.put_pool("tp", &json!({"min_idle": CLIENTS, "max": 2 * CLIENTS + 8}));
+    c.put_pool("tp", &pool_spec(CLIENTS, 2 * CLIENTS + 8));
     c.wait_idle("tp", CLIENTS as u64, Duration::from_secs(60));
     let paths: Vec<String> = (0..CLIENTS)
         .map(|_| format!("/v1/sandboxes/{}/exec", c.acquire("tp")))

@@ -7,9 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Options, Runtime};
-use hyper::Method;
-use serde_json::json;
+use arl::api::{ExecRequest, SandboxInfo};
+use common::{Daemon, Options, Runtime, shell};
+use hyper::{Method, StatusCode};
 
 crate::on_every_runtime!(
     an_idle_sandbox_is_frozen_and_the_next_request_thaws_it,
@@ -54,7 +54,7 @@ fn ticks(d: &Daemon, id: &str) -> usize {
 }
 
 async fn start_ticker(d: &Daemon, id: &str) {
-    d.sh(
+    d.shell(
         id,
         "(while :; do echo x >> /tmp/ticks; sleep 0.02; done) >/dev/null 2>&1 &",
     )
@@ -73,7 +73,7 @@ async fn an_idle_sandbox_is_frozen_and_the_next_request_thaws_it(rt: Runtime) {
     let d = Daemon::start(auto_pausing(rt, 1)).await;
     let id = d.acquire("default").await;
     start_ticker(&d, &id).await;
-    d.wait_pool("default", 10, |s| s["paused"] == 1).await;
+    d.wait_status("default", 10, |s| s.paused == 1).await;
     assert!(frozen(&d, &id), "counted paused but not frozen");
     // Frozen: the ticker makes no progress (it ticks every 20 ms when it runs).
     let before = ticks(&d, &id);
@@ -91,17 +91,17 @@ async fn an_idle_sandbox_is_frozen_and_the_next_request_thaws_it(rt: Runtime) {
     );
 
     // Any request thaws it first, transparently: the command runs and sees the state.
-    let r = d.sh(&id, "wc -l < /tmp/ticks").await;
-    assert_eq!(r["exit_code"], 0, "{r}");
-    let seen: usize = r["stdout"].as_str().unwrap().trim().parse().unwrap();
+    let r = d.shell(&id, "wc -l < /tmp/ticks").await;
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    let seen: usize = r.stdout.trim().parse().unwrap();
     assert!(seen >= before, "{seen} < {before}");
     assert!(!frozen(&d, &id));
     wait_until("the ticker resuming", 10, || ticks(&d, &id) > seen).await;
-    let status = d.pool_status("default").await;
-    assert_eq!(status["paused"], 0, "{status}");
+    let status = d.status("default").await;
+    assert_eq!(status.paused, 0, "{status:?}");
 
     // It pauses again when idle again, and a file read thaws it as well.
-    d.wait_pool("default", 10, |s| s["paused"] == 1).await;
+    d.wait_status("default", 10, |s| s.paused == 1).await;
     let (status, body) = d
         .request_raw(
             Method::GET,
@@ -123,14 +123,17 @@ async fn a_running_command_is_never_frozen_under_itself() {
     let started = Instant::now();
     // Runs past the idle time: the sandbox is in use all along.
     let r = d
-        .exec(
+        .run(
             &id,
-            json!({"shell": "sleep 2.5; echo done", "timeout_ms": 20000}),
+            &ExecRequest {
+                timeout_ms: Some(20000),
+                ..shell("sleep 2.5; echo done")
+            },
         )
         .await;
-    assert_eq!(r["stdout"], "done\n", "{r}");
+    assert_eq!(r.stdout, "done\n", "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(d.pool_status("default").await["paused"], 0);
+    assert_eq!(d.status("default").await.paused, 0);
 }
 
 async fn a_paused_sandbox_survives_a_restart_still_paused(rt: Runtime) {
@@ -140,18 +143,18 @@ async fn a_paused_sandbox_survives_a_restart_still_paused(rt: Runtime) {
     })
     .await;
     let id = d.acquire("default").await;
-    d.sh(&id, "echo kept > /workspace/state").await;
-    let (status, body) = d.action(&id, "pause").await;
-    assert_eq!(status, 200, "{body}");
+    d.shell(&id, "echo kept > /workspace/state").await;
+    let info: SandboxInfo = d.action(&id, "pause").await.expect(StatusCode::OK);
+    assert_eq!(info.id, id);
     assert!(frozen(&d, &id));
     d.kill9();
     d.spawn().await;
     // Taken back, not destroyed, and frozen again.
-    let status = d.pool_status("default").await;
-    assert_eq!(status["paused"], 1, "{status}");
-    assert_eq!(status["allocated"], 1, "{status}");
+    let status = d.status("default").await;
+    assert_eq!(status.paused, 1, "{status:?}");
+    assert_eq!(status.allocated, 1, "{status:?}");
     assert!(frozen(&d, &id), "taken back but not frozen again");
-    let r = d.sh(&id, "cat /workspace/state").await;
-    assert_eq!(r["stdout"], "kept\n", "{r}");
+    let r = d.shell(&id, "cat /workspace/state").await;
+    assert_eq!(r.stdout, "kept\n", "{r:?}");
     assert!(!frozen(&d, &id));
 }

@@ -7,9 +7,11 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Options, ctr};
+use arl::api::pools::RuntimeKind;
+use arl::api::{AcquireRequest, ErrorCode, PoolSpec, PoolView, SandboxInfo};
+use common::{Daemon, Options, cmd, ctr};
 use hyper::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const IMAGE: &str = "docker.io/arl/test:latest";
 
@@ -79,28 +81,23 @@ async fn a_container_has_its_image_loopback_and_the_seccomp_filter() {
     // (Exec, files, timeouts, reset, pause and deaths run on containerd pools too: the
     // runtime-blind suites in exec.rs, isolation.rs and lifecycle.rs.)
     let d = start(pool("c", IMAGE, 1)).await;
-    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    d.wait_status("c", 30, |s| s.idle == 1).await;
     let id = d.acquire("c").await;
     // The container's own view: busybox root, loopback only, the pool's memory limit.
     let r = d
-        .sh(&id, "ls /bin/busybox; cat /proc/net/dev | grep -c :")
+        .shell(&id, "ls /bin/busybox; cat /proc/net/dev | grep -c :")
         .await;
-    assert_eq!(r["stdout"], "/bin/busybox\n1\n", "{r}");
+    assert_eq!(r.stdout, "/bin/busybox\n1\n", "{r:?}");
     // A user namespace: root inside is the unprivileged host uid range below the process
     // runtime's (uid base 16777216 - 65536), and the image's files are root's inside.
     let r = d
-        .sh(
+        .shell(
             &id,
             "cat /proc/self/uid_map; stat -c %u /bin/busybox; touch /etc/x && echo wrote",
         )
         .await;
-    let out: Vec<String> = r["stdout"]
-        .as_str()
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    assert_eq!(out, ["0", "16711680", "65536", "0", "wrote"], "{r}");
+    let out: Vec<&str> = r.stdout.split_whitespace().collect();
+    assert_eq!(out, ["0", "16711680", "65536", "0", "wrote"], "{r:?}");
     let pid = common::task_pid(&ctr(&["tasks", "ls"]), &id).unwrap_or_default();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let uid = status
@@ -110,19 +107,19 @@ async fn a_container_has_its_image_loopback_and_the_seccomp_filter() {
     assert_eq!(uid, Some("16711680"), "the agent's host uid: {status}");
     // The seccomp filter: no new namespaces, no mounts; no_new_privs is set.
     let r = d
-        .sh(
+        .shell(
             &id,
             "unshare -U true; echo unshare=$?; mount -t tmpfs x /mnt; echo mount=$?; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status",
         )
         .await;
-    let out = r["stdout"].as_str().unwrap_or_default();
+    let out = &r.stdout;
     assert!(
         out.contains("unshare=1") && out.contains("mount=1") && !out.contains("mount=0"),
-        "{r}"
+        "{r:?}"
     );
     assert!(
         out.contains("Seccomp:\t2") && out.contains("NoNewPrivs:\t1"),
-        "{r}"
+        "{r:?}"
     );
 
     let status = d.release(&id).await;
@@ -144,19 +141,18 @@ async fn create_destroy_cycles_leave_nothing() {
     let mut d = start(pool("c", IMAGE, 4)).await;
     let mut ids: Vec<String> = Vec::new();
     for _ in 0..50 {
-        d.wait_pool("c", 30, |s| s["idle"] == 4).await;
-        let (status, body) = d
-            .call(
-                Method::POST,
-                "/v1/sandboxes",
-                Some(json!({"pool": "c", "count": 4})),
-            )
+        d.wait_status("c", 30, |s| s.idle == 4).await;
+        let sandboxes = d
+            .acquire_with(&AcquireRequest {
+                count: Some(4),
+                ..common::acquire("c")
+            })
             .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        for sb in body["sandboxes"].as_array().unwrap() {
-            let id = sb["id"].as_str().unwrap().to_string();
-            let r = d.exec(&id, json!({"cmd": ["true"]})).await;
-            assert_eq!(r["exit_code"], 0, "{r}");
+        assert_eq!(sandboxes.len(), 4, "{sandboxes:?}");
+        for sb in sandboxes {
+            let id = sb.id;
+            let r = d.run(&id, &cmd(&["true"])).await;
+            assert_eq!(r.exit_code, 0, "{r:?}");
             let status = d.release(&id).await;
             assert_eq!(status, StatusCode::NO_CONTENT);
             ids.push(id);
@@ -186,61 +182,73 @@ async fn create_destroy_cycles_leave_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_containerd_pool_needs_an_image() {
     let d = start(pool("c", IMAGE, 0)).await;
-    let (status, body) = d
-        .call(
+    let put_bad = |spec: PoolSpec| {
+        let d = &d;
+        async move {
+            d.send(Method::PUT, "/v1/pools/bad", Some(&spec))
+                .await
+                .expect_error(StatusCode::BAD_REQUEST)
+        }
+    };
+    let err = put_bad(PoolSpec {
+        runtime: RuntimeKind::Containerd,
+        min_idle: 0,
+        ..PoolSpec::default()
+    })
+    .await;
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    assert!(err.message.contains("needs an `image`"), "{err:?}");
+    let err = put_bad(PoolSpec {
+        image: Some(IMAGE.into()),
+        min_idle: 0,
+        ..PoolSpec::default()
+    })
+    .await;
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    assert!(err.message.contains("containerd"), "{err:?}");
+    // An existing config without the new fields keeps working: a process pool. (Raw JSON: the
+    // point is a body that omits `runtime` and `image`, which a serialized `PoolSpec` names.)
+    let reply = d
+        .send(
             Method::PUT,
-            "/v1/pools/bad",
-            Some(json!({"runtime": "containerd", "min_idle": 0})),
+            "/v1/pools/plain",
+            Some(&json!({"min_idle": 0})),
         )
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(body.to_string().contains("needs an `image`"), "{body}");
-    let (status, body) = d
-        .call(
-            Method::PUT,
-            "/v1/pools/bad",
-            Some(json!({"image": IMAGE, "min_idle": 0})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(body.to_string().contains("containerd"), "{body}");
-    // An existing config without the new fields keeps working: a process pool.
-    let (status, body) = d
-        .call(Method::PUT, "/v1/pools/plain", Some(json!({"min_idle": 0})))
-        .await;
-    assert!(status.is_success(), "{body}");
-    let (_, view) = d.call(Method::GET, "/v1/pools/plain", None).await;
-    assert_eq!(view["spec"]["runtime"], "process");
-    assert_eq!(view["spec"]["image"], Value::Null);
+    assert!(reply.status.is_success(), "{reply}");
+    let view: PoolView = d.get("/v1/pools/plain").await;
+    assert_eq!(view.spec.runtime, RuntimeKind::Process);
+    assert_eq!(view.spec.image, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_task_gets_the_sandbox_replaced() {
     let d = start(pool("c", IMAGE, 1)).await;
-    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    d.wait_status("c", 30, |s| s.idle == 1).await;
     let id = d.acquire("c").await;
-    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    d.wait_status("c", 30, |s| s.idle == 1).await;
     ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
     wait_gone(&id, 15).await;
-    let (status, body): (StatusCode, Value) = d
-        .call(
+    let err = d
+        .send(
             Method::POST,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(json!({"cmd": ["true"]})),
+            Some(&cmd(&["true"])),
         )
-        .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(body.to_string().contains("died"), "{body}");
-    let s = d.wait_pool("c", 30, |s| s["idle"] == 1).await;
-    assert_eq!(s["allocated"], 0, "{s}");
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(err.code, ErrorCode::SandboxUnavailable);
+    assert!(err.message.contains("died"), "{err:?}");
+    let s = d.wait_status("c", 30, |s| s.idle == 1).await;
+    assert_eq!(s.allocated, 0, "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_takes_back_the_containers_of_a_killed_one() {
     let mut d = start(pool("c", IMAGE, 2)).await;
-    d.wait_pool("c", 30, |s| s["idle"] == 2).await;
+    d.wait_status("c", 30, |s| s.idle == 2).await;
     let held = d.acquire("c").await;
-    d.wait_pool("c", 30, |s| s["idle"] == 2).await;
+    d.wait_status("c", 30, |s| s.idle == 2).await;
     let ids = |d: &Daemon| -> Vec<String> {
         std::fs::read_dir(d.state_dir().join("containerd"))
             .unwrap()
@@ -263,13 +271,11 @@ async fn a_restarted_daemon_takes_back_the_containers_of_a_killed_one() {
     d.kill9();
     d.spawn().await;
     // Taken back, not rebuilt: the held one is still leased, the idle ones are the pool again.
-    let (status, body) = d
-        .call(Method::GET, &format!("/v1/sandboxes/{held}"), None)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(d.sh(&held, "echo back").await["stdout"], "back\n");
-    let s = d.wait_pool("c", 30, |s| s["idle"] == 2).await;
-    assert_eq!(s["allocated"], 1, "{s}");
+    let info: SandboxInfo = d.get(&format!("/v1/sandboxes/{held}")).await;
+    assert_eq!(info.id, held);
+    assert_eq!(d.shell(&held, "echo back").await.stdout, "back\n");
+    let s = d.wait_status("c", 30, |s| s.idle == 2).await;
+    assert_eq!(s.allocated, 1, "{s:?}");
     let mut now = ids(&d);
     now.sort();
     let mut before = old.clone();
@@ -286,20 +292,20 @@ async fn a_restarted_daemon_takes_back_the_containers_of_a_killed_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_and_resume_a_container() {
     let d = start(pool("c", IMAGE, 1)).await;
-    d.wait_pool("c", 30, |s| s["idle"] == 1).await;
+    d.wait_status("c", 30, |s| s.idle == 1).await;
     let id = d.acquire("c").await;
-    let (status, body) = d.action(&id, "pause").await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let info: SandboxInfo = d.action(&id, "pause").await.expect(StatusCode::OK);
+    assert_eq!(info.id, id);
     let tasks = ctr(&["tasks", "ls"]);
     let line = tasks
         .lines()
         .find(|l| l.starts_with(&id))
         .unwrap_or_default();
     assert!(line.contains("PAUSED"), "{tasks}");
-    let (status, _) = d.action(&id, "resume").await;
-    assert_eq!(status, StatusCode::OK);
-    let r = d.exec(&id, json!({"cmd": ["echo", "back"]})).await;
-    assert_eq!(r["stdout"], "back\n");
+    let info: SandboxInfo = d.action(&id, "resume").await.expect(StatusCode::OK);
+    assert_eq!(info.id, id);
+    let r = d.run(&id, &cmd(&["echo", "back"])).await;
+    assert_eq!(r.stdout, "back\n");
     // A paused sandbox can still be released, and leaves nothing.
     d.action(&id, "pause").await;
     let status = d.release(&id).await;
@@ -314,48 +320,49 @@ async fn without_containerd_only_containerd_pools_fail() {
         pool("c", IMAGE, 1)
     );
     let d = start(config).await;
-    let s = d.wait_pool("c", 20, |s| !s["last_error"].is_null()).await;
-    let err = s["last_error"].as_str().unwrap_or_default();
+    let s = d.wait_status("c", 20, |s| s.last_error.is_some()).await;
+    let err = s.last_error.unwrap_or_default();
     assert!(
         err.contains("containerd") && err.contains("/nonexistent/containerd.sock"),
         "{err}"
     );
-    let (status, _) = d
-        .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "c"})))
+    let reply = d
+        .send(Method::POST, "/v1/sandboxes", Some(&common::acquire("c")))
         .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    d.wait_pool("p", 20, |s| s["idle"] == 1).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+    d.wait_status("p", 20, |s| s.idle == 1).await;
     let id = d.acquire("p").await;
-    let r = d.exec(&id, json!({"cmd": ["echo", "ok"]})).await;
-    assert_eq!(r["stdout"], "ok\n");
+    let r = d.run(&id, &cmd(&["echo", "ok"])).await;
+    assert_eq!(r.stdout, "ok\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_root_keeps_workspace_and_tmp_writable() {
     let d = start(pool("ro", IMAGE, 1) + "read_only_root = true\n").await;
-    d.wait_pool("ro", 30, |s| s["idle"] == 1).await;
+    d.wait_status("ro", 30, |s| s.idle == 1).await;
     let id = d.acquire("ro").await;
     let r = d
-        .sh(
+        .shell(
             &id,
             "touch /etc/x 2>&1 || echo refused; touch /workspace/a /tmp/b && echo writable",
         )
         .await;
-    let out = r["stdout"].as_str().unwrap();
+    let out = &r.stdout;
     assert!(
         out.contains("Read-only file system") && out.contains("refused"),
-        "{r}"
+        "{r:?}"
     );
-    assert!(out.ends_with("writable\n"), "{r}");
+    assert!(out.ends_with("writable\n"), "{r:?}");
     // Only containerd pools have this option.
-    let (status, body) = d
-        .call(
-            Method::PUT,
-            "/v1/pools/p",
-            Some(json!({"read_only_root": true})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let spec = PoolSpec {
+        read_only_root: true,
+        ..PoolSpec::default()
+    };
+    let err = d
+        .send(Method::PUT, "/v1/pools/p", Some(&spec))
+        .await
+        .expect_error(StatusCode::BAD_REQUEST);
+    assert_eq!(err.code, ErrorCode::BadRequest);
 }
 
 /// A containerd of this test's own (own root, state and socket), for what must not disturb the
@@ -496,32 +503,32 @@ async fn sandboxes_outlive_a_containerd_restart() {
         ..Options::default()
     })
     .await;
-    d.wait_pool("c", 30, |s| s["idle"] == 2).await;
+    d.wait_status("c", 30, |s| s.idle == 2).await;
     let id = d.acquire("c").await;
-    d.sh(&id, "echo before > /workspace/state").await;
+    d.shell(&id, "echo before > /workspace/state").await;
     let agent = containerd.task_pid(&id);
     assert!(agent.is_some());
 
     // containerd dies: the hot path does not need it. Commands run, a warm sandbox is handed out.
     containerd.kill9();
-    let r = d.sh(&id, "cat /workspace/state").await;
-    assert_eq!(r["stdout"], "before\n", "{r}");
+    let r = d.shell(&id, "cat /workspace/state").await;
+    assert_eq!(r.stdout, "before\n", "{r:?}");
     let warm = d.acquire("c").await;
-    assert_eq!(d.sh(&warm, "echo warm").await["stdout"], "warm\n");
+    assert_eq!(d.shell(&warm, "echo warm").await.stdout, "warm\n");
 
     // containerd is back: the same sandboxes go on (not taken for dead and replaced), and new
     // ones are made again.
     containerd.spawn().await;
-    d.wait_pool("c", 30, |s| s["idle"] == 2).await;
-    let r = d.sh(&id, "cat /workspace/state").await;
-    assert_eq!(r["stdout"], "before\n", "{r}");
+    d.wait_status("c", 30, |s| s.idle == 2).await;
+    let r = d.shell(&id, "cat /workspace/state").await;
+    assert_eq!(r.stdout, "before\n", "{r:?}");
     assert_eq!(
         containerd.task_pid(&id),
         agent,
         "the sandbox was not replaced"
     );
-    let s = d.pool_status("c").await;
-    assert_eq!(s["allocated"], 2, "{s}");
+    let s = d.status("c").await;
+    assert_eq!(s.allocated, 2, "{s:?}");
 
     // Release goes through the new containerd and leaves nothing behind.
     assert_eq!(d.release(&id).await, StatusCode::NO_CONTENT);
@@ -552,17 +559,17 @@ async fn sandboxes_outlive_a_containerd_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_network_container_sees_the_hosts_interfaces() {
     let d = start(format!("{}network = \"host\"\n", pool("h", IMAGE, 1))).await;
-    d.wait_pool("h", 30, |s| s["idle"] == 1).await;
+    d.wait_status("h", 30, |s| s.idle == 1).await;
     let id = d.acquire("h").await;
     // More than loopback, and /sys (bound from the host: sysfs cannot be mounted without a
     // network namespace of the user namespace's own) is there, read-only.
     let r = d
-        .sh(
+        .shell(
             &id,
             "grep -c : /proc/net/dev; ls /sys/class/net | grep -c .; touch /sys/x 2>/dev/null || echo ro",
         )
         .await;
-    let lines: Vec<&str> = r["stdout"].as_str().unwrap_or_default().lines().collect();
+    let lines: Vec<&str> = r.stdout.lines().collect();
     let host_interfaces = std::fs::read_dir("/sys/class/net").map_or(0, |d| d.count());
     assert_eq!(
         lines,
@@ -571,6 +578,6 @@ async fn a_host_network_container_sees_the_hosts_interfaces() {
             host_interfaces.to_string().as_str(),
             "ro"
         ],
-        "{r}"
+        "{r:?}"
     );
 }

@@ -5,33 +5,31 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use arl::api::{AcquireRequest, ErrorCode, ExecEvent, ExecRequest, ExecResult};
 use bytes::Bytes;
-use common::{Daemon, Options, Runtime};
+use common::{Daemon, Options, Runtime, cmd, map, shell};
 use hyper::{Method, StatusCode};
-use serde_json::{Value, json};
 
 async fn exec_reports_output_exit_code_and_duration(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
-    let r = d.sh(&id, "echo out; echo err >&2; exit 3").await;
-    assert_eq!(r["stdout"], "out\n");
-    assert_eq!(r["stderr"], "err\n");
-    assert_eq!(r["exit_code"], 3);
-    assert_eq!(r["timed_out"], false);
-    assert_eq!(r["truncated"], false);
-    assert!(r["duration_ms"].as_f64().unwrap() > 0.0);
+    let r = d.shell(&id, "echo out; echo err >&2; exit 3").await;
+    assert_eq!(r.stdout, "out\n");
+    assert_eq!(r.stderr, "err\n");
+    assert_eq!(r.exit_code, 3);
+    assert!(!r.timed_out);
+    assert!(!r.truncated);
+    assert!(r.duration_ms > 0.0);
 
-    let r = d
-        .exec(&id, json!({"cmd": ["printf", "%s|", "a b", "c"]}))
-        .await;
-    assert_eq!(r["stdout"], "a b|c|", "argv is passed without a shell");
+    let r = d.run(&id, &cmd(&["printf", "%s|", "a b", "c"])).await;
+    assert_eq!(r.stdout, "a b|c|", "argv is passed without a shell");
 
-    let r = d.exec(&id, json!({"cmd": ["/no/such/program"]})).await;
-    assert_eq!(r["exit_code"], 127, "a missing program is a result: {r}");
+    let r = d.run(&id, &cmd(&["/no/such/program"])).await;
+    assert_eq!(r.exit_code, 127, "a missing program is a result: {r:?}");
 
-    let r = d.sh(&id, "kill -TERM $$").await;
-    assert_eq!(r["signal"], 15);
-    assert_eq!(r["exit_code"], 128 + 15);
+    let r = d.shell(&id, "kill -TERM $$").await;
+    assert_eq!(r.signal, Some(15));
+    assert_eq!(r.exit_code, 128 + 15);
 }
 
 async fn env_cwd_and_stdin(rt: Runtime) {
@@ -43,68 +41,97 @@ async fn env_cwd_and_stdin(rt: Runtime) {
         ..Options::on(rt)
     })
     .await;
-    let (status, body) = d
-        .call(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"pool": "default", "env": {"LEASE_VAR": "lease", "SHARED": "lease"}})),
-        )
+    let sandboxes = d
+        .acquire_with(&AcquireRequest {
+            env: map(&[("LEASE_VAR", "lease"), ("SHARED", "lease")]),
+            ..common::acquire("default")
+        })
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let id = body["sandboxes"][0]["id"].as_str().unwrap().to_string();
+    let id = sandboxes[0].id.clone();
 
     let r = d
-        .exec(&id, json!({"shell": "echo $POOL_VAR $LEASE_VAR $SHARED $REQ_VAR", "env": {"REQ_VAR": "req"}}))
+        .run(
+            &id,
+            &ExecRequest {
+                env: map(&[("REQ_VAR", "req")]),
+                ..shell("echo $POOL_VAR $LEASE_VAR $SHARED $REQ_VAR")
+            },
+        )
         .await;
     assert_eq!(
-        r["stdout"], "pool lease lease req\n",
-        "late-bound env layers: {r}"
+        r.stdout, "pool lease lease req\n",
+        "late-bound env layers: {r:?}"
     );
     let r = d
-        .exec(
+        .run(
             &id,
-            json!({"shell": "echo $SHARED", "env": {"SHARED": "req"}}),
+            &ExecRequest {
+                env: map(&[("SHARED", "req")]),
+                ..shell("echo $SHARED")
+            },
         )
         .await;
-    assert_eq!(r["stdout"], "req\n");
+    assert_eq!(r.stdout, "req\n");
 
-    let r = d.sh(&id, "pwd").await;
-    assert_eq!(r["stdout"], "/workspace\n");
-    d.sh(&id, "mkdir -p /workspace/sub/dir").await;
-    let r = d.exec(&id, json!({"cmd": ["pwd"], "cwd": "sub/dir"})).await;
-    assert_eq!(r["stdout"], "/workspace/sub/dir\n");
-    let r = d.exec(&id, json!({"cmd": ["pwd"], "cwd": "/tmp"})).await;
-    assert_eq!(r["stdout"], "/tmp\n");
-    let (status, body) = d
-        .call(
+    let r = d.shell(&id, "pwd").await;
+    assert_eq!(r.stdout, "/workspace\n");
+    d.shell(&id, "mkdir -p /workspace/sub/dir").await;
+    let in_dir = |cwd: &str| ExecRequest {
+        cwd: Some(cwd.into()),
+        ..cmd(&["pwd"])
+    };
+    let r = d.run(&id, &in_dir("sub/dir")).await;
+    assert_eq!(r.stdout, "/workspace/sub/dir\n");
+    let r = d.run(&id, &in_dir("/tmp")).await;
+    assert_eq!(r.stdout, "/tmp\n");
+    let err = d
+        .send(
             Method::POST,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(json!({"cmd": ["pwd"], "cwd": "/nope"})),
+            Some(&in_dir("/nope")),
         )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        .await
+        .expect_error(StatusCode::BAD_REQUEST);
+    assert_eq!(err.code, ErrorCode::BadRequest);
 
     let r = d
-        .exec(&id, json!({"cmd": ["wc", "-c"], "stdin": "hello"}))
-        .await;
-    assert_eq!(r["stdout"], "5\n");
-    let r = d
-        .exec(
+        .run(
             &id,
-            json!({"cmd": ["od", "-An", "-tx1"], "stdin_b64": "AAH/"}),
+            &ExecRequest {
+                stdin: Some("hello".into()),
+                ..cmd(&["wc", "-c"])
+            },
         )
         .await;
-    assert_eq!(r["stdout"].as_str().unwrap().trim(), "00 01 ff");
+    assert_eq!(r.stdout, "5\n");
+    let r = d
+        .run(
+            &id,
+            &ExecRequest {
+                stdin_b64: Some("AAH/".into()),
+                ..cmd(&["od", "-An", "-tx1"])
+            },
+        )
+        .await;
+    assert_eq!(r.stdout.trim(), "00 01 ff");
     // A large stdin that the command ignores does not hang the exec.
     let big = "x".repeat(1 << 20);
-    let r = d.exec(&id, json!({"cmd": ["true"], "stdin": big})).await;
-    assert_eq!(r["exit_code"], 0);
+    let r = d
+        .run(
+            &id,
+            &ExecRequest {
+                stdin: Some(big),
+                ..cmd(&["true"])
+            },
+        )
+        .await;
+    assert_eq!(r.exit_code, 0);
 }
 
 async fn streaming_delivers_chunks_as_they_come(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
-    let body = json!({"shell": "echo one; sleep 1; echo two >&2; exit 4"});
+    let body = shell("echo one; sleep 1; echo two >&2; exit 4");
     let started = Instant::now();
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", d.port))
         .await
@@ -117,13 +144,15 @@ async fn streaming_delivers_chunks_as_they_come(rt: Runtime) {
     let req = hyper::Request::post(format!("/v1/sandboxes/{id}/exec"))
         .header("host", "localhost")
         .header("accept", "application/x-ndjson")
-        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .body(http_body_util::Full::new(Bytes::from(
+            serde_json::to_vec(&body).unwrap(),
+        )))
         .unwrap();
     let response = sender.send_request(req).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "application/x-ndjson");
     let mut body = response.into_body();
-    let mut events: Vec<(Duration, Value)> = Vec::new();
+    let mut events: Vec<(Duration, ExecEvent)> = Vec::new();
     let mut buf = Vec::new();
     use http_body_util::BodyExt;
     while let Some(frame) = body.frame().await {
@@ -135,14 +164,23 @@ async fn streaming_delivers_chunks_as_they_come(rt: Runtime) {
             }
         }
     }
-    let kinds: Vec<&str> = events
-        .iter()
-        .map(|(_, e)| e["type"].as_str().unwrap())
-        .collect();
-    assert_eq!(kinds, ["stdout", "stderr", "result"], "{events:?}");
-    assert_eq!(events[0].1["data"], "one\n");
-    assert_eq!(events[1].1["data"], "two\n");
-    assert_eq!(events[2].1["exit_code"], 4);
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(
+        events[0].1,
+        ExecEvent::Stdout {
+            data: "one\n".into()
+        }
+    );
+    assert_eq!(
+        events[1].1,
+        ExecEvent::Stderr {
+            data: "two\n".into()
+        }
+    );
+    let ExecEvent::Result(result) = &events[2].1 else {
+        panic!("{events:?}")
+    };
+    assert_eq!(result.exit_code, 4);
     // The first chunk arrived well before the command finished. (Half a second of slack: on a
     // loaded 2-vCPU runner one chunk was once held ~200 ms, the size of a TCP retransmission
     // timeout.)
@@ -157,28 +195,28 @@ async fn timeout_kills_the_whole_tree(rt: Runtime) {
     let id = d.acquire("default").await;
     let started = Instant::now();
     let r = d
-        .exec(
+        .run(
             &id,
-            json!({"shell": "sleep 300 & echo $! > /tmp/bg; setsid sleep 300 & echo $! > /tmp/bg2; echo started; sleep 300", "timeout_ms": 500}),
+            &ExecRequest {
+                timeout_ms: Some(500),
+                ..shell("sleep 300 & echo $! > /tmp/bg; setsid sleep 300 & echo $! > /tmp/bg2; echo started; sleep 300")
+            },
         )
         .await;
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(r["timed_out"], true, "{r}");
-    assert_eq!(r["signal"], 9);
-    assert_eq!(
-        r["stdout"], "started\n",
-        "output before the timeout is kept"
-    );
-    let r = d.sh(&id, "kill -0 $(cat /tmp/bg) 2>/dev/null && echo alive; kill -0 $(cat /tmp/bg2) 2>/dev/null && echo alive2; echo checked").await;
-    assert_eq!(r["stdout"], "checked\n", "grandchildren must be dead: {r}");
+    assert!(r.timed_out, "{r:?}");
+    assert_eq!(r.signal, Some(9));
+    assert_eq!(r.stdout, "started\n", "output before the timeout is kept");
+    let r = d.shell(&id, "kill -0 $(cat /tmp/bg) 2>/dev/null && echo alive; kill -0 $(cat /tmp/bg2) 2>/dev/null && echo alive2; echo checked").await;
+    assert_eq!(r.stdout, "checked\n", "grandchildren must be dead: {r:?}");
 }
 
 async fn background_process_does_not_hold_the_exec(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let started = Instant::now();
-    let r = d.sh(&id, "sleep 60 & echo done").await;
-    assert_eq!(r["stdout"], "done\n");
+    let r = d.shell(&id, "sleep 60 & echo done").await;
+    assert_eq!(r.stdout, "done\n");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "the exec waited for its background child"
@@ -189,19 +227,30 @@ async fn huge_output_is_capped_and_daemon_memory_stays_bounded(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let before = common::rss_kib(d.pid());
-    let r = d.exec(&id, json!({"shell": "head -c 200000000 /dev/zero | tr '\\0' x; echo tail >&2", "timeout_ms": 60000})).await;
-    assert_eq!(r["exit_code"], 0);
-    assert_eq!(r["truncated"], true);
-    assert_eq!(r["stdout"].as_str().unwrap().len(), 1 << 20);
-    assert_eq!(r["stderr"], "tail\n");
     let r = d
-        .exec(
+        .run(
             &id,
-            json!({"shell": "head -c 5000 /dev/zero | tr '\\0' y", "max_output_bytes": 100}),
+            &ExecRequest {
+                timeout_ms: Some(60000),
+                ..shell("head -c 200000000 /dev/zero | tr '\\0' x; echo tail >&2")
+            },
         )
         .await;
-    assert_eq!(r["stdout"].as_str().unwrap().len(), 100);
-    assert_eq!(r["truncated"], true);
+    assert_eq!(r.exit_code, 0);
+    assert!(r.truncated);
+    assert_eq!(r.stdout.len(), 1 << 20);
+    assert_eq!(r.stderr, "tail\n");
+    let r = d
+        .run(
+            &id,
+            &ExecRequest {
+                max_output_bytes: Some(100),
+                ..shell("head -c 5000 /dev/zero | tr '\\0' y")
+            },
+        )
+        .await;
+    assert_eq!(r.stdout.len(), 100);
+    assert!(r.truncated);
 
     // Streaming 200 MB: also cut at the cap.
     let (status, bytes) = d
@@ -209,7 +258,7 @@ async fn huge_output_is_capped_and_daemon_memory_stays_bounded(rt: Runtime) {
             Method::POST,
             &format!("/v1/sandboxes/{id}/exec"),
             Some(Bytes::from(
-                json!({"shell": "head -c 200000000 /dev/zero | tr '\\0' z"}).to_string(),
+                serde_json::to_vec(&shell("head -c 200000000 /dev/zero | tr '\\0' z")).unwrap(),
             )),
             None,
             &[("accept", "application/x-ndjson")],
@@ -217,15 +266,17 @@ async fn huge_output_is_capped_and_daemon_memory_stays_bounded(rt: Runtime) {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
-    let text = String::from_utf8_lossy(&bytes);
-    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    assert_eq!(last["type"], "result");
-    assert_eq!(last["truncated"], true);
-    let streamed: usize = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["type"] == "stdout")
-        .map(|e| e["data"].as_str().unwrap().len())
+    let events: Vec<ExecEvent> = common::ndjson(&bytes);
+    let Some(ExecEvent::Result(last)) = events.last() else {
+        panic!("the stream ends with its result: {:?}", events.last())
+    };
+    assert!(last.truncated);
+    let streamed: usize = events
+        .iter()
+        .map(|e| match e {
+            ExecEvent::Stdout { data } => data.len(),
+            _ => 0,
+        })
         .sum();
     assert_eq!(streamed, 1 << 20);
     let after = common::rss_kib(d.pid());
@@ -238,36 +289,46 @@ async fn huge_output_is_capped_and_daemon_memory_stays_bounded(rt: Runtime) {
 async fn request_id_makes_exec_idempotent(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
-    let req = json!({"shell": "echo x >> /workspace/count; wc -l < /workspace/count", "request_id": "step-1"});
-    let first = d.exec(&id, req.clone()).await;
-    let second = d.exec(&id, req).await;
-    assert_eq!(first["stdout"], "1\n");
+    let with_id = |req: ExecRequest, request_id: &str| ExecRequest {
+        request_id: Some(request_id.into()),
+        ..req
+    };
+    let count = shell("echo x >> /workspace/count; wc -l < /workspace/count");
+    let req = with_id(count.clone(), "step-1");
+    let first = d.run(&id, &req).await;
+    let second = d.run(&id, &req).await;
+    assert_eq!(first.stdout, "1\n");
     assert_eq!(second, first, "the retry returns the first result");
-    let r = d.sh(&id, "wc -l < /workspace/count").await;
-    assert_eq!(r["stdout"], "1\n", "the command ran once");
+    let r = d.shell(&id, "wc -l < /workspace/count").await;
+    assert_eq!(r.stdout, "1\n", "the command ran once");
     // A request refused before anything ran is not replayed: the corrected retry runs.
-    let (status, _) = d
-        .call(
+    let in_dir = |cwd: &str| ExecRequest {
+        cwd: Some(cwd.into()),
+        ..with_id(cmd(&["pwd"]), "step-fix")
+    };
+    let reply = d
+        .send(
             Method::POST,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(json!({"cmd": ["pwd"], "cwd": "/nope", "request_id": "step-fix"})),
+            Some(&in_dir("/nope")),
         )
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    let fixed = d
-        .exec(
-            &id,
-            json!({"cmd": ["pwd"], "cwd": "/tmp", "request_id": "step-fix"}),
-        )
-        .await;
-    assert_eq!(fixed["stdout"], "/tmp\n");
+    assert_eq!(
+        reply.expect_error(StatusCode::BAD_REQUEST).code,
+        ErrorCode::BadRequest
+    );
+    let fixed = d.run(&id, &in_dir("/tmp")).await;
+    assert_eq!(fixed.stdout, "/tmp\n");
     // Two attempts in flight at once: one runs, both get its result.
-    let req = json!({"shell": "sleep 0.3; echo y >> /workspace/count2; wc -l < /workspace/count2", "request_id": "step-concurrent"});
-    let (a, b) = tokio::join!(d.exec(&id, req.clone()), d.exec(&id, req));
+    let req = with_id(
+        shell("sleep 0.3; echo y >> /workspace/count2; wc -l < /workspace/count2"),
+        "step-concurrent",
+    );
+    let (a, b) = tokio::join!(d.run(&id, &req), d.run(&id, &req));
     assert_eq!(a, b);
-    assert_eq!(a["stdout"], "1\n");
-    let third = d.exec(&id, json!({"shell": "echo x >> /workspace/count; wc -l < /workspace/count", "request_id": "step-2"})).await;
-    assert_eq!(third["stdout"], "2\n");
+    assert_eq!(a.stdout, "1\n");
+    let third = d.run(&id, &with_id(count, "step-2")).await;
+    assert_eq!(third.stdout, "2\n");
 }
 
 async fn sixty_four_concurrent_clients(rt: Runtime) {
@@ -284,9 +345,9 @@ async fn sixty_four_concurrent_clients(rt: Runtime) {
             let id = d.acquire("default").await;
             for step in 0..10 {
                 let r = d
-                    .exec(&id, json!({"cmd": ["echo", format!("{client}-{step}")]}))
+                    .run(&id, &cmd(&["echo", &format!("{client}-{step}")]))
                     .await;
-                assert_eq!(r["stdout"], format!("{client}-{step}\n"));
+                assert_eq!(r.stdout, format!("{client}-{step}\n"));
             }
             let status = d.release(&id).await;
             assert_eq!(status, StatusCode::NO_CONTENT);
@@ -301,6 +362,7 @@ async fn malformed_exec_requests_get_clear_errors(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let path = format!("/v1/sandboxes/{id}/exec");
+    // Raw bodies: each is malformed JSON or a shape the `ExecRequest` model cannot express.
     for (body, needle) in [
         ("{not json", "invalid JSON"),
         ("{}", "one of `cmd` or `shell`"),
@@ -314,13 +376,13 @@ async fn malformed_exec_requests_get_clear_errors(rt: Runtime) {
             .request_raw(Method::POST, &path, Some(Bytes::from(body)), None)
             .await
             .unwrap();
-        let v: Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
-        assert_eq!(v["error"]["code"], "bad_request");
-        assert!(
-            v["error"]["message"].as_str().unwrap().contains(needle),
-            "{body}: {v}"
-        );
+        let err = common::Reply {
+            status,
+            body: bytes,
+        }
+        .expect_error(StatusCode::BAD_REQUEST);
+        assert_eq!(err.code, ErrorCode::BadRequest, "{body}: {err:?}");
+        assert!(err.message.contains(needle), "{body}: {err:?}");
     }
     // Over the body limit: 413, and the sandbox still works.
     let huge = format!(
@@ -332,7 +394,7 @@ async fn malformed_exec_requests_get_clear_errors(rt: Runtime) {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(d.sh(&id, "echo fine").await["stdout"], "fine\n");
+    assert_eq!(d.shell(&id, "echo fine").await.stdout, "fine\n");
 }
 
 async fn concurrent_execs_in_one_sandbox_keep_their_output(rt: Runtime) {
@@ -345,8 +407,8 @@ async fn concurrent_execs_in_one_sandbox_keep_their_output(rt: Runtime) {
         tasks.push(tokio::spawn(async move {
             for i in 0..25 {
                 let word = format!("{worker}-{i}");
-                let r = d.exec(&id, json!({"cmd": ["echo", word]})).await;
-                assert_eq!(r["stdout"], format!("{word}\n"), "{r}");
+                let r = d.run(&id, &cmd(&["echo", &word])).await;
+                assert_eq!(r.stdout, format!("{word}\n"), "{r:?}");
             }
         }));
     }
@@ -355,12 +417,12 @@ async fn concurrent_execs_in_one_sandbox_keep_their_output(rt: Runtime) {
     }
 }
 
-async fn ndjson_events(d: &Daemon, id: &str, req: Value) -> Vec<Value> {
+async fn ndjson_events(d: &Daemon, id: &str, req: &ExecRequest) -> Vec<ExecEvent> {
     let (status, bytes) = d
         .request_with(
             Method::POST,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(Bytes::from(req.to_string())),
+            Some(Bytes::from(serde_json::to_vec(req).unwrap())),
             None,
             &[("accept", "application/x-ndjson")],
         )
@@ -372,41 +434,56 @@ async fn ndjson_events(d: &Daemon, id: &str, req: Value) -> Vec<Value> {
         "{}",
         String::from_utf8_lossy(&bytes)
     );
-    String::from_utf8_lossy(&bytes)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    common::ndjson(&bytes)
 }
 
 async fn streaming_exec_is_idempotent_and_survives_a_lost_client(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
-    let req = json!({"shell": "echo run >> /workspace/runs; echo out; echo err >&2; exit 2", "request_id": "s-1"});
-    let first = ndjson_events(&d, &id, req.clone()).await;
-    let again = ndjson_events(&d, &id, req.clone()).await;
-    let text = |events: &[Value], kind: &str| -> String {
+    let req = ExecRequest {
+        request_id: Some("s-1".into()),
+        ..shell("echo run >> /workspace/runs; echo out; echo err >&2; exit 2")
+    };
+    let first = ndjson_events(&d, &id, &req).await;
+    let again = ndjson_events(&d, &id, &req).await;
+    let stdout = |events: &[ExecEvent]| -> String {
         events
             .iter()
-            .filter(|e| e["type"] == kind)
-            .map(|e| e["data"].as_str().unwrap().to_string())
+            .filter_map(|e| match e {
+                ExecEvent::Stdout { data } => Some(data.as_str()),
+                _ => None,
+            })
             .collect()
     };
-    assert_eq!(text(&first, "stdout"), "out\n");
-    assert_eq!(text(&again, "stdout"), "out\n");
-    assert_eq!(text(&again, "stderr"), "err\n");
-    assert_eq!(again.last().unwrap()["exit_code"], 2);
+    let stderr: String = again
+        .iter()
+        .filter_map(|e| match e {
+            ExecEvent::Stderr { data } => Some(data.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stdout(&first), "out\n");
+    assert_eq!(stdout(&again), "out\n");
+    assert_eq!(stderr, "err\n");
+    let Some(ExecEvent::Result(ExecResult { exit_code, .. })) = again.last() else {
+        panic!("{again:?}")
+    };
+    assert_eq!(*exit_code, 2);
     // The same id in JSON mode gets the same result, rebuilt from the stream.
-    let json_retry = d.exec(&id, req).await;
-    assert_eq!(json_retry["stdout"], "out\n");
-    assert_eq!(json_retry["exit_code"], 2);
+    let json_retry = d.run(&id, &req).await;
+    assert_eq!(json_retry.stdout, "out\n");
+    assert_eq!(json_retry.exit_code, 2);
     assert_eq!(
-        d.sh(&id, "wc -l < /workspace/runs").await["stdout"],
+        d.shell(&id, "wc -l < /workspace/runs").await.stdout,
         "1\n",
         "ran once"
     );
 
     // A client that goes away mid-stream: the command still finishes, a retry gets it all.
-    let req = json!({"shell": "echo first; sleep 0.5; echo second; echo done >> /workspace/lost", "request_id": "s-2"});
+    let req = ExecRequest {
+        request_id: Some("s-2".into()),
+        ..shell("echo first; sleep 0.5; echo second; echo done >> /workspace/lost")
+    };
     {
         let stream = tokio::net::TcpStream::connect(("127.0.0.1", d.port))
             .await
@@ -419,7 +496,9 @@ async fn streaming_exec_is_idempotent_and_survives_a_lost_client(rt: Runtime) {
         let request = hyper::Request::post(format!("/v1/sandboxes/{id}/exec"))
             .header("host", "localhost")
             .header("accept", "application/x-ndjson")
-            .body(http_body_util::Full::new(Bytes::from(req.to_string())))
+            .body(http_body_util::Full::new(Bytes::from(
+                serde_json::to_vec(&req).unwrap(),
+            )))
             .unwrap();
         let response = sender.send_request(request).await.unwrap();
         let mut body = response.into_body();
@@ -430,9 +509,9 @@ async fn streaming_exec_is_idempotent_and_survives_a_lost_client(rt: Runtime) {
         drop(sender);
         conn.abort();
     }
-    let retry = d.exec(&id, req).await;
-    assert_eq!(retry["stdout"], "first\nsecond\n", "{retry}");
-    assert_eq!(d.sh(&id, "cat /workspace/lost").await["stdout"], "done\n");
+    let retry = d.run(&id, &req).await;
+    assert_eq!(retry.stdout, "first\nsecond\n", "{retry:?}");
+    assert_eq!(d.shell(&id, "cat /workspace/lost").await.stdout, "done\n");
     let metrics = d.metrics_text().await;
     assert!(
         metrics.contains(r#"arl_execs_total{outcome="nonzero",pool="default"} 1"#),

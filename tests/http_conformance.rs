@@ -7,9 +7,9 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Daemon, Options};
+use arl::api::{ErrorCode, ExecResult, PoolSpec, PoolView};
+use common::{BIN, Daemon, Options, cmd, shell};
 use hyper::{Method, StatusCode};
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,8 +38,11 @@ async fn undeclared_methods_answer_405_with_allow() {
         assert!(head.contains("method_not_allowed"), "{head}");
     }
     // Unknown paths stay 404.
-    let (status, body) = d.call(Method::GET, "/v1/nothing", None).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let err = d
+        .send_empty(Method::GET, "/v1/nothing")
+        .await
+        .expect_error(StatusCode::NOT_FOUND);
+    assert_eq!(err.code, ErrorCode::NotFound);
 }
 
 /// Sends a raw request and reads the response until the connection closes or 64 KiB arrive.
@@ -68,37 +71,37 @@ async fn readyz_says_why_while_no_pool_can_create() {
     })
     .await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        let (status, body) = d.call(Method::GET, "/readyz", None).await;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            break body;
+    let err = loop {
+        let reply = d.send_empty(Method::GET, "/readyz").await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            break reply.error();
         }
-        assert!(
-            Instant::now() < deadline,
-            "still {status}: {body}\n{}",
-            d.log()
-        );
+        assert!(Instant::now() < deadline, "still {reply}\n{}", d.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert_eq!(body["error"]["code"], "sandbox_unavailable", "{body}");
-    assert!(message.contains("\"broken\""), "names the pool: {message}");
+    assert_eq!(err.code, ErrorCode::SandboxUnavailable, "{err:?}");
+    assert!(
+        err.message.contains("\"broken\""),
+        "names the pool: {}",
+        err.message
+    );
     // Liveness is another matter: the process answers.
-    let (status, _) = d.call(Method::GET, "/healthz", None).await;
-    assert_eq!(status, StatusCode::OK);
+    let reply = d.send_empty(Method::GET, "/healthz").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply}");
     // A working pool makes the node ready again.
-    let (status, body) = d
-        .call(
-            Method::PUT,
-            "/v1/pools/fine",
-            Some(json!({"min_idle": 1, "max": 2})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    d.wait_pool("fine", 20, |s| s["idle"].as_u64() >= Some(1))
-        .await;
-    let (status, body) = d.call(Method::GET, "/readyz", None).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let spec = PoolSpec {
+        min_idle: 1,
+        max: 2,
+        ..PoolSpec::default()
+    };
+    let view: PoolView = d
+        .send(Method::PUT, "/v1/pools/fine", Some(&spec))
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(view.spec, spec);
+    d.wait_status("fine", 20, |s| s.idle >= 1).await;
+    let reply = d.send_empty(Method::GET, "/readyz").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,10 +113,10 @@ async fn draining_answers_503_while_running_work_finishes() {
         let id = id.clone();
         tokio::spawn(async move {
             let d = Daemon::attach(port);
-            d.call(
+            d.send(
                 Method::POST,
                 &format!("/v1/sandboxes/{id}/exec"),
-                Some(json!({"shell": "sleep 1; echo finished"})),
+                Some(&shell("sleep 1; echo finished")),
             )
             .await
         })
@@ -125,37 +128,36 @@ async fn draining_answers_503_while_running_work_finishes() {
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, body) = d.call(Method::GET, "/readyz", None).await;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            assert_eq!(body["error"]["code"], "draining", "{body}");
+        let reply = d.send_empty(Method::GET, "/readyz").await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(reply.error().code, ErrorCode::Draining, "{reply}");
             break;
         }
-        assert!(Instant::now() < deadline, "never drained: {status} {body}");
+        assert!(Instant::now() < deadline, "never drained: {reply}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // New work gets a clear, retryable answer on an open listener.
-    let (status, body) = d
-        .call(
+    let err = d
+        .send(
             Method::POST,
             "/v1/sandboxes",
-            Some(json!({"pool": "default"})),
+            Some(&common::acquire("default")),
         )
-        .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["error"]["code"], "draining");
-    assert_eq!(body["error"]["retryable"], true);
-    let (status, body) = d
-        .call(
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(err.code, ErrorCode::Draining);
+    assert!(err.retryable);
+    let reply = d
+        .send(
             Method::POST,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(json!({"cmd": ["true"]})),
+            Some(&cmd(&["true"])),
         )
         .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
     // The command that was running finishes and answers.
-    let (status, body) = running.await.expect("exec task");
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["stdout"], "finished\n");
+    let r: ExecResult = running.await.expect("exec task").expect(StatusCode::OK);
+    assert_eq!(r.stdout, "finished\n");
     assert_eq!(d.terminate(), Some(0), "{}", d.log());
 }
 
@@ -168,23 +170,23 @@ async fn an_exec_cut_short_by_a_release_says_released() {
         let id = id.clone();
         tokio::spawn(async move {
             Daemon::attach(port)
-                .call(
+                .send(
                     Method::POST,
                     &format!("/v1/sandboxes/{id}/exec"),
-                    Some(json!({"shell": "sleep 30"})),
+                    Some(&shell("sleep 30")),
                 )
                 .await
         })
     };
     wait_for_process(&d, &id, "sleep").await;
     assert_eq!(d.release(&id).await, StatusCode::NO_CONTENT);
-    let (status, body) = tokio::time::timeout(Duration::from_secs(20), running)
+    let err = tokio::time::timeout(Duration::from_secs(20), running)
         .await
         .expect("the exec ends with the sandbox")
-        .expect("exec task");
-    assert_eq!(status, StatusCode::GONE, "{body}");
-    assert_eq!(body["error"]["code"], "released", "{body}");
-    assert_eq!(body["error"]["retryable"], false, "{body}");
+        .expect("exec task")
+        .expect_error(StatusCode::GONE);
+    assert_eq!(err.code, ErrorCode::Released, "{err:?}");
+    assert!(!err.retryable, "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,8 +263,8 @@ async fn allow_unauthenticated_serves_anyway() {
         },
     )
     .await;
-    let (status, _) = d.call(Method::GET, "/v1/pools", None).await;
-    assert_eq!(status, StatusCode::OK);
+    let pools: arl::api::PoolList = d.get("/v1/pools").await;
+    assert!(!pools.pools.is_empty(), "{pools:?}");
     assert!(d.log().contains("NO AUTHENTICATION"), "{}", d.log());
 }
 

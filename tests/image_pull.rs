@@ -223,6 +223,7 @@ async fn push_image(registry: &Registry, repo: &str, tag: &str, marker: &str) {
         "aarch64" => "arm64",
         other => other,
     };
+    // The OCI image documents the registry serves are raw JSON: they are no `arl::api` model.
     let config = serde_json::to_vec(&json!({
         "architecture": arch, "os": "linux",
         "config": {"Env": ["PATH=/bin"]},
@@ -325,17 +326,17 @@ async fn an_absent_image_is_pulled_unpacked_and_runs() {
         ),
     )
     .await;
-    d.wait_pool("a", 60, |s| s["idle"] == 2).await;
-    d.wait_pool("b", 60, |s| s["idle"] == 1).await;
+    d.wait_status("a", 60, |s| s.idle == 2).await;
+    d.wait_status("b", 60, |s| s.idle == 1).await;
     let id = d.acquire("a").await;
     let r = d
-        .sh(&id, "cat /marker; ls /bin/busybox; wc -c < /noise")
+        .shell(&id, "cat /marker; ls /bin/busybox; wc -c < /noise")
         .await;
-    assert_eq!(r["exit_code"], 0, "{r}");
+    assert_eq!(r.exit_code, 0, "{r:?}");
     assert_eq!(
-        r["stdout"],
+        r.stdout,
         format!("{marker}/bin/busybox\n{}\n", 3 << 20),
-        "{r}"
+        "{r:?}"
     );
 
     // containerd now holds the image, unpacked, and no pull lease is left.
@@ -353,10 +354,10 @@ async fn an_absent_image_is_pulled_unpacked_and_runs() {
         ..Options::default()
     })
     .await;
-    offline.wait_pool("a", 30, |s| s["idle"] == 1).await;
+    offline.wait_status("a", 30, |s| s.idle == 1).await;
     let id = offline.acquire("a").await;
-    let r = offline.sh(&id, "cat /marker").await;
-    assert_eq!(r["stdout"], marker, "{r}");
+    let r = offline.shell(&id, "cat /marker").await;
+    assert_eq!(r.stdout, marker, "{r:?}");
     drop(offline);
     ctr(&["images", "rm", &image]);
 }
@@ -383,34 +384,28 @@ async fn a_missing_tag_or_registry_is_a_clear_pool_error() {
     })
     .await;
     for (pool, image) in [("missing", &missing), ("unreachable", &unreachable)] {
-        let s = d.wait_pool(pool, 30, |s| !s["last_error"].is_null()).await;
-        let err = s["last_error"].as_str().unwrap_or_default();
+        let s = d.wait_status(pool, 30, |s| s.last_error.is_some()).await;
+        let err = s.last_error.unwrap_or_default();
         // The runtime that failed, then what it was doing.
         assert!(
             err.starts_with(&format!("containerd: pull {image}:")),
             "{err}"
         );
-        let (status, body) = d
-            .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": pool})))
-            .await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-        assert!(body.to_string().contains(image.as_str()), "{body}");
+        let err = d
+            .send(Method::POST, "/v1/sandboxes", Some(&common::acquire(pool)))
+            .await
+            .expect_error(StatusCode::SERVICE_UNAVAILABLE);
+        assert!(err.message.contains(image.as_str()), "{err:?}");
     }
-    let s = d.pool_status("missing").await;
+    let s = d.status("missing").await;
+    let err = s.last_error.as_deref().unwrap_or_default();
     assert!(
-        s["last_error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("unknown")
-            || s["last_error"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("not found"),
-        "{s}"
+        err.contains("unknown") || err.contains("not found"),
+        "{s:?}"
     );
     let leases = ctr(&["leases", "ls", "-q"]);
     assert!(!leases.contains("arl-pull-"), "{leases}");
     // The daemon keeps serving (backoff, not a crash loop).
-    let (status, _) = d.call(Method::GET, "/healthz", None).await;
-    assert_eq!(status, StatusCode::OK);
+    let reply = d.send_empty(Method::GET, "/healthz").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply}");
 }

@@ -5,10 +5,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use arl::api::files::Encoding;
+use arl::api::{
+    ErrorCode, ExecRequest, FileContent, FileInfo, PoolSpec, PoolView, SandboxInfo,
+    WriteFilesRequest, WriteFilesResponse,
+};
 use bytes::Bytes;
-use common::{Daemon, Options, Runtime};
+use common::{Daemon, Options, Reply, Runtime, cmd, shell};
 use hyper::{Method, StatusCode};
-use serde_json::{Value, json};
 
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
@@ -25,11 +29,15 @@ async fn files_round_trip_with_sha256(rt: Runtime) {
         .request_raw(Method::PUT, &url, Some(Bytes::from(data.clone())), None)
         .await
         .unwrap();
-    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
-    let info: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(info["path"], "/workspace/deep/dir/blob.bin");
-    assert_eq!(info["size"], data.len());
-    assert_eq!(info["sha256"], sum);
+    let info: FileInfo = Reply { status, body }.expect(StatusCode::OK);
+    assert_eq!(
+        info,
+        FileInfo {
+            path: "/workspace/deep/dir/blob.bin".into(),
+            size: data.len() as u64,
+            sha256: sum.clone(),
+        }
+    );
 
     let (status, back) = d
         .request_raw(
@@ -43,12 +51,12 @@ async fn files_round_trip_with_sha256(rt: Runtime) {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(sha256_hex(&back), sum);
     let r = d
-        .sh(
+        .shell(
             &id,
             "stat -c %a deep/dir/blob.bin; sha256sum deep/dir/blob.bin | cut -d' ' -f1",
         )
         .await;
-    assert_eq!(r["stdout"], format!("600\n{sum}\n"));
+    assert_eq!(r.stdout, format!("600\n{sum}\n"));
 
     // A wrong checksum is refused and leaves the old file alone.
     let (status, body) = d
@@ -63,35 +71,44 @@ async fn files_round_trip_with_sha256(rt: Runtime) {
         )
         .await
         .unwrap();
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(String::from_utf8_lossy(&body).contains("checksum_mismatch"));
+    let err = Reply { status, body }.expect_error(StatusCode::BAD_REQUEST);
+    assert_eq!(err.code, ErrorCode::ChecksumMismatch);
     let r = d
-        .sh(
+        .shell(
             &id,
             "sha256sum deep/dir/blob.bin | cut -d' ' -f1; ls -A deep/dir",
         )
         .await;
     assert_eq!(
-        r["stdout"],
+        r.stdout,
         format!("{sum}\nblob.bin\n"),
         "no temp file left behind"
     );
 
     // Several files in one call (hot code reload), text and base64, with a mode.
-    let (status, body) = d
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/files"),
-            Some(json!({"files": {
-                "app/main.sh": "echo hi from main\n",
-                "app/run.sh": {"content": "IyEvYmluL3NoCmVjaG8gcnVuCg==", "encoding": "base64", "mode": 493},
-            }})),
-        )
+    let req = WriteFilesRequest {
+        files: [
+            (
+                "app/main.sh".to_string(),
+                FileContent::Text("echo hi from main\n".into()),
+            ),
+            (
+                "app/run.sh".to_string(),
+                FileContent::Detailed {
+                    content: "IyEvYmluL3NoCmVjaG8gcnVuCg==".into(),
+                    encoding: Encoding::Base64,
+                    mode: Some(0o755),
+                },
+            ),
+        ]
+        .into(),
+    };
+    let written: WriteFilesResponse = d
+        .post(&format!("/v1/sandboxes/{id}/files"), &req, StatusCode::OK)
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["files"].as_array().unwrap().len(), 2);
-    let r = d.sh(&id, "sh app/main.sh && ./app/run.sh").await;
-    assert_eq!(r["stdout"], "hi from main\nrun\n", "{r}");
+    assert_eq!(written.files.len(), 2, "{:?}", written.files);
+    let r = d.shell(&id, "sh app/main.sh && ./app/run.sh").await;
+    assert_eq!(r.stdout, "hi from main\nrun\n", "{r:?}");
 
     let (status, _) = d
         .request_raw(
@@ -123,7 +140,7 @@ async fn files_round_trip_with_sha256(rt: Runtime) {
 async fn paths_that_leave_the_sandbox_are_refused(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
-    d.sh(&id, "ln -s / /workspace/rootlink; ln -s /etc/shadow /workspace/shadow; ln -s ../etc /workspace/up").await;
+    d.shell(&id, "ln -s / /workspace/rootlink; ln -s /etc/shadow /workspace/shadow; ln -s ../etc /workspace/up").await;
     for path in [
         "../etc/passwd",
         "a/../../etc/passwd",
@@ -142,11 +159,8 @@ async fn paths_that_leave_the_sandbox_are_refused(rt: Runtime) {
             )
             .await
             .unwrap();
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        assert!(
-            status == StatusCode::BAD_REQUEST && v["error"]["code"] == "path_refused",
-            "write {path}: {status} {v}"
-        );
+        let err = Reply { status, body }.expect_error(StatusCode::BAD_REQUEST);
+        assert_eq!(err.code, ErrorCode::PathRefused, "write {path}: {err:?}");
         let (status, body) = d
             .request_raw(
                 Method::GET,
@@ -156,11 +170,8 @@ async fn paths_that_leave_the_sandbox_are_refused(rt: Runtime) {
             )
             .await
             .unwrap();
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        assert!(
-            status == StatusCode::BAD_REQUEST && v["error"]["code"] == "path_refused",
-            "read {path}: {status} {v}"
-        );
+        let err = Reply { status, body }.expect_error(StatusCode::BAD_REQUEST);
+        assert_eq!(err.code, ErrorCode::PathRefused, "read {path}: {err:?}");
     }
     // The sandbox's own /etc/shadow (the host's, through the overlay) is not readable either:
     // root in a process sandbox is not the host's root.
@@ -208,12 +219,8 @@ async fn host_data_is_out_of_sight() {
         secret.display(),
         d.state_dir().display()
     );
-    let r = d.sh(&id, &script).await;
-    let out = format!(
-        "{}{}",
-        r["stdout"].as_str().unwrap(),
-        r["stderr"].as_str().unwrap()
-    );
+    let r = d.shell(&id, &script).await;
+    let out = format!("{}{}", r.stdout, r.stderr);
     assert!(!out.contains("host secret"), "{out}");
     assert!(out.contains("/etc/shadow: Permission denied"), "{out}");
     assert!(
@@ -238,13 +245,9 @@ async fn host_data_is_out_of_sight() {
     assert!(status.contains("Seccomp:\t2"));
 
     // Only loopback, and namespaces cannot be nested to undo the limits.
-    let r = d.sh(&id, "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; unshare -U true 2>&1 || echo refused").await;
-    assert_eq!(
-        r["stdout"].as_str().unwrap().lines().next(),
-        Some("lo"),
-        "{r}"
-    );
-    assert!(r["stdout"].as_str().unwrap().contains("refused"), "{r}");
+    let r = d.shell(&id, "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; unshare -U true 2>&1 || echo refused").await;
+    assert_eq!(r.stdout.lines().next(), Some("lo"), "{r:?}");
+    assert!(r.stdout.contains("refused"), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,16 +255,16 @@ async fn setuid_binaries_give_no_privilege() {
     let d = Daemon::start(Options::default()).await;
     let id = d.acquire("default").await;
     let r = d
-        .sh(&id, "cp /usr/bin/id /workspace/suid-id && chmod u+s /workspace/suid-id && ls -l /workspace/suid-id | cut -c1-10; setpriv --reuid 1000 --regid 1000 --clear-groups /workspace/suid-id -u; setpriv --reuid 1000 --regid 1000 --clear-groups su -c id root </dev/null 2>&1 | head -1 | grep -c uid=0")
+        .shell(&id, "cp /usr/bin/id /workspace/suid-id && chmod u+s /workspace/suid-id && ls -l /workspace/suid-id | cut -c1-10; setpriv --reuid 1000 --regid 1000 --clear-groups /workspace/suid-id -u; setpriv --reuid 1000 --regid 1000 --clear-groups su -c id root </dev/null 2>&1 | head -1 | grep -c uid=0")
         .await;
-    let lines: Vec<&str> = r["stdout"].as_str().unwrap().lines().collect();
-    assert_eq!(lines.first(), Some(&"-rwsr-xr-x"), "{r}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"-rwsr-xr-x"), "{r:?}");
     assert_eq!(
         lines.get(1),
         Some(&"1000"),
-        "setuid must not raise the uid: {r}"
+        "setuid must not raise the uid: {r:?}"
     );
-    assert_eq!(lines.get(2), Some(&"0"), "su must not become root: {r}");
+    assert_eq!(lines.get(2), Some(&"0"), "su must not become root: {r:?}");
 }
 
 async fn fork_bomb_is_held_by_the_pids_limit(rt: Runtime) {
@@ -274,36 +277,26 @@ async fn fork_bomb_is_held_by_the_pids_limit(rt: Runtime) {
     let other = d.acquire("default").await;
     let started = Instant::now();
     let r = d
-        .exec(
+        .run(
             &bomb,
-            json!({"shell": "bomb() { bomb | bomb & }; bomb; sleep 2", "timeout_ms": 4000}),
+            &ExecRequest {
+                timeout_ms: Some(4000),
+                ..shell("bomb() { bomb | bomb & }; bomb; sleep 2")
+            },
         )
         .await;
-    assert!(started.elapsed() < Duration::from_secs(20), "{r}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{r:?}");
     assert_eq!(
-        d.sh(&other, "echo other fine").await["stdout"],
+        d.shell(&other, "echo other fine").await.stdout,
         "other fine\n"
     );
-    let (status, _) = d
-        .call(Method::POST, &format!("/v1/sandboxes/{bomb}/reset"), None)
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    let info: SandboxInfo = d.action(&bomb, "reset").await.expect(StatusCode::OK);
+    assert_eq!(info.id, bomb);
     let r = d
-        .sh(&bomb, "echo recovered; ls /proc | grep -c '^[0-9]'")
+        .shell(&bomb, "echo recovered; ls /proc | grep -c '^[0-9]'")
         .await;
-    assert_eq!(
-        r["stdout"].as_str().unwrap().lines().next(),
-        Some("recovered"),
-        "{r}"
-    );
-    let procs: u32 = r["stdout"]
-        .as_str()
-        .unwrap()
-        .lines()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    assert_eq!(r.stdout.lines().next(), Some("recovered"), "{r:?}");
+    let procs: u32 = r.stdout.lines().nth(1).unwrap().parse().unwrap();
     assert!(procs <= 4, "reset left {procs} processes");
 }
 
@@ -316,18 +309,27 @@ async fn memory_hog_dies_alone(rt: Runtime) {
     .await;
     let hog = d.acquire("default").await;
     let other = d.acquire("default").await;
-    let r = d.exec(&hog, json!({"cmd": ["dd", "if=/dev/zero", "of=/dev/null", "bs=400M", "count=1"], "timeout_ms": 30000})).await;
+    let r = d
+        .run(
+            &hog,
+            &ExecRequest {
+                timeout_ms: Some(30000),
+                ..cmd(&["dd", "if=/dev/zero", "of=/dev/null", "bs=400M", "count=1"])
+            },
+        )
+        .await;
     assert_eq!(
-        r["signal"], 9,
-        "the hog (a 400 MiB buffer) is OOM-killed: {r}"
+        r.signal,
+        Some(9),
+        "the hog (a 400 MiB buffer) is OOM-killed: {r:?}"
     );
-    assert_eq!(r["oom_killed"], true, "{r}");
+    assert!(r.oom_killed, "{r:?}");
     assert_eq!(
-        d.sh(&hog, "echo agent alive").await["stdout"],
+        d.shell(&hog, "echo agent alive").await.stdout,
         "agent alive\n"
     );
     assert_eq!(
-        d.sh(&other, "echo other fine").await["stdout"],
+        d.shell(&other, "echo other fine").await.stdout,
         "other fine\n"
     );
     let (status, _) = d
@@ -354,13 +356,11 @@ async fn a_pool_rootfs_replaces_the_host_system() {
     })
     .await;
     let id = d.acquire("tiny").await;
-    let r = d
-        .exec(&id, json!({"cmd": ["/bin/ldconfig", "--version"]}))
-        .await;
-    assert_eq!(r["exit_code"], 0, "{r}");
-    assert!(r["stdout"].as_str().unwrap().contains("ldconfig"), "{r}");
-    let r = d.exec(&id, json!({"cmd": ["/bin/sh", "-c", "true"]})).await;
-    assert_eq!(r["exit_code"], 127, "no host /bin/sh inside: {r}");
+    let r = d.run(&id, &cmd(&["/bin/ldconfig", "--version"])).await;
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert!(r.stdout.contains("ldconfig"), "{r:?}");
+    let r = d.run(&id, &cmd(&["/bin/sh", "-c", "true"])).await;
+    assert_eq!(r.exit_code, 127, "no host /bin/sh inside: {r:?}");
     let (status, body) = d
         .request_raw(
             Method::GET,
@@ -381,34 +381,35 @@ async fn a_pool_rootfs_replaces_the_host_system() {
 
     // Even an empty directory hosts the agent: the sandbox works, with nothing to run in it.
     let bare = common::tempdir::TempDir::new("bare");
-    let (status, body) = d
-        .call(
-            Method::PUT,
-            "/v1/pools/bare",
-            Some(json!({"min_idle": 1, "rootfs": bare.path()})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let put_pool = |name: &str, rootfs: String| {
+        let (d, path) = (&d, format!("/v1/pools/{name}"));
+        let spec = PoolSpec {
+            min_idle: 1,
+            rootfs: Some(rootfs),
+            ..PoolSpec::default()
+        };
+        async move {
+            let view: PoolView = d
+                .send(Method::PUT, &path, Some(&spec))
+                .await
+                .expect(StatusCode::OK);
+            assert_eq!(view.spec, spec);
+        }
+    };
+    put_pool("bare", bare.path().display().to_string()).await;
     let id = d.acquire("bare").await;
-    let r = d.exec(&id, json!({"cmd": ["/bin/sh", "-c", "true"]})).await;
-    assert_eq!(r["exit_code"], 127, "{r}");
+    let r = d.run(&id, &cmd(&["/bin/sh", "-c", "true"])).await;
+    assert_eq!(r.exit_code, 127, "{r:?}");
     assert_eq!(d.put_file(&id, "hello.txt", b"hi").await, StatusCode::OK);
     assert!(
         std::fs::read_dir(bare.path()).unwrap().next().is_none(),
         "the pool's directory stays empty"
     );
 
-    let (status, body) = d
-        .call(
-            Method::PUT,
-            "/v1/pools/gone",
-            Some(json!({"rootfs": "/no/such/dir"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    d.wait_pool("gone", 20, |s| {
-        s["last_error"]
-            .as_str()
+    put_pool("gone", "/no/such/dir".into()).await;
+    d.wait_status("gone", 20, |s| {
+        s.last_error
+            .as_deref()
             .is_some_and(|e| e.contains("/no/such/dir"))
     })
     .await;

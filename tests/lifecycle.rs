@@ -5,8 +5,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use arl::api::{
+    AcquireRequest, ErrorCode, ExecRequest, PoolSpec, PoolView, SandboxInfo, SandboxList,
+    SandboxState,
+};
 use bytes::Bytes;
-use common::{Daemon, Options, Runtime, alive};
+use common::{Daemon, Options, Runtime, acquire, alive, cmd, map};
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
@@ -16,128 +20,131 @@ async fn pools_acquire_many_release_and_exhaustion(rt: Runtime) {
         ..Options::on(rt)
     })
     .await;
-    d.wait_pool("small", 20, |s| s["idle"] == 2).await;
-    let (status, body) = d
-        .call(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"pool": "small", "count": 3, "labels": {"episode": "7"}})),
-        )
+    d.wait_status("small", 20, |s| s.idle == 2).await;
+    let sandboxes = d
+        .acquire_with(&AcquireRequest {
+            count: Some(3),
+            labels: map(&[("episode", "7")]),
+            ..acquire("small")
+        })
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let ids: Vec<String> = body["sandboxes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids: Vec<String> = sandboxes.iter().map(|s| s.id.clone()).collect();
     assert_eq!(ids.len(), 3);
-    assert_eq!(body["sandboxes"][0]["labels"]["episode"], "7");
-    assert_eq!(body["sandboxes"][0]["state"], "allocated");
+    assert_eq!(sandboxes[0].labels, map(&[("episode", "7")]));
+    assert_eq!(sandboxes[0].state, SandboxState::Allocated);
 
-    let (status, body) = d
-        .call(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"pool": "small"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["error"]["code"], "pool_exhausted");
-    assert_eq!(body["error"]["retryable"], true);
+    let client = &d;
+    let acquire_reply = move |req: AcquireRequest| async move {
+        client.send(Method::POST, "/v1/sandboxes", Some(&req)).await
+    };
+    let err = acquire_reply(acquire("small"))
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(err.code, ErrorCode::PoolExhausted);
+    assert!(err.retryable);
 
-    let (_, list) = d.call(Method::GET, "/v1/sandboxes", None).await;
-    assert_eq!(list["sandboxes"].as_array().unwrap().len(), 3);
-    let (status, _) = d
-        .call(Method::DELETE, &format!("/v1/sandboxes/{}", ids[2]), None)
+    let list: SandboxList = d.get("/v1/sandboxes").await;
+    assert_eq!(list.sandboxes.len(), 3);
+    let reply = d
+        .send_empty(Method::DELETE, &format!("/v1/sandboxes/{}", ids[2]))
         .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    d.wait_pool("small", 20, |s| s["idle"] == 1 && s["total"] == 3)
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{reply}");
+    d.wait_status("small", 20, |s| s.idle == 1 && s.total == 3)
         .await;
     // Two more would exceed max = 3 even though one is warm: refused, the warm one untouched.
-    let (status, body) = d
-        .call(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"pool": "small", "count": 2})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(d.pool_status("small").await["idle"], 1);
-    let (status, body) = d
-        .call(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"pool": "small"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let ids = vec![
-        ids[0].clone(),
-        ids[1].clone(),
-        body["sandboxes"][0]["id"].as_str().unwrap().to_string(),
-    ];
+    let err = acquire_reply(AcquireRequest {
+        count: Some(2),
+        ..acquire("small")
+    })
+    .await
+    .expect_error(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(err.code, ErrorCode::PoolExhausted);
+    assert_eq!(d.status("small").await.idle, 1);
+    let ids = vec![ids[0].clone(), ids[1].clone(), d.acquire("small").await];
     for id in &ids {
         let status = d.release(id).await;
         assert_eq!(status, StatusCode::NO_CONTENT);
-        let (status, body) = d
-            .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
-            .await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        let err = d
+            .send_empty(Method::GET, &format!("/v1/sandboxes/{id}"))
+            .await
+            .expect_error(StatusCode::NOT_FOUND);
+        assert_eq!(err.code, ErrorCode::NotFound);
     }
-    d.wait_pool("small", 20, |s| s["idle"] == 2 && s["allocated"] == 0)
+    d.wait_status("small", 20, |s| s.idle == 2 && s.allocated == 0)
         .await;
 
     // A retried acquire with the same request id gets the same sandbox, not a second one.
-    let req = json!({"pool": "small", "request_id": "episode-42"});
-    let (status, first) = d
-        .call(Method::POST, "/v1/sandboxes", Some(req.clone()))
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{first}");
-    let (status, again) = d.call(Method::POST, "/v1/sandboxes", Some(req)).await;
-    assert_eq!(status, StatusCode::CREATED, "{again}");
-    assert_eq!(first["sandboxes"][0]["id"], again["sandboxes"][0]["id"]);
-    assert_eq!(d.pool_status("small").await["allocated"], 1);
-    let rid = first["sandboxes"][0]["id"].as_str().unwrap().to_string();
-    d.call(Method::DELETE, &format!("/v1/sandboxes/{rid}"), None)
-        .await;
+    let req = AcquireRequest {
+        request_id: Some("episode-42".into()),
+        ..acquire("small")
+    };
+    let first = d.acquire_with(&req).await;
+    let again = d.acquire_with(&req).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(first[0].id, again[0].id);
+    assert_eq!(d.status("small").await.allocated, 1);
+    assert_eq!(d.release(&first[0].id).await, StatusCode::NO_CONTENT);
 
     // Pools over the API: create, validate, delete.
-    let (status, body) = d
-        .call(
+    let spec = PoolSpec {
+        min_idle: 1,
+        max: 2,
+        memory_mb: 128,
+        ..PoolSpec::default()
+    };
+    let view: PoolView = d
+        .send(Method::PUT, "/v1/pools/extra", Some(&spec))
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(view.spec, spec);
+    d.wait_status("extra", 20, |s| s.idle == 1).await;
+    for bad in [
+        PoolSpec {
+            min_idle: 5,
+            max: 2,
+            ..PoolSpec::default()
+        },
+        PoolSpec {
+            max: 0,
+            ..PoolSpec::default()
+        },
+        PoolSpec {
+            memory_mb: 1,
+            ..PoolSpec::default()
+        },
+    ] {
+        let err = d
+            .send(Method::PUT, "/v1/pools/extra", Some(&bad))
+            .await
+            .expect_error(StatusCode::BAD_REQUEST);
+        assert_eq!(err.code, ErrorCode::BadRequest, "{bad:?}: {err:?}");
+    }
+    // A field no spec has: raw JSON, which the `PoolSpec` model cannot express.
+    let err = d
+        .send(
             Method::PUT,
             "/v1/pools/extra",
-            Some(json!({"min_idle": 1, "max": 2, "memory_mb": 128})),
+            Some(&json!({"nonsense": true})),
         )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["spec"]["memory_mb"], 128);
-    d.wait_pool("extra", 20, |s| s["idle"] == 1).await;
-    for bad in [
-        json!({"min_idle": 5, "max": 2}),
-        json!({"max": 0}),
-        json!({"memory_mb": 1}),
-        json!({"nonsense": true}),
-    ] {
-        let (status, body) = d
-            .call(Method::PUT, "/v1/pools/extra", Some(bad.clone()))
-            .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
-    }
-    let (status, _) = d
-        .call(Method::PUT, "/v1/pools/Bad_Name", Some(json!({})))
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _) = d.call(Method::DELETE, "/v1/pools/extra", None).await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, body) = d
-        .call(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"pool": "extra"})),
+        .await
+        .expect_error(StatusCode::BAD_REQUEST);
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    let err = d
+        .send(
+            Method::PUT,
+            "/v1/pools/Bad_Name",
+            Some(&PoolSpec::default()),
         )
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        .await
+        .expect_error(StatusCode::BAD_REQUEST);
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    let reply = d.send_empty(Method::DELETE, "/v1/pools/extra").await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{reply}");
+    let err = acquire_reply(acquire("extra"))
+        .await
+        .expect_error(StatusCode::NOT_FOUND);
+    assert_eq!(err.code, ErrorCode::NotFound);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,12 +158,13 @@ async fn unknown_ids_bad_bodies_and_routes() {
         (Method::GET, "/v1/pools/nope"),
         (Method::GET, "/v2/whatever"),
     ] {
-        let (status, body) = d
-            .call(method.clone(), path, Some(json!({"cmd": ["true"]})))
-            .await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {body}");
-        assert_eq!(body["error"]["code"], "not_found");
+        let err = d
+            .send(method.clone(), path, Some(&cmd(&["true"])))
+            .await
+            .expect_error(StatusCode::NOT_FOUND);
+        assert_eq!(err.code, ErrorCode::NotFound, "{method} {path}: {err:?}");
     }
+    // Raw bodies: malformed JSON, and one past the body limit.
     let (status, body) = d
         .request_raw(
             Method::POST,
@@ -181,14 +189,18 @@ async fn unknown_ids_bad_bodies_and_routes() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    let (status, body) = d
-        .call(
+    let err = d
+        .send(
             Method::POST,
             "/v1/sandboxes",
-            Some(json!({"pool": "default", "count": 0})),
+            Some(&AcquireRequest {
+                count: Some(0),
+                ..acquire("default")
+            }),
         )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        .await
+        .expect_error(StatusCode::BAD_REQUEST);
+    assert_eq!(err.code, ErrorCode::BadRequest);
     let id = d.acquire("default").await;
     let (status, body) = d
         .request_raw(
@@ -214,13 +226,18 @@ async fn auth_refuses_missing_wrong_and_foreign_tokens() {
         ..Options::default()
     })
     .await;
-    let (status, body) = d.call_as(None, Method::GET, "/v1/pools", None).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    assert_eq!(body["error"]["code"], "unauthorized");
-    let (status, _) = d
-        .call_as(Some("mallory"), Method::GET, "/v1/pools", None)
-        .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let client = &d;
+    let pools_as = move |token: Option<&'static str>| async move {
+        client
+            .send_as::<()>(token, Method::GET, "/v1/pools", None)
+            .await
+    };
+    let err = pools_as(None).await.expect_error(StatusCode::UNAUTHORIZED);
+    assert_eq!(err.code, ErrorCode::Unauthorized);
+    let err = pools_as(Some("mallory"))
+        .await
+        .expect_error(StatusCode::UNAUTHORIZED);
+    assert_eq!(err.code, ErrorCode::Unauthorized);
     let (status, _) = d
         .request_raw(Method::GET, "/healthz", None, None)
         .await
@@ -233,85 +250,77 @@ async fn auth_refuses_missing_wrong_and_foreign_tokens() {
         (Method::POST, format!("/v1/sandboxes/{id}/exec")),
         (Method::DELETE, format!("/v1/sandboxes/{id}")),
     ] {
-        let (status, body) = d
-            .call_as(
-                Some("bob-token"),
-                method,
-                &path,
-                Some(json!({"cmd": ["true"]})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+        let err = d
+            .send_as(Some("bob-token"), method, &path, Some(&cmd(&["true"])))
+            .await
+            .expect_error(StatusCode::FORBIDDEN);
+        assert_eq!(err.code, ErrorCode::Forbidden, "{path}: {err:?}");
     }
-    let (_, list) = d
-        .call_as(Some("bob-token"), Method::GET, "/v1/sandboxes", None)
-        .await;
+    let list: SandboxList = d
+        .send_as::<()>(Some("bob-token"), Method::GET, "/v1/sandboxes", None)
+        .await
+        .expect(StatusCode::OK);
     assert_eq!(
-        list["sandboxes"].as_array().unwrap().len(),
+        list.sandboxes.len(),
         0,
         "bob sees none of alice's sandboxes"
     );
-    assert_eq!(d.sh(&id, "echo mine").await["stdout"], "mine\n");
+    assert_eq!(d.shell(&id, "echo mine").await.stdout, "mine\n");
 
     // Tokens are re-read when the file changes.
     std::fs::write(d.dir.path().join("tokens"), "carol-token\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, _) = d
-            .call_as(Some("carol-token"), Method::GET, "/v1/pools", None)
-            .await;
-        if status == StatusCode::OK {
+        if pools_as(Some("carol-token")).await.status == StatusCode::OK {
             break;
         }
         assert!(Instant::now() < deadline, "new token never accepted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, _) = d
-        .call_as(Some("bob-token"), Method::GET, "/v1/pools", None)
-        .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let err = pools_as(Some("bob-token"))
+        .await
+        .expect_error(StatusCode::UNAUTHORIZED);
+    assert_eq!(err.code, ErrorCode::Unauthorized);
 }
 
 async fn killed_agent_is_replaced(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
-    d.wait_pool("default", 20, |s| s["idle"] == 2).await;
+    d.wait_status("default", 20, |s| s.idle == 2).await;
     let id = d.acquire("default").await;
     let pid = d.agent_pid(&id);
     // SAFETY: kill(2) of the sandbox's agent.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(10);
-    let body = loop {
-        let (status, body) = d
-            .call(
+    let err = loop {
+        let reply = d
+            .send(
                 Method::POST,
                 &format!("/v1/sandboxes/{id}/exec"),
-                Some(json!({"cmd": ["true"]})),
+                Some(&cmd(&["true"])),
             )
             .await;
         // Until the daemon notices, the agent is merely unreachable; then the sandbox is dead.
-        if status == StatusCode::SERVICE_UNAVAILABLE
-            && body["error"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains("died")
-        {
-            break body;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            let err = reply.error();
+            if err.message.contains("died") {
+                break err;
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "dead sandbox still answers {status}: {body}"
+            "dead sandbox still answers {reply}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(body["error"]["code"], "sandbox_unavailable");
-    assert_eq!(body["error"]["retryable"], true);
+    assert_eq!(err.code, ErrorCode::SandboxUnavailable);
+    assert!(err.retryable);
     let status = d.release(&id).await;
     assert_eq!(
         status,
         StatusCode::NO_CONTENT,
         "releasing a dead sandbox is done at once"
     );
-    d.wait_pool("default", 20, |s| s["idle"] == 2 && s["allocated"] == 0)
+    d.wait_status("default", 20, |s| s.idle == 2 && s.allocated == 0)
         .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while d.leftovers().iter().any(|l| l.contains(&id)) {
@@ -336,10 +345,10 @@ async fn daemon_kill9_then_restart_leaks_nothing(rt: Runtime) {
         ..Options::on(rt)
     })
     .await;
-    d.wait_pool("default", 20, |s| s["idle"] == 3).await;
+    d.wait_status("default", 20, |s| s.idle == 3).await;
     let held = d.acquire("default").await;
-    d.sh(&held, "sleep 300 &").await;
-    d.wait_pool("default", 20, |s| s["idle"] == 3 && s["starting"] == 0)
+    d.shell(&held, "sleep 300 &").await;
+    d.wait_status("default", 20, |s| s.idle == 3 && s.starting == 0)
         .await;
     let dir = match rt {
         Runtime::Process => "sandboxes",
@@ -382,21 +391,22 @@ async fn daemon_kill9_then_restart_leaks_nothing(rt: Runtime) {
     }
 
     d.spawn().await;
-    d.wait_pool("default", 20, |s| s["idle"] == 3).await;
-    let (status, body) = d
-        .call(Method::GET, &format!("/v1/sandboxes/{held}"), None)
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    d.wait_status("default", 20, |s| s.idle == 3).await;
+    let err = d
+        .send_empty(Method::GET, &format!("/v1/sandboxes/{held}"))
+        .await
+        .expect_error(StatusCode::NOT_FOUND);
+    assert_eq!(err.code, ErrorCode::NotFound);
     let id = d.acquire("default").await;
-    assert_eq!(d.sh(&id, "echo new").await["stdout"], "new\n");
+    assert_eq!(d.shell(&id, "echo new").await.stdout, "new\n");
 }
 
 async fn graceful_shutdown_destroys_everything(rt: Runtime) {
     let mut d = Daemon::start(Options::on(rt)).await;
-    d.wait_pool("default", 20, |s| s["idle"] == 2).await;
+    d.wait_status("default", 20, |s| s.idle == 2).await;
     let id = d.acquire("default").await;
     let pid = d.agent_pid(&id);
-    d.sh(&id, "sleep 300 &").await;
+    d.shell(&id, "sleep 300 &").await;
     assert_eq!(d.terminate(), Some(0));
     assert!(!alive(pid));
     assert_eq!(d.leftovers(), Vec::<String>::new());
@@ -408,67 +418,57 @@ async fn reset_and_reuse_policy(rt: Runtime) {
         ..Options::on(rt)
     })
     .await;
-    d.wait_pool("default", 20, |s| s["idle"] == 1).await;
+    d.wait_status("default", 20, |s| s.idle == 1).await;
     let id = d.acquire("default").await;
-    d.sh(
+    d.shell(
         &id,
         "echo data > /workspace/f; echo t > /tmp/t; sleep 300 &",
     )
     .await;
-    let (status, body) = d.action(&id, "reset").await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let info: SandboxInfo = d.action(&id, "reset").await.expect(StatusCode::OK);
+    assert_eq!(info.id, id);
     let r = d
-        .sh(
+        .shell(
             &id,
             "ls -A /workspace /tmp; cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^sleep$' || true",
         )
         .await;
-    assert_eq!(r["stdout"], "/tmp:\n\n/workspace:\n0\n", "{r}");
+    assert_eq!(r.stdout, "/tmp:\n\n/workspace:\n0\n", "{r:?}");
 
     // Released with reuse = reset: the same sandbox comes back, clean, with a fresh lease.
-    d.sh(&id, "echo more > /workspace/g").await;
+    d.shell(&id, "echo more > /workspace/g").await;
     let status = d.release(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    d.wait_pool("default", 20, |s| s["idle"] == 1).await;
+    d.wait_status("default", 20, |s| s.idle == 1).await;
     let again = d.acquire("default").await;
     assert_eq!(again, id, "reset policy reuses the sandbox");
-    assert_eq!(d.sh(&again, "ls -A /workspace").await["stdout"], "");
+    assert_eq!(d.shell(&again, "ls -A /workspace").await.stdout, "");
 }
 
 async fn ttl_and_idle_timeout_expire_leases(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
-    let (_, body) = d
-        .call(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"pool": "default", "ttl_seconds": 1})),
-        )
+    let ttl = d
+        .acquire_with(&AcquireRequest {
+            ttl_seconds: Some(1),
+            ..acquire("default")
+        })
         .await;
-    let ttl = body["sandboxes"][0]["id"].as_str().unwrap().to_string();
-    assert!(body["sandboxes"][0]["expires_at_ms"].as_u64().is_some());
-    let (_, body) = d
-        .call(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"pool": "default", "idle_timeout_seconds": 1})),
-        )
+    assert!(ttl[0].expires_at_ms.is_some(), "{ttl:?}");
+    let idle = d
+        .acquire_with(&AcquireRequest {
+            idle_timeout_seconds: Some(1),
+            ..acquire("default")
+        })
         .await;
-    let idle = body["sandboxes"][0]["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
-    for id in [ttl, idle] {
+    for id in [&ttl[0].id, &idle[0].id] {
         loop {
-            let (status, body) = d
-                .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+            let reply = d
+                .send_empty(Method::GET, &format!("/v1/sandboxes/{id}"))
                 .await;
-            if status != StatusCode::OK {
-                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-                assert!(
-                    body["error"]["message"]
-                        .as_str()
-                        .unwrap()
-                        .contains("expired"),
-                    "{body}"
-                );
+            if reply.status != StatusCode::OK {
+                let err = reply.expect_error(StatusCode::SERVICE_UNAVAILABLE);
+                assert!(err.message.contains("expired"), "{err:?}");
                 break;
             }
             assert!(Instant::now() < deadline, "lease of {id} never expired");
@@ -480,10 +480,10 @@ async fn ttl_and_idle_timeout_expire_leases(rt: Runtime) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_latency_histograms_and_gauges() {
     let d = Daemon::start(Options::default()).await;
-    d.wait_pool("default", 20, |s| s["idle"] == 2).await;
+    d.wait_status("default", 20, |s| s.idle == 2).await;
     let id = d.acquire("default").await;
-    d.sh(&id, "exit 1").await;
-    d.sh(&id, "true").await;
+    d.shell(&id, "exit 1").await;
+    d.shell(&id, "true").await;
     let text = d.metrics_text().await;
     for needle in [
         r#"arl_acquire_seconds_count{pool="default",result="hit"}"#,
@@ -531,21 +531,21 @@ async fn a_second_daemon_cannot_disturb_the_first() {
         String::from_utf8_lossy(&out.stderr).contains("another arl node"),
         "{out:?}"
     );
-    assert_eq!(d.sh(&id, "echo still here").await["stdout"], "still here\n");
+    assert_eq!(d.shell(&id, "echo still here").await.stdout, "still here\n");
 }
 
 async fn pause_freezes_and_resume_thaws(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
-    d.sh(
+    d.shell(
         &id,
         "(while :; do echo x >> /tmp/ticks; sleep 0.05; done) >/dev/null 2>&1 &",
     )
     .await;
-    let (status, body) = d.action(&id, "pause").await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let status = d.pool_status("default").await;
-    assert_eq!(status["paused"], 1, "{status}");
+    let info: SandboxInfo = d.action(&id, "pause").await.expect(StatusCode::OK);
+    assert_eq!(info.id, id);
+    let status = d.status("default").await;
+    assert_eq!(status.paused, 1, "{status:?}");
     let pid = d.agent_pid(&id);
     // The freezer says so: cgroup v2's `cgroup.events` or v1's `freezer.state`, whichever the
     // runtime froze with.
@@ -566,25 +566,25 @@ async fn pause_freezes_and_resume_thaws(rt: Runtime) {
         );
     }
     // A request thaws it transparently.
-    assert_eq!(d.sh(&id, "echo up").await["stdout"], "up\n");
-    assert_eq!(d.pool_status("default").await["paused"], 0);
+    assert_eq!(d.shell(&id, "echo up").await.stdout, "up\n");
+    assert_eq!(d.status("default").await.paused, 0);
     d.action(&id, "pause").await;
-    let (status, _) = d.action(&id, "resume").await;
-    assert_eq!(status, StatusCode::OK);
-    let a = d.sh(&id, "wc -l < /tmp/ticks").await["stdout"]
-        .as_str()
-        .unwrap()
-        .trim()
-        .parse::<u32>()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let b = d.sh(&id, "wc -l < /tmp/ticks").await["stdout"]
-            .as_str()
-            .unwrap()
+    let reply = d.action(&id, "resume").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply}");
+    let (client, sandbox) = (&d, &id);
+    let ticks = move || async move {
+        client
+            .shell(sandbox, "wc -l < /tmp/ticks")
+            .await
+            .stdout
             .trim()
             .parse::<u32>()
-            .unwrap();
+            .unwrap()
+    };
+    let a = ticks().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let b = ticks().await;
         if b > a {
             break;
         }
@@ -612,25 +612,23 @@ async fn a_stuck_agent_does_not_hold_requests_forever(rt: Runtime) {
     // SAFETY: kill(2) of the sandbox's agent: stopped, it accepts connections but never answers.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let started = Instant::now();
-    let (status, body) = d
-        .call(
+    let err = d
+        .send(
             Method::POST,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(json!({"cmd": ["true"], "timeout_ms": 200})),
+            Some(&ExecRequest {
+                timeout_ms: Some(200),
+                ..cmd(&["true"])
+            }),
         )
-        .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("did not answer"),
-        "{body}"
-    );
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(err.code, ErrorCode::SandboxUnavailable);
+    assert!(err.message.contains("did not answer"), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(15));
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    assert_eq!(d.sh(&id, "echo back").await["stdout"], "back\n");
+    assert_eq!(d.shell(&id, "echo back").await.stdout, "back\n");
 }
 
 crate::on_every_runtime!(

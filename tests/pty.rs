@@ -9,10 +9,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use arl::api::ErrorCode;
+use arl::api::pty::{PtyControl, PtyExit};
+use arl::node::trajectory::Step;
 use common::{Daemon, Options, Runtime};
 use futures_util::{SinkExt, StreamExt};
 use hyper::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -59,10 +62,12 @@ async fn type_in(ws: &mut Ws, keys: &str) {
         .expect("send keys");
 }
 
-async fn control(ws: &mut Ws, message: Value) {
-    ws.send(Message::text(message.to_string()))
-        .await
-        .expect("send control");
+async fn control(ws: &mut Ws, message: &PtyControl) {
+    ws.send(Message::text(
+        serde_json::to_string(message).expect("control message"),
+    ))
+    .await
+    .expect("send control");
 }
 
 /// Waits (through exec, with a deadline) until a process whose command line is `args` runs in
@@ -75,22 +80,19 @@ async fn wait_in_foreground(d: &Daemon, id: &str, args: &str) {
     );
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let r = d.sh(id, &probe).await;
-        if r["stdout"]
-            .as_str()
-            .is_some_and(|s| s.contains("foreground"))
-        {
+        let r = d.shell(id, &probe).await;
+        if r.stdout.contains("foreground") {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{args:?} never ran in the foreground: {r}"
+            "{args:?} never ran in the foreground: {r:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// The exit message and the close that follows it.
+/// The exit message, as sent, and the close that follows it.
 async fn exit_status(ws: &mut Ws) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -131,7 +133,14 @@ async fn a_terminal_echoes_resizes_interrupts_and_exits(rt: Runtime) {
     let before = read_until(&mut ws, &mut seen, "size-2").await;
     assert!(before.contains("30 100"), "initial size: {before:?}");
 
-    control(&mut ws, json!({"type": "resize", "cols": 120, "rows": 40})).await;
+    control(
+        &mut ws,
+        &PtyControl::Resize {
+            cols: 120,
+            rows: 40,
+        },
+    )
+    .await;
     type_in(&mut ws, "stty size; echo size-$((2+2))\n").await;
     let before = read_until(&mut ws, &mut seen, "size-4").await;
     assert!(before.contains("40 120"), "after the resize: {before:?}");
@@ -163,7 +172,13 @@ async fn a_terminal_echoes_resizes_interrupts_and_exits(rt: Runtime) {
     .await;
     read_until(&mut ws, &mut seen, "again-6").await;
     wait_in_foreground(&d, &id, "sleep 32").await;
-    control(&mut ws, json!({"type": "signal", "signal": "INT"})).await;
+    control(
+        &mut ws,
+        &PtyControl::Signal {
+            signal: "INT".into(),
+        },
+    )
+    .await;
     let mut before = read_until(&mut ws, &mut seen, "ready> ").await;
     type_in(&mut ws, "echo alive-$((4+4))\n").await;
     before += &read_until(&mut ws, &mut seen, "alive-8").await;
@@ -171,11 +186,17 @@ async fn a_terminal_echoes_resizes_interrupts_and_exits(rt: Runtime) {
     assert!(started.elapsed() < Duration::from_secs(20));
 
     type_in(&mut ws, "exit 3\n").await;
+    // The exact wire shape (its `type` tag, no `signal`): the message as sent, against the
+    // model's own serialization.
     let exit = exit_status(&mut ws).await;
-    assert_eq!(exit, json!({"type": "exit", "exit_code": 3}));
+    let expected = PtyExit {
+        exit_code: 3,
+        signal: None,
+    };
+    assert_eq!(exit, serde_json::to_value(&expected).expect("json"));
 
     // The sandbox goes on serving, and its trajectory shows the terminal.
-    assert_eq!(d.sh(&id, "echo still").await["stdout"], "still\n");
+    assert_eq!(d.shell(&id, "echo still").await.stdout, "still\n");
     let (status, body) = d
         .request_raw(
             Method::GET,
@@ -186,16 +207,10 @@ async fn a_terminal_echoes_resizes_interrupts_and_exits(rt: Runtime) {
         .await
         .expect("trajectory");
     assert_eq!(status, StatusCode::OK);
-    let first: Value = serde_json::from_str(
-        std::str::from_utf8(&body)
-            .expect("utf-8")
-            .lines()
-            .next()
-            .expect("a step"),
-    )
-    .expect("JSON");
-    assert_eq!(first["action"], "pty_open", "{first}");
-    assert_eq!(first["status"], 101);
+    let steps: Vec<Step> = common::ndjson(&body);
+    let first = steps.first().expect("a step");
+    assert_eq!(first.action, "pty_open", "{first:?}");
+    assert_eq!(first.status, 101);
 }
 
 async fn a_client_that_goes_away_ends_its_terminal(rt: Runtime) {
@@ -207,23 +222,23 @@ async fn a_client_that_goes_away_ends_its_terminal(rt: Runtime) {
     let deadline = Instant::now() + Duration::from_secs(15);
     let running = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '^sleep 987'";
     loop {
-        let r = d.sh(&id, running).await;
-        if r["stdout"].as_str().is_some_and(|s| s.trim() != "0") {
+        let r = d.shell(&id, running).await;
+        if r.stdout.trim() != "0" {
             break;
         }
-        assert!(Instant::now() < deadline, "the sleep never started: {r}");
+        assert!(Instant::now() < deadline, "the sleep never started: {r:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(ws);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let r = d.sh(&id, running).await;
-        if r["stdout"].as_str().is_some_and(|s| s.trim() == "0") {
+        let r = d.shell(&id, running).await;
+        if r.stdout.trim() == "0" {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the terminal's processes outlived it: {r}"
+            "the terminal's processes outlived it: {r:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -239,11 +254,11 @@ async fn requests_that_are_not_terminals_are_refused() {
     let d = Daemon::start(Options::default()).await;
     let id = d.acquire("default").await;
     // A plain GET is not a WebSocket.
-    let (status, body) = d
-        .call(Method::GET, &format!("/v1/sandboxes/{id}/pty"), None)
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert_eq!(body["error"]["code"], "bad_request");
+    let err = d
+        .send_empty(Method::GET, &format!("/v1/sandboxes/{id}/pty"))
+        .await
+        .expect_error(StatusCode::BAD_REQUEST);
+    assert_eq!(err.code, ErrorCode::BadRequest);
     // Sizes out of bounds.
     let stream = TcpStream::connect(("127.0.0.1", d.port))
         .await

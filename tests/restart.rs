@@ -9,9 +9,9 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BIN, Daemon, Options, Runtime, alive};
+use arl::api::{AcquireRequest, ErrorCode, ExecRequest, ExecResult, SandboxInfo, SandboxList};
+use common::{BIN, Daemon, Options, Reply, Runtime, alive, cmd, map, shell};
 use hyper::{Method, StatusCode};
-use serde_json::{Value, json};
 
 const ALICE: &str = "alice-token-0123456789";
 const BOB: &str = "bob-token-0123456789";
@@ -29,14 +29,24 @@ fn options(rt: Runtime, handover: bool) -> Options {
     }
 }
 
-async fn exec_as(d: &Daemon, token: &str, id: &str, body: Value) -> (StatusCode, Value) {
-    d.call_as(
+async fn exec_as(d: &Daemon, token: &str, id: &str, body: &ExecRequest) -> Reply {
+    d.send_as(
         Some(token),
         Method::POST,
         &format!("/v1/sandboxes/{id}/exec"),
         Some(body),
     )
     .await
+}
+
+/// One sandbox acquired with `token`: its id.
+async fn acquire_as(d: &Daemon, token: &str, req: &AcquireRequest) -> String {
+    let list: SandboxList = d
+        .send_as(Some(token), Method::POST, "/v1/sandboxes", Some(req))
+        .await
+        .expect(StatusCode::CREATED);
+    assert_eq!(list.sandboxes.len(), 1, "{list:?}");
+    list.sandboxes[0].id.clone()
 }
 
 /// `arl node cleanup` on the daemon's state directory; returns its stdout.
@@ -60,9 +70,10 @@ fn cleanup(d: &Daemon) -> String {
 async fn wait_for_file(d: &Daemon, id: &str, path: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, body) = exec_as(d, ALICE, id, json!({"cmd": ["test", "-e", path]})).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        if body["exit_code"] == 0 {
+        let r: ExecResult = exec_as(d, ALICE, id, &cmd(&["test", "-e", path]))
+            .await
+            .expect(StatusCode::OK);
+        if r.exit_code == 0 {
             return;
         }
         assert!(Instant::now() < deadline, "{path} never appeared");
@@ -87,41 +98,26 @@ fn agent_pids(d: &Daemon, rt: Runtime) -> Vec<i32> {
 /// survive; only its owner reaches it; the pool is whole again without duplicates.
 async fn restart_keeps_leases(rt: Runtime, handover: bool) {
     let mut d = Daemon::start(options(rt, handover)).await;
-    d.wait_pool("default", 30, |s| s["idle"] == 2).await;
-    let acquire = json!({
-        "pool": "default",
-        "env": {"EPISODE": "7"},
-        "labels": {"run": "r1"},
-        "request_id": "acquire-1",
-    });
-    let (status, body) = d
-        .call_as(
-            Some(ALICE),
-            Method::POST,
-            "/v1/sandboxes",
-            Some(acquire.clone()),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let id = body["sandboxes"][0]["id"].as_str().expect("id").to_string();
-    let (status, _) = exec_as(
-        &d,
-        ALICE,
-        &id,
-        json!({"shell": "echo kept > /workspace/state"}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
-    d.wait_pool("default", 30, |s| s["idle"] == 2 && s["starting"] == 0)
+    d.wait_status("default", 30, |s| s.idle == 2).await;
+    let acquire = AcquireRequest {
+        env: map(&[("EPISODE", "7")]),
+        labels: map(&[("run", "r1")]),
+        request_id: Some("acquire-1".into()),
+        ..common::acquire("default")
+    };
+    let id = acquire_as(&d, ALICE, &acquire).await;
+    let reply = exec_as(&d, ALICE, &id, &shell("echo kept > /workspace/state")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply}");
+    d.wait_status("default", 30, |s| s.idle == 2 && s.starting == 0)
         .await;
     let pids = agent_pids(&d, rt);
     assert_eq!(pids.len(), 3);
 
     // A long command with a request id, under way while the daemon goes.
-    let long = json!({
-        "shell": "echo run >> /workspace/runs; sleep 1.5; echo done",
-        "request_id": "long-1",
-    });
+    let long = ExecRequest {
+        request_id: Some("long-1".into()),
+        ..shell("echo run >> /workspace/runs; sleep 1.5; echo done")
+    };
     let first = {
         let mut client = Daemon::attach(d.port);
         client.token = Some(ALICE.into());
@@ -139,8 +135,8 @@ async fn restart_keeps_leases(rt: Runtime, handover: bool) {
         // The running exec finishes before the daemon exits, leaving every sandbox.
         assert_eq!(d.terminate(), Some(0), "{}", d.log());
         let (status, body) = first.await.expect("client").expect("answered before exit");
-        assert_eq!(status, StatusCode::OK);
-        assert!(String::from_utf8_lossy(&body).contains("done"));
+        let r: ExecResult = Reply { status, body }.expect(StatusCode::OK);
+        assert_eq!(r.stdout, "done\n", "{r:?}");
     } else {
         d.kill9();
         assert!(first.await.expect("client").is_err(), "the answer is lost");
@@ -151,54 +147,49 @@ async fn restart_keeps_leases(rt: Runtime, handover: bool) {
     );
 
     d.spawn().await;
-    d.wait_pool("default", 30, |s| s["idle"] == 2 && s["starting"] == 0)
+    d.wait_status("default", 30, |s| s.idle == 2 && s.starting == 0)
         .await;
-    let status = d.pool_status("default").await;
-    assert_eq!(
-        (status["allocated"].clone(), status["total"].clone()),
-        (json!(1), json!(3)),
-        "{status}"
-    );
+    let status = d.status("default").await;
+    assert_eq!((status.allocated, status.total), (1, 3), "{status:?}");
     assert!(pids.iter().all(|&p| alive(p)), "every sandbox taken back");
     assert_eq!(agent_pids(&d, rt).len(), 3, "no duplicates");
 
     // Same id, same owner, same files, same late-bound env and labels.
-    let (status, body) = exec_as(
+    let r: ExecResult = exec_as(
         &d,
         ALICE,
         &id,
-        json!({"shell": "cat /workspace/state; echo $EPISODE"}),
+        &shell("cat /workspace/state; echo $EPISODE"),
     )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["stdout"], "kept\n7\n");
-    let (status, body) = d
-        .call_as(
+    .await
+    .expect(StatusCode::OK);
+    assert_eq!(r.stdout, "kept\n7\n");
+    let info: SandboxInfo = d
+        .send_as::<()>(
             Some(ALICE),
             Method::GET,
             &format!("/v1/sandboxes/{id}"),
             None,
         )
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(body["labels"]["run"], "r1");
-    let (status, _) = exec_as(&d, BOB, &id, json!({"cmd": ["true"]})).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(info.labels, map(&[("run", "r1")]));
+    let err = exec_as(&d, BOB, &id, &cmd(&["true"]))
+        .await
+        .expect_error(StatusCode::FORBIDDEN);
+    assert_eq!(err.code, ErrorCode::Forbidden);
 
     // The acquire retried with its request id gets the same sandbox, not a second one.
-    let (status, body) = d
-        .call_as(Some(ALICE), Method::POST, "/v1/sandboxes", Some(acquire))
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    assert_eq!(body["sandboxes"][0]["id"], id.as_str(), "{body}");
-    assert_eq!(d.pool_status("default").await["allocated"], 1);
+    assert_eq!(acquire_as(&d, ALICE, &acquire).await, id);
+    assert_eq!(d.status("default").await.allocated, 1);
 
     // The retried command gets the first run's result; it ran once.
-    let (status, body) = exec_as(&d, ALICE, &id, long).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["stdout"], "done\n");
-    let (_, body) = exec_as(&d, ALICE, &id, json!({"shell": "wc -l < /workspace/runs"})).await;
-    assert_eq!(body["stdout"], "1\n", "the command ran twice");
+    let r: ExecResult = exec_as(&d, ALICE, &id, &long).await.expect(StatusCode::OK);
+    assert_eq!(r.stdout, "done\n");
+    let r: ExecResult = exec_as(&d, ALICE, &id, &shell("wc -l < /workspace/runs"))
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(r.stdout, "1\n", "the command ran twice");
 
     let metrics = d.metrics_text().await;
     let runtime = match rt {
@@ -254,21 +245,17 @@ async fn a_restart_under_64_clients_loses_nothing_and_runs_nothing_twice() {
         ..Options::default()
     })
     .await;
-    d.wait_pool("default", 30, |s| s["idle"] == SANDBOXES).await;
-    let (status, body) = d
-        .call(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"pool": "default", "count": SANDBOXES})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let ids: Vec<String> = body["sandboxes"]
-        .as_array()
-        .expect("sandboxes")
-        .iter()
-        .map(|s| s["id"].as_str().expect("id").to_string())
+    d.wait_status("default", 30, |s| s.idle == SANDBOXES).await;
+    let ids: Vec<String> = d
+        .acquire_with(&AcquireRequest {
+            count: Some(SANDBOXES),
+            ..common::acquire("default")
+        })
+        .await
+        .into_iter()
+        .map(|s| s.id)
         .collect();
+    assert_eq!(ids.len(), SANDBOXES);
     let (progress_tx, mut progress) = tokio::sync::mpsc::channel::<()>(CLIENTS * ROUNDS);
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
@@ -278,10 +265,10 @@ async fn a_restart_under_64_clients_loses_nothing_and_runs_nothing_twice() {
             let progress = progress_tx.clone();
             tokio::spawn(async move {
                 for n in 0..ROUNDS {
-                    let body = json!({
-                        "shell": format!("echo {n} >> /workspace/c{c}; echo {n}"),
-                        "request_id": format!("c{c}-{n}"),
-                    });
+                    let body = ExecRequest {
+                        request_id: Some(format!("c{c}-{n}")),
+                        ..shell(&format!("echo {n} >> /workspace/c{c}; echo {n}"))
+                    };
                     let deadline = Instant::now() + Duration::from_secs(60);
                     loop {
                         let sent = client
@@ -294,8 +281,9 @@ async fn a_restart_under_64_clients_loses_nothing_and_runs_nothing_twice() {
                             .await;
                         match sent {
                             Ok((StatusCode::OK, reply)) => {
-                                let reply: Value = serde_json::from_slice(&reply).expect("json");
-                                assert_eq!(reply["stdout"], format!("{n}\n"));
+                                let reply: ExecResult =
+                                    serde_json::from_slice(&reply).expect("an exec result");
+                                assert_eq!(reply.stdout, format!("{n}\n"));
                                 break;
                             }
                             // Draining (503), or no daemon listening: retry the same id.
@@ -323,13 +311,13 @@ async fn a_restart_under_64_clients_loses_nothing_and_runs_nothing_twice() {
     for client in clients {
         client.await.expect("client");
     }
-    let status = d.pool_status("default").await;
-    assert_eq!(status["allocated"], SANDBOXES, "{status}");
+    let status = d.status("default").await;
+    assert_eq!(status.allocated, SANDBOXES, "{status:?}");
     for c in 0..CLIENTS {
         let id = &ids[c % SANDBOXES];
-        let body = d.sh(id, &format!("cat /workspace/c{c}")).await;
+        let r = d.shell(id, &format!("cat /workspace/c{c}")).await;
         let expected: String = (0..ROUNDS).map(|n| format!("{n}\n")).collect();
-        assert_eq!(body["stdout"], expected, "client {c}");
+        assert_eq!(r.stdout, expected, "client {c}");
     }
     // Handed over: clean up what is left.
     assert_eq!(d.terminate(), Some(0));

@@ -6,10 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use arl::api::{ErrorCode, ExecRequest, ExecResult, FileInfo, SandboxInfo};
 use bytes::Bytes;
-use common::{Daemon, Options, Runtime};
+use common::{Daemon, Options, Reply, Runtime, cmd, shell};
 use hyper::{Method, StatusCode};
-use serde_json::{Value, json};
 
 /// A small pool keeps the limit tests fast: 64 MiB of disk, 64 MiB for processes.
 const SMALL: &str = "[pools.small]\nmin_idle = 1\nmemory_mb = 64\ndisk_mb = 64\n";
@@ -22,8 +22,8 @@ async fn small_pool(rt: Runtime) -> Daemon {
     .await
 }
 
-/// `PUT` of `len` zero bytes; the status and the parsed body.
-async fn upload(d: &Daemon, id: &str, path: &str, len: usize) -> (StatusCode, Value) {
+/// `PUT` of `len` zero bytes: the reply.
+async fn upload(d: &Daemon, id: &str, path: &str, len: usize) -> Reply {
     let (status, body) = d
         .request_raw(
             Method::PUT,
@@ -33,7 +33,7 @@ async fn upload(d: &Daemon, id: &str, path: &str, len: usize) -> (StatusCode, Va
         )
         .await
         .unwrap_or_else(|e| panic!("PUT {path}: {e}"));
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    Reply { status, body }
 }
 
 /// The value of one sample of the failure counter (0 when absent).
@@ -50,55 +50,51 @@ async fn a_700_mb_write_on_the_default_pool_leaves_the_sandbox_usable(rt: Runtim
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
     let r = d
-        .exec(
+        .run(
             &id,
-            json!({"shell": "head -c 700000000 /dev/zero > /workspace/f; echo rc=$?", "timeout_ms": 60000}),
+            &ExecRequest {
+                timeout_ms: Some(60000),
+                ..shell("head -c 700000000 /dev/zero > /workspace/f; echo rc=$?")
+            },
         )
         .await;
-    let wrote = r["stdout"] == "rc=0\n";
-    let refused = r["stderr"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("No space left on device");
-    assert!(wrote || refused, "the write succeeds or is ENOSPC: {r}");
-    assert_eq!(r["oom_killed"], false, "{r}");
-    let r = d.sh(&id, "rm /workspace/f && echo alive").await;
-    assert_eq!(r["stdout"], "alive\n", "{r}");
+    let wrote = r.stdout == "rc=0\n";
+    let refused = r.stderr.contains("No space left on device");
+    assert!(wrote || refused, "the write succeeds or is ENOSPC: {r:?}");
+    assert!(!r.oom_killed, "{r:?}");
+    let r = d.shell(&id, "rm /workspace/f && echo alive").await;
+    assert_eq!(r.stdout, "alive\n", "{r:?}");
 }
 
 async fn a_full_disk_is_enospc_and_the_sandbox_lives(rt: Runtime) {
     let d = small_pool(rt).await;
     let id = d.acquire("small").await;
     let r = d
-        .sh(&id, "dd if=/dev/zero of=/workspace/f bs=1M count=100")
+        .shell(&id, "dd if=/dev/zero of=/workspace/f bs=1M count=100")
         .await;
-    assert_ne!(r["exit_code"], 0, "{r}");
-    assert_eq!(
-        r["signal"],
-        Value::Null,
-        "the writer is refused, not killed: {r}"
-    );
-    assert!(
-        r["stderr"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("No space left on device"),
-        "{r}"
-    );
-    assert_eq!(d.sh(&id, "echo alive").await["stdout"], "alive\n");
+    assert_ne!(r.exit_code, 0, "{r:?}");
+    assert_eq!(r.signal, None, "the writer is refused, not killed: {r:?}");
+    assert!(r.stderr.contains("No space left on device"), "{r:?}");
+    assert_eq!(d.shell(&id, "echo alive").await.stdout, "alive\n");
 
     // The files API says the same with 507, naming the limit; nothing is left behind.
-    let (status, body) = upload(&d, &id, "/workspace/big.bin", 80 << 20).await;
-    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
-    assert_eq!(body["error"]["code"], "insufficient_storage", "{body}");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("64 MiB"), "the limit is named: {message}");
+    let err = upload(&d, &id, "/workspace/big.bin", 80 << 20)
+        .await
+        .expect_error(StatusCode::INSUFFICIENT_STORAGE);
+    assert_eq!(err.code, ErrorCode::InsufficientStorage, "{err:?}");
+    assert!(
+        err.message.contains("64 MiB"),
+        "the limit is named: {}",
+        err.message
+    );
     let r = d
-        .sh(&id, "ls /workspace; rm /workspace/f && echo freed")
+        .shell(&id, "ls /workspace; rm /workspace/f && echo freed")
         .await;
-    assert_eq!(r["stdout"], "f\nfreed\n", "{r}");
-    let (status, body) = upload(&d, &id, "/workspace/big.bin", 32 << 20).await;
-    assert_eq!(status, StatusCode::OK, "room again after the rm: {body}");
+    assert_eq!(r.stdout, "f\nfreed\n", "{r:?}");
+    let info: FileInfo = upload(&d, &id, "/workspace/big.bin", 32 << 20)
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(info.size, 32 << 20, "room again after the rm: {info:?}");
 }
 
 async fn a_memory_hog_beside_a_full_disk_is_oom_killed_alone(rt: Runtime) {
@@ -106,41 +102,33 @@ async fn a_memory_hog_beside_a_full_disk_is_oom_killed_alone(rt: Runtime) {
     let id = d.acquire("small").await;
     // Files fill the disk (they are memory too); then a process wants far more than is left.
     let r = d
-        .sh(
+        .shell(
             &id,
             "head -c 60000000 /dev/zero > /workspace/fill && echo filled",
         )
         .await;
-    assert_eq!(r["stdout"], "filled\n", "{r}");
+    assert_eq!(r.stdout, "filled\n", "{r:?}");
     let r = d
-        .exec(
+        .run(
             &id,
-            json!({"cmd": ["dd", "if=/dev/zero", "of=/dev/null", "bs=400M", "count=1"], "timeout_ms": 30000}),
+            &ExecRequest {
+                timeout_ms: Some(30000),
+                ..cmd(&["dd", "if=/dev/zero", "of=/dev/null", "bs=400M", "count=1"])
+            },
         )
         .await;
-    assert_eq!(r["signal"], 9, "the hog is killed: {r}");
-    assert_eq!(
-        r["oom_killed"], true,
-        "by the OOM killer, and it says so: {r}"
-    );
+    assert_eq!(r.signal, Some(9), "the hog is killed: {r:?}");
+    assert!(r.oom_killed, "by the OOM killer, and it says so: {r:?}");
     // A shell's report of its child's OOM kill (128 + 9) counts too.
     let r = d
-        .sh(&id, "dd if=/dev/zero of=/dev/null bs=400M count=1; exit $?")
+        .shell(&id, "dd if=/dev/zero of=/dev/null bs=400M count=1; exit $?")
         .await;
-    assert_eq!(
-        (r["exit_code"].clone(), r["oom_killed"].clone()),
-        (json!(137), json!(true)),
-        "{r}"
-    );
-    let r = d.sh(&id, "wc -c < /workspace/fill").await;
-    assert_eq!(r["stdout"].as_str().map(str::trim), Some("60000000"), "{r}");
+    assert_eq!((r.exit_code, r.oom_killed), (137, true), "{r:?}");
+    let r = d.shell(&id, "wc -c < /workspace/fill").await;
+    assert_eq!(r.stdout.trim(), "60000000", "{r:?}");
     // A kill that is not the OOM killer's is not reported as one.
-    let r = d.sh(&id, "kill -KILL $$").await;
-    assert_eq!(
-        (r["signal"].clone(), r["oom_killed"].clone()),
-        (json!(9), json!(false)),
-        "{r}"
-    );
+    let r = d.shell(&id, "kill -KILL $$").await;
+    assert_eq!((r.signal, r.oom_killed), (Some(9), false), "{r:?}");
     assert_eq!(failures(&d.metrics_text().await, "small", "oom"), 0.0);
 }
 
@@ -161,7 +149,10 @@ async fn pids_exhaustion_leaves_the_agent_answering(rt: Runtime) {
             common::exec_on(
                 port,
                 &id,
-                json!({"cmd": ["sleep", "60"], "timeout_ms": 30000}),
+                &ExecRequest {
+                    timeout_ms: Some(30000),
+                    ..cmd(&["sleep", "60"])
+                },
             )
             .await
         })
@@ -169,8 +160,8 @@ async fn pids_exhaustion_leaves_the_agent_answering(rt: Runtime) {
     let mut sleepers: Vec<_> = (0..40).map(|_| sleeper()).collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let r = d.sh(&id, "true").await;
-        if r["exit_code"] != 0 {
+        let r = d.shell(&id, "true").await;
+        if r.exit_code != 0 {
             break;
         }
         assert!(
@@ -180,8 +171,10 @@ async fn pids_exhaustion_leaves_the_agent_answering(rt: Runtime) {
         sleepers.push(sleeper());
     }
     // The agent still answers every route while no process can start.
-    let (status, body) = upload(&d, &id, "/workspace/during.txt", 16).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let info: FileInfo = upload(&d, &id, "/workspace/during.txt", 16)
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(info.size, 16, "{info:?}");
     let (status, body) = d
         .request_raw(
             Method::GET,
@@ -192,19 +185,16 @@ async fn pids_exhaustion_leaves_the_agent_answering(rt: Runtime) {
         .await
         .expect("read");
     assert_eq!((status, body.len()), (StatusCode::OK, 16));
-    let r = d.sh(&id, "true").await;
-    assert_ne!(r["exit_code"], 0, "still full: {r}");
+    let r = d.shell(&id, "true").await;
+    assert_ne!(r.exit_code, 0, "still full: {r:?}");
     // A reset clears the table; the sleepers' execs then end with results.
-    let (status, _) = d.action(&id, "reset").await;
-    assert_eq!(status, StatusCode::OK);
+    let info: SandboxInfo = d.action(&id, "reset").await.expect(StatusCode::OK);
+    assert_eq!(info.id, id);
     for sleeper in sleepers {
-        let r = sleeper.await.expect("sleeper task");
-        assert!(
-            r["exit_code"].is_i64(),
-            "every exec ends with a result: {r}"
-        );
+        // `exec_on` asserts a 200 with an `ExecResult` body: every exec ends with a result.
+        let _: ExecResult = sleeper.await.expect("sleeper task");
     }
-    assert_eq!(d.sh(&id, "echo alive").await["stdout"], "alive\n");
+    assert_eq!(d.shell(&id, "echo alive").await.stdout, "alive\n");
     assert!(common::alive(agent), "the same agent lives on");
 }
 
@@ -228,22 +218,21 @@ fn kill_cgroup(d: &Daemon, id: &str) {
 async fn refused_after_death(d: &Daemon, id: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, body) = d
-            .call(
+        let reply = d
+            .send(
                 Method::POST,
                 &format!("/v1/sandboxes/{id}/exec"),
-                Some(json!({"cmd": ["true"]})),
+                Some(&cmd(&["true"])),
             )
             .await;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            return body["error"]["message"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            let err = reply.error();
+            assert_eq!(err.code, ErrorCode::SandboxUnavailable, "{err:?}");
+            return err.message;
         }
         assert!(
             Instant::now() < deadline,
-            "the sandbox still answers: {status} {body}"
+            "the sandbox still answers: {reply}"
         );
     }
 }
@@ -277,18 +266,21 @@ async fn an_oom_killed_agent_is_reported_as_such(rt: Runtime) {
     // and let the hog come down to 0 (which it may).
     let agent = d.agent_pid(&id);
     std::fs::write(format!("/proc/{agent}/oom_score_adj"), "1000").expect("raise the agent");
-    let (status, body) = d
-        .call(
+    let err = d
+        .send(
             Method::POST,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(json!({"shell": "echo 0 > /proc/self/oom_score_adj && exec dd if=/dev/zero of=/dev/null bs=400M count=1"})),
+            Some(&shell(
+                "echo 0 > /proc/self/oom_score_adj && exec dd if=/dev/zero of=/dev/null bs=400M count=1",
+            )),
         )
-        .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(err.code, ErrorCode::SandboxUnavailable);
     assert!(
-        message.contains("OOM-killed"),
-        "the caught request says why: {message}"
+        err.message.contains("OOM-killed"),
+        "the caught request says why: {}",
+        err.message
     );
     let message = refused_after_death(&d, &id).await;
     assert!(message.contains("OOM-killed"), "{message}");

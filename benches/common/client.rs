@@ -2,6 +2,9 @@
 
 use super::*;
 
+use arl::api::{PoolSpec, PoolStatus, PoolView, SandboxList};
+use serde::de::DeserializeOwned;
+
 pub struct Response {
     pub status: u16,
     pub body: Vec<u8>,
@@ -11,9 +14,15 @@ impl Response {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", self.text()))
+    /// The body as an `arl::api` model (or any JSON type).
+    pub fn json<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not a {} ({e}): {}",
+                std::any::type_name::<T>(),
+                self.text()
+            )
+        })
     }
 }
 
@@ -76,7 +85,7 @@ impl Client {
         self.recv()
     }
 
-    pub fn get_json(&mut self, path: &str) -> serde_json::Value {
+    pub fn get_json<T: DeserializeOwned>(&mut self, path: &str) -> T {
         let r = self.request("GET", path, None).expect("GET");
         assert_eq!(r.status, 200, "GET {path}: {}", r.text());
         r.json()
@@ -89,10 +98,7 @@ impl Client {
             .request("POST", "/v1/sandboxes", Some(body.as_bytes()))
             .expect("acquire");
         assert_eq!(r.status, 201, "acquire: {}", r.text());
-        r.json()["sandboxes"][0]["id"]
-            .as_str()
-            .expect("id")
-            .to_string()
+        first_id(&r)
     }
 
     pub fn release(&mut self, id: &str) {
@@ -102,7 +108,7 @@ impl Client {
         assert_eq!(r.status, 204, "release {id}: {}", r.text());
     }
 
-    pub fn put_pool(&mut self, name: &str, spec: &serde_json::Value) {
+    pub fn put_pool(&mut self, name: &str, spec: &PoolSpec) {
         let body = serde_json::to_vec(spec).unwrap();
         let r = self
             .request("PUT", &format!("/v1/pools/{name}"), Some(&body))
@@ -111,12 +117,13 @@ impl Client {
     }
 
     /// `status` of one pool (idle, allocated, starting, total, ...).
-    pub fn pool_status(&mut self, name: &str) -> serde_json::Value {
-        self.get_json(&format!("/v1/pools/{name}"))["status"].clone()
+    pub fn pool_status(&mut self, name: &str) -> PoolStatus {
+        self.get_json::<PoolView>(&format!("/v1/pools/{name}"))
+            .status
     }
 
     pub fn idle(&mut self, name: &str) -> u64 {
-        self.pool_status(name)["idle"].as_u64().unwrap_or(0)
+        self.pool_status(name).idle as u64
     }
 
     /// Polls until the pool has at least `n` idle sandboxes; the time it took.
@@ -124,11 +131,11 @@ impl Client {
         let started = Instant::now();
         loop {
             let st = self.pool_status(name);
-            if st["idle"].as_u64().unwrap_or(0) >= n {
+            if st.idle as u64 >= n {
                 return started.elapsed();
             }
             if started.elapsed() > timeout {
-                panic!("pool {name} did not reach {n} idle within {timeout:?}: {st}");
+                panic!("pool {name} did not reach {n} idle within {timeout:?}: {st:?}");
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -138,6 +145,25 @@ impl Client {
         let r = self.request("GET", "/metrics", None).expect("metrics");
         assert_eq!(r.status, 200);
         Metrics::parse(&r.text())
+    }
+}
+
+/// The id of the first sandbox of an acquire's or a fork's answer.
+pub fn first_id(r: &Response) -> String {
+    let list: SandboxList = r.json();
+    list.sandboxes
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no sandbox in {}", r.text()))
+        .id
+}
+
+/// A pool spec: `min_idle` warm, at most `max`, the rest the defaults.
+pub fn pool_spec(min_idle: usize, max: usize) -> PoolSpec {
+    PoolSpec {
+        min_idle,
+        max,
+        ..PoolSpec::default()
     }
 }
 

@@ -132,10 +132,10 @@ pub fn time_execs(
         let r = client.request("POST", path, Some(EXEC_TRUE)).expect("exec");
         out.push(ms(t.elapsed()));
         assert_eq!(r.status, 200, "exec: {}", r.text());
-        let v = r.json();
-        assert_eq!(v["exit_code"].as_i64(), Some(0), "exec: {v}");
+        let v: arl::api::ExecResult = r.json();
+        assert_eq!(v.exit_code, 0, "exec: {v:?}");
         if let Some(a) = agent.as_deref_mut() {
-            a.push(v["duration_ms"].as_f64().unwrap_or(f64::NAN));
+            a.push(v.duration_ms);
         }
     }
     out

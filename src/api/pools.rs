@@ -160,6 +160,10 @@ pub struct PoolStatus {
     pub total: usize,
     pub ready: bool,
     pub last_error: Option<String>,
+    /// Cluster mode: idle sandboxes of this pool on this node and on the other nodes that
+    /// take acquires, as their shards last reported (at most a few seconds old).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_idle: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -74,6 +74,10 @@ pub struct WarmPoolShardSpec {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WarmPoolShardStatus {
+    /// The node API's URL while it takes acquires (absent while the node is cordoned or
+    /// draining): where other nodes send clients when their share of the pool runs out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// The `poolGeneration` the daemon has applied.
     #[serde(default)]
     pub observed_pool_generation: i64,

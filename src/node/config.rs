@@ -125,6 +125,14 @@ pub struct ClusterArgs {
     /// This install's name on sandbox pods' labels (installs on one node ignore each other's)
     #[arg(long, global = true, env = "ARL_INSTANCE", default_value = "arl")]
     pub instance: String,
+    /// This node's IP for other nodes' clients (the DaemonSet sets it from the downward
+    /// API's `status.hostIP`); with the listen port, the URL written into the shards' status
+    #[arg(long, global = true, env = "NODE_IP")]
+    pub node_ip: Option<std::net::IpAddr>,
+    /// The node API's URL for other nodes' clients, when `--node-ip` and the listen port do
+    /// not make it (a proxy, a name)
+    #[arg(long, global = true, env = "ARL_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// How often, at most, each shard's status is written (milliseconds)
     #[arg(
         long,

@@ -60,17 +60,15 @@ impl Manager {
         req: AcquireRequest,
     ) -> Result<Vec<SandboxInfo>, ApiError> {
         let count = req.validate().map_err(ApiError::bad_request)?;
-        if self.is_draining() {
-            return Err(ApiError::new(
-                ErrorCode::Draining,
-                "the node is shutting down",
-            ));
-        }
-        if self.is_cordoned() {
-            return Err(ApiError::new(
-                ErrorCode::Draining,
-                "the node is cordoned: acquire from another node",
-            ));
+        if self.is_draining() || self.is_cordoned() {
+            let why = if self.is_draining() {
+                "the node is shutting down"
+            } else {
+                "the node is cordoned: acquire from another node"
+            };
+            let mut err = ApiError::new(ErrorCode::Draining, why);
+            err.alternatives = self.peers.alternatives(&req.pool);
+            return Err(err);
         }
         let started = Instant::now();
         let pool = self.pool(&req.pool)?;
@@ -87,7 +85,7 @@ impl Manager {
                             pool.name, exhausted.idle, spec.max
                         ),
                     );
-                    err.alternatives = Vec::new();
+                    err.alternatives = self.peers.alternatives(&pool.name);
                     err
                 })?;
         pool.note_acquire();

@@ -78,6 +78,8 @@ pub struct Manager {
     /// The node is cordoned (cluster mode): refills stop and acquires are refused, but
     /// leases run on and the node comes back when it is uncordoned.
     cordoned: AtomicBool,
+    /// Other nodes' idle capacity per pool (cluster mode), for refusals and the pool listing.
+    pub peers: super::peers::Peers,
 }
 
 impl Manager {
@@ -103,6 +105,7 @@ impl Manager {
             auth,
             shutdown: CancellationToken::new(),
             cordoned: AtomicBool::new(false),
+            peers: Default::default(),
         })
     }
 
@@ -185,6 +188,7 @@ impl Manager {
             .map(|p| {
                 let mut status = p.status();
                 status.paused = paused.get(&p.name).copied().unwrap_or(0);
+                status.cluster_idle = self.peers.idle(&p.name).map(|n| n + status.idle);
                 PoolView {
                     name: p.name.clone(),
                     spec: p.spec(),
@@ -200,6 +204,7 @@ impl Manager {
         let pool = self.pool(name)?;
         let mut status = pool.status();
         status.paused = self.paused_counts().get(name).copied().unwrap_or(0);
+        status.cluster_idle = self.peers.idle(name).map(|n| n + status.idle);
         Ok(PoolView {
             name: pool.name.clone(),
             spec: pool.spec(),

@@ -17,6 +17,7 @@ pub(crate) mod manager;
 mod metrics;
 pub(crate) mod once;
 pub(crate) mod pause;
+pub(crate) mod peers;
 mod pool;
 mod records;
 mod refill;
@@ -163,7 +164,7 @@ async fn run(args: NodeArgs) -> Result<(), NodeError> {
     );
     tokio::spawn(mgr.clone().housekeeping());
     if let Some(cluster) = &settings.cluster {
-        cluster::start(mgr.clone(), cluster).await?;
+        cluster::start(mgr.clone(), cluster, local).await?;
     }
     let e2b = match e2b_listeners {
         Some(listeners) => {

@@ -246,6 +246,7 @@ impl Pool {
             total: st.total(),
             ready: st.idle.len() >= spec.min_idle.min(spec.max.saturating_sub(st.allocated)),
             last_error: st.last_error.clone(),
+            cluster_idle: None,
         }
     }
 

@@ -11,7 +11,7 @@ use kube::{Resource, ResourceExt};
 use super::binding;
 use super::convert::{node_info, pool_info};
 use super::planner::{self, PoolPlan};
-use super::rollup::pool_status;
+use super::rollup::{pool_status, unserved_status};
 use crate::crd::{
     NODE_LABEL, POOL_FINALIZER, POOL_LABEL, Sandbox, SandboxStatus, WarmPool, WarmPoolShard,
     WarmPoolShardSpec, WarmPoolStatus, shard_name,
@@ -31,6 +31,9 @@ pub struct Snapshot {
 pub struct PassOptions {
     /// The node daemons' API port (for `Sandbox.status.nodeEndpoint`).
     pub node_port: u16,
+    /// The namespace the node daemons serve (their `--sandbox-namespace`): only WarmPools
+    /// there get shards.
+    pub sandbox_namespace: String,
 }
 
 /// An object by namespace and name.
@@ -97,7 +100,20 @@ pub fn changes(snapshot: &Snapshot, now: &Time, options: &PassOptions) -> Vec<Ch
             continue;
         }
         if !has_finalizer {
-            out.push(Change::AddFinalizer(key));
+            out.push(Change::AddFinalizer(key.clone()));
+        }
+        if key.namespace != options.sandbox_namespace {
+            // No node watches shards here: say so on the pool rather than warm nothing.
+            for shard in shards_of.get(&key).map(Vec::as_slice).unwrap_or(&[]) {
+                if shard.meta().deletion_timestamp.is_none() {
+                    out.push(Change::DeleteShard(ObjectKey::of(*shard)));
+                }
+            }
+            let status = unserved_status(pool, &options.sandbox_namespace, now);
+            if pool.status.as_ref() != Some(&status) {
+                out.push(Change::PoolStatus(key, Box::new(status)));
+            }
+            continue;
         }
         live.push(pool);
     }

@@ -36,6 +36,10 @@ pub struct OperatorArgs {
     /// The node daemons' API port (published in Sandbox status).
     #[arg(long, env = "ARL_NODE_PORT", default_value_t = 8420)]
     pub node_port: u16,
+    /// The namespace the node daemons serve (their `--sandbox-namespace`): WarmPools
+    /// elsewhere get no shards and a condition saying so.
+    #[arg(long, env = "ARL_SANDBOX_NAMESPACE", default_value = "arl-sandboxes")]
+    pub sandbox_namespace: String,
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "ARL_LEASE_NAMESPACE", default_value = "arl-system")]
     pub lease_namespace: String,
@@ -74,6 +78,7 @@ pub fn main(args: OperatorArgs) -> i32 {
     };
     let options = PassOptions {
         node_port: args.node_port,
+        sandbox_namespace: args.sandbox_namespace,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

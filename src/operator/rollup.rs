@@ -124,6 +124,40 @@ pub fn pool_status(
     status
 }
 
+/// The status of a pool in a namespace the nodes do not serve: nothing planned, and why.
+pub fn unserved_status(pool: &WarmPool, served: &str, now: &Time) -> WarmPoolStatus {
+    let generation = pool.metadata.generation.unwrap_or(0);
+    let old = pool
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
+    let message = format!(
+        "the node daemons serve WarmPools in namespace {served:?} only (their \
+         --sandbox-namespace): create this pool there"
+    );
+    WarmPoolStatus {
+        observed_generation: generation,
+        conditions: vec![
+            condition(
+                old,
+                "Ready",
+                ("False", "NamespaceNotServed", message.clone()),
+                generation,
+                now,
+            ),
+            condition(
+                old,
+                "Degraded",
+                ("True", "NamespaceNotServed", message),
+                generation,
+                now,
+            ),
+        ],
+        ..Default::default()
+    }
+}
+
 fn clamp_i32(n: u64) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }

@@ -303,7 +303,10 @@ fn pool_json(replicas: i32) -> Value {
 }
 
 fn options() -> PassOptions {
-    PassOptions { node_port: 8420 }
+    PassOptions {
+        node_port: 8420,
+        sandbox_namespace: NS.into(),
+    }
 }
 
 fn now() -> Time {
@@ -401,6 +404,58 @@ async fn a_new_pool_gets_exactly_its_shards_then_nothing_more() {
         assert_eq!(pass(&fake, &client, &nodes).await, vec![]);
     })
     .await
+}
+
+#[test]
+fn a_pool_outside_the_served_namespace_gets_no_shards_and_says_why() {
+    let mut pool = pool_json(3);
+    pool["metadata"]["namespace"] = json!("team-a");
+    let mut stray = serde_json::from_value::<WarmPoolShard>(json!({
+        "apiVersion": "arl.infra.io/v1alpha1", "kind": "WarmPoolShard",
+        "metadata": {"name": "python-n1", "namespace": "team-a"},
+        "spec": {"nodeName": "n1", "poolName": "python", "poolGeneration": 1, "quota": 3,
+                 "sandbox": {"image": "python:3.12"}},
+    }))
+    .expect("shard");
+    stray.metadata.namespace = Some("team-a".into());
+    let snapshot = Snapshot {
+        pools: vec![serde_json::from_value(pool).expect("pool")],
+        shards: vec![stray],
+        nodes: vec![node("n1", "10.0.0.1")],
+        sandboxes: Vec::new(),
+    };
+    let out = changes(&snapshot, &now(), &options());
+    let kinds: Vec<String> = out
+        .iter()
+        .map(|c| match c {
+            Change::AddFinalizer(k) => format!("finalizer {}/{}", k.namespace, k.name),
+            Change::DeleteShard(k) => format!("delete {}/{}", k.namespace, k.name),
+            Change::PoolStatus(k, _) => format!("status {}/{}", k.namespace, k.name),
+            other => format!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "finalizer team-a/python",
+            "delete team-a/python-n1",
+            "status team-a/python"
+        ]
+    );
+    let Some(Change::PoolStatus(_, status)) = out.last() else {
+        panic!("no status");
+    };
+    assert_eq!(status.desired, 0);
+    let ready = &status.conditions[0];
+    assert_eq!(
+        (
+            ready.type_.as_str(),
+            ready.status.as_str(),
+            ready.reason.as_str()
+        ),
+        ("Ready", "False", "NamespaceNotServed")
+    );
+    assert!(ready.message.contains("\"arl\""), "{}", ready.message);
 }
 
 /// A pool with shards python-n1..n3 at quota 3 each, as the operator left them.

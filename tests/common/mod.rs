@@ -11,11 +11,17 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use arl::api::{
+    AcquireRequest, ApiError, ErrorBody, ExecRequest, ExecResult, PoolStatus, PoolView,
+    SandboxInfo, SandboxList,
+};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_arl");
@@ -65,6 +71,102 @@ pub mod tempdir {
     pub fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// A response: its status and body, read as an `arl::api` model on demand.
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as text (for assertion messages).
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.body)
+    }
+
+    /// The body as a `T`; panics with the body when it is not one.
+    pub fn json<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{} body is not a {}: {e}: {}",
+                self.status,
+                std::any::type_name::<T>(),
+                self.text()
+            )
+        })
+    }
+
+    /// Asserts the status, then reads the body as a `T`.
+    pub fn expect<T: DeserializeOwned>(&self, status: StatusCode) -> T {
+        assert_eq!(self.status, status, "{}", self.text());
+        self.json()
+    }
+
+    /// The `{"error": ...}` body; asserts that the status is the one its code maps to.
+    pub fn error(&self) -> ApiError {
+        let ErrorBody { error } = self.json();
+        assert_eq!(
+            self.status.as_u16(),
+            error.status(),
+            "status of {:?}: {}",
+            error.code,
+            self.text()
+        );
+        error
+    }
+
+    /// Asserts the status, then reads the `{"error": ...}` body.
+    pub fn expect_error(&self, status: StatusCode) -> ApiError {
+        assert_eq!(self.status, status, "{}", self.text());
+        self.error()
+    }
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.text())
+    }
+}
+
+/// An exec of an argv (add fields with `ExecRequest { cwd: ..., ..cmd(&[...]) }`).
+pub fn cmd(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        cmd: Some(argv.iter().map(|a| a.to_string()).collect()),
+        ..ExecRequest::default()
+    }
+}
+
+/// An exec of a `/bin/sh -c` script.
+pub fn shell(script: &str) -> ExecRequest {
+    ExecRequest {
+        shell: Some(script.into()),
+        ..ExecRequest::default()
+    }
+}
+
+/// An acquire from `pool` (add fields with `AcquireRequest { count: ..., ..acquire(pool) }`).
+pub fn acquire(pool: &str) -> AcquireRequest {
+    AcquireRequest {
+        pool: pool.into(),
+        ..AcquireRequest::default()
+    }
+}
+
+/// `[(k, v)]` as the string map of env and labels.
+pub fn map(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The `{"type": ...}` lines of an NDJSON body, each as a `T`.
+pub fn ndjson<T: DeserializeOwned>(body: &[u8]) -> Vec<T> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
 }
 
 /// What makes the sandboxes of a test's pools.
@@ -284,6 +386,7 @@ impl Daemon {
     }
 
     /// JSON request with the default token; returns the status and parsed body (Null if empty).
+    /// Untyped: kept for the files not yet on the `arl::api` models (prefer [`Self::send`]).
     pub async fn call(
         &self,
         method: Method,
@@ -294,6 +397,7 @@ impl Daemon {
         self.call_as(token.as_deref(), method, path, body).await
     }
 
+    /// Untyped [`Self::send_as`].
     pub async fn call_as(
         &self,
         token: Option<&str>,
@@ -315,17 +419,68 @@ impl Daemon {
         (status, value)
     }
 
-    pub async fn acquire(&self, pool: &str) -> String {
+    /// A request with the default token and an optional JSON body.
+    pub async fn send<B: Serialize>(&self, method: Method, path: &str, body: Option<&B>) -> Reply {
+        self.send_as(self.token.as_deref(), method, path, body)
+            .await
+    }
+
+    /// A request with `token` and an optional JSON body.
+    pub async fn send_as<B: Serialize>(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Reply {
+        let body = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("json")));
         let (status, body) = self
-            .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": pool})))
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "acquire: {body}");
-        body["sandboxes"][0]["id"].as_str().expect("id").to_string()
+            .request_raw(method, path, body, token)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        Reply { status, body }
+    }
+
+    /// A request without a body.
+    pub async fn send_empty(&self, method: Method, path: &str) -> Reply {
+        self.send::<()>(method, path, None).await
+    }
+
+    /// `GET path`: asserts 200 and reads the body as a `T`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> T {
+        self.send_empty(Method::GET, path)
+            .await
+            .expect(StatusCode::OK)
+    }
+
+    /// `POST path` with a JSON body: asserts `status` and reads the answer as a `T`.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        status: StatusCode,
+    ) -> T {
+        self.send(Method::POST, path, Some(body))
+            .await
+            .expect(status)
+    }
+
+    /// `POST /v1/sandboxes`: the sandboxes acquired (asserts 201).
+    pub async fn acquire_with(&self, req: &AcquireRequest) -> Vec<SandboxInfo> {
+        let list: SandboxList = self.post("/v1/sandboxes", req, StatusCode::CREATED).await;
+        list.sandboxes
+    }
+
+    /// One sandbox from `pool`: its id.
+    pub async fn acquire(&self, pool: &str) -> String {
+        let mut sandboxes = self.acquire_with(&acquire(pool)).await;
+        assert_eq!(sandboxes.len(), 1, "{sandboxes:?}");
+        sandboxes.remove(0).id
     }
 
     /// `POST /v1/sandboxes/{id}/{action}` (`reset`, `pause`, `resume`).
-    pub async fn action(&self, id: &str, action: &str) -> (StatusCode, Value) {
-        self.call(Method::POST, &format!("/v1/sandboxes/{id}/{action}"), None)
+    pub async fn action(&self, id: &str, action: &str) -> Reply {
+        self.send_empty(Method::POST, &format!("/v1/sandboxes/{id}/{action}"))
             .await
     }
 
@@ -349,6 +504,46 @@ impl Daemon {
         .unwrap_or_else(|e| panic!("PUT {path}: {e}"))
     }
 
+    /// `POST /v1/sandboxes/{id}/exec`: the result (asserts 200).
+    pub async fn run(&self, id: &str, req: &ExecRequest) -> ExecResult {
+        self.post(&format!("/v1/sandboxes/{id}/exec"), req, StatusCode::OK)
+            .await
+    }
+
+    /// A `/bin/sh -c` exec: the result (asserts 200).
+    pub async fn shell(&self, id: &str, script: &str) -> ExecResult {
+        self.run(id, &shell(script)).await
+    }
+
+    /// `GET /v1/pools/{pool}`: its status.
+    pub async fn status(&self, pool: &str) -> PoolStatus {
+        self.get::<PoolView>(&format!("/v1/pools/{pool}"))
+            .await
+            .status
+    }
+
+    /// Polls until `pred` holds for the pool's status, up to `secs`.
+    pub async fn wait_status(
+        &self,
+        pool: &str,
+        secs: u64,
+        pred: impl Fn(&PoolStatus) -> bool,
+    ) -> PoolStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let status = self.status(pool).await;
+            if pred(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pool {pool} never reached the state; last {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Untyped exec, for the files not yet on the `arl::api` models (prefer [`Self::run`]).
     pub async fn exec(&self, id: &str, req: Value) -> Value {
         let (status, body) = self
             .call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(req))
@@ -357,10 +552,12 @@ impl Daemon {
         body
     }
 
+    /// Untyped [`Self::shell`].
     pub async fn sh(&self, id: &str, script: &str) -> Value {
         self.exec(id, json!({"shell": script})).await
     }
 
+    /// Untyped [`Self::status`].
     pub async fn pool_status(&self, pool: &str) -> Value {
         let (status, body) = self
             .call(Method::GET, &format!("/v1/pools/{pool}"), None)
@@ -369,7 +566,7 @@ impl Daemon {
         body["status"].clone()
     }
 
-    /// Polls until `pred` holds for the pool's status, up to `secs`.
+    /// Untyped [`Self::wait_status`].
     pub async fn wait_pool(&self, pool: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
@@ -407,8 +604,13 @@ impl Daemon {
                 .join("meta.json"),
         )
         .expect("meta.json");
-        let meta: Value = serde_json::from_slice(&meta).expect("meta");
-        meta["pid"].as_i64().expect("pid") as i32
+        /// The part of the process runtime's `meta.json` read here.
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            pid: i32,
+        }
+        let meta: Meta = serde_json::from_slice(&meta).expect("meta");
+        meta.pid
     }
 
     /// Sandbox directories and cgroups that exist for this daemon.
@@ -492,8 +694,8 @@ pub async fn request(
 }
 
 /// An exec on the daemon at `port` with no token; the result (panics unless 200).
-pub async fn exec_on(port: u16, id: &str, req: Value) -> Value {
-    let body = Bytes::from(serde_json::to_vec(&req).expect("json"));
+pub async fn exec_on(port: u16, id: &str, req: &ExecRequest) -> ExecResult {
+    let body = Bytes::from(serde_json::to_vec(req).expect("json"));
     let (status, bytes) = request(
         port,
         Method::POST,
@@ -504,13 +706,11 @@ pub async fn exec_on(port: u16, id: &str, req: Value) -> Value {
     )
     .await
     .expect("exec request");
-    assert_eq!(
+    Reply {
         status,
-        StatusCode::OK,
-        "exec: {}",
-        String::from_utf8_lossy(&bytes)
-    );
-    serde_json::from_slice(&bytes).expect("exec result")
+        body: bytes,
+    }
+    .expect(StatusCode::OK)
 }
 
 /// `ctr -n arl <args>` stdout.

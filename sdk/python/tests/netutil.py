@@ -99,10 +99,11 @@ class DropProxy:
 
 
 class FullNode:
-    """A fake node that answers every acquisition with 503 pool_exhausted and the given
-    alternatives, and reports no idle capacity."""
+    """A fake node that answers every acquisition with a 503 (``pool_exhausted``, or
+    ``draining`` as a cordoned node does) and the given alternatives, and reports no idle
+    capacity."""
 
-    def __init__(self, alternatives: list[str]) -> None:
+    def __init__(self, alternatives: list[str], code: str = "pool_exhausted") -> None:
         alts = alternatives
         self.hits = 0
         outer = self
@@ -131,7 +132,7 @@ class FullNode:
                 n = int(self.headers.get("Content-Length") or 0)
                 self.rfile.read(n)
                 outer.hits += 1
-                self._send(503, {"error": {"code": "pool_exhausted", "message": "no idle sandbox", "retryable": True, "alternatives": alts}})
+                self._send(503, {"error": {"code": code, "message": "no idle sandbox", "retryable": True, "alternatives": alts}})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.server.daemon_threads = True

@@ -111,6 +111,30 @@ def test_alternatives_followed(two_nodes: tuple[Daemon, Daemon]) -> None:
         full.close()
 
 
+def test_a_cordoned_node_sends_clients_to_its_alternatives_at_once(two_nodes: tuple[Daemon, Daemon]) -> None:
+    _, b = two_nodes
+    cordoned = FullNode([b.url], code="draining")
+    try:
+        started = time.monotonic()
+        with arl.Client(cordoned.url) as c:
+            with c.sandbox("default") as sb:
+                assert sb.endpoint == b.url
+                assert sb.exec(["echo", "moved"]).stdout == "moved\n"
+        # Not retried there: a draining node that names alternatives is left at once.
+        assert cordoned.hits == 1
+        assert time.monotonic() - started < 5
+        alone = FullNode([], code="draining")
+        try:
+            with arl.Client(alone.url, retry_timeout=0.2) as c:
+                with pytest.raises(arl.InfraError) as ei:
+                    c.sandbox("default")
+            assert ei.value.code == "draining" and alone.hits >= 2, "without alternatives it is retried"
+        finally:
+            alone.close()
+    finally:
+        cordoned.close()
+
+
 def test_dead_node_skipped(two_nodes: tuple[Daemon, Daemon]) -> None:
     a, _ = two_nodes
     dead = f"http://127.0.0.1:{free_port()}"

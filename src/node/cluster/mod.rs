@@ -2,8 +2,10 @@
 //! node's WarmPoolShards, its pools (`shards.rs`); from its Node object, whether it is
 //! cordoned (`watch_node`).
 
+pub mod peers;
 pub mod shards;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,23 +71,46 @@ fn runtime_config(args: &ClusterArgs) -> KubernetesConfig {
     }
 }
 
-/// Starts serving this node's shards: their pools, and their status written back.
+/// Starts serving this node's shards: their pools, and their status written back. `local`
+/// is the address the node API listens on.
 pub async fn start(
     mgr: Arc<Manager>,
     args: &ClusterArgs,
+    local: SocketAddr,
 ) -> Result<Arc<shards::ShardSync>, ClusterError> {
     let client = client(args).await?;
     let node = args.node_name.clone().unwrap_or_default();
     let api: Api<WarmPoolShard> = Api::namespaced(client.clone(), &args.sandbox_namespace);
+    let endpoint = advertised(args, local);
+    match &endpoint {
+        Some(url) => tracing::info!(%url, "other nodes' clients are sent to this node at"),
+        None => tracing::warn!(
+            "no address for other nodes' clients (set NODE_IP or --advertise-url): \
+             this node is never named as an alternative"
+        ),
+    }
     let sync = shards::ShardSync::new(
         mgr.clone(),
         api,
         node.clone(),
+        endpoint,
         Duration::from_millis(args.shard_status_interval_ms.max(100)),
     );
     tokio::spawn(sync.clone().run());
     tokio::spawn(watch_node(mgr, Api::all(client), node));
     Ok(sync)
+}
+
+/// The node API's URL for other nodes' clients: `--advertise-url`, else `--node-ip` with the
+/// listen port, else the listen address itself when it is a definite one.
+pub fn advertised(args: &ClusterArgs, local: SocketAddr) -> Option<String> {
+    if let Some(url) = &args.advertise_url {
+        return Some(url.trim_end_matches('/').to_string());
+    }
+    let ip = args
+        .node_ip
+        .or_else(|| (!local.ip().is_unspecified()).then_some(local.ip()))?;
+    Some(format!("http://{}", SocketAddr::new(ip, local.port())))
 }
 
 /// Follows this node's `spec.unschedulable`: a cordoned node (`kubectl cordon`, or the first

@@ -28,6 +28,7 @@ use crate::crd::{
 };
 use crate::node::manager::Manager;
 use crate::util::MutexExt;
+use tokio_util::sync::CancellationToken;
 
 /// Sandboxes of one pool on one node at most (idle, starting and lent out together).
 const MAX_PER_NODE: usize = 16_384;
@@ -100,6 +101,19 @@ pub fn error_reason(message: &str) -> &'static str {
     }
 }
 
+/// The merge patch that makes a shard's status `status`: the optional fields it lacks are
+/// sent as `null`, since a merge patch leaves a field it does not name as it was (a cleared
+/// error or a withdrawn endpoint would otherwise stay).
+fn status_patch(status: &WarmPoolShardStatus) -> serde_json::Value {
+    let mut value = json!(status);
+    if let Some(fields) = value.as_object_mut() {
+        for optional in ["endpoint", "lastError"] {
+            fields.entry(optional).or_insert(serde_json::Value::Null);
+        }
+    }
+    json!({ "status": value })
+}
+
 /// When, and how many acquires and misses a pool had counted by then.
 type Sample = (Instant, u64, u64);
 
@@ -116,12 +130,16 @@ pub struct ShardSync {
     mgr: Arc<Manager>,
     api: Api<WarmPoolShard>,
     node: String,
+    /// This node's API as other nodes' clients reach it (written into the shards' status).
+    endpoint: Option<String>,
     interval: Duration,
     served: Mutex<HashMap<String, Served>>,
     /// The status last written per shard.
     written: Mutex<HashMap<String, WarmPoolShardStatus>>,
     /// Acquire counts sampled per pool, for the demand figures.
     samples: Mutex<HashMap<String, VecDeque<Sample>>>,
+    /// The watch of each served pool's other shards (`peers.rs`), by pool.
+    following: Mutex<HashMap<String, CancellationToken>>,
     /// Status writes so far (for tests and metrics).
     pub writes: std::sync::atomic::AtomicU64,
 }
@@ -131,13 +149,16 @@ impl ShardSync {
         mgr: Arc<Manager>,
         api: Api<WarmPoolShard>,
         node: String,
+        endpoint: Option<String>,
         interval: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             mgr,
             api,
             node,
+            endpoint,
             interval,
+            following: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
             samples: Mutex::new(HashMap::new()),
@@ -164,6 +185,7 @@ impl ShardSync {
                         names.push(shard.name_any());
                     }
                     self.apply(&shard);
+                    self.follow_peers(&shard);
                 }
                 Ok(Event::InitDone) => {
                     let names = listed.take().unwrap_or_default();
@@ -178,7 +200,10 @@ impl ShardSync {
                         self.remove(&name);
                     }
                 }
-                Ok(Event::Apply(shard)) => self.apply(&shard),
+                Ok(Event::Apply(shard)) => {
+                    self.apply(&shard);
+                    self.follow_peers(&shard);
+                }
                 Ok(Event::Delete(shard)) => self.remove(&shard.name_any()),
                 Err(e) => {
                     tracing::warn!(error = %e, "watching this node's shards failed; retrying")
@@ -186,6 +211,33 @@ impl ShardSync {
             }
         }
         status.abort();
+        for (_, stop) in self.following.lock_or_recover().drain() {
+            stop.cancel();
+        }
+    }
+
+    /// Starts watching the other nodes' shards of a pool this node has started serving.
+    fn follow_peers(&self, shard: &WarmPoolShard) {
+        let pool = &shard.spec.pool_name;
+        let served = self
+            .served
+            .lock_or_recover()
+            .get(&shard.name_any())
+            .is_some_and(|s| s.pool == *pool);
+        let mut following = self.following.lock_or_recover();
+        if !served || following.contains_key(pool) {
+            return;
+        }
+        let stop = self.mgr.shutdown.child_token();
+        following.insert(pool.clone(), stop.clone());
+        self.mgr.peers.watch(pool);
+        tokio::spawn(super::peers::follow(
+            self.mgr.clone(),
+            self.api.clone(),
+            pool.clone(),
+            self.node.clone(),
+            stop,
+        ));
     }
 
     fn apply(&self, shard: &WarmPoolShard) {
@@ -228,6 +280,10 @@ impl ShardSync {
             return;
         };
         self.written.lock_or_recover().remove(name);
+        if let Some(stop) = self.following.lock_or_recover().remove(&served.pool) {
+            stop.cancel();
+        }
+        self.mgr.peers.forget(&served.pool);
         tracing::info!(shard = %name, pool = %served.pool, "shard gone; draining its pool");
         if let Err(e) = self.mgr.delete_pool(&served.pool) {
             tracing::warn!(pool = %served.pool, error = %e.message, "deleting the pool failed");
@@ -258,7 +314,7 @@ impl ShardSync {
             if self.written.lock_or_recover().get(&name) == Some(&status) {
                 continue;
             }
-            let patch = Patch::Merge(json!({"status": status}));
+            let patch = Patch::Merge(status_patch(&status));
             match self
                 .api
                 .patch_status(&name, &PatchParams::default(), &patch)
@@ -280,7 +336,10 @@ impl ShardSync {
     fn status_of(&self, served: &Served) -> Option<WarmPoolShardStatus> {
         let view = self.mgr.pool_view(&served.pool).ok()?;
         let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+        // Other nodes' clients are sent here only while this node takes acquires.
+        let accepting = !self.mgr.is_cordoned() && !self.mgr.is_draining();
         Some(WarmPoolShardStatus {
+            endpoint: self.endpoint.clone().filter(|_| accepting),
             observed_pool_generation: served.generation,
             idle: count(view.status.idle),
             allocated: count(view.status.allocated),
@@ -409,6 +468,7 @@ mod tests {
         let reply = serde_json::to_vec(&object).expect("json");
         let patches: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
         let seen = patches.clone();
+        let patches_seen = patches.clone();
         tokio::spawn(async move {
             while let Some((request, send)) = handle.next_request().await {
                 assert_eq!(request.method(), http::Method::PATCH);
@@ -438,6 +498,7 @@ mod tests {
             mgr.clone(),
             Api::namespaced(client, "arl-sandboxes"),
             "n1".into(),
+            Some("http://10.0.0.1:8420".into()),
             Duration::from_secs(3600),
         );
         sync.apply(&object);
@@ -453,6 +514,14 @@ mod tests {
         })
         .await;
         assert_eq!(patches.lock_or_recover()[0]["status"]["idle"], 2);
+        assert_eq!(
+            patches.lock_or_recover()[0]["status"]["endpoint"],
+            "http://10.0.0.1:8420"
+        );
+        assert!(
+            patches.lock_or_recover()[0]["status"]["lastError"].is_null(),
+            "no error: a stale one is cleared"
+        );
         sync.write_changed().await;
         assert_eq!(
             patches.lock_or_recover().len(),
@@ -497,5 +566,21 @@ mod tests {
         assert_eq!(demand["acquiresPerMinute"], 1000, "{demand}");
         assert_eq!(patches[1]["status"]["observedPoolGeneration"], 3);
         ticker.abort();
+
+        // Cordoned: the endpoint is withdrawn (other nodes stop sending clients here).
+        assert!(mgr.set_cordoned(true));
+        sync.write_changed().await;
+        let last = patches_seen
+            .lock_or_recover()
+            .last()
+            .cloned()
+            .expect("a patch");
+        assert!(last["status"]["endpoint"].is_null(), "{last}");
+        assert!(
+            last["status"]
+                .as_object()
+                .is_some_and(|s| s.contains_key("endpoint")),
+            "the withdrawal is written as null: {last}"
+        );
     }
 }

@@ -119,7 +119,8 @@ class AsyncTransport:
             else:
                 self.done(ep, resp)
             err = _error(resp.status, raw, context, ep)
-            if is_retryable_status(err):
+            # A node that names alternatives is sent away from, not waited for.
+            if is_retryable_status(err) and not err.alternatives:
                 if policy is None:
                     policy = self._retry_policy(retry_timeout)
                 delay = policy.next_delay()

@@ -266,7 +266,9 @@ class Client:
             try:
                 d = self._t.request_json(eps[0], "POST", "/v1/sandboxes", body, timeout=self.timeout, context="pool")
                 return [Sandbox(self, eps[0], SandboxInfo.from_json(s, eps[0].url)) for s in d["sandboxes"]]
-            except PoolExhausted as e:
+            except (PoolExhausted, InfraError) as e:
+                # Exhausted, or the node is cordoned or draining: its peers with idle
+                # sandboxes are named, if it knows any.
                 if not e.alternatives:
                     raise
                 errors.append(e)
@@ -292,12 +294,12 @@ class Client:
                     ep, "POST", "/v1/sandboxes", body, timeout=self.timeout, context="pool",
                     retry_timeout=None if last else 0.0,
                 )
-            except PoolExhausted as e:
+            except (PoolExhausted, InfraError) as e:
                 errors.append(e)
                 alts = [Endpoint.parse(a) for a in e.alternatives]
                 pending.extendleft(a for a in reversed(alts) if a not in tried)
                 continue
-            except (InfraError, PoolNotFound) as e:
+            except PoolNotFound as e:
                 errors.append(e)
                 continue
             self._view.took(ep, pool, count)

@@ -184,6 +184,8 @@ class PoolStatus:
     total: int = 0
     ready: bool = False
     last_error: str | None = None
+    #: Cluster mode: idle sandboxes of the pool on this node and its peers (``None`` outside).
+    cluster_idle: int | None = None
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> PoolStatus:
@@ -196,6 +198,7 @@ class PoolStatus:
             total=int(d.get("total", 0)),
             ready=bool(d.get("ready", False)),
             last_error=d.get("last_error"),
+            cluster_idle=None if d.get("cluster_idle") is None else int(d["cluster_idle"]),
         )
 
 
