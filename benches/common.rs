@@ -12,7 +12,9 @@
 mod node;
 
 #[allow(unused_imports)] // each bench uses a part
-pub use node::{NodeCommand, Stopped, cgroup_roots, clear_cgroup_parent, free_port, terminate};
+pub use node::{
+    NodeCommand, Stopped, cgroup_roots, clear_cgroup_parent, free_port, terminate, unmount_under,
+};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};

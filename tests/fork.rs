@@ -70,16 +70,34 @@ fn snapshot_dirs(d: &Daemon) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Host mounts under the daemon's state directory (a fork's snapshot mounts live only in its
-/// sandbox's mount namespace).
+/// Host mounts under the daemon's state directory but the snapshot store's own tmpfs (a
+/// fork's snapshot mounts live only in its sandbox's mount namespace).
 fn host_mounts(d: &Daemon) -> Vec<String> {
     let state = d.state_dir();
+    let store = d.state_dir().join("snapshots");
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
         .filter(|l| l.contains(state.to_string_lossy().as_ref()))
+        .filter(|l| l.split(' ').nth(4) != Some(store.to_string_lossy().as_ref()))
         .map(str::to_string)
         .collect()
+}
+
+/// The snapshot store's mount: its filesystem type and super options, if it is a mount.
+fn store_mount(d: &Daemon) -> Option<(String, String)> {
+    let store = d.state_dir().join("snapshots");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(store.to_string_lossy().as_ref()))
+        .find_map(|l| {
+            let (_, right) = l.split_once(" - ")?;
+            let mut fields = right.split(' ');
+            let fstype = fields.next()?.to_string();
+            let options = fields.nth(1)?.to_string();
+            Some((fstype, options))
+        })
 }
 
 async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
@@ -92,7 +110,8 @@ async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forks_start_with_the_parents_files_and_diverge_alone() {
-    let mut d = Daemon::start(options(Runtime::Process, &[])).await;
+    // The in-memory store: its tmpfs outlives a crash of the daemon, as a disk would.
+    let mut d = Daemon::start(options(Runtime::Process, &["--snapshot-store", "memory"])).await;
     let parent = acquire_with_env(&d).await;
     out(
         &d,
@@ -178,7 +197,8 @@ async fn forks_start_with_the_parents_files_and_diverge_alone() {
         .await;
     assert_eq!(info["forks"], 3, "{info}");
 
-    // Snapshots and their forks survive a restart of the daemon.
+    // Snapshots and their forks survive a restart of the daemon (the store's tmpfs stays).
+    assert_eq!(store_mount(&d).map(|m| m.0).as_deref(), Some("tmpfs"));
     d.kill9();
     d.spawn().await;
     assert_eq!(out(&d, &forks[1], "cat /workspace/a.txt").await, "parent\n");
@@ -317,4 +337,47 @@ async fn a_container_forks_with_its_workspace() {
         snapshot_dirs(&d).is_empty()
     })
     .await;
+}
+
+/// A fork straight from a live sandbox carries a large file whole (copied in pieces by
+/// several threads), with the snapshots kept in memory (a tmpfs of the node's, huge pages for
+/// large files) or on disk (the state directory, the default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_fork_carries_a_large_file_from_either_store() {
+    for store in ["memory", "disk"] {
+        let d = Daemon::start(Options {
+            config: Some(
+                "[pools.default]\nmin_idle = 1\nmax = 4\ndisk_mb = 256\nmemory_mb = 512\n".into(),
+            ),
+            args: vec!["--snapshot-store".into(), store.into()],
+            ..Options::on(Runtime::Process)
+        })
+        .await;
+        let parent = d.acquire("default").await;
+        let sum = out(
+            &d,
+            &parent,
+            "head -c 40000003 /dev/urandom > /workspace/big && echo end >> /workspace/big && md5sum < /workspace/big",
+        )
+        .await;
+        let forks = fork(&d, &format!("/v1/sandboxes/{parent}/fork"), 1).await;
+        assert_eq!(
+            out(&d, &forks[0], "md5sum < /workspace/big").await,
+            sum,
+            "{store}"
+        );
+        match (store, store_mount(&d)) {
+            ("memory", Some((fstype, options))) => {
+                assert_eq!(fstype, "tmpfs");
+                assert!(options.contains("huge=within_size"), "{options}");
+            }
+            ("disk", None) => {}
+            (store, mount) => panic!("the {store} store is mounted as {mount:?}"),
+        }
+        d.release(&forks[0]).await;
+        wait_until("the fork's snapshot removed", || {
+            snapshot_dirs(&d).is_empty()
+        })
+        .await;
+    }
 }

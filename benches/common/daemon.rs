@@ -61,6 +61,11 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 impl Daemon {
     /// Starts `arl node` with `config` (TOML) and `extra` flags; waits for /healthz.
     pub fn start(config_toml: &str, extra: &[&str]) -> Daemon {
+        Self::start_bin(arl_binary(), config_toml, extra)
+    }
+
+    /// As [`Daemon::start`], with another `arl` binary (a same-run A/B of two builds).
+    pub fn start_bin(bin: PathBuf, config_toml: &str, extra: &[&str]) -> Daemon {
         // SAFETY: geteuid(2) has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!(
@@ -68,7 +73,6 @@ impl Daemon {
             );
             std::process::exit(2);
         }
-        let bin = arl_binary();
         let dir = temp_dir("node");
         let state = dir.join("state");
         let config = dir.join("node.toml");
@@ -194,6 +198,8 @@ impl Daemon {
                 "WARNING: {leaked} processes of this daemon's sandboxes outlived it (SIGTERM); killed them"
             );
         }
+        // The snapshots' tmpfs (it outlives a daemon, as it would a restart).
+        unmount_under(&self.dir);
         if std::env::var_os("ARL_BENCH_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {

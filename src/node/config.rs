@@ -56,6 +56,10 @@ pub struct NodeArgs {
     /// MiB of file data all snapshots on this node may hold [default: 8192]
     #[arg(long, global = true, env = "ARL_SNAPSHOT_MB")]
     pub snapshot_mb: Option<u64>,
+    /// Where snapshots are kept: `disk` (the state directory) or `memory` (a tmpfs of the
+    /// node's, sized by --snapshot-mb) [default: disk]
+    #[arg(long, global = true, env = "ARL_SNAPSHOT_STORE", value_enum)]
+    pub snapshot_store: Option<super::snapshots::Store>,
     /// Serve without a token file on a non-loopback address (anyone who reaches it can run code)
     #[arg(long, global = true, env = "ARL_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
@@ -194,6 +198,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     max_snapshots: Option<usize>,
     snapshot_mb: Option<u64>,
+    snapshot_store: Option<super::snapshots::Store>,
     #[serde(default)]
     allow_unauthenticated: bool,
     e2b_listen: Option<String>,
@@ -306,6 +311,10 @@ impl NodeArgs {
                     .or(file.snapshot_mb)
                     .unwrap_or(8192)
                     .saturating_mul(1 << 20),
+                store: self
+                    .snapshot_store
+                    .or(file.snapshot_store)
+                    .unwrap_or(super::snapshots::Store::Disk),
             },
             allow_unauthenticated: self.allow_unauthenticated || file.allow_unauthenticated,
             e2b: E2bSettings {

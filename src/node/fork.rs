@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
 
 use super::agent_client::AgentClient;
 use super::auth::Owner;
@@ -47,22 +49,33 @@ impl Manager {
         std::fs::create_dir(&dir)
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
         let started = Instant::now();
-        let copied = {
+        let copied = async {
             // Frozen for the copy, so nothing changes under it; then left as it was.
             let _lock = sb.pause_lock.lock().await;
             let was_paused = sb.paused.load(SeqCst);
             if !was_paused {
                 self.runtime.set_paused(&sb.id, true).await?;
             }
+            let frozen = Instant::now();
             let copied = self
                 .runtime
                 .snapshot(&sb.id, &dir.join("layers"), left)
                 .await;
+            let copy_done = Instant::now();
             if !was_paused && let Err(e) = self.runtime.set_paused(&sb.id, false).await {
                 tracing::warn!(sandbox = %sb.id, error = %e, "thaw after a snapshot failed");
             }
+            tracing::debug!(
+                freeze_ms = ms(frozen - started),
+                copy_ms = ms(copy_done - frozen),
+                thaw_ms = ms(copy_done.elapsed()),
+                bytes = copied.as_ref().ok(),
+                "snapshot copied"
+            );
             copied
-        };
+        }
+        .instrument(tracing::debug_span!("snapshot", sandbox = %sb.id, snapshot = %id))
+        .await;
         let bytes = match copied {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -266,4 +279,9 @@ fn fork_lease(owner: Owner, spec: &PoolSpec, snap: &Snapshot, req: &ForkRequest)
         idle_timeout_ms,
         request_id: None,
     }
+}
+
+/// Milliseconds, for the logs.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }

@@ -53,7 +53,9 @@ impl Manager {
             let now = now_ms();
             self.expire_leases(now);
             self.auto_pause_idle(now);
-            self.collect_snapshots();
+            // Removing a snapshot's files takes a while for a large one: not on a worker.
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || this.collect_snapshots()).await;
             if round.is_multiple_of(HEALTH_CHECK_ROUNDS) {
                 self.check_idle();
             }

@@ -23,11 +23,12 @@ use crate::util::MutexExt;
 /// Where each snapshot keeps the runtime's copy.
 const LAYERS: &str = "layers";
 
-/// Per-node bounds.
+/// Per-node bounds, and where the copies are kept.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub count: usize,
     pub bytes: u64,
+    pub store: Store,
 }
 
 impl Default for Limits {
@@ -35,8 +36,21 @@ impl Default for Limits {
         Self {
             count: 64,
             bytes: 8 << 30,
+            store: Store::Disk,
         }
     }
+}
+
+/// Where the snapshots' copies live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Store {
+    /// A directory of the state directory's filesystem (the default).
+    Disk,
+    /// A tmpfs of the node's own, sized by the byte bound, with huge pages for large files:
+    /// a copy is a memory copy (no disk writes, no write-back) that costs less CPU. Kept
+    /// across restarts of the daemon, not of the machine.
+    Memory,
 }
 
 /// What `meta.json` holds.
@@ -109,6 +123,16 @@ impl Snapshots {
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
+        if limits.store == Store::Memory {
+            match memory::mount(&dir, limits.bytes) {
+                Ok(how) => tracing::info!(dir = %dir.display(), "snapshots kept in memory ({how})"),
+                Err(reason) => tracing::warn!(
+                    dir = %dir.display(),
+                    %reason,
+                    "snapshots kept on disk instead of in memory"
+                ),
+            }
+        }
         let store = Self {
             dir,
             limits,
@@ -332,7 +356,7 @@ impl Snapshots {
         }
     }
 
-    /// Removes every snapshot (a node stopping for good).
+    /// Removes every snapshot (a node stopping for good), and the store's tmpfs.
     pub fn clear(&self) {
         self.entries.lock_or_recover().clear();
         if let Ok(entries) = fs::read_dir(&self.dir) {
@@ -340,6 +364,7 @@ impl Snapshots {
                 remove_dir(&entry.path());
             }
         }
+        memory::unmount(&self.dir);
     }
 
     /// Removes a half-made snapshot's directory.
@@ -391,6 +416,131 @@ impl Snapshot {
             bytes: self.meta.bytes,
             created_at_ms: self.meta.created_at_ms,
             forks,
+        }
+    }
+}
+
+/// The in-memory store: a tmpfs mounted over `<state-dir>/snapshots`.
+pub mod memory {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+
+    use nix::mount::{MntFlags, MsFlags};
+
+    /// Linux release from which tmpfs takes idmapped mounts (forks stack snapshots that way).
+    const IDMAPPED_TMPFS: (u32, u32) = (6, 3);
+
+    /// Room beyond the byte bound for what is not file data (a page per small file, dirs).
+    fn size(bytes: u64) -> u64 {
+        bytes.saturating_add(bytes / 16).saturating_add(64 << 20)
+    }
+
+    /// Whether `dir` is the root of a tmpfs mount.
+    pub fn is_mounted(dir: &Path) -> bool {
+        let (Ok(here), Some(parent)) = (std::fs::metadata(dir), dir.parent()) else {
+            return false;
+        };
+        let Ok(above) = std::fs::metadata(parent) else {
+            return false;
+        };
+        here.dev() != above.dev()
+            && nix::sys::statfs::statfs(dir)
+                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+    }
+
+    /// Mounts the store's tmpfs on `dir` (or resizes the one an earlier daemon left). Says how,
+    /// or why the store stays on disk: a kernel whose tmpfs cannot be mounted idmapped, or
+    /// snapshots already on disk there (from a daemon that kept them on disk).
+    pub fn mount(dir: &Path, bytes: u64) -> Result<&'static str, String> {
+        let opts = |huge: bool| {
+            format!(
+                "size={},mode=0700{}",
+                size(bytes),
+                if huge { ",huge=within_size" } else { "" }
+            )
+        };
+        if is_mounted(dir) {
+            // Resized to this daemon's bound; one it cannot shrink to (it holds more) stays.
+            let flags = MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+            let opts = opts(true);
+            let resized = nix::mount::mount(None::<&str>, dir, None::<&str>, flags, Some(&*opts));
+            return Ok(match resized {
+                Ok(()) => "the tmpfs an earlier daemon mounted",
+                Err(_) => "the tmpfs an earlier daemon mounted, at its old size",
+            });
+        }
+        match release() {
+            Some(r) if r >= IDMAPPED_TMPFS => {}
+            _ => return Err("this kernel's tmpfs cannot be mounted idmapped (Linux < 6.3)".into()),
+        }
+        if std::fs::read_dir(dir)
+            .map_err(|e| e.to_string())?
+            .next()
+            .is_some()
+        {
+            return Err("snapshots an earlier daemon kept on disk are there".into());
+        }
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        let tmpfs = |huge| {
+            nix::mount::mount(
+                Some("tmpfs"),
+                dir,
+                Some("tmpfs"),
+                flags,
+                Some(opts(huge).as_str()),
+            )
+        };
+        match tmpfs(true) {
+            Ok(()) => Ok("a tmpfs with huge pages for large files"),
+            // A kernel without huge pages for tmpfs.
+            Err(nix::errno::Errno::EINVAL) => tmpfs(false)
+                .map(|()| "a tmpfs")
+                .map_err(|e| format!("mounting a tmpfs: {e}")),
+            Err(e) => Err(format!("mounting a tmpfs: {e}")),
+        }
+    }
+
+    /// Unmounts the store's tmpfs, if it has one (forks still standing on it keep theirs).
+    pub fn unmount(dir: &Path) {
+        if is_mounted(dir)
+            && let Err(e) = nix::mount::umount2(dir, MntFlags::MNT_DETACH)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "unmounting the snapshots' tmpfs");
+        }
+    }
+
+    /// The kernel's (major, minor) release.
+    fn release() -> Option<(u32, u32)> {
+        // SAFETY: uname(2) fills the zeroed struct it is given.
+        let uts = unsafe {
+            let mut uts: libc::utsname = std::mem::zeroed();
+            if libc::uname(&mut uts) != 0 {
+                return None;
+            }
+            uts
+        };
+        let release: Vec<u8> = uts
+            .release
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        parse_release(&release)
+    }
+
+    fn parse_release(release: &[u8]) -> Option<(u32, u32)> {
+        let text = std::str::from_utf8(release).ok()?;
+        let mut parts = text.split(|c: char| !c.is_ascii_digit());
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn releases_parse() {
+            assert_eq!(super::parse_release(b"6.18.44"), Some((6, 18)));
+            assert_eq!(super::parse_release(b"5.15.0-91-generic"), Some((5, 15)));
+            assert_eq!(super::parse_release(b"junk"), None);
         }
     }
 }

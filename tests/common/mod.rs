@@ -61,6 +61,7 @@ pub mod tempdir {
 
     impl Drop for TempDir {
         fn drop(&mut self) {
+            super::node::unmount_under(&self.0);
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }

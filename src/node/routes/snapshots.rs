@@ -42,10 +42,18 @@ pub async fn fork_sandbox(
     req: Request<ReqBody>,
 ) -> Result<Response<Body>, ApiError> {
     let fork = fork_request(req).await?;
+    let started = std::time::Instant::now();
     let snap = mgr.take_snapshot(&sb, owner, true).await?;
+    let taken = std::time::Instant::now();
     let held = Pending::take_over(&snap);
     let result = mgr.fork(owner, &snap, fork).await;
     drop(held);
+    tracing::debug!(
+        sandbox = %sb.id,
+        snapshot_ms = (taken - started).as_secs_f64() * 1e3,
+        fork_ms = taken.elapsed().as_secs_f64() * 1e3,
+        "forked a live sandbox"
+    );
     if result.is_err() {
         mgr.collect_snapshots();
     }
