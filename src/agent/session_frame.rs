@@ -253,12 +253,18 @@ mod tests {
     }
 
     /// The real `/bin/sh`, interrupted in a busy built-in loop at varied moments, reports 130
-    /// every time (dash alone loses the trap's `return` status now and then).
+    /// every time (dash alone loses the trap's `return` status now and then). Each SIGINT is
+    /// sent once the loop's command has started (it says `go` first): one that came while the
+    /// shell still read the frame would find no command to stop (in a session, the timeout's
+    /// kill then ends it). Every line is awaited at most 20 s, so a stuck shell fails the test
+    /// rather than hanging it.
     #[test]
     fn an_interrupted_busy_loop_reports_130_in_the_real_shell() {
         use std::io::{BufRead, BufReader, Write};
         use std::os::unix::process::CommandExt;
         use std::process::{Command, Stdio};
+        use std::sync::mpsc;
+        use std::time::Duration;
 
         use nix::sys::signal::{Signal, killpg};
         use nix::unistd::Pid;
@@ -272,25 +278,34 @@ mod tests {
             .expect("spawn /bin/sh");
         let group = Pid::from_raw(i32::try_from(shell.id()).expect("pid"));
         let mut stdin = shell.stdin.take().expect("stdin");
-        let mut stdout = BufReader::new(shell.stdout.take().expect("stdout"));
+        let stdout = BufReader::new(shell.stdout.take().expect("stdout"));
+        let (tx, lines) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let next_line = |what: &str| match lines.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = killpg(group, Signal::SIGKILL);
+                panic!("no {what} from /bin/sh within 20 s");
+            }
+        };
         stdin.write_all(SHELL_INIT.as_bytes()).expect("init");
         let mut codes = Vec::new();
         for run in 0..60u64 {
             let marker = format!("__arl_t{run}_");
             stdin
-                .write_all(&shell_frame("while :; do :; done", &marker))
+                .write_all(&shell_frame("echo go; while :; do :; done", &marker))
                 .expect("frame");
             stdin.flush().expect("flush");
-            // The first run waits long enough for the shell to have read its set-up.
-            let pause = if run == 0 {
-                50_000
-            } else {
-                200 + (run % 7) * 700
-            };
-            std::thread::sleep(std::time::Duration::from_micros(pause));
+            assert_eq!(next_line("start"), "go");
+            std::thread::sleep(Duration::from_micros((run % 7) * 700));
             killpg(group, Signal::SIGINT).expect("SIGINT");
-            let mut line = String::new();
-            stdout.read_line(&mut line).expect("result line");
+            let line = next_line("result");
             codes.push(line.trim().trim_start_matches(&marker).to_owned());
         }
         let _ = shell.kill();
