@@ -148,6 +148,10 @@ pub struct ClusterArgs {
     /// not make it (a proxy, a name)
     #[arg(long, global = true, env = "ARL_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// Also show sandboxes leased through the node API as Sandbox objects (written in the
+    /// background on the status interval, never by the request itself)
+    #[arg(long, global = true, env = "ARL_MIRROR_SANDBOXES")]
+    pub mirror_sandboxes: bool,
     /// How often, at most, each shard's status is written (milliseconds)
     #[arg(
         long,

@@ -383,6 +383,16 @@ impl Manager {
         out
     }
 
+    /// Every leased sandbox, whoever holds it (for the cluster's mirror of them).
+    pub fn leased(&self) -> Vec<SandboxInfo> {
+        self.sandboxes
+            .read_or_recover()
+            .values()
+            .filter(|sb| sb.lease().is_some())
+            .map(|sb| sb.info())
+            .collect()
+    }
+
     /// Whether the sandbox is still in the live map (not released, not dead).
     pub(super) fn is_live(&self, id: &str) -> bool {
         self.sandboxes.read_or_recover().contains_key(id)

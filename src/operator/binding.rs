@@ -39,7 +39,12 @@ fn ready(node: &Node) -> bool {
 }
 
 fn waiting(sandbox: &Sandbox) -> bool {
+    // A node's mirror of a lease of its API is bound already (its status follows).
     sandbox.meta().deletion_timestamp.is_none()
+        && sandbox
+            .labels()
+            .get("arl.infra.io/mirror")
+            .is_none_or(|v| v != "true")
         && sandbox
             .status
             .as_ref()

@@ -3,6 +3,7 @@
 //! sandbox each (`sandboxes.rs`), and the Tasks run in them (`tasks.rs`); from its Node
 //! object, whether it is cordoned (`watch_node`).
 
+pub mod mirror;
 #[cfg(test)]
 mod objects_tests;
 pub mod peers;
@@ -121,6 +122,16 @@ pub async fn start(
         Api::<Task>::namespaced(client.clone(), &args.sandbox_namespace),
     );
     tokio::spawn(objects.run());
+    if args.mirror_sandboxes {
+        let mirror = mirror::Mirror::new(
+            mgr.clone(),
+            Api::<Sandbox>::namespaced(client.clone(), &args.sandbox_namespace),
+            node.clone(),
+            advertised(args, local),
+            Duration::from_millis(args.shard_status_interval_ms.max(100)),
+        );
+        tokio::spawn(mirror.run());
+    }
     tokio::spawn(tasks.run());
     tokio::spawn(watch_node(mgr, Api::all(client), node));
     Ok(sync)

@@ -15,6 +15,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use super::mirror::{MIRROR_LABEL, Mirror};
 use super::sandboxes::{ObjectOptions, SANDBOX_FINALIZER, SandboxSync, UID_LABEL};
 use super::tasks::TaskSync;
 use crate::api::PoolSpec;
@@ -182,6 +183,16 @@ impl FakeKube {
         })
     }
 
+    /// Whether `obj` has every `key=value` label of the selector.
+    fn labelled(selector: Option<&String>, obj: &Value) -> bool {
+        selector.is_none_or(|selector| {
+            selector.split(',').all(|term| {
+                term.split_once('=')
+                    .is_some_and(|(k, v)| obj["metadata"]["labels"][k].as_str() == Some(v))
+            })
+        })
+    }
+
     async fn answer(&self, req: Request<Body>) -> (u16, Vec<u8>) {
         let method = req.method().clone();
         let uri = req.uri().clone();
@@ -208,12 +219,27 @@ impl FakeKube {
                     .unwrap_or(0);
                 (200, self.watch_from(&resource, selector, since).await)
             }
+            (1, &Method::POST) => {
+                let obj: Value = serde_json::from_slice(&body).expect("object");
+                let name = obj["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if self.get(&resource, &name).is_some() {
+                    let message = format!("{resource} {name:?} already exists");
+                    return (409, json(status_body(409, "AlreadyExists", &message)));
+                }
+                self.create(&resource, obj);
+                (201, json(self.get(&resource, &name).unwrap_or_default()))
+            }
             (1, &Method::GET) => {
+                let labels = query.get("labelSelector");
                 let st = self.lock();
                 let items: Vec<Value> = st
                     .objects
                     .iter()
                     .filter(|((r, _), o)| *r == resource && Self::matches(selector, o))
+                    .filter(|(_, o)| Self::labelled(labels, o))
                     .map(|(_, o)| o.clone())
                     .collect();
                 (
@@ -667,4 +693,104 @@ async fn a_restarted_daemon_adopts_the_sandbox_instead_of_acquiring_again() {
     assert!(second.mgr.sandbox(&id, &None).is_err(), "released");
     second.mgr.shutdown(ShutdownMode::Stop).await;
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// With `--mirror-sandboxes`: leases of the node API appear as Sandbox objects, in the
+/// background (the acquire writes nothing itself), are not served as objects, go when the
+/// lease ends, and a restarted daemon keeps the mirrors of the leases it still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_of_the_node_api_are_mirrored_in_the_background() {
+    let (api, client) = FakeKube::start();
+    let fake = FakeRuntime::new();
+    let n = node(&fake, Records::disabled(), &client).await;
+    let mirror = |mgr: &Arc<Manager>| {
+        Mirror::new(
+            mgr.clone(),
+            Api::namespaced(client.clone(), NS),
+            "n1".into(),
+            Some("http://10.0.0.1:8420".into()),
+            Duration::from_secs(3600),
+        )
+    };
+    let m = mirror(&n.mgr);
+    let before = api.writes().len();
+    let lease = n
+        .mgr
+        .acquire(
+            None,
+            crate::api::AcquireRequest {
+                pool: "py".into(),
+                count: None,
+                env: Default::default(),
+                labels: BTreeMap::from([("episode".to_string(), "7".to_string())]),
+                ttl_seconds: None,
+                idle_timeout_seconds: None,
+                request_id: None,
+            },
+        )
+        .await
+        .expect("acquire");
+    let id = lease[0].id.clone();
+    assert_eq!(api.writes().len(), before, "the acquire wrote nothing");
+
+    m.round().await;
+    let name = format!("node-{id}");
+    let object = api.get("sandboxes", &name).expect("mirrored");
+    assert_eq!(object["metadata"]["labels"][MIRROR_LABEL], "true");
+    assert_eq!(object["metadata"]["labels"]["arl.infra.io/node"], "n1");
+    assert_eq!(object["spec"]["poolRef"], "py");
+    assert_eq!(object["spec"]["labels"]["episode"], "7");
+    assert_eq!(object["status"]["phase"], "Ready");
+    assert_eq!(object["status"]["sandboxId"], id.as_str());
+    assert_eq!(object["status"]["nodeEndpoint"], "http://10.0.0.1:8420");
+    assert_eq!(
+        api.writes()[before..],
+        [
+            format!("POST {GROUP}/sandboxes"),
+            format!("PATCH {GROUP}/sandboxes/{name}/status"),
+        ]
+    );
+    // The node's object watch sees a Ready Sandbox bound here and leaves it alone.
+    m.round().await;
+    assert_eq!(
+        api.writes().len(),
+        before + 2,
+        "an unchanged lease writes nothing"
+    );
+    assert_eq!(n.sandboxes.acquires.load(Ordering::Relaxed), 0);
+    assert!(!n.sandboxes.serves(&name));
+
+    // A restarted daemon keeps the mirror of a lease it still holds, deletes a stale one.
+    api.create(
+        "sandboxes",
+        json!({"apiVersion": "arl.infra.io/v1alpha1", "kind": "Sandbox",
+            "metadata": {"name": "node-stale", "labels": {MIRROR_LABEL: "true",
+                                                          "arl.infra.io/node": "n1"}},
+            "spec": {"poolRef": "py"}}),
+    );
+    api.set_status(
+        "sandboxes",
+        "node-stale",
+        json!({"phase": "Ready", "nodeName": "n1", "sandboxId": "gone"}),
+    );
+    let successor = mirror(&n.mgr);
+    let run = tokio::spawn(successor.clone().run());
+    eventually("the stale mirror deleted", || {
+        api.get("sandboxes", "node-stale").is_none()
+    })
+    .await;
+    assert!(
+        api.get("sandboxes", &name).is_some(),
+        "the held lease's mirror stays"
+    );
+    run.abort();
+
+    // The lease ends: its mirror goes.
+    n.mgr.release(&id, &None).expect("release");
+    successor.round().await;
+    assert!(
+        api.get("sandboxes", &name).is_none(),
+        "the ended lease's mirror is deleted"
+    );
+    n.mgr.shutdown(ShutdownMode::Stop).await;
 }

@@ -247,7 +247,9 @@ impl SandboxSync {
         let name = obj.name_any();
         let uid = obj.uid().unwrap_or_default();
         let status = obj.status.clone().unwrap_or_default();
-        if status.node_name.as_deref() != Some(self.node.as_str()) {
+        // A mirror stands for a lease of the node API: nothing to serve.
+        if status.node_name.as_deref() != Some(self.node.as_str()) || super::mirror::is_mirror(&obj)
+        {
             return;
         }
         let span = tracing::info_span!("sandbox_object", object = %name);
