@@ -622,6 +622,10 @@ async fn sandboxes_bind_to_nodes_with_idle_capacity() {
                 sandbox_json(name, &format!("2026-12-01T00:00:0{i}Z")),
             );
         }
+        // A node's mirror of one of its leases (status not written yet) is never bound.
+        let mut mirror = sandbox_json("node-sb-1", "2026-12-01T00:00:00Z");
+        mirror["metadata"]["labels"] = json!({"arl.infra.io/mirror": "true"});
+        fake.put(&format!("{GROUP_PATH}/sandboxes/node-sb-1"), mirror);
         let seen = pass(&fake, &client, &nodes).await;
         assert_eq!(
             Fake::writes(&seen),
