@@ -172,10 +172,25 @@ pub async fn early_routed(req: Request<ReqBody>, response: Response<Body>) -> Re
     }
 }
 
-/// Reads a routed request's body whole, within `limit` bytes (413 past it, without reading
-/// when the declared length says so already).
+/// The largest body declared over its route's bound that is still read (and dropped) before
+/// the 413: a client busy writing it would otherwise see its connection reset (the node
+/// closing with unread data) instead of the answer.
+pub const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// Reads and drops `body`, for [`EARLY_BODY_TIMEOUT`] at most.
+async fn drain(mut body: Incoming) {
+    let read = async { while let Some(Ok(_)) = body.frame().await {} };
+    let _ = tokio::time::timeout(EARLY_BODY_TIMEOUT, read).await;
+}
+
+/// Reads a routed request's body whole, within `limit` bytes (413 past it; a body declared
+/// larger is drained first up to [`DRAIN_LIMIT`], so that its sender gets the answer).
 pub async fn read(body: Incoming, limit: usize) -> Result<Full<Bytes>, ApiError> {
-    if body.size_hint().lower() > limit as u64 {
+    let declared = body.size_hint().lower();
+    if declared > limit as u64 {
+        if declared <= DRAIN_LIMIT {
+            drain(body).await;
+        }
         return Err(ApiError::new(
             ErrorCode::PayloadTooLarge,
             format!("request body is larger than {limit} bytes"),
