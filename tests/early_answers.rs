@@ -302,19 +302,7 @@ async fn draining_answers_leave_the_connection_usable() {
     let mut d = Daemon::start(Options::default()).await;
     let id = d.acquire("default").await;
     // A running command holds the drain open; its sandbox shows `sleep` once it runs.
-    let running = {
-        let port = d.port;
-        let id = id.clone();
-        tokio::spawn(async move {
-            let d = Daemon::attach(port);
-            d.send(
-                Method::POST,
-                &format!("/v1/sandboxes/{id}/exec"),
-                Some(&shell("sleep 2; echo finished")),
-            )
-            .await
-        })
-    };
+    let running = d.exec_in_background(&id, "sleep 2; echo finished");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = d.shell(&id, "pgrep -x sleep || true").await;

@@ -108,19 +108,7 @@ async fn readyz_says_why_while_no_pool_can_create() {
 async fn draining_answers_503_while_running_work_finishes() {
     let mut d = Daemon::start(Options::default()).await;
     let id = d.acquire("default").await;
-    let running = {
-        let port = d.port;
-        let id = id.clone();
-        tokio::spawn(async move {
-            let d = Daemon::attach(port);
-            d.send(
-                Method::POST,
-                &format!("/v1/sandboxes/{id}/exec"),
-                Some(&shell("sleep 1; echo finished")),
-            )
-            .await
-        })
-    };
+    let running = d.exec_in_background(&id, "sleep 1; echo finished");
     // The command is running once the sandbox shows a `sleep` process.
     wait_for_process(&d, &id, "sleep").await;
     let pid = d.pid();
@@ -165,19 +153,7 @@ async fn draining_answers_503_while_running_work_finishes() {
 async fn an_exec_cut_short_by_a_release_says_released() {
     let d = Daemon::start(Options::default()).await;
     let id = d.acquire("default").await;
-    let running = {
-        let port = d.port;
-        let id = id.clone();
-        tokio::spawn(async move {
-            Daemon::attach(port)
-                .send(
-                    Method::POST,
-                    &format!("/v1/sandboxes/{id}/exec"),
-                    Some(&shell("sleep 30")),
-                )
-                .await
-        })
-    };
+    let running = d.exec_in_background(&id, "sleep 30");
     wait_for_process(&d, &id, "sleep").await;
     assert_eq!(d.release(&id).await, StatusCode::NO_CONTENT);
     let err = tokio::time::timeout(Duration::from_secs(20), running)

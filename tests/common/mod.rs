@@ -282,6 +282,17 @@ impl Daemon {
         daemon
     }
 
+    /// Runs `script` in sandbox `id` from another task, so that the test can act while it
+    /// runs (a drain, a restart).
+    pub fn exec_in_background(&self, id: &str, script: &str) -> tokio::task::JoinHandle<Reply> {
+        let (port, path, req) = (self.port, format!("/v1/sandboxes/{id}/exec"), shell(script));
+        tokio::spawn(async move {
+            Daemon::attach(port)
+                .send(Method::POST, &path, Some(&req))
+                .await
+        })
+    }
+
     /// A client of a daemon started elsewhere (for requests from other tasks); it starts and
     /// stops nothing.
     pub fn attach(port: u16) -> Self {
