@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use arl::api::{ErrorCode, ExecResult, PoolSpec, PoolView};
-use common::{BIN, Daemon, Options, cmd, shell};
+use common::{BIN, Daemon, Options, cmd};
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
