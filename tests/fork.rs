@@ -8,9 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Options, Runtime};
+use arl::api::{ForkRequest, SandboxList, SnapshotInfo, SnapshotList};
+use common::{Daemon, Options, Reply, Runtime, acquire, map};
 use hyper::{Method, StatusCode};
-use serde_json::{Value, json};
 
 fn options(rt: Runtime, args: &[&str]) -> Options {
     Options {
@@ -21,41 +21,46 @@ fn options(rt: Runtime, args: &[&str]) -> Options {
 }
 
 async fn acquire_with_env(d: &Daemon) -> String {
-    let (status, body) = d
-        .call(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"pool": "default", "env": {"FROM_PARENT": "yes"}})),
-        )
+    let mut sandboxes = d
+        .acquire_with(&arl::api::AcquireRequest {
+            env: map(&[("FROM_PARENT", "yes")]),
+            ..acquire("default")
+        })
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    body["sandboxes"][0]["id"].as_str().unwrap().to_string()
+    sandboxes.remove(0).id
 }
 
-async fn snapshot(d: &Daemon, id: &str) -> (StatusCode, Value) {
-    d.call(Method::POST, &format!("/v1/sandboxes/{id}/snapshots"), None)
+/// `POST /v1/sandboxes/{id}/snapshots`: the answer, whatever its status.
+async fn snapshot(d: &Daemon, id: &str) -> Reply {
+    d.send_empty(Method::POST, &format!("/v1/sandboxes/{id}/snapshots"))
+        .await
+}
+
+/// A snapshot that must be taken (asserts 201).
+async fn take_snapshot(d: &Daemon, id: &str) -> SnapshotInfo {
+    snapshot(d, id).await.expect(StatusCode::CREATED)
+}
+
+async fn delete_snapshot(d: &Daemon, id: &str) -> Reply {
+    d.send_empty(Method::DELETE, &format!("/v1/snapshots/{id}"))
         .await
 }
 
 async fn fork(d: &Daemon, path: &str, count: usize) -> Vec<String> {
-    let (status, body) = d
-        .call(Method::POST, path, Some(json!({"count": count})))
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let ids: Vec<String> = body["sandboxes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ids.len(), count, "{body}");
+    let request = ForkRequest {
+        count: Some(count),
+        ..ForkRequest::default()
+    };
+    let list: SandboxList = d.post(path, &request, StatusCode::CREATED).await;
+    let ids: Vec<String> = list.sandboxes.into_iter().map(|s| s.id).collect();
+    assert_eq!(ids.len(), count, "{ids:?}");
     ids
 }
 
 async fn out(d: &Daemon, id: &str, script: &str) -> String {
-    let r = d.sh(id, script).await;
-    assert_eq!(r["exit_code"], 0, "{script}: {r}");
-    r["stdout"].as_str().unwrap().to_string()
+    let r = d.shell(id, script).await;
+    assert_eq!(r.exit_code, 0, "{script}: {r:?}");
+    r.stdout
 }
 
 /// Snapshot directories this daemon keeps.
@@ -121,12 +126,11 @@ async fn forks_start_with_the_parents_files_and_diverge_alone() {
          && (sleep 1000 >/dev/null 2>&1 &)",
     )
     .await;
-    let (status, snap) = snapshot(&d, &parent).await;
-    assert_eq!(status, StatusCode::CREATED, "{snap}");
-    let snap_id = snap["id"].as_str().unwrap().to_string();
-    assert_eq!(snap["pool"], "default");
-    assert_eq!(snap["sandbox"], parent);
-    assert!(snap["bytes"].as_u64().unwrap() > 0, "{snap}");
+    let snap = take_snapshot(&d, &parent).await;
+    let snap_id = snap.id.clone();
+    assert_eq!(snap.pool, "default");
+    assert_eq!(snap.sandbox, parent);
+    assert!(snap.bytes > 0, "{snap:?}");
     // The parent runs on after the snapshot, and its later changes are its own.
     out(&d, &parent, "echo later > /workspace/a.txt").await;
 
@@ -163,15 +167,9 @@ async fn forks_start_with_the_parents_files_and_diverge_alone() {
     assert_eq!(out(&d, &parent, "cat /workspace/deep/er/f").await, "x\n");
 
     // A fork of a fork stacks its own snapshot on its parent's.
-    let (status, second) = snapshot(&d, &forks[0]).await;
-    assert_eq!(status, StatusCode::CREATED, "{second}");
-    assert_eq!(second["parent"], snap_id.as_str());
-    let grandchild = fork(
-        &d,
-        &format!("/v1/snapshots/{}/fork", second["id"].as_str().unwrap()),
-        1,
-    )
-    .await;
+    let second = take_snapshot(&d, &forks[0]).await;
+    assert_eq!(second.parent.as_deref(), Some(snap_id.as_str()));
+    let grandchild = fork(&d, &format!("/v1/snapshots/{}/fork", second.id), 1).await;
     assert_eq!(
         out(&d, &grandchild[0], "cat /workspace/a.txt").await,
         "one\n"
@@ -188,44 +186,33 @@ async fn forks_start_with_the_parents_files_and_diverge_alone() {
     assert_eq!(out(&d, &grandchild[0], "cat /root/r").await, "home\n");
 
     // In use: neither snapshot can go while forks stand on them.
-    let (status, body) = d
-        .call(Method::DELETE, &format!("/v1/snapshots/{snap_id}"), None)
-        .await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    let (_, info) = d
-        .call(Method::GET, &format!("/v1/snapshots/{snap_id}"), None)
-        .await;
-    assert_eq!(info["forks"], 3, "{info}");
+    delete_snapshot(&d, &snap_id)
+        .await
+        .expect_error(StatusCode::CONFLICT);
+    let info: SnapshotInfo = d.get(&format!("/v1/snapshots/{snap_id}")).await;
+    assert_eq!(info.forks, 3, "{info:?}");
 
     // Snapshots and their forks survive a restart of the daemon (the store's tmpfs stays).
     assert_eq!(store_mount(&d).map(|m| m.0).as_deref(), Some("tmpfs"));
     d.kill9();
     d.spawn().await;
     assert_eq!(out(&d, &forks[1], "cat /workspace/a.txt").await, "parent\n");
-    let (status, list) = d.call(Method::GET, "/v1/snapshots", None).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(list["snapshots"].as_array().unwrap().len(), 2, "{list}");
-    let (status, _) = d
-        .call(Method::DELETE, &format!("/v1/snapshots/{snap_id}"), None)
-        .await;
-    assert_eq!(status, StatusCode::CONFLICT);
+    let list: SnapshotList = d.get("/v1/snapshots").await;
+    assert_eq!(list.snapshots.len(), 2, "{list:?}");
+    delete_snapshot(&d, &snap_id)
+        .await
+        .expect_error(StatusCode::CONFLICT);
 
     // Released forks free the snapshots; deleting the pool removes what is left.
     for id in forks.iter().chain(&grandchild) {
         assert_eq!(d.release(id).await, StatusCode::NO_CONTENT);
     }
-    let (status, body) = d
-        .call(
-            Method::DELETE,
-            &format!("/v1/snapshots/{}", second["id"].as_str().unwrap()),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let deleted = delete_snapshot(&d, &second.id).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{deleted}");
     assert_eq!(snapshot_dirs(&d).len(), 1);
     assert_eq!(d.release(&parent).await, StatusCode::NO_CONTENT);
-    let (status, _) = d.call(Method::DELETE, "/v1/pools/default", None).await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    let deleted = d.send_empty(Method::DELETE, "/v1/pools/default").await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{deleted}");
     wait_until("the pool's snapshots removed", || {
         snapshot_dirs(&d).is_empty()
     })
@@ -250,8 +237,8 @@ async fn forking_a_live_sandbox_leaves_no_snapshot_behind() {
         assert_eq!(out(&d, f, "cat /workspace/f").await, "live\n");
     }
     // The snapshot on the way is not listed, and goes with the last fork.
-    let (_, list) = d.call(Method::GET, "/v1/snapshots", None).await;
-    assert_eq!(list["snapshots"], json!([]), "{list}");
+    let list: SnapshotList = d.get("/v1/snapshots").await;
+    assert!(list.snapshots.is_empty(), "{list:?}");
     assert_eq!(snapshot_dirs(&d).len(), 1);
     for f in &forks {
         d.release(f).await;
@@ -272,49 +259,45 @@ async fn snapshot_limits_give_clear_errors() {
     .await;
     let id = d.acquire("default").await;
     out(&d, &id, "echo small > /workspace/s").await;
-    let (status, first) = snapshot(&d, &id).await;
-    assert_eq!(status, StatusCode::CREATED, "{first}");
-    let (status, body) = snapshot(&d, &id).await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("at most 1 snapshots"), "{message}");
-    let (status, _) = d
-        .call(
-            Method::DELETE,
-            &format!("/v1/snapshots/{}", first["id"].as_str().unwrap()),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    let first = take_snapshot(&d, &id).await;
+    let refused = snapshot(&d, &id).await.expect_error(StatusCode::CONFLICT);
+    assert!(
+        refused.message.contains("at most 1 snapshots"),
+        "{refused:?}"
+    );
+    let deleted = delete_snapshot(&d, &first.id).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{deleted}");
     // Over the byte budget: refused, and nothing is left half-made.
     out(&d, &id, "head -c 2000000 /dev/zero > /workspace/big").await;
-    let (status, body) = snapshot(&d, &id).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("bytes"),
-        "{body}"
-    );
+    let refused = snapshot(&d, &id)
+        .await
+        .expect_error(StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(refused.message.contains("bytes"), "{refused:?}");
     assert!(snapshot_dirs(&d).is_empty(), "{:?}", snapshot_dirs(&d));
     // The sandbox was thawed after the refused copy.
     assert_eq!(out(&d, &id, "cat /workspace/s").await, "small\n");
-    assert_eq!(d.pool_status("default").await["paused"], 0);
+    assert_eq!(d.status("default").await.paused, 0);
     // Unknown ids and malformed requests are 4xx.
-    let (status, _) = d.call(Method::GET, "/v1/snapshots/snap-nope", None).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = d
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/fork"),
-            Some(json!({"count": 0})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    d.send_empty(Method::GET, "/v1/snapshots/snap-nope")
+        .await
+        .expect_error(StatusCode::NOT_FOUND);
+    let zero = ForkRequest {
+        count: Some(0),
+        ..ForkRequest::default()
+    };
+    d.send(
+        Method::POST,
+        &format!("/v1/sandboxes/{id}/fork"),
+        Some(&zero),
+    )
+    .await
+    .expect_error(StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_forks_with_its_workspace() {
     let d = Daemon::start(options(Runtime::Containerd, &[])).await;
-    d.wait_pool("default", 60, |s| s["idle"] == 1).await;
+    d.wait_status("default", 60, |s| s.idle == 1).await;
     let parent = acquire_with_env(&d).await;
     out(
         &d,

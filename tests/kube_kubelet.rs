@@ -10,7 +10,10 @@
 mod common;
 mod kubelet;
 
-use common::{BIN, Daemon, Options};
+// ARL's API is read through the typed `arl::api` models; the pods and Secrets the test
+// kubelet stores are Kubernetes' JSON, checked field by field as the API server holds them.
+use arl::api::ErrorCode;
+use common::{BIN, Daemon, Options, acquire, cmd};
 use hyper::{Method, StatusCode};
 use kubelet::TestKubelet;
 use serde_json::json;
@@ -33,7 +36,7 @@ async fn start_with(pool: &str) -> (std::sync::Arc<TestKubelet>, Daemon) {
         ..Options::default()
     })
     .await;
-    daemon.wait_pool("pods", 60, |s| s["idle"] == 2).await;
+    daemon.wait_status("pods", 60, |s| s.idle == 2).await;
     (kubelet, daemon)
 }
 
@@ -61,15 +64,10 @@ async fn acquire_exec_files_release_through_pods_without_touching_the_api() {
     let before = kubelet.requests();
     let id = daemon.acquire("pods").await;
     let out = daemon
-        .exec(&id, json!({"cmd": ["sh", "-c", "echo hello from $$"]}))
+        .run(&id, &cmd(&["sh", "-c", "echo hello from $$"]))
         .await;
-    assert_eq!(out["exit_code"], 0, "{out}");
-    assert!(
-        out["stdout"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("hello from ")),
-        "{out}"
-    );
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    assert!(out.stdout.starts_with("hello from "), "{out:?}");
     assert_eq!(
         daemon.put_file(&id, "notes/a.txt", b"pod data").await,
         StatusCode::OK
@@ -85,12 +83,12 @@ async fn acquire_exec_files_release_through_pods_without_touching_the_api() {
         .expect("get file");
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"pod data"[..]));
     let out = daemon
-        .exec(&id, json!({"cmd": ["cat", "/workspace/notes/a.txt"]}))
+        .run(&id, &cmd(&["cat", "/workspace/notes/a.txt"]))
         .await;
-    assert_eq!(out["stdout"], "pod data", "{out}");
+    assert_eq!(out.stdout, "pod data", "{out:?}");
     // Reuse `reset`: the release puts the pod back; nothing on the way asked the API server.
     assert_eq!(daemon.release(&id).await, StatusCode::NO_CONTENT);
-    daemon.wait_pool("pods", 30, |s| s["idle"] == 2).await;
+    daemon.wait_status("pods", 30, |s| s.idle == 2).await;
     let during: Vec<_> = kubelet.seen().into_iter().skip(before).collect();
     assert!(
         during.is_empty(),
@@ -109,21 +107,21 @@ async fn a_dead_or_deleted_pod_is_replaced_and_its_holder_told() {
         .filter(|p| *p != held)
         .collect();
     assert_eq!(idle.len(), 1, "one idle pod left: {idle:?}");
-    daemon.wait_pool("pods", 30, |s| s["idle"] == 2).await;
+    daemon.wait_status("pods", 30, |s| s.idle == 2).await;
 
     // The held pod's agent dies: its holder hears why, and the pod is deleted.
     kubelet.kill_agent(&held);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let err = loop {
-        let (status, body) = daemon
-            .call(
+        let reply = daemon
+            .send(
                 Method::POST,
                 &format!("/v1/sandboxes/{id}/exec"),
-                Some(json!({"cmd": ["true"]})),
+                Some(&cmd(&["true"])),
             )
             .await;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            break body;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            break reply.error();
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -131,14 +129,8 @@ async fn a_dead_or_deleted_pod_is_replaced_and_its_holder_told() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
-    assert_eq!(err["error"]["retryable"], true, "{err}");
-    assert!(
-        err["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("killed"),
-        "{err}"
-    );
+    assert!(err.retryable, "{err:?}");
+    assert!(err.message.contains("killed"), "{err:?}");
     kubelet
         .until("the dead pod deleted", 30, |k| k.pod(&held).is_none())
         .await;
@@ -151,7 +143,7 @@ async fn a_dead_or_deleted_pod_is_replaced_and_its_holder_told() {
             running.len() >= 2 && !running.contains(&idle[0])
         })
         .await;
-    daemon.wait_pool("pods", 60, |s| s["idle"] == 2).await;
+    daemon.wait_status("pods", 60, |s| s.idle == 2).await;
     let metrics = daemon.metrics_text().await;
     assert!(
         metrics.contains("arl_sandbox_failures_total{pool=\"pods\",reason=\"deleted\"} 1"),
@@ -176,7 +168,7 @@ async fn a_sigterm_hands_the_pods_over_and_the_successor_keeps_their_leases() {
         daemon.put_file(&id, "kept.txt", b"still here").await,
         StatusCode::OK
     );
-    daemon.wait_pool("pods", 30, |s| s["idle"] == 2).await;
+    daemon.wait_status("pods", 30, |s| s.idle == 2).await;
     let pods = kubelet.running_pods();
     assert_eq!(pods.len(), 3, "{pods:?}");
 
@@ -186,12 +178,10 @@ async fn a_sigterm_hands_the_pods_over_and_the_successor_keeps_their_leases() {
     let made = creations(&kubelet);
     daemon.spawn().await;
     daemon
-        .wait_pool("pods", 30, |s| s["idle"] == 2 && s["allocated"] == 1)
+        .wait_status("pods", 30, |s| s.idle == 2 && s.allocated == 1)
         .await;
-    let out = daemon
-        .exec(&id, json!({"cmd": ["cat", "/workspace/kept.txt"]}))
-        .await;
-    assert_eq!(out["stdout"], "still here", "{out}");
+    let out = daemon.run(&id, &cmd(&["cat", "/workspace/kept.txt"])).await;
+    assert_eq!(out.stdout, "still here", "{out:?}");
     assert_eq!(kubelet.running_pods(), pods, "the successor replaced pods");
     assert_eq!(creations(&kubelet), made, "the successor created pods");
 }
@@ -200,28 +190,28 @@ async fn a_sigterm_hands_the_pods_over_and_the_successor_keeps_their_leases() {
 async fn a_cordoned_node_refuses_new_leases_and_replaces_no_evicted_pod_but_leases_run_on() {
     let (kubelet, daemon) = start().await;
     let id = daemon.acquire("pods").await;
-    daemon.wait_pool("pods", 30, |s| s["idle"] == 2).await;
+    daemon.wait_status("pods", 30, |s| s.idle == 2).await;
     let made = creations(&kubelet);
 
     kubelet.set_unschedulable(true);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let ready = loop {
-        let (status, body) = daemon.call(Method::GET, "/readyz", None).await;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            break body;
+        let reply = daemon.send_empty(Method::GET, "/readyz").await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            break reply.error();
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "/readyz stayed {status}"
+            "/readyz stayed {reply}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     };
-    assert_eq!(ready["error"]["code"], "draining", "{ready}");
-    let (status, body) = daemon
-        .call(Method::POST, "/v1/sandboxes", Some(json!({"pool": "pods"})))
-        .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["error"]["retryable"], true, "{body}");
+    assert_eq!(ready.code, ErrorCode::Draining, "{ready:?}");
+    let refused = daemon
+        .send(Method::POST, "/v1/sandboxes", Some(&acquire("pods")))
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.retryable, "{refused:?}");
     // `kubectl drain` evicts the idle pods: none is replaced; the lease runs on.
     let held = format!("arl-{id}");
     for pod in kubelet.running_pods() {
@@ -229,17 +219,17 @@ async fn a_cordoned_node_refuses_new_leases_and_replaces_no_evicted_pod_but_leas
             kubelet.delete_pod(&pod);
         }
     }
-    daemon.wait_pool("pods", 30, |s| s["idle"] == 0).await;
-    let out = daemon.exec(&id, json!({"cmd": ["true"]})).await;
-    assert_eq!(out["exit_code"], 0, "{out}");
+    daemon.wait_status("pods", 30, |s| s.idle == 0).await;
+    let out = daemon.run(&id, &cmd(&["true"])).await;
+    assert_eq!(out.exit_code, 0, "{out:?}");
     assert_eq!(creations(&kubelet), made, "a cordoned node created pods");
     assert_eq!(kubelet.running_pods(), vec![held]);
 
     // Uncordoned: warm and ready again.
     kubelet.set_unschedulable(false);
-    daemon.wait_pool("pods", 60, |s| s["idle"] == 2).await;
-    let (status, _) = daemon.call(Method::GET, "/readyz", None).await;
-    assert_eq!(status, StatusCode::OK);
+    daemon.wait_status("pods", 60, |s| s.idle == 2).await;
+    let ready = daemon.send_empty(Method::GET, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK, "{ready}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +241,7 @@ async fn over_tcp_pods_are_reached_at_their_ips_with_their_tokens_end_to_end() {
         ..Options::default()
     })
     .await;
-    daemon.wait_pool("pods", 60, |s| s["idle"] == 2).await;
+    daemon.wait_status("pods", 60, |s| s.idle == 2).await;
     let pods = kubelet.running_pods();
     assert_eq!(pods.len(), 2, "{pods:?}");
     let port = kubelet.agent_port.expect("a TCP kubelet");
@@ -294,17 +284,13 @@ async fn over_tcp_pods_are_reached_at_their_ips_with_their_tokens_end_to_end() {
     let before = kubelet.requests();
     let id = daemon.acquire("pods").await;
     let out = daemon
-        .exec(
-            &id,
-            json!({"cmd": ["sh", "-c", "echo hello over tcp; env"]}),
-        )
+        .run(&id, &cmd(&["sh", "-c", "echo hello over tcp; env"]))
         .await;
-    assert_eq!(out["exit_code"], 0, "{out}");
-    let stdout = out["stdout"].as_str().unwrap_or_default();
-    assert!(stdout.starts_with("hello over tcp"), "{out}");
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    assert!(out.stdout.starts_with("hello over tcp"), "{out:?}");
     assert!(
-        !stdout.contains("ARL_AGENT_TOKEN"),
-        "commands see the token: {out}"
+        !out.stdout.contains("ARL_AGENT_TOKEN"),
+        "commands see the token: {out:?}"
     );
     assert_eq!(
         daemon.put_file(&id, "notes/a.txt", b"pod data").await,
@@ -331,15 +317,15 @@ async fn over_tcp_pods_are_reached_at_their_ips_with_their_tokens_end_to_end() {
     let made = creations(&kubelet);
     daemon.spawn().await;
     daemon
-        .wait_pool("pods", 30, |s| s["idle"] == 1 && s["allocated"] == 1)
+        .wait_status("pods", 30, |s| s.idle == 1 && s.allocated == 1)
         .await;
     let out = daemon
-        .exec(&id, json!({"cmd": ["cat", "/workspace/notes/a.txt"]}))
+        .run(&id, &cmd(&["cat", "/workspace/notes/a.txt"]))
         .await;
-    assert_eq!(out["stdout"], "pod data", "{out}");
+    assert_eq!(out.stdout, "pod data", "{out:?}");
     assert_eq!(creations(&kubelet), made, "the successor created pods");
     assert_eq!(daemon.release(&id).await, StatusCode::NO_CONTENT);
-    daemon.wait_pool("pods", 30, |s| s["idle"] == 2).await;
+    daemon.wait_status("pods", 30, |s| s.idle == 2).await;
 
     // A pod deleted by someone else takes its Secret with it (its owner), and is replaced.
     let gone = kubelet.running_pods()[0].clone();
@@ -351,7 +337,7 @@ async fn over_tcp_pods_are_reached_at_their_ips_with_their_tokens_end_to_end() {
             running.len() >= 2 && !running.contains(&gone)
         })
         .await;
-    daemon.wait_pool("pods", 60, |s| s["idle"] == 2).await;
+    daemon.wait_status("pods", 60, |s| s.idle == 2).await;
     let mut secrets = kubelet.secrets();
     secrets.sort();
     let mut running = kubelet.running_pods();

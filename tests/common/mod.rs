@@ -22,7 +22,6 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_arl");
 
@@ -396,40 +395,6 @@ impl Daemon {
         request(self.port, method, path, body, token, headers).await
     }
 
-    /// JSON request with the default token; returns the status and parsed body (Null if empty).
-    /// Untyped: kept for the files not yet on the `arl::api` models (prefer [`Self::send`]).
-    pub async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let token = self.token.clone();
-        self.call_as(token.as_deref(), method, path, body).await
-    }
-
-    /// Untyped [`Self::send_as`].
-    pub async fn call_as(
-        &self,
-        token: Option<&str>,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).expect("json")));
-        let (status, bytes) = self
-            .request_raw(method, path, body, token)
-            .await
-            .expect("request");
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        (status, value)
-    }
-
     /// A request with the default token and an optional JSON body.
     pub async fn send<B: Serialize>(&self, method: Method, path: &str, body: Option<&B>) -> Reply {
         self.send_as(self.token.as_deref(), method, path, body)
@@ -497,9 +462,9 @@ impl Daemon {
 
     /// `DELETE /v1/sandboxes/{id}`: the release's status.
     pub async fn release(&self, id: &str) -> StatusCode {
-        self.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        self.send_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
             .await
-            .0
+            .status
     }
 
     /// `PUT /v1/sandboxes/{id}/files?path=…`: the status.
@@ -549,45 +514,6 @@ impl Daemon {
             assert!(
                 Instant::now() < deadline,
                 "pool {pool} never reached the state; last {status:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Untyped exec, for the files not yet on the `arl::api` models (prefer [`Self::run`]).
-    pub async fn exec(&self, id: &str, req: Value) -> Value {
-        let (status, body) = self
-            .call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(req))
-            .await;
-        assert_eq!(status, StatusCode::OK, "exec: {body}");
-        body
-    }
-
-    /// Untyped [`Self::shell`].
-    pub async fn sh(&self, id: &str, script: &str) -> Value {
-        self.exec(id, json!({"shell": script})).await
-    }
-
-    /// Untyped [`Self::status`].
-    pub async fn pool_status(&self, pool: &str) -> Value {
-        let (status, body) = self
-            .call(Method::GET, &format!("/v1/pools/{pool}"), None)
-            .await;
-        assert_eq!(status, StatusCode::OK, "pool: {body}");
-        body["status"].clone()
-    }
-
-    /// Untyped [`Self::wait_status`].
-    pub async fn wait_pool(&self, pool: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let status = self.pool_status(pool).await;
-            if pred(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pool {pool} never reached the state; last {status}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -14,6 +14,10 @@
 //! from the pod's Secret (`secretKeyRef`; a missing Secret keeps the pod `Pending`,
 //! `CreateContainerConfigError`). Secrets are kept (create, get, merge patch, delete), and the
 //! garbage collector's part is played: deleting a pod deletes the Secrets it owns.
+//!
+//! Objects are stored as the JSON an API server keeps (`serde_json::Value`), not as typed
+//! Kubernetes structs: the server must hold and replay whatever the daemon sends, fields it
+//! does not know included, as a real one does.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
