@@ -207,6 +207,8 @@ impl SandboxSync {
         let mut listed: Option<Vec<String>> = None;
         loop {
             let event = tokio::select! {
+                // Shutdown first: a ready event must not be served after it.
+                biased;
                 () = self.mgr.shutdown.cancelled() => break,
                 event = stream.next() => event,
             };

@@ -174,6 +174,8 @@ impl ShardSync {
         let mut listed: Option<Vec<String>> = None;
         loop {
             let event = tokio::select! {
+                // Shutdown first: a ready event must not be served after it.
+                biased;
                 () = self.mgr.shutdown.cancelled() => break,
                 event = stream.next() => event,
             };

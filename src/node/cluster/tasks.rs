@@ -80,6 +80,8 @@ impl TaskSync {
         let shutdown = self.sandboxes.mgr.shutdown.clone();
         loop {
             let event = tokio::select! {
+                // Shutdown first: a ready event must not be served after it.
+                biased;
                 () = shutdown.cancelled() => break,
                 changed = ready.changed() => {
                     if changed.is_err() {
