@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use thiserror::Error;
@@ -265,6 +265,36 @@ impl KubernetesRuntime {
                 tracing::warn!(secret = %name, error = %e, "deleting a sandbox's Secret failed")
             }
         }
+    }
+
+    /// Deletes this daemon's token Secrets that no sandbox it holds uses: a daemon killed
+    /// between creating a Secret and its pod, or before the pod owned it, leaves one that
+    /// nothing would ever collect. Best effort (a refusal is logged); how many were deleted.
+    async fn sweep_secrets(&self) -> usize {
+        let params = ListParams::default().labels(&self.config.pod.owner_selector());
+        // Names only: the tokens themselves are not fetched.
+        let list = match self.secrets.list_metadata(&params).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list this daemon's token Secrets to sweep them");
+                return 0;
+            }
+        };
+        let strays: Vec<String> = {
+            let held = self.held.lock_or_recover();
+            list.items
+                .into_iter()
+                .filter_map(|s| s.metadata.name)
+                .filter(|name| pod::sandbox_id(name).is_some_and(|id| !held.contains_key(id)))
+                .collect()
+        };
+        for name in &strays {
+            tracing::info!(secret = %name, "deleting a token Secret no sandbox of this daemon uses");
+            if let Some(id) = pod::sandbox_id(name) {
+                self.delete_secret(id).await;
+            }
+        }
+        strays.len()
     }
 
     async fn delete_pod(&self, id: &str) -> Result<(), RuntimeError> {
@@ -507,6 +537,7 @@ impl Runtime for KubernetesRuntime {
                 self.delete_pod(id).await?;
                 n += 1;
             }
+            self.sweep_secrets().await;
             Ok(n)
         })
     }

@@ -21,7 +21,7 @@ use super::state::{PodState, classify};
 use super::{KubernetesConfig, KubernetesRuntime};
 use crate::api::PoolSpec;
 use crate::api::pools::{NetworkMode, RuntimeKind};
-use crate::runtime::{AgentAddress, ExitReason, Runtime};
+use crate::runtime::{AgentAddress, AgentToken, ExitReason, Runtime};
 
 const NS: &str = "arl-sandboxes";
 const NODE: &str = "node-a";
@@ -473,6 +473,33 @@ impl FakeApi {
             return (200, json(pod));
         }
         let secrets = format!("/api/v1/namespaces/{NS}/secrets");
+        if path == secrets && method == Method::GET {
+            // As the API server lists metadata only: each `key=value` of the selector must hold.
+            let selector = query.get("labelSelector").cloned().unwrap_or_default();
+            let st = self.lock();
+            let items: Vec<Value> = st
+                .secrets
+                .values()
+                .filter(|s| {
+                    selector.split(',').filter(|p| !p.is_empty()).all(|pair| {
+                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                        s["metadata"]["labels"][k].as_str() == Some(v)
+                    })
+                })
+                .map(|s| {
+                    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                                "metadata": s["metadata"].clone()})
+                })
+                .collect();
+            return (
+                200,
+                json(
+                    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                            "metadata": {"resourceVersion": st.version.to_string()},
+                            "items": items}),
+                ),
+            );
+        }
         if path == secrets && method == Method::POST {
             let mut secret: Value = serde_json::from_slice(&body).expect("secret body");
             let name = secret["metadata"]["name"]
@@ -751,6 +778,44 @@ async fn after_a_restart_own_pods_are_taken_back_and_strays_deleted_even_across_
         json!({"phase": "Failed", "reason": "Evicted"}),
     );
     assert_eq!(rt.exited("sb-keep").await, ExitReason::Evicted);
+}
+
+/// A daemon killed between creating a sandbox's token Secret and its pod leaves a Secret no
+/// pod owns: its successor's sweep deletes it, keeps the Secret of a sandbox it took back, and
+/// leaves another node's alone.
+#[tokio::test]
+async fn after_a_restart_token_secrets_no_sandbox_uses_are_deleted() {
+    let (api, client) = FakeApi::start();
+    let pods = PodsDir::new();
+    let ctx = ctx();
+    let token = AgentToken::generate();
+    api.event(
+        "ADDED",
+        json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "arl-sb-keep", "namespace": NS, "uid": "uid-arl-sb-keep"},
+        "spec": {"nodeName": NODE, "containers": [{"name": "sandbox", "image": "x"}]}}),
+    );
+    api.set_running("arl-sb-keep");
+    pods.agent_listens("uid-arl-sb-keep");
+    let other_node = PodContext {
+        node_name: "node-b".into(),
+        ..ctx.clone()
+    };
+    for (id, owner) in [
+        ("sb-keep", &ctx),
+        ("sb-orphan", &ctx),
+        ("sb-b", &other_node),
+    ] {
+        let secret = serde_json::to_value(pod::secret(id, owner, &token)).expect("json");
+        api.lock().secrets.insert(pod::pod_name(id), secret);
+    }
+    let rt = runtime_with(client, &pods, ctx);
+    rt.adopt("sb-keep", RuntimeKind::Kubernetes)
+        .await
+        .expect("taken back");
+    assert_eq!(rt.reclaim().await.expect("reclaim"), 0, "no stray pods");
+    let left: Vec<String> = api.lock().secrets.keys().cloned().collect();
+    assert_eq!(left, ["arl-sb-b", "arl-sb-keep"]);
 }
 
 #[tokio::test]
