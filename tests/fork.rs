@@ -294,25 +294,50 @@ async fn snapshot_limits_give_clear_errors() {
     .expect_error(StatusCode::BAD_REQUEST);
 }
 
+/// A container's fork carries its workspace and its changes to the image's root: a new file,
+/// a deleted one (a whiteout) and a directory removed and made again (opaque: the image's
+/// files in it stay hidden).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_container_forks_with_its_workspace() {
+async fn a_container_forks_with_its_workspace_and_root_changes() {
     let d = Daemon::start(options(Runtime::Containerd, &[])).await;
     d.wait_status("default", 60, |s| s.idle == 1).await;
     let parent = acquire_with_env(&d).await;
     out(
         &d,
         &parent,
-        "mkdir -p /workspace/d && echo c > /workspace/d/f && echo t > /tmp/t",
+        "mkdir -p /workspace/d && echo c > /workspace/d/f && echo t > /tmp/t \
+         && echo n > /new && rm /bin/wget && rm -rf /etc && mkdir /etc && echo e > /etc/only",
     )
     .await;
+    let root_state = "cat /new; ls /etc; test -e /bin/wget || echo no-wget";
     let forks = fork(&d, &format!("/v1/sandboxes/{parent}/fork"), 2).await;
     for f in &forks {
         assert_eq!(out(&d, f, "cat /workspace/d/f /tmp/t").await, "c\nt\n");
         assert_eq!(out(&d, f, "echo $FROM_PARENT").await, "yes\n");
+        assert_eq!(out(&d, f, root_state).await, "n\nonly\nno-wget\n");
     }
-    out(&d, &forks[0], "echo changed > /workspace/d/f").await;
-    assert_eq!(out(&d, &forks[1], "cat /workspace/d/f").await, "c\n");
-    assert_eq!(out(&d, &parent, "cat /workspace/d/f").await, "c\n");
+    out(
+        &d,
+        &forks[0],
+        "echo changed > /workspace/d/f && echo m > /new",
+    )
+    .await;
+    assert_eq!(
+        out(&d, &forks[1], "cat /workspace/d/f /new").await,
+        "c\nn\n"
+    );
+    assert_eq!(out(&d, &parent, "cat /workspace/d/f /new").await, "c\nn\n");
+    // A fresh sandbox of the pool still has the image's root as it was.
+    let fresh = d.acquire("default").await;
+    assert_eq!(
+        out(
+            &d,
+            &fresh,
+            "cat /etc/passwd; test -e /bin/wget && echo wget"
+        )
+        .await,
+        "root:x:0:0:root:/root:/bin/sh\nwget\n"
+    );
     for f in &forks {
         d.release(f).await;
     }

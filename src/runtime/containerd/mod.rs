@@ -211,7 +211,15 @@ impl ContainerdRuntime {
         labels
     }
 
-    async fn create_inner(&self, id: &str, spec: &PoolSpec) -> Result<Created, RuntimeError> {
+    /// Creates sandbox `id`; with `root_changes` (a snapshot's copy of another container's
+    /// overlay upper layer) its root starts with those changes, written into its own upper
+    /// layer before the task mounts it.
+    async fn create_inner(
+        &self,
+        id: &str,
+        spec: &PoolSpec,
+        root_changes: Option<&std::path::Path>,
+    ) -> Result<Created, RuntimeError> {
         let image = spec
             .image
             .as_deref()
@@ -239,6 +247,9 @@ impl ContainerdRuntime {
             .images
             .prepare_snapshot(id, &parent, self.labels(id, &[]), Some(&lease))
             .await?;
+        if let Some(changes) = root_changes {
+            self.carry_root_changes(changes, &mounts).await?;
+        }
 
         let oci = spec::oci_spec(
             &spec::Inputs {
@@ -329,6 +340,24 @@ impl ContainerdRuntime {
         Ok(Created {
             agent: AgentAddress::Unix(socket),
         })
+    }
+
+    /// [`Self::create_inner`], and on failure removes whatever it had made.
+    async fn create_or_clean_up(
+        &self,
+        id: &str,
+        spec: &PoolSpec,
+        root_changes: Option<&std::path::Path>,
+    ) -> Result<Created, RuntimeError> {
+        self.retry_orphans().await;
+        let result = self.create_inner(id, spec, root_changes).await;
+        if result.is_err() {
+            if self.destroy_inner(id).await.is_err() {
+                self.orphans.lock_or_recover().push(id.to_string());
+            }
+            let _ = self.remove_dir(id);
+        }
+        result
     }
 
     async fn destroy_inner(&self, id: &str) -> Result<(), ContainerdError> {
@@ -639,17 +668,7 @@ impl Runtime for ContainerdRuntime {
         id: &'a str,
         spec: &'a PoolSpec,
     ) -> BoxFuture<'a, Result<Created, RuntimeError>> {
-        Box::pin(async move {
-            self.retry_orphans().await;
-            let result = self.create_inner(id, spec).await;
-            if result.is_err() {
-                if self.destroy_inner(id).await.is_err() {
-                    self.orphans.lock_or_recover().push(id.to_string());
-                }
-                let _ = self.remove_dir(id);
-            }
-            result
-        })
+        Box::pin(self.create_or_clean_up(id, spec, None))
     }
 
     fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {

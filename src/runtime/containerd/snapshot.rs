@@ -1,21 +1,43 @@
 //! Snapshots and forks of containerd sandboxes, by copying: containerd 1.6 and runc 1.1 have
-//! no idmapped mounts to stack a snapshot under a new container's tmpfs mounts, so a snapshot
-//! copies the task's `/workspace` and `/tmp` out (through `/proc/<pid>/root`, the task frozen,
-//! links never followed) and a fork is a fresh container with that copy written back into
-//! its `/workspace` and `/tmp` before anyone can use it. The full-copy fallback of the process
-//! runtime's copy-on-write forks; the image's own root filesystem is not carried over.
+//! no idmapped mounts to stack a snapshot under a new container's mounts, so a snapshot copies
+//! the sandbox's writable state out while its task is frozen (links never followed):
+//!
+//! * `/workspace` and `/tmp`, the container's tmpfs mounts, through `/proc/<pid>/root`;
+//! * the changes to the image's root: the container's overlay upper layer as it is on the
+//!   host, whiteouts (deletions) and opaque directories (a directory removed and made again)
+//!   included.
+//!
+//! A fork is a fresh container whose overlay upper layer gets the root changes before its
+//! task mounts it, and whose `/workspace` and `/tmp` get theirs before anyone can use it.
+//! The full-copy fallback of the process runtime's copy-on-write forks.
 
 use std::path::{Path, PathBuf};
 
 use containerd_client::services::v1::GetRequest;
+use containerd_client::services::v1::snapshots::MountsRequest;
+use containerd_client::types::Mount;
 
-use super::{ContainerdRuntime, call, req};
+use super::{ContainerdRuntime, SNAPSHOTTER, call, req};
 use crate::api::PoolSpec;
 use crate::runtime::process::snapshot::{self as layers, SnapshotError};
-use crate::runtime::{Created, Runtime, RuntimeError};
+use crate::runtime::{Created, RuntimeError};
 
-/// The directories of a containerd sandbox that make its writable state.
+/// The directories of a containerd sandbox's own mounts that are part of its writable state.
 const STATE_DIRS: &[&str] = &["workspace", "tmp"];
+
+/// Where a snapshot keeps the changes to the image's root (the overlay upper layer).
+const ROOT_CHANGES: &str = "rootfs";
+
+/// The writable (upper) directory of an overlay rootfs, from the snapshotter's mounts; `None`
+/// when the rootfs is not an overlay (an image without layers is a plain bind mount).
+fn upper_dir(mounts: &[Mount]) -> Option<PathBuf> {
+    mounts
+        .iter()
+        .filter(|m| m.r#type == "overlay")
+        .flat_map(|m| &m.options)
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .map(PathBuf::from)
+}
 
 impl ContainerdRuntime {
     /// The host pid of a sandbox's task (its agent).
@@ -48,6 +70,7 @@ impl ContainerdRuntime {
         limit: u64,
     ) -> Result<u64, RuntimeError> {
         let root = PathBuf::from(format!("/proc/{}/root", self.task_pid(id).await?));
+        let upper = self.container_upper_dir(id).await?;
         let (dest, host_id) = (dest.to_path_buf(), self.host_id);
         blocking(move || {
             std::fs::create_dir_all(&dest).map_err(|source| SnapshotError::Io {
@@ -64,9 +87,59 @@ impl ContainerdRuntime {
                     limit - copied,
                 )?;
             }
+            if let Some(upper) = upper {
+                copied += layers::copy_tree(
+                    &upper,
+                    &dest.join(ROOT_CHANGES),
+                    host_id,
+                    0,
+                    limit - copied,
+                )?;
+            }
             Ok(copied)
         })
         .await
+    }
+
+    /// The host directory holding the changes sandbox `id` made to its image's root.
+    async fn container_upper_dir(&self, id: &str) -> Result<Option<PathBuf>, RuntimeError> {
+        let mounts = self
+            .client
+            .snapshots()
+            .mounts(req(
+                MountsRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: id.to_string(),
+                },
+                None,
+            ))
+            .await
+            .map_err(call("Snapshots.Mounts"))?
+            .into_inner()
+            .mounts;
+        Ok(upper_dir(&mounts))
+    }
+
+    /// Writes a snapshot's root changes (`changes`, owners 0-based) into the upper layer of a
+    /// new container's rootfs (`mounts`, not mounted yet), owners moved into the sandbox range.
+    pub(super) async fn carry_root_changes(
+        &self,
+        changes: &Path,
+        mounts: &[Mount],
+    ) -> Result<(), RuntimeError> {
+        let from = changes.join(ROOT_CHANGES);
+        if !from.is_dir() {
+            return Ok(());
+        }
+        let upper = upper_dir(mounts).ok_or_else(|| {
+            RuntimeError::Create(
+                "the image's root is not an overlay: the parent's root changes have nowhere to go"
+                    .into(),
+            )
+        })?;
+        let host_id = self.host_id;
+        blocking(move || layers::copy_into(&from, &upper, 0, host_id, u64::MAX)).await?;
+        Ok(())
     }
 
     pub(super) async fn fork_inner(
@@ -81,7 +154,7 @@ impl ContainerdRuntime {
             .first()
             .cloned()
             .ok_or_else(|| RuntimeError::Create("a fork needs a snapshot".into()))?;
-        let created = self.create(id, spec).await?;
+        let created = self.create_or_clean_up(id, spec, Some(&top)).await?;
         let copied = async {
             let root = PathBuf::from(format!("/proc/{}/root", self.task_pid(id).await?));
             let host_id = self.host_id;
@@ -106,7 +179,8 @@ impl ContainerdRuntime {
         match copied {
             Ok(_) => Ok(created),
             Err(e) => {
-                let _ = self.destroy(id).await;
+                let _ = self.destroy_inner(id).await;
+                let _ = self.remove_dir(id);
                 Err(e)
             }
         }
@@ -175,4 +249,38 @@ async fn blocking(
                 source: Box::new(other),
             },
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(kind: &str, options: &[&str]) -> Mount {
+        Mount {
+            r#type: kind.into(),
+            source: kind.into(),
+            options: options.iter().map(|o| o.to_string()).collect(),
+            ..Mount::default()
+        }
+    }
+
+    #[test]
+    fn the_upper_layer_comes_from_the_overlay_mount_only() {
+        let overlay = mount(
+            "overlay",
+            &[
+                "index=off",
+                "workdir=/var/lib/c/snapshots/7/work",
+                "upperdir=/var/lib/c/snapshots/7/fs",
+                "lowerdir=/var/lib/c/snapshots/3/fs",
+            ],
+        );
+        assert_eq!(
+            upper_dir(&[overlay]),
+            Some(PathBuf::from("/var/lib/c/snapshots/7/fs"))
+        );
+        let bind = mount("bind", &["rbind", "rw"]);
+        assert_eq!(upper_dir(&[bind]), None);
+        assert_eq!(upper_dir(&[]), None);
+    }
 }

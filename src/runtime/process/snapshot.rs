@@ -9,7 +9,7 @@
 //!
 //! * A **snapshot** copies those layers to a host directory while the sandbox is frozen (so
 //!   nothing changes under the copy), shifting owners from the sandbox's uid range to 0-based
-//!   ids, keeping modes, times, `user.*` extended attributes (overlay's own marks among them)
+//!   ids, keeping modes, times, overlay's extended attributes (`user.*` and `trusted.overlay.*`)
 //!   and whiteouts. Symbolic links are copied as links and never followed: the sandbox's
 //!   files are not trusted. File data is copied in the kernel (`sendfile`), each destination
 //!   sized first (the node's in-memory snapshot store, a tmpfs with `huge=within_size`, then
@@ -272,7 +272,7 @@ impl Copy {
             fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
                 .map_err(io_at(to))?;
         }
-        copy_user_xattrs(from, to)?;
+        copy_overlay_xattrs(from, to)?;
         let times = [
             libc::timespec {
                 tv_sec: meta.atime(),
@@ -399,8 +399,10 @@ fn cpath(path: &Path) -> Result<CString, SnapshotError> {
 }
 
 /// Copies the `user.*` extended attributes (overlay's opaque and redirect marks live there
-/// under `userxattr`), without following links.
-fn copy_user_xattrs(from: &Path, to: &Path) -> Result<(), SnapshotError> {
+/// under `userxattr`) and overlay's own `trusted.overlay.*` marks (an overlay mounted by the
+/// host, as containerd's are; a sandbox cannot set `trusted.*` names itself), without
+/// following links.
+fn copy_overlay_xattrs(from: &Path, to: &Path) -> Result<(), SnapshotError> {
     let (src, dst) = (cpath(from)?, cpath(to)?);
     let mut names = vec![0u8; 4096];
     // SAFETY: llistxattr(2) into a buffer of the given size.
@@ -410,7 +412,7 @@ fn copy_user_xattrs(from: &Path, to: &Path) -> Result<(), SnapshotError> {
     }
     let mut value = vec![0u8; 64 << 10];
     for name in names[..n as usize].split(|&b| b == 0) {
-        if !name.starts_with(b"user.") {
+        if !name.starts_with(b"user.") && !name.starts_with(b"trusted.overlay.") {
             continue;
         }
         let Ok(cname) = CString::new(name) else {
