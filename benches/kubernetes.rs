@@ -37,7 +37,7 @@ struct Side {
     c: Client,
     /// Kept (not read) so the daemon lives as long as the side.
     _daemon: Daemon,
-    kube: std::sync::Arc<kubelet::TestKubelet>,
+    kube: kubelet::Running,
     proc_path: String,
     pod_path: String,
     proc_id: String,

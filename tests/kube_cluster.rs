@@ -62,7 +62,7 @@ fn status_writes(kubelet: &TestKubelet) -> usize {
         .count()
 }
 
-async fn start(shards: &[Value]) -> (std::sync::Arc<TestKubelet>, Daemon) {
+async fn start(shards: &[Value]) -> (kubelet::Running, Daemon) {
     let kubelet = TestKubelet::start(BIN).await;
     for s in shards {
         kubelet.put_shard(s.clone());

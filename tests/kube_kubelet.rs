@@ -24,11 +24,11 @@ const POOL: &str = "[pools.pods]\nruntime = \"kubernetes\"\nimage = \"registry.e
 /// whatever reaches the API server while a test runs came from the requests it made.
 const FULL_POOL: &str = "[pools.pods]\nruntime = \"kubernetes\"\nimage = \"registry.example/task:1\"\nmin_idle = 2\nmax = 2\nreuse = \"reset\"\n";
 
-async fn start() -> (std::sync::Arc<TestKubelet>, Daemon) {
+async fn start() -> (kubelet::Running, Daemon) {
     start_with(POOL).await
 }
 
-async fn start_with(pool: &str) -> (std::sync::Arc<TestKubelet>, Daemon) {
+async fn start_with(pool: &str) -> (kubelet::Running, Daemon) {
     let kubelet = TestKubelet::start(BIN).await;
     let daemon = Daemon::start(Options {
         config: Some(pool.into()),

@@ -173,17 +173,17 @@ impl State {
 impl TestKubelet {
     /// Starts the server (on the calling Tokio runtime) and makes this process the reaper of
     /// the agents it starts.
-    pub async fn start(bin: &str) -> Arc<Self> {
-        Self::start_with(bin, None).await
+    pub async fn start(bin: &str) -> Running {
+        Running(Self::start_with(bin, None).await)
     }
 
     /// Starts a kubelet whose pods the daemon reaches over TCP at their IP (`node_args_tcp`).
-    pub async fn start_tcp(bin: &str) -> Arc<Self> {
+    pub async fn start_tcp(bin: &str) -> Running {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("free port");
-        Self::start_with(bin, Some(port)).await
+        Running(Self::start_with(bin, Some(port)).await)
     }
 
     async fn start_with(bin: &str, agent_port: Option<u16>) -> Arc<Self> {
@@ -828,7 +828,20 @@ fn nix_wait(pid: i32) -> i32 {
     }
 }
 
-impl Drop for TestKubelet {
+/// A started kubelet, as the test holds it. Its server and each pod's thread hold the kubelet
+/// too (a pod's thread until its agent exits), so the pods' agents are killed when the test's
+/// handle goes, not when the last reference does (that would never come).
+pub struct Running(Arc<TestKubelet>);
+
+impl std::ops::Deref for Running {
+    type Target = TestKubelet;
+
+    fn deref(&self) -> &TestKubelet {
+        &self.0
+    }
+}
+
+impl Drop for Running {
     fn drop(&mut self) {
         let pids: Vec<i32> = self.lock().agents.values().copied().collect();
         for pid in pids {
