@@ -20,7 +20,7 @@ use containerd_client::types::Mount;
 use super::{ContainerdRuntime, SNAPSHOTTER, call, req};
 use crate::api::PoolSpec;
 use crate::runtime::process::snapshot::{self as layers, SnapshotError};
-use crate::runtime::{Created, RuntimeError};
+use crate::runtime::{Created, Runtime, RuntimeError};
 
 /// The directories of a containerd sandbox's own mounts that are part of its writable state.
 const STATE_DIRS: &[&str] = &["workspace", "tmp"];
@@ -179,8 +179,7 @@ impl ContainerdRuntime {
         match copied {
             Ok(_) => Ok(created),
             Err(e) => {
-                let _ = self.destroy_inner(id).await;
-                let _ = self.remove_dir(id);
+                let _ = self.destroy(id).await;
                 Err(e)
             }
         }

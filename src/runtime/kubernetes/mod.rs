@@ -269,15 +269,15 @@ impl KubernetesRuntime {
 
     /// Deletes this daemon's token Secrets that no sandbox it holds uses: a daemon killed
     /// between creating a Secret and its pod, or before the pod owned it, leaves one that
-    /// nothing would ever collect. Best effort (a refusal is logged); how many were deleted.
-    async fn sweep_secrets(&self) -> usize {
+    /// nothing would ever collect. Best effort: a refusal is logged.
+    async fn sweep_secrets(&self) {
         let params = ListParams::default().labels(&self.config.pod.owner_selector());
         // Names only: the tokens themselves are not fetched.
         let list = match self.secrets.list_metadata(&params).await {
             Ok(list) => list,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list this daemon's token Secrets to sweep them");
-                return 0;
+                return;
             }
         };
         let strays: Vec<String> = {
@@ -294,7 +294,6 @@ impl KubernetesRuntime {
                 self.delete_secret(id).await;
             }
         }
-        strays.len()
     }
 
     async fn delete_pod(&self, id: &str) -> Result<(), RuntimeError> {
