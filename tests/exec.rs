@@ -286,6 +286,29 @@ async fn huge_output_is_capped_and_daemon_memory_stays_bounded(rt: Runtime) {
     );
 }
 
+/// Output is read into buffers that start small and grow: every size, across the growth
+/// steps, comes back whole and in order, on both streams.
+async fn output_of_every_size_comes_back_byte_exact(rt: Runtime) {
+    let d = Daemon::start(Options::on(rt)).await;
+    let id = d.acquire("default").await;
+    let lines: String = (1..=120_000).map(|i| format!("{i}\n")).collect();
+    for size in [0usize, 1, 4095, 4096, 4097, 8192, 65_536, 70_001, 600_000] {
+        let r = d
+            .run(
+                &id,
+                &shell(&format!(
+                    "seq 1 120000 | head -c {size}; seq 1 120000 | head -c {size} >&2"
+                )),
+            )
+            .await;
+        assert_eq!(r.exit_code, 0, "{size}: {}", r.stderr.len());
+        assert!(!r.truncated, "{size}");
+        assert_eq!(r.stdout.len(), size);
+        assert!(r.stdout == lines[..size], "stdout of {size} bytes differs");
+        assert!(r.stderr == lines[..size], "stderr of {size} bytes differs");
+    }
+}
+
 async fn request_id_makes_exec_idempotent(rt: Runtime) {
     let d = Daemon::start(Options::on(rt)).await;
     let id = d.acquire("default").await;
@@ -526,6 +549,7 @@ crate::on_every_runtime!(
     timeout_kills_the_whole_tree,
     background_process_does_not_hold_the_exec,
     huge_output_is_capped_and_daemon_memory_stays_bounded,
+    output_of_every_size_comes_back_byte_exact,
     request_id_makes_exec_idempotent,
     sixty_four_concurrent_clients,
     malformed_exec_requests_get_clear_errors,

@@ -264,12 +264,12 @@ async fn pump(
     stream: Option<mpsc::Sender<Result<Bytes, BoxError>>>,
     mut exited: watch::Receiver<bool>,
 ) -> (Vec<u8>, bool) {
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = read_buffer();
     let mut out = Output::new(which, cap, stream);
     loop {
         tokio::select! {
             biased;
-            read = pipe.read(&mut buf) => match read {
+            read = read_into(&mut pipe, &mut buf) => match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => if !out.push(&buf[..n]).await { kill_tree(pid); return out.finish(true).await },
             },
@@ -301,16 +301,49 @@ async fn pump(
     out.finish(false).await
 }
 
-/// One non-blocking read(2) on the pipe, bypassing the reactor.
-pub(super) fn read_now(pipe: &pipe::Receiver, buf: &mut [u8]) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: read(2) into our buffer from a descriptor the receiver owns (non-blocking).
-    let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+/// The first read of an output pipe takes at most this much: most commands print little.
+const FIRST_READ: usize = 4 * 1024;
+/// Reads grow (doubling while each fills the buffer) up to this much.
+const MAX_READ: usize = 64 * 1024;
+
+/// An output pipe's read buffer. Reads land in its spare capacity, so it is never zeroed (two
+/// zeroed 32 KiB buffers per command were a measurable share of an exec's CPU).
+pub(super) fn read_buffer() -> Vec<u8> {
+    Vec::with_capacity(FIRST_READ)
+}
+
+/// Empties `buf` for the next read, first doubling its capacity if the last read filled it.
+fn make_room(buf: &mut Vec<u8>) {
+    if buf.len() == buf.capacity() && buf.capacity() < MAX_READ {
+        let more = buf.capacity().min(MAX_READ - buf.capacity());
+        buf.reserve_exact(more);
     }
+    buf.clear();
+}
+
+/// One read through the reactor into `buf` (which then holds exactly what was read).
+/// Cancel-safe, like `read_buf`: when another branch of a `select!` wins, nothing was read.
+pub(super) async fn read_into(
+    pipe: &mut pipe::Receiver,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    make_room(buf);
+    pipe.read_buf(buf).await
+}
+
+/// One non-blocking read(2) on the pipe into `buf`, bypassing the reactor.
+pub(super) fn read_now(pipe: &pipe::Receiver, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    make_room(buf);
+    // SAFETY: read(2) into the vector's spare capacity from a descriptor the receiver owns
+    // (non-blocking); the kernel initialised the `n` bytes it reports, and only those count.
+    let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.capacity()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: see above; n <= capacity.
+    unsafe { buf.set_len(n as usize) };
+    Ok(n as usize)
 }
 
 pub(super) struct Output {

@@ -294,9 +294,8 @@ pub async fn run(
     let mut timed_out = false;
     let mut next_step = tokio::time::Instant::now() + Duration::from_millis(req.timeout_ms());
     let mut exit_status: Option<i32> = None;
-    let mut buf = vec![0u8; 32 * 1024];
-    let mut buf2 = vec![0u8; 32 * 1024];
-    use tokio::io::AsyncReadExt;
+    let mut buf = exec::read_buffer();
+    let mut buf2 = exec::read_buffer();
     let mut broken = None;
     let mut stop_early = false;
     while !(out.done() && err.done()) {
@@ -324,11 +323,11 @@ pub async fn run(
                     // The process is gone; its exit says the rest.
                 }
             }
-            read = io.stdout.read(&mut buf), if !out.done() => match read {
+            read = exec::read_into(&mut io.stdout, &mut buf), if !out.done() => match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => if let Err(e) = out.feed(&buf[..n], &marker).await { broken = Some(e); break },
             },
-            read = io.stderr.read(&mut buf2), if !err.done() => match read {
+            read = exec::read_into(&mut io.stderr, &mut buf2), if !err.done() => match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => if let Err(e) = err.feed(&buf2[..n], &marker).await { broken = Some(e); break },
             },
