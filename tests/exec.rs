@@ -126,6 +126,15 @@ async fn env_cwd_and_stdin(rt: Runtime) {
         )
         .await;
     assert_eq!(r.exit_code, 0);
+    // Without stdin a command reads end-of-file from /dev/null, every time: one that changes
+    // its stdin's flags or closes it leaves the next command's alone.
+    for _ in 0..3 {
+        let r = d
+            .shell(&id, "cat; readlink /proc/self/fd/0; exec 0<&-; echo closed")
+            .await;
+        assert_eq!(r.stdout, "/dev/null\nclosed\n", "{r:?}");
+        assert_eq!(r.exit_code, 0);
+    }
 }
 
 async fn streaming_delivers_chunks_as_they_come(rt: Runtime) {

@@ -17,7 +17,9 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+
+use crate::util::MutexExt;
 
 /// A started command: its pid and the parent's ends of its pipes.
 pub struct Spawned {
@@ -31,6 +33,13 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 
 /// The child's stack: it runs a handful of system calls and nothing else.
 const CHILD_STACK: usize = 64 * 1024;
+
+/// The children's stack memory, kept for the agent's life (allocating and freeing 64 KiB per
+/// command made glibc's malloc consolidate its heap each time). One is enough: a parent is
+/// suspended until its child has exec'ed or exited, and the lock keeps spawns from two threads
+/// apart. u128 keeps it 16-byte aligned, as the ABI wants; it is never initialised (only
+/// children write to it).
+static CHILD_STACK_MEMORY: Mutex<Vec<u128>> = Mutex::new(Vec::new());
 
 /// Where the command may be: itself when it names a path, else each entry of the command's own
 /// `PATH` (as `execvp` does; relative entries are taken from the command's working directory).
@@ -91,6 +100,16 @@ fn changed_dispositions() -> &'static [c_int] {
             })
             .collect()
     })
+}
+
+/// `/dev/null`, opened once (close-on-exec; a child's `dup2` onto 0 clears that on its copy):
+/// a command without input reads it. `None` if it cannot be opened: each child then tries.
+fn dev_null() -> Option<RawFd> {
+    static DEV_NULL: OnceLock<Option<OwnedFd>> = OnceLock::new();
+    DEV_NULL
+        .get_or_init(|| std::fs::File::open("/dev/null").ok().map(OwnedFd::from))
+        .as_ref()
+        .map(AsRawFd::as_raw_fd)
 }
 
 /// Everything the child needs, prepared by the parent (the child may not allocate).
@@ -302,19 +321,21 @@ fn launch(argv: &[String], env: &[(&str, &str)], cwd: &str, stdio: Stdio) -> io:
         argv: arg_ptrs.as_ptr(),
         envp: env_ptrs.as_ptr(),
         cwd: cwd_c.as_ptr(),
-        stdin: stdio.stdin,
+        stdin: stdio.stdin.or_else(dev_null),
         stdout: stdio.stdout,
         stderr: stdio.stderr,
         reset: changed_dispositions(),
         tty: stdio.tty,
         failure: 0,
     };
-    // u128 keeps the stack 16-byte aligned, as the ABI wants. Left uninitialised: only the
-    // child writes to it.
-    let mut stack: Vec<u128> = Vec::with_capacity(CHILD_STACK / 16);
-    // SAFETY: the child runs on `stack` with `plan`, both alive until clone returns (the
-    // parent is suspended until the child has exec'ed or exited). Signals are blocked around
-    // the clone so that no handler of the agent runs in the child before it resets them.
+    let mut stack = CHILD_STACK_MEMORY.lock_or_recover();
+    if stack.capacity() < CHILD_STACK / 16 {
+        stack.reserve_exact(CHILD_STACK / 16);
+    }
+    // SAFETY: the child runs on `stack` with `plan`, both alive and held until clone returns
+    // (the parent is suspended until the child has exec'ed or exited, after which the child
+    // no longer uses either). Signals are blocked around the clone so that no handler of the
+    // agent runs in the child before it resets them.
     let pid = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut saved: libc::sigset_t = std::mem::zeroed();
